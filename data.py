@@ -135,9 +135,9 @@ def reward_model_fn(path, enc, device):
     tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
     if tokenizer is not None:
         tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    pad_id = enc.eot_token
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id if tokenizer else pad_id
+    if model.config.pad_token_id is None:                               # it finds each text's last token by it
+        model.config.pad_token_id = tokenizer.pad_token_id if tokenizer else enc.eot_token
+    pad_id = model.config.pad_token_id
 
     @torch.no_grad()
     def score(prompts, completions):

@@ -167,6 +167,7 @@ BAD_INPUTS = {
     "wrong reward shape": (lambda tmp: dict(reward_fn="test_train:short_reward"), "scores for"),
     "unknown reward function": (lambda tmp: dict(reward_fn="test_train:nope"), "not found"),
     "unknown flag": (lambda tmp: dict(learning_rate=1), "bad argument"),
+    "compare without J*": (lambda tmp: dict(compare=True, jstar_samples=0), "needs jstar_samples"),
 }
 
 
@@ -217,20 +218,47 @@ def test_non_finite_updates_are_skipped_then_stop_with_clean_checkpoint(sft_dir,
 # ----------------------------------------------------------------------------------------------
 # Hugging Face models: a policy and a reward model saved to disk, then loaded back
 
-def test_hugging_face_policy_and_reward_model(tmp_path):
+def save_tiny_hf_models(tmp_path):
+    """A tiny GPT-2 policy, saved in bfloat16 as many hub checkpoints are, and a tiny GPT-2 reward model.
+    Both keep GPT-2's default dropout of 0.1."""
     enc = data.task_encoding()
     config = dict(vocab_size=enc.n_vocab, n_positions=48, n_embd=32, n_layer=1, n_head=2,
                   bos_token_id=enc.eot_token, eos_token_id=enc.eot_token)
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(**config)).save_pretrained(tmp_path / "policy_init")
+    GPT2LMHeadModel(GPT2Config(**config)).to(torch.bfloat16).save_pretrained(tmp_path / "policy_init")
     GPT2ForSequenceClassification(GPT2Config(num_labels=1, **config)).save_pretrained(tmp_path / "reward_model")
+    return [f"--init={tmp_path / 'policy_init'}", f"--reward_model={tmp_path / 'reward_model'}", "--tokenizer=task",
+            "--batch_size=8", "--minibatch_size=4", "--max_new_tokens=8", "--jstar_samples=0", "--sample_every=0"]
+
+
+def test_hugging_face_policy_and_reward_model(tmp_path):
     out = tmp_path / "out"
-    history = train.main([f"--init={tmp_path / 'policy_init'}", f"--reward_model={tmp_path / 'reward_model'}",
-                          "--tokenizer=task", "--iters=3", "--batch_size=8", "--minibatch_size=4", "--epochs=1",
-                          "--max_new_tokens=8", "--lr=1e-3", "--jstar_samples=0", "--sample_every=0", f"--out_dir={out}"])
+    history = train.main(save_tiny_hf_models(tmp_path) + ["--iters=3", "--epochs=1", "--lr=1e-3", f"--out_dir={out}"])
     assert len(history) == 3 and all(abs(r["reward"]) > 0 for r in history)
-    init = GPT2LMHeadModel.from_pretrained(tmp_path / "policy_init").state_dict()
+    init = GPT2LMHeadModel.from_pretrained(tmp_path / "policy_init", dtype=torch.float32).state_dict()
     trained = GPT2LMHeadModel.from_pretrained(out / "policy").state_dict()
     assert init.keys() == trained.keys()
+    assert all(v.dtype == torch.float32 for v in trained.values() if v.is_floating_point())  # trained in fp32
     assert any(not torch.equal(init[k], trained[k]) for k in init)  # it trained
     assert all(torch.isfinite(v).all() for v in trained.values() if v.is_floating_point())
+
+
+def test_update_sees_the_sampling_policy_despite_dropout(tmp_path):
+    """With lr = 0 nothing moves, so the update's log-probs and values must equal the rollout's: no dropout
+    (GPT-2's 0.1 made approx_kl about 1e-3 and clipped 9% of the values)."""
+    history = train.main(save_tiny_hf_models(tmp_path) + ["--algo=ppo", "--iters=1", "--epochs=2", "--lr=0",
+                                                          f"--out_dir={tmp_path / 'out'}"])
+    assert history[0]["approx_kl"] < 1e-9 and history[0]["clipfrac"] == 0 and history[0]["vf_clipfrac"] == 0
+
+
+def test_fresh_run_removes_an_older_checkpoint(sft_dir, tmp_path):
+    """A fresh run that dies before its first checkpoint must not leave an older run's ckpt.pt to resume."""
+    train.main(tiny_args(sft_dir, tmp_path, iters=4, ckpt_every=2, seed=1))
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["iter"] == 4
+    CALLS["n"] = 0
+    with pytest.raises(SystemExit):                                 # dies in its third update
+        train.main(tiny_args(sft_dir, tmp_path, reward_fn="test_train:exploding_reward", ckpt_every=0,
+                             max_bad_steps=1, seed=2))
+    assert not os.path.exists(tmp_path / "ckpt.pt") and len(read_metrics(tmp_path)) == 2
+    history = train.main(tiny_args(sft_dir, tmp_path, iters=3, resume=True, seed=2))
+    assert [r["iter"] for r in read_metrics(tmp_path)] == [1, 2, 3] and len(history) == 3  # started afresh

@@ -110,6 +110,8 @@ def parse_config(argv):
         raise ValueError(f"lam must be > 0, got {cfg.lam}")
     if cfg.minibatch_size <= 0 or cfg.batch_size % cfg.minibatch_size:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by minibatch_size {cfg.minibatch_size}")
+    if cfg.compare and not cfg.jstar_samples > 0:
+        raise ValueError("--compare reports the gap to J*: it needs jstar_samples > 0")
     if cfg.prompts and not os.path.exists(cfg.prompts):
         raise ValueError(f"{cfg.prompts} does not exist")
     for path in (cfg.init, cfg.reward_model):                           # a local path, not a hub id ("gpt2", "org/name")
@@ -198,8 +200,9 @@ def tiny_gpt(cfg, vocab_size):
 
 def pretrain(cfg, enc, device):
     """pi_init for the embedded task: the tiny GPT trained on the grammar's reviews (next-token loss).
-    Cached in cfg.sft_dir, keyed by the model's shape and steps."""
-    path = os.path.join(cfg.sft_dir, f"L{cfg.n_layer}_H{cfg.n_head}_D{cfg.n_embd}_C{cfg.block_size}_S{cfg.sft_steps}")
+    Cached in cfg.sft_dir, keyed by the tokenizer, the model's shape, the steps and the learning rate."""
+    path = os.path.join(cfg.sft_dir, f"{enc.name}_V{enc.n_vocab}_L{cfg.n_layer}_H{cfg.n_head}_D{cfg.n_embd}_"
+                                     f"C{cfg.block_size}_S{cfg.sft_steps}_lr{cfg.sft_lr:g}")
     if os.path.isdir(path):
         return GPT2LMHeadModel.from_pretrained(path).to(device)
     torch.manual_seed(1234)                                              # the same pi_init for every run seed
@@ -363,7 +366,8 @@ def train(cfg):
     reward_fn = (data.reward_model_fn(cfg.reward_model, enc, device) if cfg.reward_model
                  else data.load_reward_fn(cfg.reward_fn))
     # model: pi_init (frozen) and the policy with its value head
-    lm = (AutoModelForCausalLM.from_pretrained(cfg.init) if cfg.init else pretrain(cfg, enc, device)).to(device)
+    lm = (AutoModelForCausalLM.from_pretrained(cfg.init, dtype=torch.float32) if cfg.init  # fp32 weights, bf16
+          else pretrain(cfg, enc, device)).to(device)                                     # only in autocast
     context = lm.config.max_position_embeddings
     longest = max(range(len(prompts)), key=lambda i: len(prompt_tokens[i]))
     if len(prompt_tokens[longest]) + cfg.max_new_tokens > context:
@@ -377,7 +381,8 @@ def train(cfg):
     jstar, jstar_se = (estimate_jstar(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc, device)
                        if cfg.jstar_samples else (None, None))
     torch.manual_seed(cfg.seed)
-    policy = PolicyWithValue(copy.deepcopy(ref_lm).requires_grad_(True)).to(device)
+    policy = PolicyWithValue(copy.deepcopy(ref_lm).requires_grad_(True)).to(device).eval()  # eval: no dropout,
+    # so the update sees the very policy that sampled (pi_theta = pi_old before the first step)
     nn.init.zeros_(policy.v_head.weight)                                 # V = 0 at the start, for every seed
     nn.init.zeros_(policy.v_head.bias)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
@@ -394,14 +399,14 @@ def train(cfg):
     bad_steps, history = 0, []
     for it in range(start, cfg.iters):
         t0 = time.time()
-        policy.eval()
         batch, P, stats, samples = rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device)
-        policy.train()
         update_stats, bad_steps = update(cfg, policy, opt, batch, P, bad_steps)
         stats.update(update_stats, iter=it + 1, samples=(it + 1) * cfg.batch_size, ms=1000 * (time.time() - t0))
         if cfg.jstar_samples:
             stats.update(gap=jstar - stats["J"], jstar=jstar, jstar_se=jstar_se)
         history.append(stats)
+        if it == 0 and os.path.exists(ckpt_path):                        # a fresh run: an older run's
+            os.remove(ckpt_path)                                         # checkpoint must not be resumed
         with open(metrics_path, "a" if it > 0 else "w") as f:           # a fresh run starts a fresh file
             f.write(json.dumps(stats) + "\n")
         print(f"iter {it + 1}/{cfg.iters} | " + " | ".join(f"{k} {stats[k]:{fmt}}" for k, fmt in LOGGED if k in stats)
