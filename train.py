@@ -458,6 +458,8 @@ def compare(cfg):
             runs[algo, seed] = train(run_cfg)
     minutes = (time.time() - t0) / 60
     jstar, jstar_se = runs["apa", 0][0]["jstar"], runs["apa", 0][0]["jstar_se"]
+    def smoothed(algo, key):                                             # (3, iters - 9) 10-iteration moving means
+        return np.array([np.convolve([r[key] for r in runs[algo, s]], np.ones(10) / 10, "valid") for s in range(3)])
     columns = ["reward", "kl", "J", "gap", "distinct2", "entropy"]
     lines = [f"APA vs PPO, lambda {cfg.lam}, {cfg.iters} iterations x {cfg.batch_size} samples, seeds 0-2, "
              f"{minutes:.1f} min in all. J* = {jstar:.4f} +- {jstar_se:.4f} (standard error).",
@@ -466,7 +468,7 @@ def compare(cfg):
              "|---" * (len(columns) + 3) + "|"]
     for algo in ("apa", "ppo"):
         last = np.array([[np.mean([r[c] for r in runs[algo, s][-20:]]) for c in columns] for s in range(3)])  # (3, C)
-        kl_max = max(np.convolve([r["kl"] for r in runs[algo, s]], np.ones(10) / 10, "valid").max() for s in range(3))
+        kl_max = smoothed(algo, "kl").max()
         gap_se = math.sqrt(last[:, 3].var(ddof=1) / 3 + jstar_se ** 2)
         cells = [f"{m:.3f} +- {d:.3f}" for m, d in zip(last.mean(0), last.std(0, ddof=1))]
         lines.append(f"| {algo} | " + " | ".join(cells) + f" | {last[:, 3].mean():.3f} +- {gap_se:.3f} | {kl_max:.2f} |")
@@ -484,7 +486,7 @@ def compare(cfg):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, key, title in zip(axes, ["reward", "kl", "gap"], ["reward", "KL(pi || pi_init)", "J* - J (gap to optimum)"]):
         for algo, color in (("apa", "tab:blue"), ("ppo", "tab:orange")):
-            curves = np.array([np.convolve([r[key] for r in runs[algo, s]], np.ones(10) / 10, "valid") for s in range(3)])
+            curves = smoothed(algo, key)                                 # (3, iters - 9)
             x = np.array([r["samples"] for r in runs[algo, 0]])[9:]
             ax.plot(x, curves.mean(0), color=color, label=algo.upper())
             ax.fill_between(x, curves.min(0), curves.max(0), color=color, alpha=0.2)
