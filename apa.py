@@ -1,5 +1,6 @@
 """
-The APA loss: Advantage-Induced Policy Alignment (Zhu et al. 2023, arXiv 2306.02231, Sec. 3).
+The APA loss: Advantage-Induced Policy Alignment (Zhu et al. 2023, arXiv 2306.02231, Sec. 3), and
+beside it AWR, the paper's other advantage-weighted baseline (`awr_loss`, explained there).
 
 APA regresses the policy's log-probability onto a target policy built from the advantage:
 
@@ -26,6 +27,8 @@ computed from the per-token KL-penalised reward r_t = -lambda log(pi_old/pi_init
 5. Do not whiten APA's advantages: rescaling Adv rescales the effective lambda.
 test_losses.py checks each of these numerically.
 """
+import torch
+
 from ppo import approx_kl, masked_mean
 
 
@@ -45,3 +48,41 @@ def apa_loss(logprobs, old_logprobs, advantages, mask, lam, ref_logprobs=None):
     target = anchor + advantages / lam                           # (B, T) log of the target policy
     pg_loss = masked_mean((logprobs - target) ** 2, mask)        # ()     L_APA
     return pg_loss, {"approx_kl": approx_kl(logprobs, old_logprobs, mask)}
+
+
+def awr_loss(logprobs, old_logprobs, advantages, mask, awr_lam, max_weight=20.0):
+    """Advantage-weighted regression, the paper's third algorithm (Peng et al. 2019, arXiv 1910.00177,
+    Eq. 7; Zhu et al. 2023, Sec. 4 baselines). Returns (pg_loss, stats).
+
+        L_AWR(theta) = -E_{(s,a) ~ pi_old} [ min(exp(Adv(s,a)/lambda'), max_weight) * log pi_theta(a|s) ]
+
+    Weighted maximum likelihood on the policy's own samples. For a fixed batch from mu = pi_old, the
+    minimiser over all policies is pi(a|s) ~ mu(a|s) exp(Adv(s,a)/lambda'): one full step of AWR
+    tilts the sampling policy by its advantages. On-policy and with gradient steps, the gradient
+    w.r.t. the logits at pi_theta = pi_old is -pi(b) (w(b) - E_pi[w]), zero iff the weight, hence Adv,
+    is constant over actions: the stationary points have Adv = 0 everywhere, whatever lambda'.
+    1. With the per-token KL-penalised reward (as here, the same reward as PPO and exact APA), Adv = 0
+       is the soft Bellman equation, so the fixed point is pi*, for any lambda'. lambda' only sets the
+       step: in a bandit, full steps give log pi_{k+1} = (1 - lambda/lambda') log pi_k + (lambda/lambda')
+       log pi* + const, which lands on pi* in one step at lambda' = lambda and contracts iff
+       lambda' > lambda/2.
+    2. With the reward-model score alone (no KL in the reward), Adv = 0 holds only where the policy
+       is deterministic on the best responses: the iteration pi_k ~ pi_init exp(k R/lambda') drifts to
+       argmax R, mode collapse with unbounded KL to pi_init.
+    Where this departs from the paper and from AWR: lambda' (awr_lam) is a temperature of its own,
+    not APA's lambda (the authors' HH config uses 0.5); the reward carries the KL penalty (point 1),
+    while the authors run AWR inside APA's trainer with no KL in the reward; weights are clipped at
+    max_weight as in Peng et al. (20), which bounds a step but moves the minimiser of one batch where
+    exp(Adv/lambda') > max_weight (the on-policy fixed point, Adv = 0, has weights 1 and is unchanged).
+
+    logprobs     (B, T) log pi_theta(a_t|s_t) of the sampled tokens, with grad
+    old_logprobs (B, T) log pi_old(a_t|s_t), only for the logged approx_kl
+    advantages   (B, T) Adv(s_t, a_t), from GAE on the KL-penalised per-token reward (not whitened)
+    mask         (B, T) 1 on response tokens, 0 on padding (or non-negative weights)
+    awr_lam      lambda' > 0, the temperature of the weights
+    max_weight   clip for exp(Adv/lambda')
+    """
+    weights = torch.exp(advantages / awr_lam).clamp(max=max_weight)     # (B, T) w = exp(Adv/lambda'), clipped
+    pg_loss = -masked_mean(weights.detach() * logprobs, mask)           # ()     L_AWR
+    clipfrac = masked_mean((weights == max_weight).float(), mask).item()  # share of clipped weights
+    return pg_loss, {"approx_kl": approx_kl(logprobs, old_logprobs, mask), "clipfrac": clipfrac}

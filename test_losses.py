@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from apa import apa_loss
+from apa import apa_loss, awr_loss
 from ppo import gae, kl_penalized_rewards, masked_mean, masked_whiten, ppo_policy_loss, value_loss
 
 
@@ -207,6 +207,115 @@ def test_token_mdp_paper_form_misses_optimum():
     assert logits.grad.abs().max().item() < 1e-4  # it did converge: a fixed point of its own...
     assert tv(logits, pi_star) > 1e-2           # ...which is not pi*
     assert gap > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# AWR: -E_mu[exp(Adv/lambda') log pi]. One batch's minimiser is mu exp(Adv/lambda')/Z; iterated
+# on-policy with the KL-penalised reward it reaches pi* for any lambda'; without KL it collapses.
+
+INF = float("inf")  # no weight clipping: the theory below is about the unclipped loss
+
+
+def awr_grad(logits, mu, adv, awr_lam, max_weight=INF):
+    """Gradient w.r.t. the logits of the AWR loss on a fixed bandit batch (every action a row, weight mu)."""
+    logits = logits.clone().requires_grad_()
+    logp = torch.log_softmax(logits, 0)[:, None]                   # (K, 1)
+    loss, _ = awr_loss(logp, logp.detach(), adv[:, None], mu[:, None], awr_lam, max_weight)
+    return torch.autograd.grad(loss, logits)[0]
+
+
+def awr_full_step(mu, adv, awr_lam, steps=4000):
+    """Minimise the AWR loss of one batch sampled from mu, by gradient descent on softmax logits (convex;
+    its curvature is at most E_mu[w], hence the step size)."""
+    logits, lr = mu.log().clone(), 1 / (mu * torch.exp(adv / awr_lam)).sum()
+    for _ in range(steps):
+        logits -= lr * awr_grad(logits, mu, adv, awr_lam)
+    return torch.log_softmax(logits, 0)
+
+
+def bandit_kl_advantages(log_pi, log_init, R, lam):
+    """Adv of each action under the KL-penalised reward R - lambda log(pi/pi_init), V = E_pi[r]."""
+    w = log_pi.exp()[:, None]                                       # (K, 1)
+    r = kl_penalized_rewards(R, log_pi[:, None], log_init[:, None], w, lam)  # (K, 1)
+    return (r - masked_mean(r, w))[:, 0]                            # (K,)
+
+
+def test_awr_batch_minimiser_is_sampler_tilted_by_exp_advantage():
+    log_init, R = bandit()
+    mu = torch.distributions.Dirichlet(torch.ones(K)).sample()      # any sampler
+    adv = R - (mu * R).sum()
+    for awr_lam in (0.3, 2.0):
+        tilted = torch.log_softmax(mu.log() + adv / awr_lam, 0)    # claimed minimiser mu exp(Adv/lambda')/Z
+        assert awr_grad(tilted, mu, adv, awr_lam).abs().max().item() < 1e-12
+        for wrong in (mu.log() - adv / awr_lam, mu.log() + adv * awr_lam, mu.log() + adv):
+            assert awr_grad(wrong, mu, adv, awr_lam).abs().max().item() > 1e-3
+    # clipped weights: the minimiser is mu min(exp(Adv/lambda'), max_weight)/Z
+    clipped = torch.log_softmax(mu.log() + (adv / 0.3).clamp(max=math.log(2.0)), 0)
+    assert awr_grad(clipped, mu, adv, 0.3, max_weight=2.0).abs().max().item() < 1e-12
+    assert (adv / 0.3).max() > math.log(2.0)                        # the clip is active
+
+
+def test_bandit_awr_full_steps_contract_to_optimum_by_one_minus_lam_over_awr_lam():
+    # log pi_{k+1} = (1 - lambda/lambda') log pi_k + (lambda/lambda') log pi* + const: one step at
+    # lambda' = lambda, halving at lambda' = 2 lambda, oscillating growth (factor -1.5) at lambda' = 0.4 lambda
+    log_init, R = bandit()
+    lam = 0.5
+    log_star = optimum(log_init, R, lam).log()
+    log_pi = torch.log_softmax(log_star + torch.randn(K), 0)        # some pi_old far from pi*
+    def err(lp):
+        d = lp - log_star
+        return d - d.mean()                                          # log pi - log pi*, up to a constant
+    for awr_lam in (lam, 2 * lam, 0.4 * lam):
+        nxt = awr_full_step(log_pi.exp(), bandit_kl_advantages(log_pi, log_init, R, lam), awr_lam)
+        torch.testing.assert_close(err(nxt), (1 - lam / awr_lam) * err(log_pi), atol=1e-8, rtol=1e-6)
+    assert err(log_pi).abs().max() > 0.5
+
+
+def bandit_awr_iterate(log_init, R, lam, kl_coef, awr_lam, steps=3000, lr=0.5):
+    """On-policy AWR with gradient steps, as train.py runs it: pi_old = pi_theta before each step."""
+    logits = log_init.clone().requires_grad_()
+    opt = torch.optim.SGD([logits], lr=lr)
+    for _ in range(steps):
+        logp = torch.log_softmax(logits, 0)[:, None]               # (K, 1)
+        old = logp.detach()
+        w = old.exp()                                               # (K, 1) pi_old(a)
+        r = kl_penalized_rewards(R, old, log_init[:, None], w, kl_coef)  # (K, 1)
+        loss, _ = awr_loss(logp, old, r - masked_mean(r, w), w, awr_lam, INF)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return torch.softmax(logits.detach(), 0)
+
+
+def test_bandit_awr_converges_to_optimum_with_kl_reward_and_collapses_without():
+    log_init, R = bandit()
+    lam, awr_lam = 0.3, 0.5                                         # lambda' != lambda: the fixed point is still pi*
+    pi = bandit_awr_iterate(log_init, R, lam, kl_coef=lam, awr_lam=awr_lam)
+    assert (pi - optimum(log_init, R, lam)).abs().max().item() <= 1e-4
+    pi = bandit_awr_iterate(log_init, R, lam, kl_coef=0.0, awr_lam=awr_lam)  # score only: greedy
+    assert pi[R.argmax()].item() > 0.99
+
+
+def awr_on_tokens(logp, old, ref, adv, w, awr_lam=0.5):
+    return awr_loss(logp, old, adv, w, awr_lam, INF)[0]
+
+
+def test_token_mdp_awr_converges_to_optimum_with_kl_reward():
+    init_logits, R = token_mdp()
+    lam = 0.3                                                       # lambda' = 0.5 in awr_on_tokens
+    logits = iterate(awr_on_tokens, init_logits, R, kl_coef=lam, iters=300, lr=6.0)
+    pi_star = token_optimum(init_logits, R, lam)
+    J_star = lam * torch.logsumexp(token_logprobs(init_logits).sum(1) + R / lam, 0).item()
+    assert tv(logits, pi_star) <= 1e-3
+    assert abs(objective(logits, init_logits, R, lam).item() - J_star) <= 1e-5
+
+
+def test_token_mdp_awr_without_kl_collapses_on_best_response():
+    init_logits, R = token_mdp()
+    logits = iterate(awr_on_tokens, init_logits, R, kl_coef=0.0, iters=300)
+    pi = seq_probs(logits)
+    print(f"AWR without KL on the token MDP: pi(best response) {pi[R.argmax()].item():.4f}")
+    assert pi[R.argmax()].item() > 0.99
 
 
 # ----------------------------------------------------------------------------------------------

@@ -167,7 +167,6 @@ BAD_INPUTS = {
     "wrong reward shape": (lambda tmp: dict(reward_fn="test_train:short_reward"), "scores for"),
     "unknown reward function": (lambda tmp: dict(reward_fn="test_train:nope"), "not found"),
     "unknown flag": (lambda tmp: dict(learning_rate=1), "bad argument"),
-    "compare without J*": (lambda tmp: dict(compare=True, jstar_samples=0), "needs jstar_samples"),
 }
 
 

@@ -1,11 +1,11 @@
 """
-RLHF of a small GPT with APA or PPO, in one readable loop: sample, score, estimate values and
-advantages, update. APA and PPO share everything but the policy loss (apa.py, ppo.py).
+RLHF of a small GPT with APA, PPO or AWR, in one readable loop: sample, score, estimate values and
+advantages, update. The three share everything but the policy loss (apa.py, ppo.py).
 
 Paper: Zhu et al. 2023, "Fine-Tuning Language Models with Advantage-Induced Policy Alignment",
 arXiv 2306.02231. Run: python train.py  (APA on the embedded task, a few minutes on a CPU)
           python train.py --algo=ppo --iters=100 --lam=0.2   (any field of Config as --key=value)
-          python train.py --compare=1   (APA vs PPO, 3 seeds each, table and plot in out/compare)
+          python compare.py   (APA, PPO and AWR over seeds and learning rates: compare.py)
 
 Where this departs from the paper and the authors' code:
 1. APA's target is anchored on pi_old and the reward carries the per-token KL penalty, so the loss's
@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 import data
-from apa import apa_loss
+from apa import apa_loss, awr_loss
 from ppo import gae, kl_penalized_rewards, masked_mean, masked_whiten, ppo_policy_loss, value_loss
 
 # ---------------------------------------------------------------------------------------------
@@ -45,7 +45,7 @@ from ppo import gae, kl_penalized_rewards, masked_mean, masked_whiten, ppo_polic
 
 @dataclass
 class Config:
-    algo: str = "apa"              # "apa" or "ppo"
+    algo: str = "apa"              # "apa", "ppo" or "awr"
     apa_form: str = "exact"        # "exact": pi_old anchor, KL in the reward (fixed point pi*);
                                    # "paper": pi_init anchor, no KL in the reward (the paper's literal loss)
     lam: float = 0.1               # lambda: KL coefficient in the reward, and APA's Adv/lambda
@@ -62,6 +62,8 @@ class Config:
     vf_coef: float = 0.1           # weight of the value loss
     cliprange: float = 0.2         # PPO's epsilon
     cliprange_value: float = 0.2   # value clipping around the rollout's values
+    awr_lam: float = 0.5           # AWR's temperature lambda' in exp(Adv/lambda') (the authors' HH config: 0.5)
+    awr_max_weight: float = 20.0   # AWR's clip of exp(Adv/lambda') (Peng et al. 2019)
     max_bad_steps: int = 3         # stop after this many non-finite losses or gradients in a row
     # data and models
     prompts: str = ""              # prompts file (.txt, one a line; .jsonl, {"prompt": ...}); empty: the embedded task
@@ -83,7 +85,6 @@ class Config:
     resume: bool = False           # continue from out_dir/ckpt.pt
     jstar_samples: int = 256       # samples per prompt from pi_init to estimate J* (0: skip)
     device: str = "auto"           # "auto" (cuda if present), "cpu", "cuda"
-    compare: bool = False          # run APA and PPO for seeds 0, 1, 2 and write out_dir/compare.{md,png}
 
 
 def parse_config(argv):
@@ -102,16 +103,16 @@ def parse_config(argv):
         except ValueError:
             raise ValueError(f"--{key} takes a {kind.__name__}, got {value!r}") from None
         setattr(cfg, key, value)
-    if cfg.algo not in ("apa", "ppo"):
-        raise ValueError(f"unknown algorithm {cfg.algo!r} (use apa or ppo)")
+    if cfg.algo not in ("apa", "ppo", "awr"):
+        raise ValueError(f"unknown algorithm {cfg.algo!r} (use apa, ppo or awr)")
     if cfg.apa_form not in ("exact", "paper"):
         raise ValueError(f"unknown apa_form {cfg.apa_form!r} (use exact or paper)")
     if not cfg.lam > 0:
         raise ValueError(f"lam must be > 0, got {cfg.lam}")
+    if not cfg.awr_lam > 0:
+        raise ValueError(f"awr_lam must be > 0, got {cfg.awr_lam}")
     if cfg.minibatch_size <= 0 or cfg.batch_size % cfg.minibatch_size:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by minibatch_size {cfg.minibatch_size}")
-    if cfg.compare and not cfg.jstar_samples > 0:
-        raise ValueError("--compare reports the gap to J*: it needs jstar_samples > 0")
     if cfg.prompts and not os.path.exists(cfg.prompts):
         raise ValueError(f"{cfg.prompts} does not exist")
     for path in (cfg.init, cfg.reward_model):                           # a local path, not a hub id ("gpt2", "org/name")
@@ -299,7 +300,7 @@ def autocast(device):
 
 
 # ---------------------------------------------------------------------------------------------
-# update: several epochs of minibatches; APA and PPO differ only in the policy loss
+# update: several epochs of minibatches; APA, PPO and AWR differ only in the policy loss
 
 
 def update(cfg, policy, opt, batch, P, bad_steps):
@@ -313,6 +314,9 @@ def update(cfg, policy, opt, batch, P, bad_steps):
             if cfg.algo == "apa":
                 ref = mb["ref_logprobs"] if cfg.apa_form == "paper" else None
                 pg_loss, pg_stats = apa_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg.lam, ref)
+            elif cfg.algo == "awr":
+                pg_loss, pg_stats = awr_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg.awr_lam,
+                                             cfg.awr_max_weight)
             else:
                 pg_loss, pg_stats = ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg.cliprange)
             vf_loss, vf_stats = value_loss(values, mb["values"], mb["returns"], mb["mask"], cfg.cliprange_value)
@@ -409,6 +413,9 @@ def train(cfg):
             os.remove(ckpt_path)                                         # checkpoint must not be resumed
         with open(metrics_path, "a" if it > 0 else "w") as f:           # a fresh run starts a fresh file
             f.write(json.dumps(stats) + "\n")
+        if it == 0:                                                      # what made metrics.jsonl (compare.py --plot)
+            with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+                json.dump(dataclasses.asdict(cfg), f, indent=1)
         print(f"iter {it + 1}/{cfg.iters} | " + " | ".join(f"{k} {stats[k]:{fmt}}" for k, fmt in LOGGED if k in stats)
               + f" | {stats['ms']:.0f}ms")
         if cfg.sample_every and (it + 1) % cfg.sample_every == 0:
@@ -447,65 +454,10 @@ def load_checkpoint(path, policy, opt, metrics_path):
     return state["iter"]
 
 
-def compare(cfg):
-    """APA vs PPO with the same lambda, task and samples budget, for seeds 0, 1, 2. Writes a table
-    (out_dir/compare.md) of the last 20 iterations' means and, with matplotlib, a plot (compare.png)."""
-    t0, runs = time.time(), {}
-    for algo in ("apa", "ppo"):
-        for seed in (0, 1, 2):
-            run_cfg = dataclasses.replace(cfg, algo=algo, seed=seed, compare=False, sample_every=0,
-                                          out_dir=os.path.join(cfg.out_dir, f"{algo}_seed{seed}"))
-            runs[algo, seed] = train(run_cfg)
-    minutes = (time.time() - t0) / 60
-    jstar, jstar_se = runs["apa", 0][0]["jstar"], runs["apa", 0][0]["jstar_se"]
-    def smoothed(algo, key):                                             # (3, iters - 9) 10-iteration moving means
-        return np.array([np.convolve([r[key] for r in runs[algo, s]], np.ones(10) / 10, "valid") for s in range(3)])
-    columns = ["reward", "kl", "J", "gap", "distinct2", "entropy"]
-    lines = [f"APA vs PPO, lambda {cfg.lam}, {cfg.iters} iterations x {cfg.batch_size} samples, seeds 0-2, "
-             f"{minutes:.1f} min in all. J* = {jstar:.4f} +- {jstar_se:.4f} (standard error).",
-             "Means over the last 20 iterations; +- is the standard deviation over seeds.", "",
-             "| algo | " + " | ".join(columns) + " | gap +- s.e. | max kl (10-iter mean) |",
-             "|---" * (len(columns) + 3) + "|"]
-    for algo in ("apa", "ppo"):
-        last = np.array([[np.mean([r[c] for r in runs[algo, s][-20:]]) for c in columns] for s in range(3)])  # (3, C)
-        kl_max = smoothed(algo, "kl").max()
-        gap_se = math.sqrt(last[:, 3].var(ddof=1) / 3 + jstar_se ** 2)
-        cells = [f"{m:.3f} +- {d:.3f}" for m, d in zip(last.mean(0), last.std(0, ddof=1))]
-        lines.append(f"| {algo} | " + " | ".join(cells) + f" | {last[:, 3].mean():.3f} +- {gap_se:.3f} | {kl_max:.2f} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    with open(os.path.join(cfg.out_dir, "compare.md"), "w") as f:
-        f.write(table)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
-        return runs
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, key, title in zip(axes, ["reward", "kl", "gap"], ["reward", "KL(pi || pi_init)", "J* - J (gap to optimum)"]):
-        for algo, color in (("apa", "tab:blue"), ("ppo", "tab:orange")):
-            curves = smoothed(algo, key)                                 # (3, iters - 9)
-            x = np.array([r["samples"] for r in runs[algo, 0]])[9:]
-            ax.plot(x, curves.mean(0), color=color, label=algo.upper())
-            ax.fill_between(x, curves.min(0), curves.max(0), color=color, alpha=0.2)
-        ax.set(title=title, xlabel="samples")
-        ax.grid(alpha=0.3)
-    axes[2].axhline(0, color="black", lw=0.8)
-    axes[0].legend()
-    fig.suptitle(f"APA vs PPO, lambda {cfg.lam}: mean of 3 seeds (band: min to max), 10-iteration moving average")
-    fig.tight_layout()
-    fig.savefig(os.path.join(cfg.out_dir, "compare.png"), dpi=100)
-    return runs
-
-
 def main(argv=None):
     hf_logging.disable_progress_bar()
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
-        if cfg.compare:
-            return compare(cfg)
         return train(cfg)
     except (ValueError, OSError, FloatingPointError) as e:
         raise SystemExit("error: " + " ".join(str(e).split()))         # one line, whatever the message

@@ -1,0 +1,419 @@
+"""
+The paper's experiment on the embedded task: APA (this project's exact form and the paper's literal
+form), PPO and AWR with the same lambda, reward and sample budget, over seeds and learning rates.
+
+Paper: Zhu et al. 2023, arXiv 2306.02231, Sec. 5 (APA vs PPO vs AWR on HH and StackExchange).
+Run:  python compare.py            the README's tables and plots (about 40 minutes on 2 CPU cores)
+      python compare.py --quick=1  a smoke test of the whole pipeline on a tiny model (a minute or two)
+      python compare.py --plot=out/metrics.jsonl   reward, KL and gap against samples for any runs
+                                   (metrics files or run directories, comma-separated)
+
+What it runs (every run is train.train with a Config; nothing of training is written here):
+1. main: the four algorithms at lr `lr` for `iters` iterations, `seeds` seeds: the table and the
+   learning curves;
+2. grid: the four algorithms at each lr of `lrs` for `grid_iters` iterations: the stability map
+   (final gap against lr). A grid run at `lr` is the first `grid_iters` iterations of the main run;
+3. short: the four algorithms with responses of `short_tokens` tokens, where the gap is exact when
+   train.py logs `gap_exact` (else the sampled `gap`).
+Each run lives in out_dir/<setting>/<algo>_lr<lr>_seed<seed>/; a run whose metrics.jsonl already
+holds the iterations asked for is not run again, and an interrupted one resumes from its checkpoint,
+so a long sweep can be stopped and continued. Runs go `workers` at a time, one thread each (their
+numbers are those of train.py at one thread).
+Where this departs from the paper: a 0.44M-parameter GPT pre-trained here, a lexicon reward, 40
+prompts, Adam at 1e-5 to 3e-4 (the authors: 125M-6B models, a learned reward model, HH data, AdamW
+at 1e-6 with betas 0.9/0.95); README "The paper's claims, one by one" lists the rest.
+"""
+import contextlib
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class CompareConfig:
+    out_dir: str = "out/compare"       # one folder per run below it, and compare.md and the plots
+    sft_dir: str = "out/sft"           # cache of pi_init, shared with train.py
+    seeds: int = 3                     # seeds 0 .. seeds-1 for every setting
+    lr: float = 3e-5                   # learning rate of the main table (train.py's default)
+    iters: int = 300                   # iterations of the main table
+    lrs: str = "1e-5,3e-5,1e-4,3e-4"   # learning rates of the stability map
+    grid_iters: int = 150              # iterations of each run of the stability map
+    short_tokens: int = 2              # response length of the short-response setting
+    short_iters: int = 150             # its iterations (0: skip it)
+    workers: int = 2                   # runs in parallel, one thread each
+    quick: bool = False                # tiny model, 1 seed, a few iterations: a smoke test of everything
+    plot: str = ""                     # plot these metrics.jsonl files or run directories and exit
+
+
+ALGOS = {"apa": dict(algo="apa"), "apa_paper": dict(algo="apa", apa_form="paper"),
+         "ppo": dict(algo="ppo"), "awr": dict(algo="awr")}
+NAMES = {"apa": "APA", "apa_paper": "APA (paper form)", "ppo": "PPO", "awr": "AWR"}
+QUICK = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, sft_steps=100, sft_lr=3e-3, batch_size=16,
+             minibatch_size=8, epochs=2, jstar_samples=16)   # train.Config overrides of --quick
+
+
+def parse_args(cls, argv):
+    """--key=value for each field of the dataclass cls (bools: 1/true/yes)."""
+    cfg, fields = cls(), {f.name for f in dataclasses.fields(cls)}
+    if "-h" in argv or "--help" in argv:
+        print(__doc__ + "\nflags (--key=value) and their defaults:\n" +
+              "\n".join(f"  --{k}={v}" for k, v in vars(cfg).items()))
+        sys.exit(0)
+    for arg in argv:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not eq or key not in fields:
+            raise SystemExit(f"error: bad argument {arg!r}: expected --key=value with key one of {', '.join(fields)}")
+        kind = type(getattr(cfg, key))
+        setattr(cfg, key, value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
+    return cfg
+
+
+def plan(cfg):
+    """The runs: {(setting, algo, lr, seed): iterations}, the longest that any table or plot needs."""
+    seeds = range(1 if cfg.quick else cfg.seeds)
+    main_iters, grid_iters, short_iters = (8, 6, 6) if cfg.quick else (cfg.iters, cfg.grid_iters, cfg.short_iters)
+    lrs = [cfg.lr, 3 * cfg.lr] if cfg.quick else [float(x) for x in cfg.lrs.split(",")]
+    runs = {}
+    for seed in seeds:                                   # main first: the table is done before the map
+        for algo in ALGOS:
+            runs["main", algo, cfg.lr, seed] = main_iters
+    for lr in lrs:
+        for seed in seeds:
+            for algo in ALGOS:
+                key = ("main", algo, lr, seed)
+                runs[key] = max(runs.get(key, 0), grid_iters)
+    if short_iters:
+        for seed in seeds:
+            for algo in ALGOS:
+                runs["short", algo, cfg.lr, seed] = short_iters
+    return runs, main_iters, grid_iters, short_iters, lrs
+
+
+def run_dir(cfg, setting, algo, lr, seed):
+    return os.path.join(cfg.out_dir, setting, f"{algo}_lr{lr:g}_seed{seed}")
+
+
+def read_rows(path):
+    """The rows of a metrics.jsonl (path: the file or its run directory); [] if there is none."""
+    path = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def is_done(path, iters):
+    return len(read_rows(path)) >= iters or os.path.exists(os.path.join(path, "failed.txt"))
+
+
+# ---------------------------------------------------------------------------------------------
+# running: each run is train.train in a worker process, its printout in the run's log.txt
+
+
+class Progress:
+    """The run's printout goes to its log.txt; every 25th iteration line also to the console."""
+    def __init__(self, log, tag):
+        self.log, self.tag = log, tag
+
+    def write(self, text):
+        self.log.write(text)
+        for line in text.splitlines():
+            if line.startswith("iter ") and int(line.split()[1].split("/")[0]) % 25 == 0:
+                print(f"{self.tag}: {line[:line.index(' | J ')]}", file=sys.__stdout__, flush=True)
+
+    def flush(self):
+        self.log.flush()
+
+
+_jstar = {}
+
+
+def cached_jstar(estimate):
+    """J* depends on pi_init, lambda and the response length only: estimate it once per worker."""
+    def wrapper(cfg, *args):
+        key = (cfg.lam, cfg.jstar_samples, cfg.max_new_tokens, cfg.sft_steps, cfg.n_layer, cfg.n_embd)
+        if key not in _jstar:
+            _jstar[key] = estimate(cfg, *args)
+        return _jstar[key]
+    return wrapper
+
+
+def init_worker():
+    import torch
+    import train
+    from transformers.utils import logging as hf_logging
+    torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()
+    train.estimate_jstar = cached_jstar(train.estimate_jstar)
+
+
+def run_one(job):
+    """One (setting, algo, lr, seed) run to `iters` iterations, resumed from its checkpoint if any."""
+    import train
+    overrides, path, iters, tag = job
+    cfg = dataclasses.replace(train.Config(), **overrides, iters=iters, out_dir=path, sample_every=0,
+                              resume=os.path.exists(os.path.join(path, "ckpt.pt")))
+    os.makedirs(path, exist_ok=True)
+    t0 = time.time()
+    print(f"{tag}: started", flush=True)
+    with open(os.path.join(path, "log.txt"), "a") as log, contextlib.redirect_stdout(Progress(log, tag)):
+        try:
+            train.train(cfg)
+        except FloatingPointError as e:                  # a diverged run is a result, not a crash
+            with open(os.path.join(path, "failed.txt"), "w") as f:
+                f.write(str(e) + "\n")
+            print(f"{tag}: stopped: {e}", file=sys.__stdout__, flush=True)
+    print(f"{tag}: done in {time.time() - t0:.0f}s", flush=True)
+
+
+def run_all(cfg, runs):
+    todo = [(k, n) for k, n in runs.items() if not is_done(run_dir(cfg, *k), n)]
+    print(f"{len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run, {cfg.workers} at a time")
+    jobs = []
+    for k, ((setting, algo, lr, seed), iters) in enumerate(todo):
+        overrides = dict(ALGOS[algo], lr=lr, seed=seed, sft_dir=cfg.sft_dir, **(QUICK if cfg.quick else {}))
+        if setting == "short":
+            overrides["max_new_tokens"] = cfg.short_tokens
+        tag = f"[{k + 1}/{len(todo)}] {setting} {algo} lr {lr:g} seed {seed}"
+        jobs.append((overrides, run_dir(cfg, setting, algo, lr, seed), iters, tag))
+    if not jobs:
+        return
+    import data
+    import torch
+    import train
+    train.pretrain(dataclasses.replace(train.Config(), **jobs[0][0]), data.get_encoding("task"),
+                   torch.device("cpu"))                  # pi_init, once, before the workers start
+    if cfg.workers > 1:
+        with multiprocessing.get_context("spawn").Pool(cfg.workers, initializer=init_worker) as pool:
+            for _ in pool.imap_unordered(run_one, jobs):
+                pass
+    else:
+        init_worker()
+        for job in jobs:
+            run_one(job)
+
+
+# ---------------------------------------------------------------------------------------------
+# tables
+
+
+def gap_key(rows):
+    return "gap_exact" if rows and "gap_exact" in rows[0] else "gap"
+
+
+def moving_mean(x, n=10):
+    x = np.asarray(x, dtype=float)
+    return np.convolve(x, np.ones(n) / n, "valid") if len(x) >= n else np.array([x.mean()])
+
+
+def summary(rows, last=20):
+    """Final values (means over the last `last` iterations), the largest 10-iteration mean of KL, and
+    the samples until the 10-iteration mean gap first falls to a quarter of its start."""
+    tail, g = rows[-last:], gap_key(rows)
+    out = {k: float(np.mean([r[k] for r in tail])) for k in ("reward", "kl", "distinct2", "entropy")}
+    out["gap"] = float(np.mean([r[g] for r in tail]))
+    out["kl_max"] = float(moving_mean([r["kl"] for r in rows]).max())
+    gaps = moving_mean([r[g] for r in rows])
+    reached = np.nonzero(gaps <= gaps[0] / 4)[0]
+    out["samples_to_quarter_gap"] = rows[reached[0] + 9]["samples"] if len(reached) else math.nan
+    return out
+
+
+def stat(values, fmt):
+    v = np.asarray(values, dtype=float)
+    if np.isnan(v).all():
+        return "not reached"
+    mean = np.nanmean(v)
+    spread = np.nanstd(v, ddof=1) if np.sum(~np.isnan(v)) > 1 else 0.0
+    miss = f" ({int(np.isnan(v).sum())} not reached)" if np.isnan(v).any() else ""
+    return f"{mean:{fmt}} +- {spread:{fmt}}{miss}"
+
+
+def table(cfg, setting, lr, iters, seeds):
+    cols = [("reward", ".3f"), ("kl", ".2f"), ("gap", ".3f"), ("distinct2", ".3f"), ("kl_max", ".2f"),
+            ("samples_to_quarter_gap", ".0f")]
+    lines = ["| algorithm | reward | KL | gap J* - J | distinct-2 | largest KL (10-iteration mean) "
+             "| samples to a quarter of the first gap |", "|---" * (len(cols) + 1) + "|"]
+    for algo in ALGOS:
+        s = [summary(read_rows(run_dir(cfg, setting, algo, lr, seed))[:iters]) for seed in seeds]
+        failed = sum(os.path.exists(os.path.join(run_dir(cfg, setting, algo, lr, seed), "failed.txt")) for seed in seeds)
+        lines.append(f"| {NAMES[algo]}{f' ({failed} stopped)' if failed else ''} | " +
+                     " | ".join(stat([x[c] for x in s], f) for c, f in cols) + " |")
+    return "\n".join(lines)
+
+
+def grid_table(cfg, lrs, iters, seeds):
+    lines = ["| algorithm | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---" * (len(lrs) + 1) + "|"]
+    for algo in ALGOS:
+        cells = []
+        for lr in lrs:
+            s = [summary(read_rows(run_dir(cfg, "main", algo, lr, seed))[:iters]) for seed in seeds]
+            cells.append(f"{stat([x['gap'] for x in s], '.3f')} (KL max {max(x['kl_max'] for x in s):.1f})")
+        lines.append(f"| {NAMES[algo]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+
+
+def pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+
+
+SETTINGS = ["algo", "apa_form", "lr", "iters", "max_new_tokens", "lam", "seed"]
+
+
+def load_run(path):
+    """(settings, rows) of a run directory or metrics.jsonl; settings from config.json beside it."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    rows = read_rows(path)
+    conf_path = os.path.join(folder, "config.json")
+    conf = json.load(open(conf_path)) if os.path.exists(conf_path) else {}
+    settings = {k: conf.get(k, "?") for k in SETTINGS}
+    if settings["algo"] != "apa":
+        settings["apa_form"] = "-"
+    settings["iters"] = len(rows)                       # the iterations it ran
+    return settings, rows
+
+
+def plot_curves(runs, path, what=""):
+    """Reward, KL and gap against samples. runs: [(settings, rows)]. Runs that differ only in their
+    seed are one line, their mean, with a band from min to max; the title names what all share and
+    the legend what differs (algorithm, lr, iterations, ...). Returns the path, or None without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    differ = [k for k in SETTINGS if k != "seed" and len({str(s[k]) for s, _ in runs}) > 1]
+    same = [k for k in SETTINGS if k not in differ and k != "seed"]
+    groups = {}
+    for settings, rows in runs:
+        groups.setdefault(tuple(settings[k] for k in differ), []).append(rows)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    labels = [("reward", "reward (score in [-1, 1])"), ("kl", "KL(pi || pi_init) (nats)"),
+              (None, "gap J* - J (reward units)")]
+    for i, (label, group) in enumerate(groups.items()):
+        n = min(len(rows) for rows in group)
+        x = np.array([r["samples"] for r in group[0][:n]])
+        for ax, (key, ylabel) in zip(axes, labels):
+            curves = np.array([moving_mean([r[key or gap_key(rows)] for r in rows[:n]]) for rows in group])
+            xs = x[len(x) - curves.shape[1]:]
+            color = f"C{i}"
+            name = ", ".join(f"{k} {v}" for k, v in zip(differ, label)) or "run"
+            ax.plot(xs, curves.mean(0), color=color, label=name + (f" ({len(group)} seeds)" if len(group) > 1 else ""))
+            if len(group) > 1:
+                ax.fill_between(xs, curves.min(0), curves.max(0), color=color, alpha=0.2)
+            ax.set(xlabel="samples (responses)", ylabel=ylabel)
+            ax.grid(alpha=0.3)
+    axes[2].axhline(0, color="black", lw=0.8)
+    axes[0].legend(fontsize=8)
+    common = ", ".join(f"{k} {runs[0][0][k]}" for k in same if runs[0][0][k] not in ("?", "-"))
+    fig.suptitle(f"{what}{common}: 10-iteration moving means" + ("; band: min to max over seeds" if
+                 any(len(g) > 1 for g in groups.values()) else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+    return path
+
+
+def plot_stability(cfg, lrs, iters, seeds, path):
+    """Final gap against learning rate, one line per algorithm, seed spread as min-max bars."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, algo in enumerate(ALGOS):
+        gaps = np.array([[summary(read_rows(run_dir(cfg, "main", algo, lr, s))[:iters])["gap"] for s in seeds]
+                         for lr in lrs])                # (lrs, seeds)
+        mean = gaps.mean(1)
+        x = np.array(lrs) * (1.06 ** (i - 1.5))         # side by side, so that the bars do not overlap
+        ax.errorbar(x, mean, yerr=[mean - gaps.min(1), gaps.max(1) - mean], marker="o", capsize=3,
+                    color=f"C{i}", label=NAMES[algo])
+    ax.set(xscale="log", yscale="log", xlabel="learning rate (Adam)",
+           ylabel=f"final gap J* - J (mean of last 20 iterations)",
+           title=f"Stability map: {iters} iterations, {len(seeds)} seeds (bars: min to max)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# the experiment
+
+
+def compare(cfg):
+    t0 = time.time()
+    runs, main_iters, grid_iters, short_iters, lrs = plan(cfg)
+    run_all(cfg, runs)
+    seeds = range(1 if cfg.quick else cfg.seeds)
+    first = read_rows(run_dir(cfg, "main", "apa", cfg.lr, 0))[0]
+    text = [f"# APA, PPO and AWR on the embedded task{' (quick)' if cfg.quick else ''}", "",
+            f"lambda 0.1 for all; seeds 0-{len(seeds) - 1}; +- is the standard deviation over seeds. "
+            f"J* = {first['jstar']:.4f} +- {first['jstar_se']:.4f} (standard error). Final values: means over "
+            f"the last 20 iterations. Runs (or their cached results) took {(time.time() - t0) / 60:.1f} min.", "",
+            f"## Main: lr {cfg.lr:g}, {main_iters} iterations x {first['samples']} samples", "",
+            table(cfg, "main", cfg.lr, main_iters, seeds), "",
+            f"## Stability map: final gap (KL max: largest 10-iteration mean over seeds), {grid_iters} iterations", "",
+            grid_table(cfg, lrs, grid_iters, seeds), ""]
+    if short_iters:
+        short = read_rows(run_dir(cfg, "short", "apa", cfg.lr, 0))
+        text += [f"## Short responses: {cfg.short_tokens} tokens, lr {cfg.lr:g}, {short_iters} iterations; "
+                 f"the gap is {'exact' if gap_key(short) == 'gap_exact' else 'sampled, J* estimated'} "
+                 f"(J* = {short[0]['jstar']:.4f})", "", table(cfg, "short", cfg.lr, short_iters, seeds), ""]
+    text = "\n".join(text)
+    print(text)
+    with open(os.path.join(cfg.out_dir, "compare.md"), "w") as f:
+        f.write(text)
+    main_runs = [load_run(run_dir(cfg, "main", a, cfg.lr, s)) for a in ALGOS for s in seeds]
+    plots = [plot_curves([(st, rows[:main_iters]) for st, rows in main_runs], os.path.join(cfg.out_dir, "compare.png")),
+             plot_stability(cfg, lrs, grid_iters, seeds, os.path.join(cfg.out_dir, "stability.png"))]
+    if short_iters:
+        plots.append(plot_curves([load_run(run_dir(cfg, "short", a, cfg.lr, s)) for a in ALGOS for s in seeds],
+                                 os.path.join(cfg.out_dir, "compare_short.png"), "short responses: "))
+    print(f"wrote {os.path.join(cfg.out_dir, 'compare.md')}" + "".join(f", {p}" for p in plots if p)
+          + f" in {(time.time() - t0) / 60:.1f} min")
+    return text
+
+
+def main(argv=None):
+    cfg = parse_args(CompareConfig, sys.argv[1:] if argv is None else argv)
+    if cfg.plot:
+        paths = cfg.plot.split(",")
+        runs = [load_run(p) for p in paths]
+        if not all(rows for _, rows in runs):
+            raise SystemExit(f"error: no metrics in {', '.join(p for p, (_, r) in zip(paths, runs) if not r)}")
+        folder = paths[0] if os.path.isdir(paths[0]) else os.path.dirname(paths[0]) or "."
+        out = plot_curves(runs, os.path.join(folder, "metrics.png"))
+        if out:
+            print(f"wrote {out}")
+        return out
+    if cfg.quick and cfg.out_dir == CompareConfig.out_dir:
+        cfg.out_dir = "out/compare_quick"
+    if cfg.quick and cfg.lr == CompareConfig.lr:
+        cfg.lr = 1e-3                                   # the tiny model moves in a few iterations
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    return compare(cfg)
+
+
+if __name__ == "__main__":
+    main()
