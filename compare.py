@@ -47,19 +47,20 @@ class CompareConfig:
     lr: float = 3e-5                   # learning rate of the main table (train.py's default)
     iters: int = 300                   # iterations of the main table
     lrs: str = "1e-5,3e-5,1e-4,3e-4"   # learning rates of the stability map
-    grid_iters: int = 150              # iterations of each run of the stability map
+    grid_iters: int = 100              # iterations of each run of the stability map
     short_tokens: int = 2              # response length of the short-response setting
     short_iters: int = 150             # its iterations (0: skip it)
     workers: int = 2                   # runs in parallel, one thread each
     quick: bool = False                # tiny model, 1 seed, a few iterations: a smoke test of everything
     plot: str = ""                     # plot these metrics.jsonl files or run directories and exit
+    run: bool = True                   # False: only the tables and plots, from the runs already done
 
 
 ALGOS = {"apa": dict(algo="apa"), "apa_paper": dict(algo="apa", apa_form="paper"),
          "ppo": dict(algo="ppo"), "awr": dict(algo="awr")}
 NAMES = {"apa": "APA", "apa_paper": "APA (paper form)", "ppo": "PPO", "awr": "AWR"}
-QUICK = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, sft_steps=100, sft_lr=3e-3, batch_size=16,
-             minibatch_size=8, epochs=2, jstar_samples=16)   # train.Config overrides of --quick
+QUICK = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, sft_steps=60, sft_lr=3e-3, batch_size=16,
+             minibatch_size=8, epochs=2, jstar_samples=8, max_new_tokens=8)   # train.Config overrides of --quick
 
 
 def parse_args(cls, argv):
@@ -81,21 +82,23 @@ def parse_args(cls, argv):
 def plan(cfg):
     """The runs: {(setting, algo, lr, seed): iterations}, the longest that any table or plot needs."""
     seeds = range(1 if cfg.quick else cfg.seeds)
-    main_iters, grid_iters, short_iters = (8, 6, 6) if cfg.quick else (cfg.iters, cfg.grid_iters, cfg.short_iters)
+    main_iters, grid_iters, short_iters = (4, 3, 3) if cfg.quick else (cfg.iters, cfg.grid_iters, cfg.short_iters)
     lrs = [cfg.lr, 3 * cfg.lr] if cfg.quick else [float(x) for x in cfg.lrs.split(",")]
     runs = {}
     for seed in seeds:                                   # main first: the table is done before the map
         for algo in ALGOS:
             runs["main", algo, cfg.lr, seed] = main_iters
-    for lr in lrs:
-        for seed in seeds:
-            for algo in ALGOS:
-                key = ("main", algo, lr, seed)
-                runs[key] = max(runs.get(key, 0), grid_iters)
-    if short_iters:
-        for seed in seeds:
-            for algo in ALGOS:
-                runs["short", algo, cfg.lr, seed] = short_iters
+    def grid(lrs):
+        for lr in lrs:
+            for seed in seeds:
+                for algo in ALGOS:
+                    key = ("main", algo, lr, seed)
+                    runs[key] = max(runs.get(key, 0), grid_iters)
+    grid(sorted(lr for lr in lrs if lr >= cfg.lr))     # the unstable end of the map first,
+    for seed in seeds if short_iters else []:          # then the short responses (cheap),
+        for algo in ALGOS:
+            runs["short", algo, cfg.lr, seed] = short_iters
+    grid(sorted(lr for lr in lrs if lr < cfg.lr))      # then the slow end
     return runs, main_iters, grid_iters, short_iters, lrs
 
 
@@ -212,8 +215,8 @@ def gap_key(rows):
 
 
 def moving_mean(x, n=10):
-    x = np.asarray(x, dtype=float)
-    return np.convolve(x, np.ones(n) / n, "valid") if len(x) >= n else np.array([x.mean()])
+    x, n = np.asarray(x, dtype=float), min(n, len(x))
+    return np.convolve(x, np.ones(n) / n, "valid")
 
 
 def summary(rows, last=20):
@@ -239,16 +242,32 @@ def stat(values, fmt):
     return f"{mean:{fmt}} +- {spread:{fmt}}{miss}"
 
 
+def finished(cfg, setting, algo, lr, seeds, iters):
+    """[(rows[:iters], stopped)] of the runs that are done: all iterations, or stopped (diverged)."""
+    out = []
+    for seed in seeds:
+        path = run_dir(cfg, setting, algo, lr, seed)
+        rows, stopped = read_rows(path)[:iters], os.path.exists(os.path.join(path, "failed.txt"))
+        if rows and (len(rows) == iters or stopped):
+            out.append((rows, stopped))
+    return out
+
+
+def count_note(done, n):
+    stopped = sum(st for _, st in done)
+    return "".join([f" ({len(done)} of {n} seeds)" if len(done) < n else "", f" ({stopped} stopped)" if stopped else ""])
+
+
 def table(cfg, setting, lr, iters, seeds):
     cols = [("reward", ".3f"), ("kl", ".2f"), ("gap", ".3f"), ("distinct2", ".3f"), ("kl_max", ".2f"),
             ("samples_to_quarter_gap", ".0f")]
     lines = ["| algorithm | reward | KL | gap J* - J | distinct-2 | largest KL (10-iteration mean) "
              "| samples to a quarter of the first gap |", "|---" * (len(cols) + 1) + "|"]
     for algo in ALGOS:
-        s = [summary(read_rows(run_dir(cfg, setting, algo, lr, seed))[:iters]) for seed in seeds]
-        failed = sum(os.path.exists(os.path.join(run_dir(cfg, setting, algo, lr, seed), "failed.txt")) for seed in seeds)
-        lines.append(f"| {NAMES[algo]}{f' ({failed} stopped)' if failed else ''} | " +
-                     " | ".join(stat([x[c] for x in s], f) for c, f in cols) + " |")
+        done = finished(cfg, setting, algo, lr, seeds, iters)
+        s = [summary(rows) for rows, _ in done]
+        cells = [stat([x[c] for x in s], f) if s else "not run" for c, f in cols]
+        lines.append(f"| {NAMES[algo]}{count_note(done, len(seeds))} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -257,8 +276,10 @@ def grid_table(cfg, lrs, iters, seeds):
     for algo in ALGOS:
         cells = []
         for lr in lrs:
-            s = [summary(read_rows(run_dir(cfg, "main", algo, lr, seed))[:iters]) for seed in seeds]
-            cells.append(f"{stat([x['gap'] for x in s], '.3f')} (KL max {max(x['kl_max'] for x in s):.1f})")
+            done = finished(cfg, "main", algo, lr, seeds, iters)
+            s = [summary(rows) for rows, _ in done]
+            cells.append(f"{stat([x['gap'] for x in s], '.3f')} (KL max {max(x['kl_max'] for x in s):.1f})"
+                         f"{count_note(done, len(seeds))}" if s else "not run")
         lines.append(f"| {NAMES[algo]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -278,7 +299,8 @@ def pyplot():
         return None
 
 
-SETTINGS = ["algo", "apa_form", "lr", "iters", "max_new_tokens", "lam", "seed"]
+SETTINGS = {"algorithm": "", "lr": "lr ", "iters": "iterations ", "max_new_tokens": "response tokens ",
+            "lam": "lambda ", "seed": "seed "}              # what a plot names, and how
 
 
 def load_run(path):
@@ -288,8 +310,8 @@ def load_run(path):
     conf_path = os.path.join(folder, "config.json")
     conf = json.load(open(conf_path)) if os.path.exists(conf_path) else {}
     settings = {k: conf.get(k, "?") for k in SETTINGS}
-    if settings["algo"] != "apa":
-        settings["apa_form"] = "-"
+    settings["algorithm"] = NAMES.get("apa_paper" if conf.get("apa_form") == "paper" and conf.get("algo") == "apa"
+                                      else conf.get("algo"), "?")
     settings["iters"] = len(rows)                       # the iterations it ran
     return settings, rows
 
@@ -302,13 +324,14 @@ def plot_curves(runs, path, what=""):
     if plt is None:
         return None
     differ = [k for k in SETTINGS if k != "seed" and len({str(s[k]) for s, _ in runs}) > 1]
-    same = [k for k in SETTINGS if k not in differ and k != "seed"]
+    same = [k for k in SETTINGS if k not in differ and (k != "seed" or len({s["seed"] for s, _ in runs}) == 1)]
     groups = {}
     for settings, rows in runs:
         groups.setdefault(tuple(settings[k] for k in differ), []).append(rows)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     labels = [("reward", "reward (score in [-1, 1])"), ("kl", "KL(pi || pi_init) (nats)"),
               (None, "gap J* - J (reward units)")]
+    finals = {key: [] for key, _ in labels}            # each line's last value, to choose the y scale
     for i, (label, group) in enumerate(groups.items()):
         n = min(len(rows) for rows in group)
         x = np.array([r["samples"] for r in group[0][:n]])
@@ -316,15 +339,20 @@ def plot_curves(runs, path, what=""):
             curves = np.array([moving_mean([r[key or gap_key(rows)] for r in rows[:n]]) for rows in group])
             xs = x[len(x) - curves.shape[1]:]
             color = f"C{i}"
-            name = ", ".join(f"{k} {v}" for k, v in zip(differ, label)) or "run"
+            name = ", ".join(f"{SETTINGS[k]}{v}" for k, v in zip(differ, label)) or "run"
+            finals[key].append(abs(curves.mean(0)[-1]))
             ax.plot(xs, curves.mean(0), color=color, label=name + (f" ({len(group)} seeds)" if len(group) > 1 else ""))
             if len(group) > 1:
                 ax.fill_between(xs, curves.min(0), curves.max(0), color=color, alpha=0.2)
             ax.set(xlabel="samples (responses)", ylabel=ylabel)
             ax.grid(alpha=0.3)
+    for ax, key, linthresh in ((axes[1], "kl", 1.0), (axes[2], None, 0.01)):
+        if max(finals[key]) > 10 * max(min(finals[key]), linthresh):  # lines far apart: log scale
+            ax.set_yscale("symlog", linthresh=linthresh)
+            ax.set_ylabel(ax.get_ylabel() + ", log scale above " + f"{linthresh:g}")
     axes[2].axhline(0, color="black", lw=0.8)
     axes[0].legend(fontsize=8)
-    common = ", ".join(f"{k} {runs[0][0][k]}" for k in same if runs[0][0][k] not in ("?", "-"))
+    common = ", ".join(f"{SETTINGS[k]}{runs[0][0][k]}" for k in same if runs[0][0][k] != "?")
     fig.suptitle(f"{what}{common}: 10-iteration moving means" + ("; band: min to max over seeds" if
                  any(len(g) > 1 for g in groups.values()) else ""))
     fig.tight_layout()
@@ -340,12 +368,13 @@ def plot_stability(cfg, lrs, iters, seeds, path):
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, algo in enumerate(ALGOS):
-        gaps = np.array([[summary(read_rows(run_dir(cfg, "main", algo, lr, s))[:iters])["gap"] for s in seeds]
-                         for lr in lrs])                # (lrs, seeds)
-        mean = gaps.mean(1)
-        x = np.array(lrs) * (1.06 ** (i - 1.5))         # side by side, so that the bars do not overlap
-        ax.errorbar(x, mean, yerr=[mean - gaps.min(1), gaps.max(1) - mean], marker="o", capsize=3,
-                    color=f"C{i}", label=NAMES[algo])
+        points = [(lr, [summary(rows)["gap"] for rows, _ in finished(cfg, "main", algo, lr, seeds, iters)])
+                  for lr in sorted(lrs)]
+        x = np.array([lr for lr, g in points if g]) * (1.06 ** (i - 1.5))  # side by side: bars do not overlap
+        gaps = [np.array(g) for _, g in points if g]   # final gaps of the seeds at each lr
+        mean = np.array([g.mean() for g in gaps])
+        ax.errorbar(x, mean, yerr=[mean - [g.min() for g in gaps], [g.max() for g in gaps] - mean], marker="o",
+                    capsize=3, color=f"C{i}", label=NAMES[algo])
     ax.set(xscale="log", yscale="log", xlabel="learning rate (Adam)",
            ylabel=f"final gap J* - J (mean of last 20 iterations)",
            title=f"Stability map: {iters} iterations, {len(seeds)} seeds (bars: min to max)")
@@ -364,7 +393,8 @@ def plot_stability(cfg, lrs, iters, seeds, path):
 def compare(cfg):
     t0 = time.time()
     runs, main_iters, grid_iters, short_iters, lrs = plan(cfg)
-    run_all(cfg, runs)
+    if cfg.run:
+        run_all(cfg, runs)
     seeds = range(1 if cfg.quick else cfg.seeds)
     first = read_rows(run_dir(cfg, "main", "apa", cfg.lr, 0))[0]
     text = [f"# APA, PPO and AWR on the embedded task{' (quick)' if cfg.quick else ''}", "",
@@ -375,8 +405,8 @@ def compare(cfg):
             table(cfg, "main", cfg.lr, main_iters, seeds), "",
             f"## Stability map: final gap (KL max: largest 10-iteration mean over seeds), {grid_iters} iterations", "",
             grid_table(cfg, lrs, grid_iters, seeds), ""]
-    if short_iters:
-        short = read_rows(run_dir(cfg, "short", "apa", cfg.lr, 0))
+    short = read_rows(run_dir(cfg, "short", "apa", cfg.lr, 0))
+    if short_iters and short:
         text += [f"## Short responses: {cfg.short_tokens} tokens, lr {cfg.lr:g}, {short_iters} iterations; "
                  f"the gap is {'exact' if gap_key(short) == 'gap_exact' else 'sampled, J* estimated'} "
                  f"(J* = {short[0]['jstar']:.4f})", "", table(cfg, "short", cfg.lr, short_iters, seeds), ""]
@@ -384,18 +414,22 @@ def compare(cfg):
     print(text)
     with open(os.path.join(cfg.out_dir, "compare.md"), "w") as f:
         f.write(text)
-    main_runs = [load_run(run_dir(cfg, "main", a, cfg.lr, s)) for a in ALGOS for s in seeds]
-    plots = [plot_curves([(st, rows[:main_iters]) for st, rows in main_runs], os.path.join(cfg.out_dir, "compare.png")),
+    def curves(setting, iters):                        # the finished runs of a setting at cfg.lr
+        loaded = [load_run(run_dir(cfg, setting, a, cfg.lr, s)) for a in ALGOS for s in seeds]
+        return [(st, rows[:iters]) for st, rows in loaded if len(rows) >= iters]
+    plots = [plot_curves(curves("main", main_iters), os.path.join(cfg.out_dir, "compare.png")),
              plot_stability(cfg, lrs, grid_iters, seeds, os.path.join(cfg.out_dir, "stability.png"))]
-    if short_iters:
-        plots.append(plot_curves([load_run(run_dir(cfg, "short", a, cfg.lr, s)) for a in ALGOS for s in seeds],
-                                 os.path.join(cfg.out_dir, "compare_short.png"), "short responses: "))
+    if short_iters and curves("short", short_iters):
+        plots.append(plot_curves(curves("short", short_iters), os.path.join(cfg.out_dir, "compare_short.png"),
+                                 "short responses: "))
     print(f"wrote {os.path.join(cfg.out_dir, 'compare.md')}" + "".join(f", {p}" for p in plots if p)
           + f" in {(time.time() - t0) / 60:.1f} min")
     return text
 
 
 def main(argv=None):
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
     cfg = parse_args(CompareConfig, sys.argv[1:] if argv is None else argv)
     if cfg.plot:
         paths = cfg.plot.split(",")
