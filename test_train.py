@@ -160,13 +160,13 @@ BAD_INPUTS = {
     "prompt too long": (lambda tmp: dict(prompts=write(tmp / "p.txt", "the movie was " * 20 + "\n")), "context window"),
     "lambda <= 0": (lambda tmp: dict(lam=0), "lam must be > 0"),
     "batch % minibatch": (lambda tmp: dict(batch_size=10, minibatch_size=4), "not divisible"),
-    "unknown algorithm": (lambda tmp: dict(algo="dpo"), "unknown algorithm"),
+    "unknown algorithm": (lambda tmp: dict(algo="dpo"), "invalid choice"),
     "missing model path": (lambda tmp: dict(init=str(tmp / "no_model")), "does not exist"),
     "missing prompts file": (lambda tmp: dict(prompts=str(tmp / "none.txt")), "does not exist"),
     "NaN reward": (lambda tmp: dict(reward_fn="test_train:nan_reward"), "non-finite"),
     "wrong reward shape": (lambda tmp: dict(reward_fn="test_train:short_reward"), "scores for"),
     "unknown reward function": (lambda tmp: dict(reward_fn="test_train:nope"), "not found"),
-    "unknown flag": (lambda tmp: dict(learning_rate=1), "bad argument"),
+    "unknown flag": (lambda tmp: dict(learning_rate=1), "unknown argument"),
     "compare without J*": (lambda tmp: dict(compare=True, jstar_samples=0), "needs jstar_samples"),
 }
 
