@@ -92,6 +92,10 @@ class Config:
     resume: bool = False           # continue from out_dir/ckpt.pt
     jstar_samples: int = 256       # samples per prompt from pi_init to estimate J* (0: skip)
     compare: bool = False          # run APA and PPO for seeds 0, 1, 2 and write out_dir/compare.{md,png}
+    # --- sampling from a trained policy
+    sample: str = ""               # a trained policy's folder (out/policy): print completions with their reward, then exit
+    prompt: str = ""               # the prompt to complete with --sample; empty: the first task prompts
+    num_samples: int = 4           # completions printed by --sample
 
 
 class ArgumentError(ValueError):
@@ -420,15 +424,25 @@ LOGGED = [("reward", ".3f"), ("kl", ".3f"), ("J", ".3f"), ("gap", ".3f"), ("entr
           ("approx_kl", ".4f"), ("clipfrac", ".3f"), ("vf_loss", ".4f")]  # the log line, in this order
 
 
-def train(cfg):
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
-    # data: prompts, tokenizer, reward
+def get_device(cfg):
+    return torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                        "cpu" if cfg.device == "auto" else cfg.device)
+
+
+def load_data(cfg, device):
+    """The run's tokenizer, prompts (text and tokens) and reward function."""
     enc = data.get_encoding(cfg.tokenizer or ("gpt2" if cfg.init else "task"))
     prompts = data.load_prompts(cfg.prompts) if cfg.prompts else data.task_prompts()
     prompt_tokens = [enc.encode_ordinary(p) for p in prompts]
     reward_fn = (data.reward_model_fn(cfg.reward_model, enc, device) if cfg.reward_model
                  else data.load_reward_fn(cfg.reward_fn))
+    return enc, prompts, prompt_tokens, reward_fn
+
+
+def train(cfg):
+    device = get_device(cfg)
+    # data: prompts, tokenizer, reward
+    enc, prompts, prompt_tokens, reward_fn = load_data(cfg, device)
     # model: pi_init (frozen) and the policy with its value head
     lm = (AutoModelForCausalLM.from_pretrained(cfg.init, dtype=torch.float32) if cfg.init  # fp32 weights, bf16
           else pretrain(cfg, enc, device)).to(device)                                     # only in autocast
@@ -482,7 +496,30 @@ def train(cfg):
             save_checkpoint(ckpt_path, policy, opt, it + 1)
     policy.lm.save_pretrained(os.path.join(cfg.out_dir, "policy"))
     torch.save(policy.v_head.state_dict(), os.path.join(cfg.out_dir, "policy", "value_head.pt"))
+    with open(os.path.join(cfg.out_dir, "policy", "apa_config.json"), "w") as f:  # its tokenizer and reward,
+        json.dump(dataclasses.asdict(cfg), f, indent=1)                  # for --sample
     return history
+
+
+@torch.no_grad()
+def sample_policy(cfg):
+    """`python train.py --sample=out/policy --prompt="the movie was"`: completions of a trained policy with
+    their reward, using the tokenizer and reward of its run (read from apa_config.json beside it)."""
+    config_path = os.path.join(cfg.sample, "apa_config.json")
+    if not os.path.exists(config_path):
+        raise ValueError(f"{cfg.sample} holds no trained policy ({config_path} is missing)")
+    with open(config_path) as f:
+        run = Config(**json.load(f))
+    device = get_device(cfg)
+    enc, _, _, reward_fn = load_data(run, device)
+    lm = AutoModelForCausalLM.from_pretrained(cfg.sample, dtype=torch.float32).to(device).eval()
+    prompts = [cfg.prompt] * cfg.num_samples if cfg.prompt else data.task_prompts()[:cfg.num_samples]
+    torch.manual_seed(cfg.seed)
+    *_, completions, scores = sample(run, lm, range(len(prompts)), [enc.encode_ordinary(p) for p in prompts],
+                                     prompts, reward_fn, enc, device)
+    for prompt, completion, score in zip(prompts, completions, scores.tolist()):
+        print(f"{prompt!r} -> {completion!r} | reward {score:+.2f}")
+    return completions, scores.tolist()
 
 
 def save_checkpoint(path, policy, opt, iteration):
@@ -568,6 +605,8 @@ def main(argv=None):
     hf_logging.disable_progress_bar()
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
+        if cfg.sample:
+            return sample_policy(cfg)
         if cfg.compare:
             return compare(cfg)
         return train(cfg)

@@ -65,7 +65,7 @@ def test_every_field_has_help_and_the_help_is_grouped():
     out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and out.stderr == ""
     groups = [line for line in out.stdout.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
-    assert groups[-4:] == ["algorithm:", "optimisation:", "data and models:", "output:"]
+    assert groups[-5:] == ["algorithm:", "optimisation:", "data and models:", "output:", "sampling from a trained policy:"]
     for f in dataclasses.fields(train.Config):
         assert f"--{f.name}" in out.stdout
     assert "paper: pi_init anchor, no KL in the reward" in out.stdout      # a comment continued on the next line
