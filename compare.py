@@ -63,22 +63,6 @@ QUICK = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, sft_steps=60, sft_lr
              minibatch_size=8, epochs=2, jstar_samples=8, max_new_tokens=8)   # train.Config overrides of --quick
 
 
-def parse_args(cls, argv):
-    """--key=value for each field of the dataclass cls (bools: 1/true/yes)."""
-    cfg, fields = cls(), {f.name for f in dataclasses.fields(cls)}
-    if "-h" in argv or "--help" in argv:
-        print(__doc__ + "\nflags (--key=value) and their defaults:\n" +
-              "\n".join(f"  --{k}={v}" for k, v in vars(cfg).items()))
-        sys.exit(0)
-    for arg in argv:
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq or key not in fields:
-            raise SystemExit(f"error: bad argument {arg!r}: expected --key=value with key one of {', '.join(fields)}")
-        kind = type(getattr(cfg, key))
-        setattr(cfg, key, value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
-    return cfg
-
-
 def plan(cfg):
     """The runs: {(setting, algo, lr, seed): iterations}, the longest that any table or plot needs."""
     seeds = range(1 if cfg.quick else cfg.seeds)
@@ -428,9 +412,13 @@ def compare(cfg):
 
 
 def main(argv=None):
+    import train
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
-    cfg = parse_args(CompareConfig, sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = train.parse_args(CompareConfig, sys.argv[1:] if argv is None else argv, __doc__)
+    except ValueError as e:
+        raise SystemExit("error: " + " ".join(str(e).split()))
     if cfg.plot:
         paths = cfg.plot.split(",")
         runs = [load_run(p) for p in paths]
