@@ -3,7 +3,8 @@ The paper's experiment on the embedded task: APA (this project's exact form and 
 form), PPO and AWR with the same lambda, reward and sample budget, over seeds and learning rates.
 
 Paper: Zhu et al. 2023, arXiv 2306.02231, Sec. 5 (APA vs PPO vs AWR on HH and StackExchange).
-Run:  python compare.py            the README's tables and plots (about 40 minutes on 2 CPU cores)
+Run:  python compare.py            the README's tables and plots (60 runs; meant for 30-40 minutes of an
+                                   idle 2-core CPU: the README says what was measured)
       python compare.py --quick=1  a smoke test of the whole pipeline on a tiny model (a minute or two)
       python compare.py --plot=out/metrics.jsonl   reward, KL and gap against samples for any runs
                                    (metrics files or run directories, comma-separated)
@@ -121,6 +122,9 @@ class Progress:
     def flush(self):
         self.log.flush()
 
+    def isatty(self):                                   # a log: progress as plain lines
+        return False
+
 
 _jstar = {}
 
@@ -220,10 +224,9 @@ def stat(values, fmt):
     v = np.asarray(values, dtype=float)
     if np.isnan(v).all():
         return "not reached"
-    mean = np.nanmean(v)
-    spread = np.nanstd(v, ddof=1) if np.sum(~np.isnan(v)) > 1 else 0.0
+    mean, n = np.nanmean(v), int(np.sum(~np.isnan(v)))
     miss = f" ({int(np.isnan(v).sum())} not reached)" if np.isnan(v).any() else ""
-    return f"{mean:{fmt}} +- {spread:{fmt}}{miss}"
+    return (f"{mean:{fmt}} +- {np.nanstd(v, ddof=1):{fmt}}" if n > 1 else f"{mean:{fmt}}") + miss
 
 
 def finished(cfg, setting, algo, lr, seeds, iters):
