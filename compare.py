@@ -364,7 +364,8 @@ def plot_stability(cfg, lrs, iters, seeds, path):
                     capsize=3, color=f"C{i}", label=NAMES[algo])
     ax.set(xscale="log", yscale="log", xlabel="learning rate (Adam)",
            ylabel=f"final gap J* - J (mean of last 20 iterations)",
-           title=f"Stability map: {iters} iterations, {len(seeds)} seeds (bars: min to max)")
+           title=f"Stability map: {iters} iterations, " + (f"{len(seeds)} seeds (bars: min to max)" if len(seeds) > 1
+                                                            else f"seed {seeds[0]}"))
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
