@@ -95,6 +95,9 @@ def sentiment_reward(prompts, completions):
 
 def load_prompts(path):
     """Prompts from a file: .jsonl with one {"prompt": "..."} per line, or text with one per line."""
+    if path.endswith(".json"):
+        raise ValueError(f'prompts file {path} is .json: give a .jsonl file (one {{"prompt": "..."}} a line) '
+                         "or a text file (one prompt a line)")
     try:
         with open(path, encoding="utf-8") as f:
             lines = [line.rstrip("\n") for line in f]
@@ -105,9 +108,12 @@ def load_prompts(path):
         for i, line in enumerate(lines, 1):
             if line.strip():
                 try:
-                    prompts.append(json.loads(line)["prompt"])
-                except (ValueError, KeyError, TypeError):
-                    raise ValueError(f'{path}:{i}: expected a JSON object with a "prompt" string') from None
+                    prompt = json.loads(line)["prompt"]
+                except (ValueError, KeyError, TypeError, IndexError):
+                    prompt = None
+                if not isinstance(prompt, str):
+                    raise ValueError(f'{path}:{i}: expected a JSON object with a "prompt" string')
+                prompts.append(prompt)
     else:
         prompts = [line for line in lines if line.strip()]
     if not prompts:
@@ -119,9 +125,12 @@ def load_reward_fn(spec):
     """'module:function', a Python function (prompts, completions) -> one float per completion."""
     module, _, name = spec.partition(":")
     try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
         raise ValueError(f"reward function {spec!r} not found (expected 'module:function')") from None
+    if not callable(fn):
+        raise ValueError(f"reward function {spec!r} is a {type(fn).__name__}, not a function")
+    return fn
 
 
 def reward_model_fn(path, enc, device):
@@ -129,7 +138,11 @@ def reward_model_fn(path, enc, device):
     (a single-logit reward model's score, or the 'positive' class of a two-class sentiment model).
     Text is tokenized by the model's own tokenizer when it has one, else by `enc` (the policy's)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+    model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
+    if info["missing_keys"]:                                             # e.g. a causal LM: its head would be random
+        raise ValueError(f"reward model {path} is not a sequence-classification model: its weights lack "
+                         f"{', '.join(sorted(info['missing_keys'])[:3])} (a causal LM? that goes in --init)")
+    model = model.to(device).eval()
     has_tokenizer = not os.path.isdir(path) or any(
         os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None

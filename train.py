@@ -19,11 +19,14 @@ Where this departs from the paper and the authors' code:
    parameters, and the reward is a lexicon, not a reward model (both can be swapped: --init,
    --reward_model, --reward_fn, --prompts).
 """
+import contextlib
 import copy
 import dataclasses
+import fcntl
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -120,6 +123,67 @@ def parse_config(argv):
     return cfg
 
 
+def validate(cfg):
+    """Refuse settings that mean nothing, saying why, before anything is read or written."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value}")
+    rules = [  # (field, holds, what it must be)
+        ("lam", cfg.lam > 0, "> 0"),
+        ("seed", cfg.seed >= 0, ">= 0"),
+        ("iters", cfg.iters > 0, "> 0"),
+        ("batch_size", cfg.batch_size > 0, "> 0"),
+        ("minibatch_size", cfg.minibatch_size > 0, "> 0"),
+        ("epochs", cfg.epochs > 0, "> 0 (passes over each rollout)"),
+        ("max_new_tokens", cfg.max_new_tokens > 0, "> 0 (a response has at least one token)"),
+        ("lr", 0 <= cfg.lr <= 0.1, "in [0, 0.1]: Adam moves every weight by about lr a step, so more wrecks a "
+                                   "language model in a few steps (1e-6 to 1e-3 are usual)"),
+        ("max_grad_norm", cfg.max_grad_norm > 0, "> 0 (gradients are clipped to this norm)"),
+        ("gamma", 0 <= cfg.gamma <= 1, "in [0, 1] (a discount)"),
+        ("gae_lambda", 0 <= cfg.gae_lambda <= 1, "in [0, 1] (GAE's bias-variance trade-off)"),
+        ("vf_coef", cfg.vf_coef >= 0, ">= 0 (the weight of the value loss)"),
+        ("cliprange", cfg.cliprange > 0, "> 0 (PPO keeps the ratio in [1 - cliprange, 1 + cliprange])"),
+        ("cliprange_value", cfg.cliprange_value > 0, "> 0 (values move at most this far from the rollout's)"),
+        ("max_bad_steps", cfg.max_bad_steps > 0, "> 0 (non-finite steps in a row before stopping)"),
+        ("n_layer", cfg.n_layer > 0, "> 0"),
+        ("n_head", cfg.n_head > 0, "> 0"),
+        ("n_embd", cfg.n_embd > 0 and cfg.n_embd % max(cfg.n_head, 1) == 0,
+         f"> 0 and divisible by n_head={cfg.n_head} (each head gets n_embd / n_head dimensions)"),
+        ("block_size", cfg.block_size > 0, "> 0"),
+        ("sft_steps", cfg.sft_steps > 0, "> 0 (pre-training steps)"),
+        ("sft_lr", 0 < cfg.sft_lr <= 0.1, "in (0, 0.1]"),
+        ("sample_every", cfg.sample_every >= 0, ">= 0 (0: never)"),
+        ("ckpt_every", cfg.ckpt_every >= 0, ">= 0 (0: only at the end)"),
+        ("jstar_samples", cfg.jstar_samples == 0 or cfg.jstar_samples >= 2,
+         "0 (no J*) or >= 2 (its standard error needs two samples per prompt)"),
+        ("out_dir", cfg.out_dir != "", "a folder"),
+    ]
+    for name, holds, what in rules:
+        if not holds:
+            raise ValueError(f"{name} must be {what}, got {getattr(cfg, name)!r}")
+    if cfg.batch_size % cfg.minibatch_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by minibatch_size {cfg.minibatch_size}")
+    get_device(cfg.device)
+
+
+def get_device(name):
+    """'auto': cuda if torch sees a GPU, else cpu. Otherwise cpu, cuda or cuda:N, and it must exist here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not supported: train.py runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device={name}, but torch finds no CUDA GPU on this machine (use --device=cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device={name}, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
+
+
 # ---------------------------------------------------------------------------------------------
 # model: a causal LM with a scalar value head on its last hidden state
 
@@ -204,7 +268,15 @@ def pretrain(cfg, enc, device):
     path = os.path.join(cfg.sft_dir, f"{enc.name}_V{enc.n_vocab}_L{cfg.n_layer}_H{cfg.n_head}_D{cfg.n_embd}_"
                                      f"C{cfg.block_size}_S{cfg.sft_steps}_lr{cfg.sft_lr:g}")
     if os.path.isdir(path):
-        return GPT2LMHeadModel.from_pretrained(path).to(device)
+        try:
+            lm, info = GPT2LMHeadModel.from_pretrained(path, output_loading_info=True)
+            if not info["missing_keys"]:
+                return lm.to(device)
+            problem = f"it lacks {info['missing_keys'][0]}"
+        except Exception as e:
+            problem = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        print(f"warning: the pi_init cache {path} does not load ({problem}): pre-training it again")
+        shutil.rmtree(path, ignore_errors=True)
     torch.manual_seed(1234)                                              # the same pi_init for every run seed
     lm = tiny_gpt(cfg, enc.n_vocab).to(device)
     docs = [enc.encode_ordinary(text) + [enc.eot_token] for text in data.task_corpus(20_000)]
@@ -223,8 +295,16 @@ def pretrain(cfg, enc, device):
         opt.step()
         if step % 250 == 0 or step == cfg.sft_steps - 1:
             print(f"pre-training pi_init: step {step}/{cfg.sft_steps} | loss {loss.item():.3f} | {time.time() - t0:.0f}s")
-    lm.save_pretrained(path + ".tmp")
-    os.replace(path + ".tmp", path)
+    tmp = f"{path}.tmp{os.getpid()}"                                     # this process's own: runs may build it at once
+    try:
+        lm.save_pretrained(tmp)
+        os.replace(tmp, path)                                            # atomic: the cache is whole or absent
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, OSError):
+            raise
+        if not os.path.isdir(path):                                      # else another run cached it first: use ours
+            raise OSError(f"could not write the pi_init cache {path} ({e.strerror or e}): nothing was cached") from e
     return lm
 
 
@@ -240,7 +320,7 @@ def sample(cfg, lm, idx, prompt_tokens, prompts, reward_fn, enc, device):
     with autocast(device):
         response, mask, _ = generate(lm, prompt_ids, prompt_mask, cfg.max_new_tokens, enc.eot_token)  # (B, T)
     completions = [enc.decode([t for t in r if t != enc.eot_token]) for r in response.tolist()]
-    scores = check_scores(reward_fn([prompts[i] for i in idx], completions), len(idx)).to(device)  # (B,)
+    scores = call_reward(cfg, reward_fn, [prompts[i] for i in idx], completions).to(device)  # (B,)
     return prompt_ids, prompt_mask, response, mask, completions, scores
 
 
@@ -277,12 +357,27 @@ def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device)
     return batch, P, stats, samples
 
 
-def check_scores(scores, n):
-    scores = torch.as_tensor(scores, dtype=torch.float32).flatten().cpu()
+def call_reward(cfg, reward_fn, prompts, completions):
+    """The scores (B,) of the user's reward function or model; whatever goes wrong, one line that names it."""
+    name = f"reward model {cfg.reward_model}" if cfg.reward_model else f"reward function {cfg.reward_fn}"
+    try:
+        scores = reward_fn(prompts, completions)
+    except Exception as e:
+        raise ValueError(f"{name} raised {type(e).__name__}: {e} (APA_DEBUG=1 shows the traceback)") from e
+    return check_scores(scores, len(completions), name)
+
+
+def check_scores(scores, n, name="reward function"):
+    if not isinstance(scores, (list, tuple, np.ndarray, torch.Tensor)):
+        raise ValueError(f"{name} returned a {type(scores).__name__}: expected a list of {n} floats")
+    try:
+        scores = torch.as_tensor(scores, dtype=torch.float32).flatten().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name} returned {str(scores)[:80]}: expected a list of {n} floats") from None
     if scores.shape != (n,):
-        raise ValueError(f"reward function returned {tuple(scores.shape)} scores for {n} completions")
+        raise ValueError(f"{name} returned {tuple(scores.shape)} scores for {n} completions")
     if not torch.isfinite(scores).all():
-        raise ValueError(f"reward function returned non-finite scores: {scores[~torch.isfinite(scores)].tolist()[:5]}")
+        raise ValueError(f"{name} returned non-finite scores: {scores[~torch.isfinite(scores)].tolist()[:5]}")
     return scores
 
 
@@ -357,8 +452,7 @@ LOGGED = [("reward", ".3f"), ("kl", ".3f"), ("J", ".3f"), ("gap", ".3f"), ("entr
 
 
 def train(cfg):
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+    device = get_device(cfg.device)
     # data: prompts, tokenizer, reward
     enc = data.get_encoding(cfg.tokenizer or ("gpt2" if cfg.init else "task"))
     prompts = data.load_prompts(cfg.prompts) if cfg.prompts else data.task_prompts()
@@ -391,8 +485,12 @@ def train(cfg):
     ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
     start = 0
     if cfg.resume and os.path.exists(ckpt_path):
-        start = load_checkpoint(ckpt_path, policy, opt, metrics_path)
+        start = load_checkpoint(ckpt_path, policy, opt, metrics_path, cfg)
         print(f"resumed from {ckpt_path} at iteration {start}")
+    else:
+        if cfg.resume:
+            print(f"no checkpoint in {cfg.out_dir}: starting afresh")
+        keep_previous_run(cfg.out_dir)
     print(f"{cfg.algo} | lambda {cfg.lam} | {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters | "
           f"{len(prompts)} prompts | device {device}" + (f" | J* {jstar:.4f} +- {jstar_se:.4f}" if cfg.jstar_samples else ""))
 
@@ -405,8 +503,6 @@ def train(cfg):
         if cfg.jstar_samples:
             stats.update(gap=jstar - stats["J"], jstar=jstar, jstar_se=jstar_se)
         history.append(stats)
-        if it == 0 and os.path.exists(ckpt_path):                        # a fresh run: an older run's
-            os.remove(ckpt_path)                                         # checkpoint must not be resumed
         with open(metrics_path, "a" if it > 0 else "w") as f:           # a fresh run starts a fresh file
             f.write(json.dumps(stats) + "\n")
         print(f"iter {it + 1}/{cfg.iters} | " + " | ".join(f"{k} {stats[k]:{fmt}}" for k, fmt in LOGGED if k in stats)
@@ -415,36 +511,118 @@ def train(cfg):
             for prompt, completion, score, kl in samples[:4]:
                 print(f"    {prompt!r} -> {completion!r} | reward {score:+.2f} | kl {kl:.2f}")
         if (cfg.ckpt_every and (it + 1) % cfg.ckpt_every == 0) or it + 1 == cfg.iters:
-            save_checkpoint(ckpt_path, policy, opt, it + 1)
+            save_checkpoint(ckpt_path, policy, opt, it + 1, cfg, json.dumps(stats))
     policy.lm.save_pretrained(os.path.join(cfg.out_dir, "policy"))
     torch.save(policy.v_head.state_dict(), os.path.join(cfg.out_dir, "policy", "value_head.pt"))
     return history
 
 
-def save_checkpoint(path, policy, opt, iteration):
-    """Everything to continue exactly: weights, optimizer, RNG states, iteration (= lines of metrics.jsonl).
-    Written to a temporary file, then renamed, so a crash never leaves a half-written checkpoint."""
+RESUME_MAY_CHANGE = {"iters", "lr", "out_dir", "sft_dir", "sample_every", "ckpt_every", "max_bad_steps", "resume",
+                     "device"}                                           # any other change to the config would mix two runs
+
+
+def save_checkpoint(path, policy, opt, iteration, cfg, metrics_line):
+    """Everything to continue exactly: weights, optimizer, RNG states, iteration (= lines of metrics.jsonl), the
+    config and the last line of metrics.jsonl (to check both on resume). Written to a temporary file, then
+    renamed, so a crash or a full disk never leaves a half-written checkpoint."""
     if not all(torch.isfinite(p).all() for p in policy.parameters()):
         raise FloatingPointError("non-finite weights: checkpoint not written")
     state = {"policy": policy.state_dict(), "opt": opt.state_dict(), "iter": iteration, "rng": torch.get_rng_state(),
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+             "config": dataclasses.asdict(cfg), "metrics_line": metrics_line}
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if not isinstance(e, OSError):
+            raise
+        kept = "the previous checkpoint is intact" if os.path.exists(path) else "there is no earlier checkpoint"
+        raise OSError(f"could not write checkpoint {path} at iteration {iteration} ({e.strerror or e}): {kept}") from e
 
 
-def load_checkpoint(path, policy, opt, metrics_path):
-    state = torch.load(path, weights_only=False)
-    policy.load_state_dict(state["policy"])
+def load_checkpoint(path, policy, opt, metrics_path, cfg):
+    """Continue a run, after checking that the checkpoint is whole, that the config keeps what the run depends
+    on, and that metrics.jsonl holds exactly the checkpoint's iterations (later lines are dropped)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        iteration, saved, last_line = state["iter"], state["config"], state["metrics_line"]
+    except Exception as e:
+        raise ValueError(f"{path} is damaged or not a checkpoint of this train.py ({type(e).__name__}: {e}); "
+                         "a run without --resume starts afresh and keeps it in previous/") from None
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+               if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != v]
+    if changed:
+        raise ValueError(f"--resume would mix two runs: {', '.join(changed)} (a resumed run may change only "
+                         f"{', '.join(sorted(RESUME_MAY_CHANGE))})")
+    if iteration > cfg.iters:
+        raise ValueError(f"{path} is at iteration {iteration}, past --iters={cfg.iters}")
+    try:
+        with open(metrics_path) as f:
+            lines = [line.rstrip("\n") for line in f][:iteration]     # drop iterations after the checkpoint
+    except FileNotFoundError:
+        lines = []
+    for i, line in enumerate(lines, 1):
+        try:
+            ok = json.loads(line)["iter"] == i
+        except (ValueError, TypeError, KeyError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{metrics_path} line {i} is not the metrics of iteration {i}: it does not match {path}")
+    if len(lines) < iteration or lines[-1] != last_line:
+        raise ValueError(f"{metrics_path} does not match {path} (iteration {iteration}): " +
+                         (f"it has {len(lines)} lines" if len(lines) < iteration else f"line {iteration} differs"))
+    try:
+        policy.load_state_dict(state["policy"])
+    except RuntimeError as e:
+        problem = next((l.strip() for l in str(e).splitlines()[1:] if l.strip()), str(e))
+        raise ValueError(f"{path} does not fit this model: {problem}") from None
     opt.load_state_dict(state["opt"])
+    if saved["lr"] != cfg.lr:                                            # allowed: the new lr applies from here on
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr
+        print(f"lr changed from {saved['lr']:g} to {cfg.lr:g}")
     torch.set_rng_state(state["rng"])
-    if state["cuda_rng"]:
+    if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    with open(metrics_path) as f:                                        # drop iterations after the checkpoint
-        lines = f.readlines()[:state["iter"]]
-    with open(metrics_path + ".tmp", "w") as f:
-        f.writelines(lines)
-    os.replace(metrics_path + ".tmp", metrics_path)
-    return state["iter"]
+    tmp = f"{metrics_path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(line + "\n" for line in lines)
+    os.replace(tmp, metrics_path)
+    return iteration
+
+
+def keep_previous_run(out_dir):
+    """A fresh run moves an earlier run's results into out_dir/previous/N (N = 1, 2, ...) before it writes
+    anything, so that no result is lost and --resume never finds another run's checkpoint."""
+    found = [name for name in ("metrics.jsonl", "ckpt.pt", "policy") if os.path.exists(os.path.join(out_dir, name))]
+    if not found:
+        return
+    previous = os.path.join(out_dir, "previous")
+    n = 1 + max((int(d) for d in os.listdir(previous) if d.isdigit()), default=0) if os.path.isdir(previous) else 1
+    os.makedirs(os.path.join(previous, str(n)))
+    for name in found:
+        os.replace(os.path.join(out_dir, name), os.path.join(previous, str(n), name))
+    print(f"the earlier run's {', '.join(found)} moved to {os.path.join(previous, str(n))}")
+
+
+@contextlib.contextmanager
+def exclusive(out_dir):
+    """One run at a time in out_dir: a lock on the folder, which the system releases when the process ends,
+    however it ends (even by SIGKILL), so no lock is ever left behind."""
+    os.makedirs(out_dir, exist_ok=True)
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"another run is using {out_dir}: wait for it to end, or choose another --out_dir") from None
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def compare(cfg):
@@ -501,14 +679,29 @@ def compare(cfg):
 
 
 def main(argv=None):
+    """Every failure ends in one line `error: ...` and exit status 1 (APA_DEBUG=1: the full traceback);
+    Ctrl-C ends with status 130 and says how to resume."""
     hf_logging.disable_progress_bar()
+    cfg = None
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
+        validate(cfg)
         if cfg.compare:
             return compare(cfg)
-        return train(cfg)
-    except (ValueError, OSError, FloatingPointError) as e:
-        raise SystemExit("error: " + " ".join(str(e).split()))         # one line, whatever the message
+        with exclusive(cfg.out_dir):
+            return train(cfg)
+    except KeyboardInterrupt:
+        ckpt_path = cfg and os.path.join(cfg.out_dir, "ckpt.pt")
+        print("\ninterrupted: " + (f"{ckpt_path} is intact; the same command with --resume=1 continues from it"
+                                   if ckpt_path and os.path.exists(ckpt_path) else "no checkpoint yet, nothing to resume"),
+              file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as e:
+        if os.environ.get("APA_DEBUG", "0") not in ("", "0"):
+            raise
+        expected = isinstance(e, (ValueError, OSError, FloatingPointError))
+        text = str(e) if expected else f"{type(e).__name__}: {e} (APA_DEBUG=1 shows the traceback)"
+        raise SystemExit("error: " + " ".join(text.split()))           # one line, whatever the message
 
 
 if __name__ == "__main__":
