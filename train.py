@@ -519,6 +519,8 @@ def load_data(cfg, device):
 
 def train(cfg):
     device = get_device(cfg)
+    ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
+    resumed = read_checkpoint(ckpt_path, metrics_path, cfg) if cfg.resume and os.path.exists(ckpt_path) else None
     # data: prompts, tokenizer, reward
     enc, prompts, prompt_tokens, reward_fn = load_data(cfg, device)
     # model: pi_init (frozen) and the policy with its value head
@@ -544,10 +546,9 @@ def train(cfg):
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
 
     os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
     start = 0
-    if cfg.resume and os.path.exists(ckpt_path):
-        start = load_checkpoint(ckpt_path, policy, opt, metrics_path, cfg)
+    if resumed:
+        start = load_checkpoint(resumed, policy, opt, metrics_path, cfg)
         print(f"resumed from {ckpt_path} at iteration {start}")
     else:
         if cfg.resume:
@@ -603,7 +604,7 @@ def sample_policy(cfg):
 
 
 RESUME_MAY_CHANGE = {"iters", "lr", "out_dir", "sft_dir", "sample_every", "ckpt_every", "max_bad_steps", "resume",
-                     "device"}                                           # any other change to the config would mix two runs
+                     "device", "sample", "prompt", "num_samples"}        # any other change would mix two runs
 
 
 def save_checkpoint(path, policy, opt, iteration, cfg, metrics_line):
@@ -628,9 +629,9 @@ def save_checkpoint(path, policy, opt, iteration, cfg, metrics_line):
         raise OSError(f"could not write checkpoint {path} at iteration {iteration} ({e.strerror or e}): {kept}") from e
 
 
-def load_checkpoint(path, policy, opt, metrics_path, cfg):
-    """Continue a run, after checking that the checkpoint is whole, that the config keeps what the run depends
-    on, and that metrics.jsonl holds exactly the checkpoint's iterations (later lines are dropped)."""
+def read_checkpoint(path, metrics_path, cfg):
+    """The checkpoint to resume from, after checking that it is whole, that the config keeps what the run
+    depends on, and that metrics.jsonl holds exactly the checkpoint's iterations (later lines are dropped)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
         iteration, saved, last_line = state["iter"], state["config"], state["metrics_line"]
@@ -646,7 +647,7 @@ def load_checkpoint(path, policy, opt, metrics_path, cfg):
         raise ValueError(f"{path} is at iteration {iteration}, past --iters={cfg.iters}")
     try:
         with open(metrics_path) as f:
-            lines = [line.rstrip("\n") for line in f][:iteration]     # drop iterations after the checkpoint
+            lines = [line.rstrip("\n") for line in f][:iteration]
     except FileNotFoundError:
         lines = []
     for i, line in enumerate(lines, 1):
@@ -659,24 +660,30 @@ def load_checkpoint(path, policy, opt, metrics_path, cfg):
     if len(lines) < iteration or lines[-1] != last_line:
         raise ValueError(f"{metrics_path} does not match {path} (iteration {iteration}): " +
                          (f"it has {len(lines)} lines" if len(lines) < iteration else f"line {iteration} differs"))
+    state["metrics_lines"] = lines
+    return state
+
+
+def load_checkpoint(state, policy, opt, metrics_path, cfg):
+    """Continue from a checkpoint that read_checkpoint accepted; cut metrics.jsonl back to its iteration."""
     try:
         policy.load_state_dict(state["policy"])
     except RuntimeError as e:
         problem = next((l.strip() for l in str(e).splitlines()[1:] if l.strip()), str(e))
-        raise ValueError(f"{path} does not fit this model: {problem}") from None
+        raise ValueError(f"the checkpoint does not fit this model: {problem}") from None
     opt.load_state_dict(state["opt"])
-    if saved["lr"] != cfg.lr:                                            # allowed: the new lr applies from here on
+    if state["config"]["lr"] != cfg.lr:                                  # allowed: the new lr applies from here on
         for group in opt.param_groups:
             group["lr"] = cfg.lr
-        print(f"lr changed from {saved['lr']:g} to {cfg.lr:g}")
+        print(f"lr changed from {state['config']['lr']:g} to {cfg.lr:g}")
     torch.set_rng_state(state["rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     tmp = f"{metrics_path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        f.writelines(line + "\n" for line in lines)
+        f.writelines(line + "\n" for line in state["metrics_lines"])
     os.replace(tmp, metrics_path)
-    return iteration
+    return state["iter"]
 
 
 def keep_previous_run(out_dir):
