@@ -550,10 +550,8 @@ def train(cfg):
     if resumed:
         start = load_checkpoint(resumed, policy, opt, metrics_path, cfg)
         print(f"resumed from {ckpt_path} at iteration {start}")
-    else:
-        if cfg.resume:
-            print(f"no checkpoint in {cfg.out_dir}: starting afresh")
-        keep_previous_run(cfg.out_dir)
+    elif cfg.resume:
+        print(f"no checkpoint in {cfg.out_dir}: starting afresh")
     print(f"{cfg.algo} | lambda {cfg.lam} | {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters | "
           f"{len(prompts)} prompts | device {device}" + (f" | J* {jstar:.4f} +- {jstar_se:.4f}" if cfg.jstar_samples else ""))
 
@@ -566,6 +564,8 @@ def train(cfg):
         if cfg.jstar_samples:
             stats.update(gap=jstar - stats["J"], jstar=jstar, jstar_se=jstar_se)
         history.append(stats)
+        if it == 0:                                                      # a fresh run has results of its own:
+            keep_previous_run(cfg.out_dir)                               # an earlier run's move aside
         with open(metrics_path, "a" if it > 0 else "w") as f:           # a fresh run starts a fresh file
             f.write(json.dumps(stats) + "\n")
         print(f"iter {it + 1}/{cfg.iters} | " + " | ".join(f"{k} {stats[k]:{fmt}}" for k, fmt in LOGGED if k in stats)
@@ -688,7 +688,7 @@ def load_checkpoint(state, policy, opt, metrics_path, cfg):
 
 def keep_previous_run(out_dir):
     """A fresh run moves an earlier run's results into out_dir/previous/N (N = 1, 2, ...) before it writes
-    anything, so that no result is lost and --resume never finds another run's checkpoint."""
+    its first results, so that no result is lost and --resume never mixes two runs."""
     found = [name for name in ("metrics.jsonl", "ckpt.pt", "policy") if os.path.exists(os.path.join(out_dir, name))]
     if not found:
         return
