@@ -3,6 +3,7 @@ Tests of the training script: the sampler, end-to-end runs of APA and PPO, resum
 clear errors for bad input, non-finite updates, Hugging Face models. Run: pytest -q test_train.py
 (test_losses.py holds the tests of the losses themselves.)
 """
+import ast
 import json
 import os
 import signal
@@ -161,13 +162,13 @@ BAD_INPUTS = {
     "prompt too long": (lambda tmp: dict(prompts=write(tmp / "p.txt", "the movie was " * 20 + "\n")), "context window"),
     "lambda <= 0": (lambda tmp: dict(lam=0), "lam must be > 0"),
     "batch % minibatch": (lambda tmp: dict(batch_size=10, minibatch_size=4), "not divisible"),
-    "unknown algorithm": (lambda tmp: dict(algo="dpo"), "unknown algorithm"),
+    "unknown algorithm": (lambda tmp: dict(algo="dpo"), "invalid choice"),
     "missing model path": (lambda tmp: dict(init=str(tmp / "no_model")), "does not exist"),
     "missing prompts file": (lambda tmp: dict(prompts=str(tmp / "none.txt")), "does not exist"),
     "NaN reward": (lambda tmp: dict(reward_fn="test_train:nan_reward"), "non-finite"),
     "wrong reward shape": (lambda tmp: dict(reward_fn="test_train:short_reward"), "scores for"),
     "unknown reward function": (lambda tmp: dict(reward_fn="test_train:nope"), "not found"),
-    "unknown flag": (lambda tmp: dict(learning_rate=1), "bad argument"),
+    "unknown flag": (lambda tmp: dict(learning_rate=1), "unknown argument"),
     "compare without J*": (lambda tmp: dict(compare=True, jstar_samples=0), "needs jstar_samples"),
 }
 
@@ -263,3 +264,21 @@ def test_fresh_run_removes_an_older_checkpoint(sft_dir, tmp_path):
     assert not os.path.exists(tmp_path / "ckpt.pt") and len(read_metrics(tmp_path)) == 2
     history = train.main(tiny_args(sft_dir, tmp_path, iters=3, resume=True, seed=2))
     assert [r["iter"] for r in read_metrics(tmp_path)] == [1, 2, 3] and len(history) == 3  # started afresh
+
+
+def test_sample_from_a_trained_policy_in_a_fresh_shell(sft_dir, tmp_path):
+    """--sample loads out/policy with its run's tokenizer and reward, from any working directory."""
+    train.main(tiny_args(sft_dir, tmp_path / "out", iters=1))
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), f"--sample={tmp_path / 'out' / 'policy'}",
+                           "--prompt=the movie was", "--num_samples=3"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 3
+    for line in lines:
+        prompt, rest = line.split(" -> ")
+        completion, reward = rest.rsplit(" | reward ", 1)
+        assert prompt == "'the movie was'"
+        assert float(reward) == data.sentiment_reward(["the movie was"], [ast.literal_eval(completion)])[0]
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), f"--sample={tmp_path}"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "apa_config.json is missing" in proc.stderr

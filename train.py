@@ -19,14 +19,19 @@ Where this departs from the paper and the authors' code:
    parameters, and the reward is a lexicon, not a reward model (both can be swapped: --init,
    --reward_model, --reward_fn, --prompts).
 """
+import argparse
 import copy
 import dataclasses
+import difflib
+import inspect
 import json
 import math
 import os
+import re
 import resource
 import sys
 import time
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -47,70 +52,115 @@ from ppo import gae, kl_penalized_rewards, masked_mean, masked_whiten, ppo_polic
 
 @dataclass
 class Config:
-    algo: str = "apa"              # "apa" or "ppo"
-    apa_form: str = "exact"        # "exact": pi_old anchor, KL in the reward (fixed point pi*);
-                                   # "paper": pi_init anchor, no KL in the reward (the paper's literal loss)
+    # --- algorithm
+    algo: Literal["apa", "ppo"] = "apa"  # the policy loss: APA (apa.py) or PPO (ppo.py)
+    apa_form: Literal["exact", "paper"] = "exact"  # exact: pi_old anchor, KL in the reward (fixed point pi*);
+                                   # paper: pi_init anchor, no KL in the reward (the paper's literal loss)
     lam: float = 0.1               # lambda: KL coefficient in the reward, and APA's Adv/lambda
+    gamma: float = 1.0             # discount
+    gae_lambda: float = 0.95       # GAE's lambda
+    cliprange: float = 0.2         # PPO's epsilon
+    cliprange_value: float = 0.2   # value clipping around the rollout's values
+    vf_coef: float = 0.1           # weight of the value loss
+    # --- optimisation
     seed: int = 0                  # seeds sampling and minibatch order
     iters: int = 300               # RL iterations (one rollout and one update each)
     batch_size: int = 64           # responses per rollout
     minibatch_size: int = 32       # responses per gradient step
     epochs: int = 4                # passes over each rollout
-    max_new_tokens: int = 20       # response length limit (the task's reviews take at most 18)
     lr: float = 3e-5               # Adam learning rate for the RL updates (APA diverged at 1e-4: README)
     max_grad_norm: float = 1.0     # gradient clipping
-    gamma: float = 1.0             # discount
-    gae_lambda: float = 0.95       # GAE's lambda
-    vf_coef: float = 0.1           # weight of the value loss
-    cliprange: float = 0.2         # PPO's epsilon
-    cliprange_value: float = 0.2   # value clipping around the rollout's values
     max_bad_steps: int = 3         # stop after this many non-finite losses or gradients in a row
-    # data and models
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if present
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # bf16 autocast for the forward passes (logits, log-probs,
+                                   # values and losses stay fp32); auto: bf16 on cuda, fp32 on cpu
+    # --- data and models
     prompts: str = ""              # prompts file (.txt, one a line; .jsonl, {"prompt": ...}); empty: the embedded task
     reward_fn: str = "data:sentiment_reward"  # 'module:function' (prompts, completions) -> floats
     reward_model: str = ""         # Hugging Face sequence-classification model (path or id); replaces reward_fn
     init: str = ""                 # Hugging Face causal LM (path or id) as pi_init; empty: pre-train a tiny GPT
     tokenizer: str = ""            # "task", "gpt2" (tiktoken) or a Hugging Face tokenizer (path or id); empty: the
                                    # --init checkpoint's own (GPT-2's BPE if it ships none), else "task"
-    n_layer: int = 2               # the tiny GPT
-    n_head: int = 4
-    n_embd: int = 128
+    max_new_tokens: int = 20       # response length limit (the task's reviews take at most 18)
+    n_layer: int = 2               # layers of the tiny GPT
+    n_head: int = 4                # attention heads of the tiny GPT
+    n_embd: int = 128              # width of the tiny GPT
     block_size: int = 64           # context window of the tiny GPT
     sft_steps: int = 300           # pre-training steps of the tiny GPT on the task corpus (cached)
-    sft_lr: float = 1e-3
-    # output
+    sft_lr: float = 1e-3           # pre-training learning rate
+    # --- output
     out_dir: str = "out"           # metrics.jsonl, ckpt.pt, policy/
     sft_dir: str = "out/sft"       # cache of the pre-trained tiny GPT
     sample_every: int = 50         # print decoded samples every N iterations (0: never)
     ckpt_every: int = 50           # checkpoint every N iterations (0: only at the end)
     resume: bool = False           # continue from out_dir/ckpt.pt
     jstar_samples: int = 256       # samples per prompt from pi_init to estimate J* (0: skip)
-    device: str = "auto"           # "auto" (cuda if present), "cpu", "cuda"
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # bf16 autocast for the forward passes (logits, log-probs,
-                                   # values and losses stay fp32); auto: bf16 on cuda, fp32 on cpu
     compare: bool = False          # run APA and PPO for seeds 0, 1, 2 and write out_dir/compare.{md,png}
+    # --- sampling from a trained policy
+    sample: str = ""               # a trained policy's folder (out/policy): print completions with their reward, then exit
+    prompt: str = ""               # the prompt to complete with --sample; empty: the first task prompts
+    num_samples: int = 4           # completions printed by --sample
+
+
+class ArgumentError(ValueError):
+    """A bad command line; main() prints it as one line."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):                                            # argparse would print usage and exit 2
+        raise ArgumentError(message)
+
+
+def parse_args(cls, argv, doc=""):
+    """An instance of the dataclass `cls` from flags, with argparse: every field is a flag, `--name value`
+    or `--name=value`; the comment after a field is its help text, `# --- name` comments group the flags;
+    a Literal type gives the choices; a bool is a bare flag (`--resume`) or takes true/false/1/0."""
+    helps, groups, name = {}, {}, None
+    for line in inspect.getsource(cls).splitlines():                      # the comments of the class body
+        field = re.match(r"\s+(\w+): .*? = .*?(?:#\s*(.*))?$", line)
+        comment = re.match(r"\s+#\s*(---\s*)?(.*)$", line)
+        if field:
+            name, helps[field[1]] = field[1], field[2] or ""
+        elif comment and comment[1]:
+            groups[comment[2]] = []
+        elif comment and name:
+            helps[name] += " " + comment[2]                              # a continued comment
+        if field and groups:
+            groups[list(groups)[-1]].append(field[1])
+    parser = Parser(description=doc, allow_abbrev=False, formatter_class=HelpFormatter,
+                    usage="%(prog)s [--flag value | --flag=value | --bool_flag] ...")
+    for title, names in (groups or {"flags": [f.name for f in dataclasses.fields(cls)]}).items():
+        group = parser.add_argument_group(title)
+        for f in (f for f in dataclasses.fields(cls) if f.name in names):
+            kind = dict(type=f.type, metavar=f.type.__name__.upper())
+            if typing.get_origin(f.type) is Literal:
+                kind = dict(type=type(f.type.__args__[0]), choices=f.type.__args__)
+            elif f.type is bool:
+                kind = dict(type=parse_bool, nargs="?", const=True, metavar="true|false")
+            group.add_argument(f"--{f.name}", default=f.default, help=helps.get(f.name) or " ", **kind)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = unknown[0].split("=")[0]
+        close = difflib.get_close_matches(flag, [f"--{f.name}" for f in dataclasses.fields(cls)], n=1)
+        raise ArgumentError(f"unknown argument {unknown[0]!r}" + (f": did you mean {close[0]}?" if close else
+                                                                 " (--help lists the flags)"))
+    return cls(**vars(args))
+
+
+def parse_bool(text):
+    if text.lower() in ("true", "1"):
+        return True
+    if text.lower() in ("false", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true, false, 1 or 0, got {text!r}")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and each flag's default after its help."""
 
 
 def parse_config(argv):
-    cfg, fields = Config(), {f.name: f for f in dataclasses.fields(Config)}
-    if "-h" in argv or "--help" in argv:
-        flags = "\n".join(f"  --{k}={v}" for k, v in vars(cfg).items())
-        print(f"{__doc__}\nflags (--key=value) and their defaults:\n{flags}")
-        sys.exit(0)
-    for arg in argv:
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq or key not in fields:
-            raise ValueError(f"bad argument {arg!r}: expected --key=value with key one of {', '.join(fields)}")
-        kind = type(getattr(cfg, key))
-        try:
-            value = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-        except ValueError:
-            raise ValueError(f"--{key} takes a {kind.__name__}, got {value!r}") from None
-        setattr(cfg, key, value)
-    if cfg.algo not in ("apa", "ppo"):
-        raise ValueError(f"unknown algorithm {cfg.algo!r} (use apa or ppo)")
-    if cfg.apa_form not in ("exact", "paper"):
-        raise ValueError(f"unknown apa_form {cfg.apa_form!r} (use exact or paper)")
+    cfg = parse_args(Config, argv, __doc__)
     if not cfg.lam > 0:
         raise ValueError(f"lam must be > 0, got {cfg.lam}")
     if cfg.minibatch_size <= 0 or cfg.batch_size % cfg.minibatch_size:
@@ -211,6 +261,19 @@ def generate(lm, prompt_ids, prompt_mask, max_new_tokens, eot, n_vocab=None):
     return response, mask, torch.stack(logprobs, 1) * mask
 
 
+LAST_STATUS = [0.0]                                                      # when status() last printed a line
+
+
+def status(text, done=False):
+    """Progress of a long step. On a terminal: one line, rewritten in place. In a log: a plain line
+    at most every 10 seconds, and always the last one (done=True)."""
+    if sys.stdout.isatty():
+        print("\r\033[K" + text, end="\n" if done else "", flush=True)
+    elif done or time.time() - LAST_STATUS[0] >= 10:
+        print(text, flush=True)
+        LAST_STATUS[0] = time.time()
+
+
 def tiny_gpt(cfg, vocab_size):
     return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
                                       n_layer=cfg.n_layer, n_head=cfg.n_head, bos_token_id=vocab_size - 1,
@@ -240,8 +303,8 @@ def pretrain(cfg, enc, device):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % 250 == 0 or step == cfg.sft_steps - 1:
-            print(f"pre-training pi_init: step {step}/{cfg.sft_steps} | loss {loss.item():.3f} | {time.time() - t0:.0f}s")
+        status(f"pre-training pi_init: step {step + 1}/{cfg.sft_steps} | loss {loss.item():.3f} | "
+               f"{time.time() - t0:.0f}s", done=step + 1 == cfg.sft_steps)
     lm.save_pretrained(path + ".tmp")
     os.replace(path + ".tmp", path)
     return lm
@@ -376,9 +439,13 @@ def estimate_jstar(cfg, lm, prompt_tokens, prompts, reward_fn, enc, device):
     """J* = E_x[lambda log E_{y ~ pi_init}[exp(R/lambda)]], the best J any policy can reach, from
     jstar_samples samples per prompt, and its standard error (delta method, per prompt)."""
     torch.manual_seed(4321)                                              # the same estimate for every run
-    rows, n = torch.arange(len(prompts)).repeat_interleave(cfg.jstar_samples), cfg.jstar_samples
-    scores = torch.cat([sample(cfg, lm, chunk.tolist(), prompt_tokens, prompts, reward_fn, enc, device)[-1]
-                        for chunk in rows.split(512)])                   # (prompts * n,)
+    rows, n, t0 = torch.arange(len(prompts)).repeat_interleave(cfg.jstar_samples), cfg.jstar_samples, time.time()
+    scores = []
+    for chunk in rows.split(512):
+        scores.append(sample(cfg, lm, chunk.tolist(), prompt_tokens, prompts, reward_fn, enc, device)[-1])
+        k = sum(map(len, scores))
+        status(f"estimating J* from pi_init: {k}/{len(rows)} samples | {time.time() - t0:.0f}s", done=k == len(rows))
+    scores = torch.cat(scores)                                           # (prompts * n,)
     w = torch.exp(scores.double().cpu() / cfg.lam).view(len(prompts), n)  # (prompts, n) exp(R / lambda)
     jstar_x = cfg.lam * w.mean(1).log()                                  # (prompts,) J*(x)
     se_x = cfg.lam * w.std(1) / (w.mean(1) * math.sqrt(n))               # (prompts,) its standard error
@@ -389,18 +456,26 @@ LOGGED = [("reward", ".3f"), ("kl", ".3f"), ("J", ".3f"), ("gap", ".3f"), ("entr
           ("approx_kl", ".4f"), ("clipfrac", ".3f"), ("vf_loss", ".4f"), ("mem_mb", ".0f")]  # the log line
 
 
-def train(cfg):
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"unknown precision {cfg.precision!r} (use auto, bf16 or fp32)")
-    # data: prompts, tokenizer (with --init: the checkpoint's own), reward
+def get_device(cfg):
+    return torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                        "cpu" if cfg.device == "auto" else cfg.device)
+
+
+def load_data(cfg, device):
+    """The run's tokenizer (with --init: the checkpoint's own), prompts (text and tokens) and reward function."""
     enc = data.get_encoding(cfg.tokenizer or ("task" if not cfg.init else cfg.init if data.ships_tokenizer(cfg.init)
                                               else "gpt2"))
     prompts = data.load_prompts(cfg.prompts) if cfg.prompts else data.task_prompts()
     prompt_tokens = [enc.encode_ordinary(p) for p in prompts]
     reward_fn = (data.reward_model_fn(cfg.reward_model, enc, device) if cfg.reward_model
                  else data.load_reward_fn(cfg.reward_fn))
+    return enc, prompts, prompt_tokens, reward_fn
+
+
+def train(cfg):
+    device = get_device(cfg)
+    # data: prompts, tokenizer, reward
+    enc, prompts, prompt_tokens, reward_fn = load_data(cfg, device)
     # model: pi_init (frozen) and the policy with its value head
     lm = (AutoModelForCausalLM.from_pretrained(cfg.init, dtype=torch.float32) if cfg.init  # fp32 weights, bf16
           else pretrain(cfg, enc, device)).to(device)                                     # only in autocast
@@ -461,7 +536,32 @@ def train(cfg):
             save_checkpoint(ckpt_path, policy, opt, it + 1)
     policy.lm.save_pretrained(os.path.join(cfg.out_dir, "policy"))
     torch.save(policy.v_head.state_dict(), os.path.join(cfg.out_dir, "policy", "value_head.pt"))
+    if isinstance(enc, data.HFTokenizer):                                # from_pretrained finds the tokenizer too
+        enc.tok.save_pretrained(os.path.join(cfg.out_dir, "policy"))
+    with open(os.path.join(cfg.out_dir, "policy", "apa_config.json"), "w") as f:  # its tokenizer and reward,
+        json.dump(dataclasses.asdict(cfg), f, indent=1)                  # for --sample
     return history
+
+
+@torch.no_grad()
+def sample_policy(cfg):
+    """`python train.py --sample=out/policy --prompt="the movie was"`: completions of a trained policy with
+    their reward, using the tokenizer and reward of its run (read from apa_config.json beside it)."""
+    config_path = os.path.join(cfg.sample, "apa_config.json")
+    if not os.path.exists(config_path):
+        raise ValueError(f"{cfg.sample} holds no trained policy ({config_path} is missing)")
+    with open(config_path) as f:
+        run = Config(**json.load(f))
+    device = get_device(cfg)
+    enc, _, _, reward_fn = load_data(run, device)
+    lm = AutoModelForCausalLM.from_pretrained(cfg.sample, dtype=torch.float32).to(device).eval()
+    prompts = [cfg.prompt] * cfg.num_samples if cfg.prompt else data.task_prompts()[:cfg.num_samples]
+    torch.manual_seed(cfg.seed)
+    *_, completions, scores = sample(run, lm, range(len(prompts)), [enc.encode_ordinary(p) for p in prompts],
+                                     prompts, reward_fn, enc, device)
+    for prompt, completion, score in zip(prompts, completions, scores.tolist()):
+        print(f"{prompt!r} -> {completion!r} | reward {score:+.2f}")
+    return completions, scores.tolist()
 
 
 def save_checkpoint(path, policy, opt, iteration):
@@ -547,6 +647,8 @@ def main(argv=None):
     hf_logging.disable_progress_bar()
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
+        if cfg.sample:
+            return sample_policy(cfg)
         if cfg.compare:
             return compare(cfg)
         return train(cfg)

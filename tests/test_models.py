@@ -107,12 +107,12 @@ def run_args(init, out, *extra):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_init_trains_with_its_own_tokenizer_and_saves_a_loadable_policy(arch, tmp_path):
     init, out = tmp_path / "init", tmp_path / "out"
-    lm, _ = save_checkpoint(arch, init)
+    lm, tok = save_checkpoint(arch, init)
     history = train.main(run_args(init, out))
     # the first step of the first iteration sees pi_theta = pi_old: every ratio exactly 1
     assert len(history) == 2 and history[0]["approx_kl"] < 1e-9 and history[0]["clipfrac"] == 0
     trained = AutoModelForCausalLM.from_pretrained(out / "policy")
-    assert type(trained) is type(lm)
+    assert type(trained) is type(lm) and data.get_encoding(str(out / "policy")).n_vocab == len(tok)
     before, after = lm.state_dict(), trained.state_dict()
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
 
