@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import resource
 import shutil
 import sys
 import time
@@ -74,12 +75,15 @@ class Config:
     max_grad_norm: float = 1.0     # gradient clipping
     max_bad_steps: int = 3         # stop after this many non-finite losses or gradients in a row
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if present
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # bf16 autocast for the forward passes (logits, log-probs,
+                                   # values and losses stay fp32); auto: bf16 on cuda, fp32 on cpu
     # --- data and models
     prompts: str = ""              # prompts file (.txt, one a line; .jsonl, {"prompt": ...}); empty: the embedded task
     reward_fn: str = "data:sentiment_reward"  # 'module:function' (prompts, completions) -> floats
     reward_model: str = ""         # Hugging Face sequence-classification model (path or id); replaces reward_fn
     init: str = ""                 # Hugging Face causal LM (path or id) as pi_init; empty: pre-train a tiny GPT
-    tokenizer: str = ""            # "task" or "gpt2"; empty: "gpt2" with --init, else "task"
+    tokenizer: str = ""            # "task", "gpt2" (tiktoken) or a Hugging Face tokenizer (path or id); empty: the
+                                   # --init checkpoint's own (GPT-2's BPE if it ships none), else "task"
     max_new_tokens: int = 20       # response length limit (the task's reviews take at most 18)
     n_layer: int = 2               # layers of the tiny GPT
     n_head: int = 4                # attention heads of the tiny GPT
@@ -220,24 +224,33 @@ def validate(cfg):
 
 
 class PolicyWithValue(nn.Module):
-    def __init__(self, lm):
+    def __init__(self, lm, n_vocab=None):
         super().__init__()
-        self.lm = lm
+        self.lm, self.n_vocab = lm, n_vocab
         self.v_head = nn.Linear(lm.config.hidden_size, 1)
 
     def forward(self, input_ids, attention_mask, prompt_len):
-        """Logits (B, T, V) and values (B, T) at the states before each response token."""
-        logits, hidden = lm_forward(self.lm, input_ids, attention_mask, prompt_len)
-        return logits, self.v_head(hidden).squeeze(-1).float()
+        """Logits (B, T, V) and values (B, T) at the states before each response token, both fp32."""
+        logits, hidden = lm_forward(self.lm, input_ids, attention_mask, prompt_len, self.n_vocab)
+        with torch.autocast(hidden.device.type, enabled=False):          # the value head in fp32, even in bf16 runs
+            return logits, self.v_head(hidden.float()).squeeze(-1)
 
 
-def lm_forward(lm, input_ids, attention_mask, prompt_len):
+def vocab_logits(logits, n_vocab):
+    """The logits (..., V) of the tokenizer's V = n_vocab tokens, in fp32. A model's embedding may be padded
+    beyond its tokenizer (Pythia: 50,304 rows for 50,277 tokens): the sampler and every log-prob see the
+    same V tokens, so that no id decode cannot read is sampled and ratios start at exactly 1."""
+    return logits[..., :n_vocab].float()
+
+
+def lm_forward(lm, input_ids, attention_mask, prompt_len, n_vocab=None):
     """input_ids, attention_mask (B, P + T), prompts left-padded to P. Returns the logits (B, T, V)
-    that predict the T response tokens and the last hidden states (B, T, H) at the same positions."""
+    that predict the T response tokens and the last hidden states (B, T, H) at the same positions.
+    n_vocab: the tokenizer's vocabulary size (None: all of the model's logits)."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)         # (B, P + T) skip left padding
     out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True)
     response_states = slice(prompt_len - 1, -1)                         # position t predicts token t + 1
-    return out.logits[:, response_states].float(), out.hidden_states[-1][:, response_states]
+    return vocab_logits(out.logits[:, response_states], n_vocab), out.hidden_states[-1][:, response_states]
 
 
 def token_logprobs(logits, tokens):
@@ -245,10 +258,14 @@ def token_logprobs(logits, tokens):
     return torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
 
 
-def entropy(logits):
-    """Entropy of each next-token distribution: logits (B, T, V) -> (B, T)."""
-    logp = torch.log_softmax(logits, -1)                                 # (B, T, V)
-    return -(logp.exp() * logp).sum(-1)
+@torch.no_grad()
+def entropy(logits, rows=8):
+    """Entropy of each next-token distribution: logits (B, T, V) -> (B, T). Only logged, so it is computed
+    a few rows at a time: no (B, T, V) temporaries beside the logits (1.6 GB at B=64, T=128, V=50k)."""
+    def chunk(x):                                                        # (rows, T, V) -> (rows, T)
+        logp = torch.log_softmax(x, -1)
+        return -(logp.exp() * logp).sum(-1)
+    return torch.cat([chunk(x) for x in logits.split(rows)])
 
 
 def left_pad(token_lists, pad_id, device):
@@ -260,17 +277,18 @@ def left_pad(token_lists, pad_id, device):
 
 
 @torch.no_grad()
-def generate(lm, prompt_ids, prompt_mask, max_new_tokens, eot):
+def generate(lm, prompt_ids, prompt_mask, max_new_tokens, eot, n_vocab=None):
     """Sample responses at temperature 1 (no top-k/top-p) with a KV cache, stopping at end-of-text.
     prompt_ids, prompt_mask (B, P), left-padded. Returns response (B, T), mask (B, T) that is 1 up to
-    and including the first end-of-text, and the sampler's log-probs (B, T) (0 on padding)."""
+    and including the first end-of-text, and the sampler's log-probs (B, T) (0 on padding).
+    n_vocab: the tokenizer's vocabulary size; ids beyond it are never sampled (None: all of the model's)."""
     attn = prompt_mask
     pos = (attn.cumsum(-1) - 1).clamp(min=0)                             # (B, P)
-    out = lm(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    out = lm(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
     done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device)  # (B,)
     tokens, logprobs = [], []
     for _ in range(max_new_tokens):
-        logp = torch.log_softmax(out.logits[:, -1].float(), -1)          # (B, V)
+        logp = torch.log_softmax(vocab_logits(out.logits[:, -1], n_vocab), -1)  # (B, V)
         tok = torch.multinomial(logp.exp(), 1).squeeze(-1)               # (B,)
         tok = torch.where(done, eot, tok)                                # finished rows: padding
         tokens.append(tok)
@@ -361,8 +379,8 @@ def sample(cfg, lm, idx, prompt_tokens, prompts, reward_fn, enc, device):
     """Responses to the prompts numbered idx, and their scores. Returns prompt ids and mask (B, P),
     response and its mask (B, T), the decoded completions (end-of-text dropped) and the scores (B,)."""
     prompt_ids, prompt_mask = left_pad([prompt_tokens[i] for i in idx], enc.eot_token, device)  # (B, P)
-    with autocast(device):
-        response, mask, _ = generate(lm, prompt_ids, prompt_mask, cfg.max_new_tokens, enc.eot_token)  # (B, T)
+    with autocast(cfg, device):
+        response, mask, _ = generate(lm, prompt_ids, prompt_mask, cfg.max_new_tokens, enc.eot_token, enc.n_vocab)  # (B, T)
     completions = [enc.decode([t for t in r if t != enc.eot_token]) for r in response.tolist()]
     scores = call_reward(cfg, reward_fn, [prompts[i] for i in idx], completions).to(device)  # (B,)
     return prompt_ids, prompt_mask, response, mask, completions, scores
@@ -377,12 +395,16 @@ def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device)
     input_ids = torch.cat([prompt_ids, response], 1)                     # (B, P + T)
     attention_mask = torch.cat([prompt_mask, torch.ones_like(response)], 1)  # (B, P + T)
     P = prompt_ids.shape[1]
-    # 2. log-probs under pi_old and pi_init, values
-    with autocast(device):
+    # 2. log-probs under pi_old and pi_init, values (one set of (B, T, V) logits alive at a time)
+    with autocast(cfg, device):
         logits, values = policy(input_ids, attention_mask, P)            # (B, T, V), (B, T)
-        ref_logits, _ = lm_forward(ref_lm, input_ids, attention_mask, P)  # (B, T, V)
     logprobs = token_logprobs(logits, response)                          # (B, T) log pi_old
+    entropies = entropy(logits)                                          # (B, T)
+    del logits
+    with autocast(cfg, device):
+        ref_logits, _ = lm_forward(ref_lm, input_ids, attention_mask, P, policy.n_vocab)  # (B, T, V)
     ref_logprobs = token_logprobs(ref_logits, response)                  # (B, T) log pi_init
+    del ref_logits
     # 3. per-token rewards with the KL penalty, then GAE (the paper's literal APA: no KL in the reward)
     kl_coef = 0.0 if cfg.algo == "apa" and cfg.apa_form == "paper" else cfg.lam
     rewards = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)  # (B, T)
@@ -392,7 +414,7 @@ def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device)
     kl = ((logprobs - ref_logprobs) * mask).sum(1)                       # (B,) sequence KL estimate
     stats = {"reward": scores.mean().item(), "kl": kl.mean().item(),
              "J": (scores - cfg.lam * kl).mean().item(),
-             "entropy": masked_mean(entropy(logits), mask).item(),
+             "entropy": masked_mean(entropies, mask).item(),
              "distinct2": distinct_n(completions, 2), "length": mask.sum(1).mean().item()}
     batch = dict(input_ids=input_ids, attention_mask=attention_mask, response=response, mask=mask,
                  logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, advantages=advantages,
@@ -432,9 +454,19 @@ def distinct_n(texts, n):
     return len(set(grams)) / max(1, len(grams))
 
 
-def autocast(device):
-    """bf16 autocast on a GPU; nothing on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(cfg, device):
+    """bf16 autocast with --precision=bf16 (the default on a GPU; on a CPU too when asked), else nothing.
+    Logits are cast to fp32 before any log_softmax, and the value head and the losses run in fp32."""
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def peak_memory_mb(device):
+    """cuda: the most memory tensors held since the last reset (max_memory_allocated). cpu: the process's
+    peak resident set size so far (ru_maxrss, in KiB on Linux), which never goes down."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,7 +478,7 @@ def update(cfg, policy, opt, batch, P, bad_steps):
     for _ in range(cfg.epochs):
         for mb_inds in torch.randperm(B).split(cfg.minibatch_size):
             mb = {k: v[mb_inds.to(v.device)] for k, v in batch.items()}
-            with autocast(mb["response"].device):
+            with autocast(cfg, mb["response"].device):
                 logits, values = policy(mb["input_ids"], mb["attention_mask"], P)  # (b, T, V), (b, T)
             logprobs = token_logprobs(logits, mb["response"])            # (b, T) log pi_theta
             if cfg.algo == "apa":
@@ -496,7 +528,7 @@ def estimate_jstar(cfg, lm, prompt_tokens, prompts, reward_fn, enc, device):
 
 
 LOGGED = [("reward", ".3f"), ("kl", ".3f"), ("J", ".3f"), ("gap", ".3f"), ("entropy", ".2f"), ("distinct2", ".2f"),
-          ("approx_kl", ".4f"), ("clipfrac", ".3f"), ("vf_loss", ".4f")]  # the log line, in this order
+          ("approx_kl", ".4f"), ("clipfrac", ".3f"), ("vf_loss", ".4f"), ("mem_mb", ".0f")]  # the log line
 
 
 def get_device(cfg):
@@ -508,8 +540,9 @@ def get_device(cfg):
 
 
 def load_data(cfg, device):
-    """The run's tokenizer, prompts (text and tokens) and reward function."""
-    enc = data.get_encoding(cfg.tokenizer or ("gpt2" if cfg.init else "task"))
+    """The run's tokenizer (with --init: the checkpoint's own), prompts (text and tokens) and reward function."""
+    enc = data.get_encoding(cfg.tokenizer or ("task" if not cfg.init else cfg.init if data.ships_tokenizer(cfg.init)
+                                              else "gpt2"))
     prompts = data.load_prompts(cfg.prompts) if cfg.prompts else data.task_prompts()
     prompt_tokens = [enc.encode_ordinary(p) for p in prompts]
     reward_fn = (data.reward_model_fn(cfg.reward_model, enc, device) if cfg.reward_model
@@ -533,13 +566,17 @@ def train(cfg):
                          f"{cfg.max_new_tokens} it exceeds the context window of {context}")
     if min(map(len, prompt_tokens)) == 0:
         raise ValueError("a prompt encodes to no token")
-    if lm.config.vocab_size < enc.n_vocab:
-        raise ValueError(f"tokenizer has {enc.n_vocab} tokens but the model only {lm.config.vocab_size}")
+    if lm.config.vocab_size < enc.n_vocab:                              # more rows than tokens is fine: masked
+        raise ValueError(f"tokenizer {enc.name} has {enc.n_vocab} tokens but the model only {lm.config.vocab_size}")
+    eos = lm.config.eos_token_id
+    if eos is not None and enc.eot_token not in (eos if isinstance(eos, list) else [eos]):
+        raise ValueError(f"tokenizer {enc.name} ends texts with id {enc.eot_token} but the model with {eos}: "
+                         "not the model's tokenizer (--tokenizer)")
     ref_lm = lm.eval().requires_grad_(False)
     jstar, jstar_se = (estimate_jstar(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc, device)
                        if cfg.jstar_samples else (None, None))
     torch.manual_seed(cfg.seed)
-    policy = PolicyWithValue(copy.deepcopy(ref_lm).requires_grad_(True)).to(device).eval()  # eval: no dropout,
+    policy = PolicyWithValue(copy.deepcopy(ref_lm).requires_grad_(True), enc.n_vocab).to(device).eval()  # no dropout,
     # so the update sees the very policy that sampled (pi_theta = pi_old before the first step)
     nn.init.zeros_(policy.v_head.weight)                                 # V = 0 at the start, for every seed
     nn.init.zeros_(policy.v_head.bias)
@@ -558,9 +595,12 @@ def train(cfg):
     bad_steps, history = 0, []
     for it in range(start, cfg.iters):
         t0 = time.time()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         batch, P, stats, samples = rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device)
         update_stats, bad_steps = update(cfg, policy, opt, batch, P, bad_steps)
-        stats.update(update_stats, iter=it + 1, samples=(it + 1) * cfg.batch_size, ms=1000 * (time.time() - t0))
+        stats.update(update_stats, iter=it + 1, samples=(it + 1) * cfg.batch_size, ms=1000 * (time.time() - t0),
+                     mem_mb=peak_memory_mb(device))
         if cfg.jstar_samples:
             stats.update(gap=jstar - stats["J"], jstar=jstar, jstar_se=jstar_se)
         history.append(stats)
@@ -577,6 +617,8 @@ def train(cfg):
             save_checkpoint(ckpt_path, policy, opt, it + 1, cfg, json.dumps(stats))
     policy.lm.save_pretrained(os.path.join(cfg.out_dir, "policy"))
     torch.save(policy.v_head.state_dict(), os.path.join(cfg.out_dir, "policy", "value_head.pt"))
+    if isinstance(enc, data.HFTokenizer):                                # from_pretrained finds the tokenizer too
+        enc.tok.save_pretrained(os.path.join(cfg.out_dir, "policy"))
     with open(os.path.join(cfg.out_dir, "policy", "apa_config.json"), "w") as f:  # its tokenizer and reward,
         json.dump(dataclasses.asdict(cfg), f, indent=1)                  # for --sample
     return history
