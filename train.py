@@ -6,6 +6,7 @@ Paper: Zhu et al. 2023, "Fine-Tuning Language Models with Advantage-Induced Poli
 arXiv 2306.02231. Run: python train.py  (APA on the embedded task, a few minutes on a CPU)
           python train.py --algo=ppo --iters=100 --lam=0.2   (any field of Config as --key=value)
           python train.py --compare=1   (APA vs PPO, 3 seeds each, table and plot in out/compare)
+          torchrun --nproc_per_node=N train.py   (data parallel over N GPUs, the same algorithm: README)
 
 Where this departs from the paper and the authors' code:
 1. APA's target is anchored on pi_old and the reward carries the per-token KL penalty, so the loss's
