@@ -6,6 +6,7 @@ Paper: Zhu et al. 2023, "Fine-Tuning Language Models with Advantage-Induced Poli
 arXiv 2306.02231. Run: python train.py  (APA on the embedded task, a few minutes on a CPU)
           python train.py --algo=ppo --iters=100 --lam=0.2   (any field of Config as --key=value)
           python train.py --compare=1   (APA vs PPO, 3 seeds each, table and plot in out/compare)
+          torchrun --nproc_per_node=N train.py   (data parallel over N GPUs, the same algorithm: README)
 
 Where this departs from the paper and the authors' code:
 1. APA's target is anchored on pi_old and the reward carries the per-token KL penalty, so the loss's
@@ -40,8 +41,10 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
@@ -310,7 +313,9 @@ LAST_STATUS = [0.0]                                                      # when 
 
 def status(text, done=False):
     """Progress of a long step. On a terminal: one line, rewritten in place. In a log: a plain line
-    at most every 10 seconds, and always the last one (done=True)."""
+    at most every 10 seconds, and always the last one (done=True). Data parallel: rank 0 alone."""
+    if rank() != 0:
+        return
     if sys.stdout.isatty():
         print("\r\033[K" + text, end="\n" if done else "", flush=True)
     elif done or time.time() - LAST_STATUS[0] >= 10:
@@ -371,6 +376,64 @@ def pretrain(cfg, enc, device):
 
 
 # ---------------------------------------------------------------------------------------------
+# data parallel: under torchrun, one process per device, each with its share of every batch. Every
+# token-level mean is taken over all processes' tokens, so the algorithm is the one-process one.
+
+
+def init_distributed(cfg, device):
+    """Join torchrun's process group: cuda:LOCAL_RANK with NCCL on GPUs, else the CPU with gloo."""
+    world = int(os.environ["WORLD_SIZE"])
+    if cfg.batch_size % world or cfg.minibatch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} and minibatch_size {cfg.minibatch_size} must be "
+                         f"divisible by the number of processes, {world}")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return device
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def global_mean(x, mask=None):
+    """Mean of x over every process's entries (where mask > 0, weighted by mask). In one process:
+    x.mean() or masked_mean(x, mask). Call it under torch.no_grad()."""
+    if not dist.is_initialized():
+        return x.mean() if mask is None else masked_mean(x, mask)
+    mask = torch.ones_like(x) if mask is None else mask
+    sums = torch.stack([(x * mask).sum(), mask.sum()])                   # (2,)
+    dist.all_reduce(sums)
+    return sums[0] / sums[1]
+
+
+def global_token_means(stats, n, device):
+    """Means over this process's n tokens (a dict of floats) -> means over every process's tokens, and
+    how many tokens that is. In one process: unchanged, and n."""
+    if not dist.is_initialized():
+        return stats, n
+    sums = torch.tensor([n] + [v * n for v in stats.values()], dtype=torch.float64, device=device)
+    dist.all_reduce(sums)
+    return {k: (s / sums[0]).item() for k, s in zip(stats, sums[1:])}, sums[0].item()
+
+
+def gather_all(items):
+    """A list from every process, concatenated in rank order. In one process: the list."""
+    if not dist.is_initialized():
+        return items
+    lists = [None] * dist.get_world_size()
+    dist.all_gather_object(lists, items)
+    return [x for one in lists for x in one]
+
+
+# ---------------------------------------------------------------------------------------------
 # rollout: sample, score, and everything the update needs
 
 
@@ -389,7 +452,7 @@ def sample(cfg, lm, idx, prompt_tokens, prompts, reward_fn, enc, device):
 @torch.no_grad()
 def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device):
     # 1. sample prompts, responses from pi_old, reward-model scores
-    idx = torch.randint(len(prompts), (cfg.batch_size,)).tolist()
+    idx = torch.randint(len(prompts), (cfg.batch_size // world_size(),)).tolist()  # this process's share
     prompt_ids, prompt_mask, response, mask, completions, scores = sample(
         cfg, policy.lm, idx, prompt_tokens, prompts, reward_fn, enc, device)
     input_ids = torch.cat([prompt_ids, response], 1)                     # (B, P + T)
@@ -410,12 +473,12 @@ def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device)
     rewards = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)  # (B, T)
     advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.gae_lambda)  # (B, T)
     if cfg.algo == "ppo":
-        advantages = masked_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask, mean_fn=global_mean)  # mean and variance over all processes
     kl = ((logprobs - ref_logprobs) * mask).sum(1)                       # (B,) sequence KL estimate
-    stats = {"reward": scores.mean().item(), "kl": kl.mean().item(),
-             "J": (scores - cfg.lam * kl).mean().item(),
-             "entropy": masked_mean(entropies, mask).item(),
-             "distinct2": distinct_n(completions, 2), "length": mask.sum(1).mean().item()}
+    stats = {"reward": global_mean(scores).item(), "kl": global_mean(kl).item(),   # over all processes
+             "J": global_mean(scores - cfg.lam * kl).item(),
+             "entropy": global_mean(entropies, mask).item(),
+             "distinct2": distinct_n(gather_all(completions), 2), "length": global_mean(mask.sum(1)).item()}
     batch = dict(input_ids=input_ids, attention_mask=attention_mask, response=response, mask=mask,
                  logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, advantages=advantages,
                  returns=returns)
@@ -474,9 +537,10 @@ def peak_memory_mb(device):
 
 
 def update(cfg, policy, opt, batch, P, bad_steps):
-    stats, B = [], cfg.batch_size
+    stats, world = [], world_size()
+    B = cfg.batch_size // world                                          # this process's share
     for _ in range(cfg.epochs):
-        for mb_inds in torch.randperm(B).split(cfg.minibatch_size):
+        for mb_inds in torch.randperm(B).split(cfg.minibatch_size // world):
             mb = {k: v[mb_inds.to(v.device)] for k, v in batch.items()}
             with autocast(cfg, mb["response"].device):
                 logits, values = policy(mb["input_ids"], mb["attention_mask"], P)  # (b, T, V), (b, T)
@@ -488,19 +552,27 @@ def update(cfg, policy, opt, batch, P, bad_steps):
                 pg_loss, pg_stats = ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg.cliprange)
             vf_loss, vf_stats = value_loss(values, mb["values"], mb["returns"], mb["mask"], cfg.cliprange_value)
             loss = pg_loss + cfg.vf_coef * vf_loss
+            # the losses are means over this process's n tokens. The mean over all processes' N tokens is
+            # sum(loss * n) / N, and DDP averages gradients over processes: scaled by n * world / N, the
+            # average is that mean's gradient (a scale of 1 in one process)
+            n = mb["mask"].sum().item()
+            mb_stats, N = global_token_means({"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(), **pg_stats,
+                                              **vf_stats}, n, loss.device)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            (loss * (n * world / N)).backward()
+            grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)  # the same in every process
+            loss = mb_stats["pg_loss"] + cfg.vf_coef * mb_stats["vf_loss"]  # over all processes: all skip alike
+            if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
                 bad_steps += 1
-                print(f"warning: non-finite loss {loss.item()} or gradient norm {grad_norm.item()}: step skipped")
+                if rank() == 0:
+                    print(f"warning: non-finite loss {loss} or gradient norm {grad_norm.item()}: step skipped")
                 if bad_steps >= cfg.max_bad_steps:
                     raise FloatingPointError(f"{bad_steps} non-finite updates in a row; stopping "
                                              "(the last checkpoint is clean)")
                 continue
             bad_steps = 0
             opt.step()
-            stats.append({"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(), **pg_stats, **vf_stats})
+            stats.append(mb_stats)
     mean = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]} if stats else {}
     return mean, bad_steps
 
@@ -552,13 +624,20 @@ def load_data(cfg, device):
 
 def train(cfg):
     device = get_device(cfg)
+    if "RANK" in os.environ and not dist.is_initialized():              # launched by torchrun: data parallel
+        device = init_distributed(cfg, device)
+    master = rank() == 0                                                 # it alone prints and writes files
     ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
     resumed = read_checkpoint(ckpt_path, metrics_path, cfg) if cfg.resume and os.path.exists(ckpt_path) else None
+    if not master:
+        dist.barrier()                                                   # rank 0 first pre-trains or downloads
     # data: prompts, tokenizer, reward
     enc, prompts, prompt_tokens, reward_fn = load_data(cfg, device)
     # model: pi_init (frozen) and the policy with its value head
     lm = (AutoModelForCausalLM.from_pretrained(cfg.init, dtype=torch.float32) if cfg.init  # fp32 weights, bf16
           else pretrain(cfg, enc, device)).to(device)                                     # only in autocast
+    if master and dist.is_initialized():
+        dist.barrier()                                                   # the others now load pi_init from the cache
     context = lm.config.max_position_embeddings
     longest = max(range(len(prompts)), key=lambda i: len(prompt_tokens[i]))
     if len(prompt_tokens[longest]) + cfg.max_new_tokens > context:
@@ -575,7 +654,7 @@ def train(cfg):
     ref_lm = lm.eval().requires_grad_(False)
     jstar, jstar_se = (estimate_jstar(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc, device)
                        if cfg.jstar_samples else (None, None))
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + rank())                                 # each process its own stream
     policy = PolicyWithValue(copy.deepcopy(ref_lm).requires_grad_(True), enc.n_vocab).to(device).eval()  # no dropout,
     # so the update sees the very policy that sampled (pi_theta = pi_old before the first step)
     nn.init.zeros_(policy.v_head.weight)                                 # V = 0 at the start, for every seed
@@ -586,11 +665,15 @@ def train(cfg):
     start = 0
     if resumed:
         start = load_checkpoint(resumed, policy, opt, metrics_path, cfg)
-        print(f"resumed from {ckpt_path} at iteration {start}")
-    elif cfg.resume:
+        if master:
+            print(f"resumed from {ckpt_path} at iteration {start}")
+    elif cfg.resume and master:
         print(f"no checkpoint in {cfg.out_dir}: starting afresh")
-    print(f"{cfg.algo} | lambda {cfg.lam} | {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters | "
-          f"{len(prompts)} prompts | device {device}" + (f" | J* {jstar:.4f} +- {jstar_se:.4f}" if cfg.jstar_samples else ""))
+    model = DDP(policy) if dist.is_initialized() else policy             # DDP averages gradients over processes
+    if master:
+        print(f"{cfg.algo} | lambda {cfg.lam} | {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters | "
+              f"{len(prompts)} prompts | device {device}" + (f" x {world_size()} processes" if dist.is_initialized() else "")
+              + (f" | J* {jstar:.4f} +- {jstar_se:.4f}" if cfg.jstar_samples else ""))
 
     bad_steps, history = 0, []
     for it in range(start, cfg.iters):
@@ -598,29 +681,33 @@ def train(cfg):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         batch, P, stats, samples = rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device)
-        update_stats, bad_steps = update(cfg, policy, opt, batch, P, bad_steps)
+        update_stats, bad_steps = update(cfg, model, opt, batch, P, bad_steps)
         stats.update(update_stats, iter=it + 1, samples=(it + 1) * cfg.batch_size, ms=1000 * (time.time() - t0),
                      mem_mb=peak_memory_mb(device))
         if cfg.jstar_samples:
             stats.update(gap=jstar - stats["J"], jstar=jstar, jstar_se=jstar_se)
         history.append(stats)
-        if it == 0:                                                      # a fresh run has results of its own:
-            keep_previous_run(cfg.out_dir)                               # an earlier run's move aside
-        with open(metrics_path, "a" if it > 0 else "w") as f:           # a fresh run starts a fresh file
-            f.write(json.dumps(stats) + "\n")
-        print(f"iter {it + 1}/{cfg.iters} | " + " | ".join(f"{k} {stats[k]:{fmt}}" for k, fmt in LOGGED if k in stats)
-              + f" | {stats['ms']:.0f}ms")
-        if cfg.sample_every and (it + 1) % cfg.sample_every == 0:
-            for prompt, completion, score, kl in samples[:4]:
-                print(f"    {prompt!r} -> {completion!r} | reward {score:+.2f} | kl {kl:.2f}")
+        if master:
+            if it == 0:                                                  # a fresh run has results of its own:
+                keep_previous_run(cfg.out_dir)                           # an earlier run's move aside
+            with open(metrics_path, "a" if it > 0 else "w") as f:       # a fresh run starts a fresh file
+                f.write(json.dumps(stats) + "\n")
+            print(f"iter {it + 1}/{cfg.iters} | " + " | ".join(f"{k} {stats[k]:{fmt}}" for k, fmt in LOGGED if k in stats)
+                  + f" | {stats['ms']:.0f}ms")
+            if cfg.sample_every and (it + 1) % cfg.sample_every == 0:
+                for prompt, completion, score, kl in samples[:4]:
+                    print(f"    {prompt!r} -> {completion!r} | reward {score:+.2f} | kl {kl:.2f}")
         if (cfg.ckpt_every and (it + 1) % cfg.ckpt_every == 0) or it + 1 == cfg.iters:
-            save_checkpoint(ckpt_path, policy, opt, it + 1, cfg, json.dumps(stats))
-    policy.lm.save_pretrained(os.path.join(cfg.out_dir, "policy"))
-    torch.save(policy.v_head.state_dict(), os.path.join(cfg.out_dir, "policy", "value_head.pt"))
-    if isinstance(enc, data.HFTokenizer):                                # from_pretrained finds the tokenizer too
-        enc.tok.save_pretrained(os.path.join(cfg.out_dir, "policy"))
-    with open(os.path.join(cfg.out_dir, "policy", "apa_config.json"), "w") as f:  # its tokenizer and reward,
-        json.dump(dataclasses.asdict(cfg), f, indent=1)                  # for --sample
+            save_checkpoint(ckpt_path, policy, opt, it + 1, cfg, json.dumps(stats))  # in every process (RNG states)
+    if master:
+        policy.lm.save_pretrained(os.path.join(cfg.out_dir, "policy"))
+        torch.save(policy.v_head.state_dict(), os.path.join(cfg.out_dir, "policy", "value_head.pt"))
+        if isinstance(enc, data.HFTokenizer):                            # from_pretrained finds the tokenizer too
+            enc.tok.save_pretrained(os.path.join(cfg.out_dir, "policy"))
+        with open(os.path.join(cfg.out_dir, "policy", "apa_config.json"), "w") as f:  # its tokenizer and reward,
+            json.dump(dataclasses.asdict(cfg), f, indent=1)              # for --sample
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return history
 
 
@@ -652,12 +739,17 @@ RESUME_MAY_CHANGE = {"iters", "lr", "out_dir", "sft_dir", "sample_every", "ckpt_
 def save_checkpoint(path, policy, opt, iteration, cfg, metrics_line):
     """Everything to continue exactly: weights, optimizer, RNG states, iteration (= lines of metrics.jsonl), the
     config and the last line of metrics.jsonl (to check both on resume). Written to a temporary file, then
-    renamed, so a crash or a full disk never leaves a half-written checkpoint."""
+    renamed, so a crash or a full disk never leaves a half-written checkpoint. Data parallel: every process
+    calls it, rank 0 writes."""
     if not all(torch.isfinite(p).all() for p in policy.parameters()):
         raise FloatingPointError("non-finite weights: checkpoint not written")
-    state = {"policy": policy.state_dict(), "opt": opt.state_dict(), "iter": iteration, "rng": torch.get_rng_state(),
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    rng = {"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    state = {"policy": policy.state_dict(), "opt": opt.state_dict(), "iter": iteration, **rng,
              "config": dataclasses.asdict(cfg), "metrics_line": metrics_line}
+    if dist.is_initialized():
+        state["ranks_rng"] = gather_all([rng])                           # every process's, in rank order
+    if rank() != 0:
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         torch.save(state, tmp)
@@ -717,10 +809,16 @@ def load_checkpoint(state, policy, opt, metrics_path, cfg):
     if state["config"]["lr"] != cfg.lr:                                  # allowed: the new lr applies from here on
         for group in opt.param_groups:
             group["lr"] = cfg.lr
-        print(f"lr changed from {state['config']['lr']:g} to {cfg.lr:g}")
-    torch.set_rng_state(state["rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if rank() == 0:
+            print(f"lr changed from {state['config']['lr']:g} to {cfg.lr:g}")
+    rngs = state.get("ranks_rng", [state])                               # each process continues its own stream
+    if len(rngs) != world_size():
+        raise ValueError(f"the checkpoint was written by {len(rngs)} processes: resume with as many")
+    torch.set_rng_state(rngs[rank()]["rng"])
+    if rngs[rank()]["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rngs[rank()]["cuda_rng"])
+    if rank() != 0:
+        return state["iter"]
     tmp = f"{metrics_path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         f.writelines(line + "\n" for line in state["metrics_lines"])
@@ -824,8 +922,8 @@ def main(argv=None):
             return sample_policy(cfg)
         if cfg.compare:
             return compare(cfg)
-        with exclusive(cfg.out_dir):
-            return train(cfg)
+        with exclusive(cfg.out_dir) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+            return train(cfg)                                            # (torchrun: rank 0 holds the lock)
     except KeyboardInterrupt:
         ckpt_path = cfg and os.path.join(cfg.out_dir, "ckpt.pt")
         print("\ninterrupted: " + (f"{ckpt_path} is intact; the same command with --resume=1 continues from it"
