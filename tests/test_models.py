@@ -6,6 +6,8 @@ with a padded vocabulary, and Llama. For each: the sampler's log-probs equal a f
 saves a policy that `from_pretrained` loads. Also: tokenizer/model mismatches, and bf16 on a CPU.
 Run: python -m pytest -q tests/test_models.py
 """
+import functools
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -20,15 +22,20 @@ hf_logging.disable_progress_bar()
 PAD_ROWS = 13                                                       # Pythia-style padding of the embedding
 
 
-def save_tokenizer(path):
-    """A byte-level BPE of about 300 tokens trained on the task's reviews, end-of-text id 0."""
+@functools.cache
+def bpe():
+    """A byte-level BPE of 300 tokens trained on the task's reviews, end-of-text id 0."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(data.task_corpus(2000), trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    return tok
+
+
+def save_tokenizer(path):
+    fast = PreTrainedTokenizerFast(tokenizer_object=bpe(), eos_token="<|endoftext|>")
     fast.save_pretrained(path)
     return fast
 
