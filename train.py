@@ -844,6 +844,7 @@ def keep_previous_run(out_dir):
 def exclusive(out_dir):
     """One run at a time in out_dir: a lock on the folder, which the system releases when the process ends,
     however it ends (even by SIGKILL), so no lock is ever left behind."""
+    created = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     fd = os.open(out_dir, os.O_RDONLY)
     try:
@@ -855,6 +856,8 @@ def exclusive(out_dir):
         yield
     finally:
         os.close(fd)
+        if created and not os.listdir(out_dir):                          # a run that failed before writing
+            os.rmdir(out_dir)                                            # leaves no trace
 
 
 def compare(cfg):
