@@ -29,10 +29,11 @@ def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum()
 
 
-def masked_whiten(x, mask, eps=1e-8):
-    """(x - mean) / std over the masked entries of x (B, T); padded entries are set to 0."""
-    mean = masked_mean(x, mask)                                  # ()
-    var = masked_mean((x - mean) ** 2, mask)                     # ()  population variance
+def masked_whiten(x, mask, eps=1e-8, mean_fn=masked_mean):
+    """(x - mean) / std over the masked entries of x (B, T); padded entries are set to 0.
+    mean_fn(x, mask) takes the means: data-parallel training passes one over every process's tokens."""
+    mean = mean_fn(x, mask)                                      # ()
+    var = mean_fn((x - mean) ** 2, mask)                         # ()  population variance
     return torch.where(mask > 0, (x - mean) * torch.rsqrt(var + eps), 0.0)  # (B, T)
 
 

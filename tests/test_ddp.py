@@ -1,0 +1,168 @@
+"""
+Data-parallel training (torchrun, DistributedDataParallel) is exactly the one-process algorithm.
+Two CPU processes with the gloo backend: one update's gradient over a batch split across them equals
+the one-process gradient over the whole batch, the rollout's whitening and logged statistics are
+global, and `torchrun --nproc_per_node=2 train.py` trains, checkpoints and resumes after a kill.
+Run: pytest -q tests/test_ddp.py
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from transformers import GPT2Config, GPT2LMHeadModel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import data  # noqa: E402
+import train  # noqa: E402
+from ppo import masked_mean, masked_whiten  # noqa: E402
+
+LENGTHS = [6, 5, 1, 3]   # real tokens of the 4 responses: rank 0 holds rows 0-1 (11 tokens), rank 1 rows 2-3 (4)
+
+
+def tiny_policy(vocab):
+    torch.manual_seed(0)                                             # the same weights in every process
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=32, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0,
+                                    embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=vocab - 1, eos_token_id=vocab - 1))
+    return train.PolicyWithValue(lm).eval()                          # a random value head: values != 0
+
+
+def fixed_batch(policy):
+    """4 responses of T = 6 tokens after P = 3 prompt tokens (one prompt left-padded), with old log-probs
+    on both sides of PPO's clip range, raw advantages of non-zero mean, and garbage on the padding."""
+    g = torch.Generator().manual_seed(1)
+    B, P, T, V = 4, 3, 6, policy.lm.config.vocab_size
+    input_ids = torch.randint(V, (B, P + T), generator=g)           # (B, P + T)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, 0] = 0
+    response = input_ids[:, P:]                                      # (B, T)
+    mask = (torch.arange(T) < torch.tensor(LENGTHS)[:, None]).float()  # (B, T)
+    with torch.no_grad():
+        logits, _ = policy(input_ids, attention_mask, P)
+    logprobs = train.token_logprobs(logits, response) + 0.3 * torch.randn(B, T, generator=g)  # (B, T) pi_old
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, response=response, mask=mask,
+                 logprobs=logprobs, ref_logprobs=logprobs - 0.5 * torch.rand(B, T, generator=g),
+                 values=torch.randn(B, T, generator=g), advantages=2 * torch.randn(B, T, generator=g) + 1,
+                 returns=torch.randn(B, T, generator=g))
+    return batch, P
+
+
+def one_update(algo, policy, batch, P, mean_fn):
+    """The gradient of one update over the whole (local) batch: lr 0, no clipping of the gradient."""
+    cfg = train.Config(algo=algo, batch_size=4, minibatch_size=4, epochs=1, max_grad_norm=1e9)
+    if algo == "ppo":                                                # whitened as rollout whitens
+        batch = dict(batch, advantages=masked_whiten(batch["advantages"], batch["mask"], mean_fn=mean_fn))
+    model = torch.nn.parallel.DistributedDataParallel(policy) if dist.is_initialized() else policy
+    stats, _ = train.update(cfg, model, torch.optim.SGD(policy.parameters(), lr=0.0), batch, P, 0)
+    return [p.grad.clone() for p in policy.parameters()], stats
+
+
+def length_reward(prompts, completions):
+    return [len(c) % 7 / 7 for c in completions]
+
+
+def worker(rank, tmp):
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    result = {}
+    for algo in ("apa", "ppo"):                                      # this rank's half of the fixed batch
+        policy = tiny_policy(11)
+        batch, P = fixed_batch(policy)
+        rows = slice(2 * rank, 2 * rank + 2)
+        result[algo] = one_update(algo, policy, {k: v[rows] for k, v in batch.items()}, P, train.global_mean)
+    # a rollout of this rank's 4 responses (its own random stream)
+    enc = data.task_encoding()
+    policy = tiny_policy(enc.n_vocab)
+    prompts = data.task_prompts()
+    cfg = train.Config(algo="ppo", batch_size=8, max_new_tokens=6)
+    torch.manual_seed(rank)
+    batch, _, stats, samples = train.rollout(cfg, policy, policy.lm, [enc.encode_ordinary(p) for p in prompts],
+                                             prompts, length_reward, enc, torch.device("cpu"))
+    result["rollout"] = dict(advantages=batch["advantages"], mask=batch["mask"], stats=stats, samples=samples)
+    torch.save(result, os.path.join(tmp, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_processes_compute_the_one_process_update_and_global_statistics(tmp_path):
+    mp.spawn(worker, args=(str(tmp_path),), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for algo in ("apa", "ppo"):
+        policy = tiny_policy(11)
+        grads, stats = one_update(algo, policy, *fixed_batch(policy), train.masked_mean)  # one process, all rows
+        for r in range(2):                                           # DDP: the same gradient in both processes
+            for g, g_r in zip(grads, ranks[r][algo][0]):
+                torch.testing.assert_close(g_r, g, rtol=1e-4, atol=1e-6)
+            assert ranks[r][algo][1].keys() == stats.keys()
+            for k in stats:                                          # logged losses, approx_kl, clip fractions
+                assert ranks[r][algo][1][k] == pytest.approx(stats[k], rel=1e-5, abs=1e-7), (algo, k)
+    # the rollout: advantages whitened over both processes' tokens, statistics over both processes' samples
+    rollouts = [r["rollout"] for r in ranks]
+    width = max(r["mask"].shape[1] for r in rollouts)
+    pad = lambda x: torch.nn.functional.pad(x, (0, width - x.shape[1]))  # noqa: E731
+    adv, mask = (torch.cat([pad(r[k]) for r in rollouts]) for k in ("advantages", "mask"))  # (8, T)
+    assert abs(masked_mean(adv, mask)) < 1e-5 and abs(masked_mean(adv ** 2, mask) - 1) < 1e-4
+    assert max(abs(masked_mean(r["advantages"], r["mask"])) for r in rollouts) > 0.05  # not per-rank whitening
+    samples = rollouts[0]["samples"] + rollouts[1]["samples"]
+    expected = {"reward": sum(s[2] for s in samples) / 8, "kl": 0.0, "length": mask.sum().item() / 8,
+                "distinct2": train.distinct_n([s[1] for s in samples], 2)}
+    assert rollouts[0]["samples"] != rollouts[1]["samples"]          # each rank its own random stream
+    for r in rollouts:
+        assert r["stats"] == rollouts[0]["stats"]                    # the same global numbers in both processes
+        for k, v in expected.items():
+            assert abs(r["stats"][k] - v) < 1e-6, k
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end: torchrun with 2 processes
+
+def torchrun(out_dir, sft_dir, *extra):
+    args = dict(device="cpu", n_layer=1, n_head=2, n_embd=32, block_size=32, sft_steps=150, sft_lr=3e-3, iters=6,
+                batch_size=16, minibatch_size=8, epochs=2, lr=1e-3, jstar_samples=0, sample_every=0, ckpt_every=2,
+                seed=3, sft_dir=sft_dir, out_dir=out_dir)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *(f"--{k}={v}" for k, v in args.items()), *extra]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k != "ms"} for line in f]
+
+
+def test_torchrun_trains_checkpoints_and_resumes_after_a_kill(tmp_path):
+    sft, straight, killed = (str(tmp_path / d) for d in ("sft", "straight", "killed"))
+    proc = torchrun(straight, sft)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    assert [line.split("/")[0] for line in out.splitlines() if line.startswith("iter ")] == \
+        [f"iter {i}" for i in range(1, 7)]                           # rank 0 alone prints
+    assert "x 2 processes" in out
+    assert sorted(os.listdir(straight)) == ["ckpt.pt", "metrics.jsonl", "policy"]  # one of each
+    assert len(torch.load(os.path.join(straight, "ckpt.pt"), weights_only=False)["ranks_rng"]) == 2
+    init = GPT2LMHeadModel.from_pretrained(os.path.join(sft, os.listdir(sft)[0])).state_dict()
+    trained = GPT2LMHeadModel.from_pretrained(os.path.join(straight, "policy")).state_dict()
+    assert any(not torch.equal(init[k], trained[k]) for k in init)  # it trained
+
+    proc = torchrun(killed, sft)
+    for line in proc.stdout:                                         # kill every process after iteration 3,
+        if line.startswith("iter 3/"):                               # between checkpoints 2 and 4
+            workers = [int(pid) for task in os.listdir(f"/proc/{proc.pid}/task")  # its children: the workers
+                       for pid in open(f"/proc/{proc.pid}/task/{task}/children").read().split()]
+            for pid in workers + [proc.pid]:
+                os.kill(pid, signal.SIGKILL)
+            break
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL and len(read_metrics(killed)) == 3
+    proc = torchrun(killed, sft, "--resume=1")
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    assert "resumed from" in out and "at iteration 2" in out
+    assert read_metrics(killed) == read_metrics(straight)           # every process resumed its own stream
