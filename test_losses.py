@@ -261,7 +261,7 @@ def test_bandit_awr_full_steps_contract_to_optimum_by_one_minus_lam_over_awr_lam
     log_init, R = bandit()
     lam = 0.5
     log_star = optimum(log_init, R, lam).log()
-    log_pi = torch.log_softmax(log_star + torch.randn(K), 0)        # some pi_old far from pi*
+    log_pi = torch.log_softmax(log_star + torch.randn(K, generator=torch.Generator().manual_seed(2)), 0)  # pi_old != pi*
     def err(lp):
         d = lp - log_star
         return d - d.mean()                                          # log pi - log pi*, up to a constant
