@@ -266,6 +266,8 @@ def test_fresh_run_keeps_an_older_run_aside(sft_dir, tmp_path):
     assert not os.path.exists(tmp_path / "ckpt.pt") and len(read_metrics(tmp_path)) == 2
     assert torch.load(tmp_path / "previous" / "1" / "ckpt.pt", weights_only=False)["iter"] == 4
     assert read_metrics(tmp_path / "previous" / "1") == older and os.path.isdir(tmp_path / "previous" / "1" / "policy")
+    with open(tmp_path / "previous" / "1" / "config.json") as f:   # the settings that made those metrics
+        assert json.load(f)["seed"] == 1
     history = train.main(tiny_args(sft_dir, tmp_path, iters=3, resume=True, seed=2))
     assert [r["iter"] for r in read_metrics(tmp_path)] == [1, 2, 3] and len(history) == 3  # started afresh
     assert len(read_metrics(tmp_path / "previous" / "2")) == 2 and read_metrics(tmp_path / "previous" / "1") == older

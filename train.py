@@ -696,8 +696,7 @@ def train(cfg):
             with open(metrics_path, "a" if it > 0 else "w") as f:       # a fresh run starts a fresh file
                 f.write(json.dumps(stats) + "\n")
             if it == 0:                                                  # what made metrics.jsonl (compare.py --plot)
-                with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-                    json.dump(dataclasses.asdict(cfg), f, indent=1)
+                write_config(os.path.join(cfg.out_dir, "config.json"), cfg)
             print(f"iter {it + 1}/{cfg.iters} | " + " | ".join(f"{k} {stats[k]:{fmt}}" for k, fmt in LOGGED if k in stats)
                   + f" | {stats['ms']:.0f}ms")
             if cfg.sample_every and (it + 1) % cfg.sample_every == 0:
@@ -710,11 +709,16 @@ def train(cfg):
         torch.save(policy.v_head.state_dict(), os.path.join(cfg.out_dir, "policy", "value_head.pt"))
         if isinstance(enc, data.HFTokenizer):                            # from_pretrained finds the tokenizer too
             enc.tok.save_pretrained(os.path.join(cfg.out_dir, "policy"))
-        with open(os.path.join(cfg.out_dir, "policy", "apa_config.json"), "w") as f:  # its tokenizer and reward,
-            json.dump(dataclasses.asdict(cfg), f, indent=1)              # for --sample
+        write_config(os.path.join(cfg.out_dir, "policy", "apa_config.json"), cfg)  # its tokenizer and reward (--sample)
     if dist.is_initialized():
         dist.destroy_process_group()
     return history
+
+
+def write_config(path, cfg):
+    """The run's config as JSON: beside metrics.jsonl (compare.py --plot reads it) and in policy/ (--sample)."""
+    with open(path, "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
 
 
 @torch.no_grad()
@@ -835,7 +839,7 @@ def load_checkpoint(state, policy, opt, metrics_path, cfg):
 def keep_previous_run(out_dir):
     """A fresh run moves an earlier run's results into out_dir/previous/N (N = 1, 2, ...) before it writes
     its first results, so that no result is lost and --resume never mixes two runs."""
-    found = [name for name in ("metrics.jsonl", "ckpt.pt", "policy") if os.path.exists(os.path.join(out_dir, name))]
+    found = [name for name in ("metrics.jsonl", "config.json", "ckpt.pt", "policy") if os.path.exists(os.path.join(out_dir, name))]
     if not found:
         return
     previous = os.path.join(out_dir, "previous")
