@@ -730,6 +730,8 @@ def sample_policy(cfg):
         raise ValueError(f"{cfg.sample} holds no trained policy ({config_path} is missing)")
     with open(config_path) as f:
         run = Config(**json.load(f))
+    if run.init and not run.tokenizer and data.ships_tokenizer(cfg.sample):  # the tokenizer saved beside it
+        run = dataclasses.replace(run, init=cfg.sample)
     device = get_device(cfg)
     enc, _, _, reward_fn = load_data(run, device)
     lm = AutoModelForCausalLM.from_pretrained(cfg.sample, dtype=torch.float32).to(device).eval()

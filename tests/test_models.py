@@ -7,6 +7,7 @@ saves a policy that `from_pretrained` loads. Also: tokenizer/model mismatches, a
 Run: python -m pytest -q tests/test_models.py
 """
 import functools
+import shutil
 
 import pytest
 import torch
@@ -122,6 +123,9 @@ def test_init_trains_with_its_own_tokenizer_and_saves_a_loadable_policy(arch, tm
     assert type(trained) is type(lm) and data.get_encoding(str(out / "policy")).n_vocab == len(tok)
     before, after = lm.state_dict(), trained.state_dict()
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    shutil.rmtree(init)                                              # --sample needs the policy folder alone
+    completions, scores = train.main([f"--sample={out / 'policy'}", "--prompt=hello", "--num_samples=2"])
+    assert len(completions) == 2 and scores == pytest.approx(length_reward(None, completions))
 
 
 def test_tokenizer_model_mismatch_is_refused_with_one_line(tmp_path):
