@@ -36,7 +36,8 @@ def task(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("exact")
     prompts_file = tmp / "prompts.txt"
     prompts_file.write_text("\n".join(PROMPTS) + "\n")
-    cfg = train.Config(**TINY, sft_dir=str(tmp / "sft"), prompts=str(prompts_file))
+    sft_dir = os.environ.get("APA_TEST_SFT_DIR") or str(tmp / "sft")   # tools/mutate.py shares one pi_init
+    cfg = train.Config(**TINY, sft_dir=sft_dir, prompts=str(prompts_file))
     enc = data.task_encoding()
     ref_lm = train.pretrain(cfg, enc, torch.device("cpu")).eval().requires_grad_(False)
     return types.SimpleNamespace(cfg=cfg, enc=enc, ref_lm=ref_lm, tmp=tmp, prompts=PROMPTS,
@@ -113,31 +114,6 @@ def test_exact_eval_matches_brute_force_enumeration():
 def test_too_many_responses_means_no_exact_evaluation(task):
     cfg = train.Config(max_new_tokens=3)                                 # 2 x 303^3 responses: too many
     assert train.response_space(cfg, task.ref_lm, task.prompt_tokens, task.prompts, task.reward_fn, task.enc) is None
-
-
-def run(task, name, **overrides):
-    """train.main on the two prompts with max_new_tokens=2; returns the history (metrics of every iteration)."""
-    args = dict(TINY, sft_dir=task.cfg.sft_dir, prompts=task.cfg.prompts, max_new_tokens=2,
-                out_dir=str(task.tmp / name))
-    args.update(overrides)
-    return train.main([f"--{k}={v}" for k, v in args.items()])
-
-
-def test_sampled_gap_and_jstar_agree_with_exact_and_exact_eval_uses_no_randomness(task):
-    history = run(task, "sampled", algo="ppo", iters=16, exact_every=1, jstar_samples=256)
-    first = history[0]
-    assert abs(first["jstar"] - first["jstar_exact"]) < 4 * first["jstar_se"]  # J*: within its standard error
-    K = len(history)
-    for key in ("reward", "kl", "J"):                                   # each iteration: one batch of the policy
-        d = torch.tensor([h[key] - h[key + "_exact"] for h in history])  # that the exact evaluator saw
-        assert abs(d.mean().item()) < 4 * d.std().item() / math.sqrt(K), key
-    d = torch.tensor([h["gap"] - h["gap_exact"] for h in history])
-    assert abs(d.mean().item()) < 4 * math.sqrt(d.var().item() / K + first["jstar_se"] ** 2)
-    assert history[-1]["kl_exact"] > 0.01                               # the policy moved
-    # the exact evaluation draws no random number: the same run without it prints the same numbers
-    plain = run(task, "plain", algo="ppo", iters=3, exact_every=0, jstar_samples=256)
-    keys = [k for k in plain[0] if k != "ms"]
-    assert [[h[k] for k in keys] for h in plain] == [[h[k] for k in keys] for h in history[:3]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,3 +241,94 @@ def test_update_calls_the_loss_of_the_readme_table(task, algo, form, monkeypatch
     assert vf_name == "value_loss" and same(vf[1], batch["values"]) and same(vf[2], batch["returns"])
     assert same(vf[3], batch["mask"]) and vf[4] == cfg.cliprange_value
     torch.testing.assert_close(vf[0].detach(), batch["values"], atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. end to end: train.main with max_new_tokens=2, then the trained policy's exact distance to pi*
+
+def run(task, name, **overrides):
+    """train.main on the two prompts with max_new_tokens=2; returns the history (metrics of every iteration)."""
+    args = dict(TINY, sft_dir=task.cfg.sft_dir, prompts=task.cfg.prompts, max_new_tokens=2,
+                out_dir=str(task.tmp / name))
+    args.update(overrides)
+    return train.main([f"--{k}={v}" for k, v in args.items()])
+
+
+def test_sampled_gap_and_jstar_agree_with_exact_and_exact_eval_uses_no_randomness(task):
+    history = run(task, "sampled", algo="ppo", iters=16, exact_every=1, jstar_samples=256)
+    first = history[0]
+    assert abs(first["jstar"] - first["jstar_exact"]) < 4 * first["jstar_se"]  # J*: within its standard error
+    K = len(history)
+    for key in ("reward", "kl", "J"):                                   # each iteration: one batch of the policy
+        d = torch.tensor([h[key] - h[key + "_exact"] for h in history])  # that the exact evaluator saw
+        assert abs(d.mean().item()) < 4 * d.std().item() / math.sqrt(K), key
+    d = torch.tensor([h["gap"] - h["gap_exact"] for h in history])
+    assert abs(d.mean().item()) < 4 * math.sqrt(d.var().item() / K + first["jstar_se"] ** 2)
+    assert history[-1]["kl_exact"] > 0.01                               # the policy moved
+    # the exact evaluation draws no random number: the same run without it prints the same numbers
+    plain = run(task, "plain", algo="ppo", iters=3, exact_every=0, jstar_samples=256)
+    keys = [k for k in plain[0] if k != "ms"]
+    assert [[h[k] for k in keys] for h in plain] == [[h[k] for k in keys] for h in history[:3]]
+
+
+E2E = dict(iters=60, exact_every=0)
+TINY_LAM = train.Config().lam
+MEASURED = {}                                                           # variant -> exact stats, for the report
+
+
+def mixed_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
+    """The paper form's update (pi_init anchor) with the KL-penalised reward: the tempting mix."""
+    return ppo.kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, TINY_LAM)
+
+
+def whitened_gae(rewards, values, mask, gamma, lam):
+    advantages, returns = ppo.gae(rewards, values, mask, gamma, lam)
+    return ppo.masked_whiten(advantages, mask), returns
+
+
+VARIANTS = {"apa": dict(algo="apa"), "ppo": dict(algo="ppo"), "paper": dict(algo="apa", apa_form="paper"),
+            "mixed": dict(algo="apa", apa_form="paper"), "whitened": dict(algo="apa")}
+PATCHES = {"mixed": ("kl_penalized_rewards", mixed_rewards), "whitened": ("gae", whitened_gae)}
+
+
+@pytest.fixture(scope="module")
+def trained(task):
+    """Each variant trained once (on demand); its final policy evaluated exactly for lambda and 2 lambda."""
+    space = train.response_space(train.Config(max_new_tokens=2), task.ref_lm, task.prompt_tokens, task.prompts,
+                                 task.reward_fn, task.enc)
+    results = {}
+    def get(name):
+        if name not in results:
+            with pytest.MonkeyPatch.context() as mp:
+                if name in PATCHES:
+                    mp.setattr(train, *PATCHES[name])
+                run(task, name, **E2E, **VARIANTS[name])
+            lm = GPT2LMHeadModel.from_pretrained(task.tmp / name / "policy").eval()
+            results[name] = (train.exact_eval(lm, space, TINY_LAM), train.exact_eval(lm, space, 2 * TINY_LAM))
+            MEASURED[name] = results[name]
+            print(name, {k: round(v, 4) for k, v in results[name][0].items()},
+                  "gap at 2 lambda", round(results[name][1]["gap_exact"], 4))
+        return results[name]
+    return get
+
+
+@pytest.mark.parametrize("name", ["apa", "ppo"])
+def test_default_apa_and_ppo_reach_the_optimum(trained, name):
+    exact, _ = trained(name)
+    assert exact["gap_exact"] < 0.03        # from 0.42 at pi_init
+
+
+def test_paper_form_stays_farther_from_the_optimum(trained):
+    assert trained("paper")[0]["gap_exact"] > max(0.1, 3 * trained("apa")[0]["gap_exact"])
+
+
+def test_mixed_form_lands_near_the_optimum_for_two_lambda(trained):
+    """KL(pi || pi*_{2 lambda}) = gap(2 lambda) / (2 lambda) is the smaller one for the mix, not for the default."""
+    mixed, apa = trained("mixed"), trained("apa")
+    kl_to = lambda r: (r[0]["klstar_exact"], r[1]["klstar_exact"])     # noqa: E731 (lambda, 2 lambda)
+    assert kl_to(mixed)[1] < 0.5 * kl_to(mixed)[0]
+    assert kl_to(apa)[0] < 0.5 * kl_to(apa)[1]
+
+
+def test_whitening_apa_advantages_moves_the_result(trained):
+    assert trained("whitened")[0]["gap_exact"] > 3 * trained("apa")[0]["gap_exact"]
