@@ -13,7 +13,10 @@ pi* = pi_init exp(R/lambda)/Z stays diverse instead of collapsing onto one strin
 Tokenizers: `task_encoding()` is a tiktoken Encoding over the 256 bytes, the task's words as whole
 tokens, and <|endoftext|>: any text encodes, and the task's reviews take one token per word.
 `get_encoding("gpt2")` gives GPT-2's BPE for GPT-2 checkpoints; it is tiktoken's `r50k_base` (the
-same ids), downloaded once by tiktoken or read from TIKTOKEN_CACHE_DIR.
+same ids), downloaded once by tiktoken or read from TIKTOKEN_CACHE_DIR. A checkpoint's own tokenizer
+(Pythia's, Llama's, ...) is read from its folder by `transformers.AutoTokenizer` and wrapped in
+`HFTokenizer`, which answers to the same five names as a tiktoken Encoding: encode_ordinary, decode,
+eot_token, n_vocab, name.
 """
 import importlib
 import json
@@ -47,12 +50,40 @@ def task_encoding():
 
 
 def get_encoding(name):
-    """'task': the embedded task's tokenizer. 'gpt2': GPT-2's BPE (tiktoken's r50k_base, same ids)."""
+    """'task': the embedded task's tokenizer. 'gpt2': GPT-2's BPE (tiktoken's r50k_base, same ids).
+    Anything else: a Hugging Face tokenizer (a folder or hub id), read by AutoTokenizer."""
     if name == "task":
         return task_encoding()
     if name == "gpt2":
         return tiktoken.get_encoding("r50k_base")
-    raise ValueError(f"unknown tokenizer {name!r} (use 'task' or 'gpt2')")
+    return HFTokenizer(name)
+
+
+def ships_tokenizer(path):
+    """Whether a Hugging Face model folder (or hub id: assumed yes) holds a tokenizer of its own."""
+    return not os.path.isdir(path) or any(os.path.exists(os.path.join(path, f)) for f in
+                                          ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+class HFTokenizer:
+    """A transformers tokenizer behind the part of tiktoken's Encoding that training uses. Its
+    end-of-text is the tokenizer's eos token; n_vocab counts added tokens too (ids 0 .. n_vocab - 1)."""
+
+    def __init__(self, path):
+        from transformers import AutoTokenizer
+        try:
+            self.tok = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+        if self.tok.eos_token_id is None:
+            raise ValueError(f"the tokenizer of {path} has no end-of-text (eos) token")
+        self.name, self.eot_token, self.n_vocab = os.path.basename(os.path.normpath(path)), self.tok.eos_token_id, len(self.tok)
+
+    def encode_ordinary(self, text):
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids):
+        return self.tok.decode(ids)
 
 
 def review(rng):
@@ -95,6 +126,9 @@ def sentiment_reward(prompts, completions):
 
 def load_prompts(path):
     """Prompts from a file: .jsonl with one {"prompt": "..."} per line, or text with one per line."""
+    if path.endswith(".json"):
+        raise ValueError(f'prompts file {path} is .json: give a .jsonl file (one {{"prompt": "..."}} a line) '
+                         "or a text file (one prompt a line)")
     try:
         with open(path, encoding="utf-8") as f:
             lines = [line.rstrip("\n") for line in f]
@@ -105,9 +139,12 @@ def load_prompts(path):
         for i, line in enumerate(lines, 1):
             if line.strip():
                 try:
-                    prompts.append(json.loads(line)["prompt"])
-                except (ValueError, KeyError, TypeError):
-                    raise ValueError(f'{path}:{i}: expected a JSON object with a "prompt" string') from None
+                    prompt = json.loads(line)["prompt"]
+                except (ValueError, KeyError, TypeError, IndexError):
+                    prompt = None
+                if not isinstance(prompt, str):
+                    raise ValueError(f'{path}:{i}: expected a JSON object with a "prompt" string')
+                prompts.append(prompt)
     else:
         prompts = [line for line in lines if line.strip()]
     if not prompts:
@@ -119,9 +156,12 @@ def load_reward_fn(spec):
     """'module:function', a Python function (prompts, completions) -> one float per completion."""
     module, _, name = spec.partition(":")
     try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
         raise ValueError(f"reward function {spec!r} not found (expected 'module:function')") from None
+    if not callable(fn):
+        raise ValueError(f"reward function {spec!r} is a {type(fn).__name__}, not a function")
+    return fn
 
 
 def reward_model_fn(path, enc, device):
@@ -129,10 +169,12 @@ def reward_model_fn(path, enc, device):
     (a single-logit reward model's score, or the 'positive' class of a two-class sentiment model).
     Text is tokenized by the model's own tokenizer when it has one, else by `enc` (the policy's)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
-    has_tokenizer = not os.path.isdir(path) or any(
-        os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+    model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
+    if info["missing_keys"]:                                             # e.g. a causal LM: its head would be random
+        raise ValueError(f"reward model {path} is not a sequence-classification model: its weights lack "
+                         f"{', '.join(sorted(info['missing_keys'])[:3])} (a causal LM? that goes in --init)")
+    model = model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path) if ships_tokenizer(path) else None
     if tokenizer is not None:
         tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     if model.config.pad_token_id is None:                               # it finds each text's last token by it

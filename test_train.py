@@ -23,7 +23,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.fixture(scope="session")
 def sft_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("sft"))
+    path = tmp_path_factory.getbasetemp() / "sft"                   # one pi_init cache for every test file
+    path.mkdir(exist_ok=True)
+    return str(path)
 
 
 def tiny_args(sft_dir, out_dir, **overrides):
@@ -131,7 +133,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(sft_dir, tmp_path):
     a, b = read_metrics(straight), read_metrics(killed)
     assert [r["iter"] for r in b] == list(range(1, 11))             # nothing lost, nothing twice
     for ra, rb in zip(a, b):
-        assert {k: v for k, v in ra.items() if k != "ms"} == {k: v for k, v in rb.items() if k != "ms"}
+        assert {k: v for k, v in ra.items() if k not in ("ms", "mem_mb")} == \
+            {k: v for k, v in rb.items() if k not in ("ms", "mem_mb")}
     wa = GPT2LMHeadModel.from_pretrained(straight / "policy").state_dict()
     wb = GPT2LMHeadModel.from_pretrained(killed / "policy").state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)               # bit for bit on a CPU
@@ -252,17 +255,21 @@ def test_update_sees_the_sampling_policy_despite_dropout(tmp_path):
     assert history[0]["approx_kl"] < 1e-9 and history[0]["clipfrac"] == 0 and history[0]["vf_clipfrac"] == 0
 
 
-def test_fresh_run_removes_an_older_checkpoint(sft_dir, tmp_path):
-    """A fresh run that dies before its first checkpoint must not leave an older run's ckpt.pt to resume."""
+def test_fresh_run_keeps_an_older_run_aside(sft_dir, tmp_path):
+    """A fresh run moves an older run's results to previous/N before writing, so that a fresh run that dies
+    early loses nothing and leaves no older ckpt.pt for --resume to mix in."""
     train.main(tiny_args(sft_dir, tmp_path, iters=4, ckpt_every=2, seed=1))
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["iter"] == 4
+    older = read_metrics(tmp_path)
     CALLS["n"] = 0
     with pytest.raises(SystemExit):                                 # dies in its third update
         train.main(tiny_args(sft_dir, tmp_path, reward_fn="test_train:exploding_reward", ckpt_every=0,
                              max_bad_steps=1, seed=2))
     assert not os.path.exists(tmp_path / "ckpt.pt") and len(read_metrics(tmp_path)) == 2
+    assert torch.load(tmp_path / "previous" / "1" / "ckpt.pt", weights_only=False)["iter"] == 4
+    assert read_metrics(tmp_path / "previous" / "1") == older and os.path.isdir(tmp_path / "previous" / "1" / "policy")
     history = train.main(tiny_args(sft_dir, tmp_path, iters=3, resume=True, seed=2))
     assert [r["iter"] for r in read_metrics(tmp_path)] == [1, 2, 3] and len(history) == 3  # started afresh
+    assert len(read_metrics(tmp_path / "previous" / "2")) == 2 and read_metrics(tmp_path / "previous" / "1") == older
 
 
 def test_sample_from_a_trained_policy_in_a_fresh_shell(sft_dir, tmp_path):

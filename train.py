@@ -20,14 +20,18 @@ Where this departs from the paper and the authors' code:
    --reward_model, --reward_fn, --prompts).
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
 import difflib
+import fcntl
 import inspect
 import json
 import math
 import os
 import re
+import resource
+import shutil
 import sys
 import time
 import typing
@@ -71,12 +75,15 @@ class Config:
     max_grad_norm: float = 1.0     # gradient clipping
     max_bad_steps: int = 3         # stop after this many non-finite losses or gradients in a row
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if present
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # bf16 autocast for the forward passes (logits, log-probs,
+                                   # values and losses stay fp32); auto: bf16 on cuda, fp32 on cpu
     # --- data and models
     prompts: str = ""              # prompts file (.txt, one a line; .jsonl, {"prompt": ...}); empty: the embedded task
     reward_fn: str = "data:sentiment_reward"  # 'module:function' (prompts, completions) -> floats
     reward_model: str = ""         # Hugging Face sequence-classification model (path or id); replaces reward_fn
     init: str = ""                 # Hugging Face causal LM (path or id) as pi_init; empty: pre-train a tiny GPT
-    tokenizer: str = ""            # "task" or "gpt2"; empty: "gpt2" with --init, else "task"
+    tokenizer: str = ""            # "task", "gpt2" (tiktoken) or a Hugging Face tokenizer (path or id); empty: the
+                                   # --init checkpoint's own (GPT-2's BPE if it ships none), else "task"
     max_new_tokens: int = 20       # response length limit (the task's reviews take at most 18)
     n_layer: int = 2               # layers of the tiny GPT
     n_head: int = 4                # attention heads of the tiny GPT
@@ -160,10 +167,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 def parse_config(argv):
     cfg = parse_args(Config, argv, __doc__)
-    if not cfg.lam > 0:
-        raise ValueError(f"lam must be > 0, got {cfg.lam}")
-    if cfg.minibatch_size <= 0 or cfg.batch_size % cfg.minibatch_size:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by minibatch_size {cfg.minibatch_size}")
     if cfg.compare and not cfg.jstar_samples > 0:
         raise ValueError("--compare reports the gap to J*: it needs jstar_samples > 0")
     if cfg.prompts and not os.path.exists(cfg.prompts):
@@ -174,29 +177,83 @@ def parse_config(argv):
     return cfg
 
 
+def validate(cfg):
+    """Refuse settings that mean nothing, saying why, before anything is read or written."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value}")
+    rules = [  # (field, holds, what it must be)
+        ("lam", cfg.lam > 0, "> 0"),
+        ("seed", cfg.seed >= 0, ">= 0"),
+        ("iters", cfg.iters > 0, "> 0"),
+        ("batch_size", cfg.batch_size > 0, "> 0"),
+        ("minibatch_size", cfg.minibatch_size > 0, "> 0"),
+        ("epochs", cfg.epochs > 0, "> 0 (passes over each rollout)"),
+        ("max_new_tokens", cfg.max_new_tokens > 0, "> 0 (a response has at least one token)"),
+        ("lr", 0 <= cfg.lr <= 0.1, "in [0, 0.1]: Adam moves every weight by about lr a step, so more wrecks a "
+                                   "language model in a few steps (1e-6 to 1e-3 are usual)"),
+        ("max_grad_norm", cfg.max_grad_norm > 0, "> 0 (gradients are clipped to this norm)"),
+        ("gamma", 0 <= cfg.gamma <= 1, "in [0, 1] (a discount)"),
+        ("gae_lambda", 0 <= cfg.gae_lambda <= 1, "in [0, 1] (GAE's bias-variance trade-off)"),
+        ("vf_coef", cfg.vf_coef >= 0, ">= 0 (the weight of the value loss)"),
+        ("cliprange", cfg.cliprange > 0, "> 0 (PPO keeps the ratio in [1 - cliprange, 1 + cliprange])"),
+        ("cliprange_value", cfg.cliprange_value > 0, "> 0 (values move at most this far from the rollout's)"),
+        ("max_bad_steps", cfg.max_bad_steps > 0, "> 0 (non-finite steps in a row before stopping)"),
+        ("n_layer", cfg.n_layer > 0, "> 0"),
+        ("n_head", cfg.n_head > 0, "> 0"),
+        ("n_embd", cfg.n_embd > 0 and cfg.n_embd % max(cfg.n_head, 1) == 0,
+         f"> 0 and divisible by n_head={cfg.n_head} (each head gets n_embd / n_head dimensions)"),
+        ("block_size", cfg.block_size > 0, "> 0"),
+        ("sft_steps", cfg.sft_steps > 0, "> 0 (pre-training steps)"),
+        ("sft_lr", 0 < cfg.sft_lr <= 0.1, "in (0, 0.1]"),
+        ("sample_every", cfg.sample_every >= 0, ">= 0 (0: never)"),
+        ("ckpt_every", cfg.ckpt_every >= 0, ">= 0 (0: only at the end)"),
+        ("jstar_samples", cfg.jstar_samples == 0 or cfg.jstar_samples >= 2,
+         "0 (no J*) or >= 2 (its standard error needs two samples per prompt)"),
+        ("out_dir", cfg.out_dir != "", "a folder"),
+        ("num_samples", cfg.num_samples > 0, "> 0"),
+    ]
+    for name, holds, what in rules:
+        if not holds:
+            raise ValueError(f"{name} must be {what}, got {getattr(cfg, name)!r}")
+    if cfg.batch_size % cfg.minibatch_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by minibatch_size {cfg.minibatch_size}")
+    get_device(cfg)
+
+
 # ---------------------------------------------------------------------------------------------
 # model: a causal LM with a scalar value head on its last hidden state
 
 
 class PolicyWithValue(nn.Module):
-    def __init__(self, lm):
+    def __init__(self, lm, n_vocab=None):
         super().__init__()
-        self.lm = lm
+        self.lm, self.n_vocab = lm, n_vocab
         self.v_head = nn.Linear(lm.config.hidden_size, 1)
 
     def forward(self, input_ids, attention_mask, prompt_len):
-        """Logits (B, T, V) and values (B, T) at the states before each response token."""
-        logits, hidden = lm_forward(self.lm, input_ids, attention_mask, prompt_len)
-        return logits, self.v_head(hidden).squeeze(-1).float()
+        """Logits (B, T, V) and values (B, T) at the states before each response token, both fp32."""
+        logits, hidden = lm_forward(self.lm, input_ids, attention_mask, prompt_len, self.n_vocab)
+        with torch.autocast(hidden.device.type, enabled=False):          # the value head in fp32, even in bf16 runs
+            return logits, self.v_head(hidden.float()).squeeze(-1)
 
 
-def lm_forward(lm, input_ids, attention_mask, prompt_len):
+def vocab_logits(logits, n_vocab):
+    """The logits (..., V) of the tokenizer's V = n_vocab tokens, in fp32. A model's embedding may be padded
+    beyond its tokenizer (Pythia: 50,304 rows for 50,277 tokens): the sampler and every log-prob see the
+    same V tokens, so that no id decode cannot read is sampled and ratios start at exactly 1."""
+    return logits[..., :n_vocab].float()
+
+
+def lm_forward(lm, input_ids, attention_mask, prompt_len, n_vocab=None):
     """input_ids, attention_mask (B, P + T), prompts left-padded to P. Returns the logits (B, T, V)
-    that predict the T response tokens and the last hidden states (B, T, H) at the same positions."""
+    that predict the T response tokens and the last hidden states (B, T, H) at the same positions.
+    n_vocab: the tokenizer's vocabulary size (None: all of the model's logits)."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)         # (B, P + T) skip left padding
     out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True)
     response_states = slice(prompt_len - 1, -1)                         # position t predicts token t + 1
-    return out.logits[:, response_states].float(), out.hidden_states[-1][:, response_states]
+    return vocab_logits(out.logits[:, response_states], n_vocab), out.hidden_states[-1][:, response_states]
 
 
 def token_logprobs(logits, tokens):
@@ -204,10 +261,14 @@ def token_logprobs(logits, tokens):
     return torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
 
 
-def entropy(logits):
-    """Entropy of each next-token distribution: logits (B, T, V) -> (B, T)."""
-    logp = torch.log_softmax(logits, -1)                                 # (B, T, V)
-    return -(logp.exp() * logp).sum(-1)
+@torch.no_grad()
+def entropy(logits, rows=8):
+    """Entropy of each next-token distribution: logits (B, T, V) -> (B, T). Only logged, so it is computed
+    a few rows at a time: no (B, T, V) temporaries beside the logits (1.6 GB at B=64, T=128, V=50k)."""
+    def chunk(x):                                                        # (rows, T, V) -> (rows, T)
+        logp = torch.log_softmax(x, -1)
+        return -(logp.exp() * logp).sum(-1)
+    return torch.cat([chunk(x) for x in logits.split(rows)])
 
 
 def left_pad(token_lists, pad_id, device):
@@ -219,17 +280,18 @@ def left_pad(token_lists, pad_id, device):
 
 
 @torch.no_grad()
-def generate(lm, prompt_ids, prompt_mask, max_new_tokens, eot):
+def generate(lm, prompt_ids, prompt_mask, max_new_tokens, eot, n_vocab=None):
     """Sample responses at temperature 1 (no top-k/top-p) with a KV cache, stopping at end-of-text.
     prompt_ids, prompt_mask (B, P), left-padded. Returns response (B, T), mask (B, T) that is 1 up to
-    and including the first end-of-text, and the sampler's log-probs (B, T) (0 on padding)."""
+    and including the first end-of-text, and the sampler's log-probs (B, T) (0 on padding).
+    n_vocab: the tokenizer's vocabulary size; ids beyond it are never sampled (None: all of the model's)."""
     attn = prompt_mask
     pos = (attn.cumsum(-1) - 1).clamp(min=0)                             # (B, P)
-    out = lm(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    out = lm(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
     done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device)  # (B,)
     tokens, logprobs = [], []
     for _ in range(max_new_tokens):
-        logp = torch.log_softmax(out.logits[:, -1].float(), -1)          # (B, V)
+        logp = torch.log_softmax(vocab_logits(out.logits[:, -1], n_vocab), -1)  # (B, V)
         tok = torch.multinomial(logp.exp(), 1).squeeze(-1)               # (B,)
         tok = torch.where(done, eot, tok)                                # finished rows: padding
         tokens.append(tok)
@@ -271,7 +333,15 @@ def pretrain(cfg, enc, device):
     path = os.path.join(cfg.sft_dir, f"{enc.name}_V{enc.n_vocab}_L{cfg.n_layer}_H{cfg.n_head}_D{cfg.n_embd}_"
                                      f"C{cfg.block_size}_S{cfg.sft_steps}_lr{cfg.sft_lr:g}")
     if os.path.isdir(path):
-        return GPT2LMHeadModel.from_pretrained(path).to(device)
+        try:
+            lm, info = GPT2LMHeadModel.from_pretrained(path, output_loading_info=True)
+            if not info["missing_keys"]:
+                return lm.to(device)
+            problem = f"it lacks {info['missing_keys'][0]}"
+        except Exception as e:
+            problem = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        print(f"warning: the pi_init cache {path} does not load ({problem}): pre-training it again")
+        shutil.rmtree(path, ignore_errors=True)
     torch.manual_seed(1234)                                              # the same pi_init for every run seed
     lm = tiny_gpt(cfg, enc.n_vocab).to(device)
     docs = [enc.encode_ordinary(text) + [enc.eot_token] for text in data.task_corpus(20_000)]
@@ -290,8 +360,16 @@ def pretrain(cfg, enc, device):
         opt.step()
         status(f"pre-training pi_init: step {step + 1}/{cfg.sft_steps} | loss {loss.item():.3f} | "
                f"{time.time() - t0:.0f}s", done=step + 1 == cfg.sft_steps)
-    lm.save_pretrained(path + ".tmp")
-    os.replace(path + ".tmp", path)
+    tmp = f"{path}.tmp{os.getpid()}"                                     # this process's own: runs may build it at once
+    try:
+        lm.save_pretrained(tmp)
+        os.replace(tmp, path)                                            # atomic: the cache is whole or absent
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, OSError):
+            raise
+        if not os.path.isdir(path):                                      # else another run cached it first: use ours
+            raise OSError(f"could not write the pi_init cache {path} ({e.strerror or e}): nothing was cached") from e
     return lm
 
 
@@ -304,10 +382,10 @@ def sample(cfg, lm, idx, prompt_tokens, prompts, reward_fn, enc, device):
     """Responses to the prompts numbered idx, and their scores. Returns prompt ids and mask (B, P),
     response and its mask (B, T), the decoded completions (end-of-text dropped) and the scores (B,)."""
     prompt_ids, prompt_mask = left_pad([prompt_tokens[i] for i in idx], enc.eot_token, device)  # (B, P)
-    with autocast(device):
-        response, mask, _ = generate(lm, prompt_ids, prompt_mask, cfg.max_new_tokens, enc.eot_token)  # (B, T)
+    with autocast(cfg, device):
+        response, mask, _ = generate(lm, prompt_ids, prompt_mask, cfg.max_new_tokens, enc.eot_token, enc.n_vocab)  # (B, T)
     completions = [enc.decode([t for t in r if t != enc.eot_token]) for r in response.tolist()]
-    scores = check_scores(reward_fn([prompts[i] for i in idx], completions), len(idx)).to(device)  # (B,)
+    scores = call_reward(cfg, reward_fn, [prompts[i] for i in idx], completions).to(device)  # (B,)
     return prompt_ids, prompt_mask, response, mask, completions, scores
 
 
@@ -320,12 +398,16 @@ def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device)
     input_ids = torch.cat([prompt_ids, response], 1)                     # (B, P + T)
     attention_mask = torch.cat([prompt_mask, torch.ones_like(response)], 1)  # (B, P + T)
     P = prompt_ids.shape[1]
-    # 2. log-probs under pi_old and pi_init, values
-    with autocast(device):
+    # 2. log-probs under pi_old and pi_init, values (one set of (B, T, V) logits alive at a time)
+    with autocast(cfg, device):
         logits, values = policy(input_ids, attention_mask, P)            # (B, T, V), (B, T)
-        ref_logits, _ = lm_forward(ref_lm, input_ids, attention_mask, P)  # (B, T, V)
     logprobs = token_logprobs(logits, response)                          # (B, T) log pi_old
+    entropies = entropy(logits)                                          # (B, T)
+    del logits
+    with autocast(cfg, device):
+        ref_logits, _ = lm_forward(ref_lm, input_ids, attention_mask, P, policy.n_vocab)  # (B, T, V)
     ref_logprobs = token_logprobs(ref_logits, response)                  # (B, T) log pi_init
+    del ref_logits
     # 3. per-token rewards with the KL penalty, then GAE (the paper's literal APA: no KL in the reward)
     kl_coef = 0.0 if cfg.algo == "apa" and cfg.apa_form == "paper" else cfg.lam
     rewards = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)  # (B, T)
@@ -335,7 +417,7 @@ def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device)
     kl = ((logprobs - ref_logprobs) * mask).sum(1)                       # (B,) sequence KL estimate
     stats = {"reward": scores.mean().item(), "kl": kl.mean().item(),
              "J": (scores - cfg.lam * kl).mean().item(),
-             "entropy": masked_mean(entropy(logits), mask).item(),
+             "entropy": masked_mean(entropies, mask).item(),
              "distinct2": distinct_n(completions, 2), "length": mask.sum(1).mean().item()}
     batch = dict(input_ids=input_ids, attention_mask=attention_mask, response=response, mask=mask,
                  logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, advantages=advantages,
@@ -344,12 +426,27 @@ def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device)
     return batch, P, stats, samples
 
 
-def check_scores(scores, n):
-    scores = torch.as_tensor(scores, dtype=torch.float32).flatten().cpu()
+def call_reward(cfg, reward_fn, prompts, completions):
+    """The scores (B,) of the user's reward function or model; whatever goes wrong, one line that names it."""
+    name = f"reward model {cfg.reward_model}" if cfg.reward_model else f"reward function {cfg.reward_fn}"
+    try:
+        scores = reward_fn(prompts, completions)
+    except Exception as e:
+        raise ValueError(f"{name} raised {type(e).__name__}: {e} (APA_DEBUG=1 shows the traceback)") from e
+    return check_scores(scores, len(completions), name)
+
+
+def check_scores(scores, n, name="reward function"):
+    if not isinstance(scores, (list, tuple, np.ndarray, torch.Tensor)):
+        raise ValueError(f"{name} returned a {type(scores).__name__}: expected a list of {n} floats")
+    try:
+        scores = torch.as_tensor(scores, dtype=torch.float32).flatten().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name} returned {str(scores)[:80]}: expected a list of {n} floats") from None
     if scores.shape != (n,):
-        raise ValueError(f"reward function returned {tuple(scores.shape)} scores for {n} completions")
+        raise ValueError(f"{name} returned {tuple(scores.shape)} scores for {n} completions")
     if not torch.isfinite(scores).all():
-        raise ValueError(f"reward function returned non-finite scores: {scores[~torch.isfinite(scores)].tolist()[:5]}")
+        raise ValueError(f"{name} returned non-finite scores: {scores[~torch.isfinite(scores)].tolist()[:5]}")
     return scores
 
 
@@ -360,9 +457,19 @@ def distinct_n(texts, n):
     return len(set(grams)) / max(1, len(grams))
 
 
-def autocast(device):
-    """bf16 autocast on a GPU; nothing on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(cfg, device):
+    """bf16 autocast with --precision=bf16 (the default on a GPU; on a CPU too when asked), else nothing.
+    Logits are cast to fp32 before any log_softmax, and the value head and the losses run in fp32."""
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def peak_memory_mb(device):
+    """cuda: the most memory tensors held since the last reset (max_memory_allocated). cpu: the process's
+    peak resident set size so far (ru_maxrss, in KiB on Linux), which never goes down."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,7 +481,7 @@ def update(cfg, policy, opt, batch, P, bad_steps):
     for _ in range(cfg.epochs):
         for mb_inds in torch.randperm(B).split(cfg.minibatch_size):
             mb = {k: v[mb_inds.to(v.device)] for k, v in batch.items()}
-            with autocast(mb["response"].device):
+            with autocast(cfg, mb["response"].device):
                 logits, values = policy(mb["input_ids"], mb["attention_mask"], P)  # (b, T, V), (b, T)
             logprobs = token_logprobs(logits, mb["response"])            # (b, T) log pi_theta
             if cfg.algo == "apa":
@@ -453,10 +560,10 @@ def all_responses(V, T, eot):
 
 
 @torch.no_grad()
-def response_logprobs(lm, prompt_tokens, T, eot, chunk=4096):
-    """log pi(y|x) (prompts, n) of every response y of all_responses, under the causal LM lm: one forward
-    pass per prefix (prompt and prefix, then a placeholder token whose position predicts the next token)."""
-    device, V, out = lm.device, lm.config.vocab_size, []
+def response_logprobs(lm, prompt_tokens, T, eot, V, chunk=4096):
+    """log pi(y|x) (prompts, n) of every response y of all_responses over the tokenizer's V tokens, under the
+    causal LM lm: one forward pass per prefix (prompt, prefix, a placeholder whose position predicts the next)."""
+    device, out = lm.device, []
     prefix_logp = torch.zeros(len(prompt_tokens), 1, device=device)     # (X, 1) log pi(empty prefix)
     for t, prefixes in enumerate(prefix_levels(V, T, eot)):
         rows = [p + q + [eot] for p in prompt_tokens for q in prefixes.tolist()]  # prompt, prefix, placeholder
@@ -464,8 +571,8 @@ def response_logprobs(lm, prompt_tokens, T, eot, chunk=4096):
         for i in range(0, len(rows), chunk):
             ids, mask = left_pad(rows[i:i + chunk], eot, device)         # (b, W)
             with autocast(device):
-                logits, _ = lm_forward(lm, ids, mask, ids.shape[1] - 1)  # (b, 1, V) at the placeholder
-            next_logp.append(torch.log_softmax(logits[:, 0, :V], -1))    # (b, V)
+                logits, _ = lm_forward(lm, ids, mask, ids.shape[1] - 1, V)  # (b, 1, V) at the placeholder
+            next_logp.append(torch.log_softmax(logits[:, 0], -1))        # (b, V)
         logp = prefix_logp[:, :, None] + torch.cat(next_logp).view(len(prompt_tokens), len(prefixes), V)  # (X, N_t, V)
         if t == T - 1:
             out.append(logp.flatten(1))                                  # (X, N_t V) any last token
@@ -480,7 +587,7 @@ def response_space(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc):
     """What the exact evaluator needs that does not depend on the policy, computed once: the score of every
     response to every prompt and its log-prob under pi_init, both (prompts, n). None when the responses are
     more than EXACT_LIMIT in all (then nothing is enumerated)."""
-    V, T, eot, t0 = ref_lm.config.vocab_size, cfg.max_new_tokens, enc.eot_token, time.time()
+    V, T, eot, t0 = enc.n_vocab, cfg.max_new_tokens, enc.eot_token, time.time()  # generate's V tokens
     if len(prompts) * n_responses(V, T) > EXACT_LIMIT:
         return None
     responses = all_responses(V, T, eot).tolist()                        # (n, T)
@@ -490,8 +597,8 @@ def response_space(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc):
         rewards.append(check_scores(reward_fn([prompt] * len(completions), completions), len(completions)))
         status(f"exact evaluation: scoring {len(prompts)} x {len(completions)} responses: {i + 1}/{len(prompts)} | "
                f"{time.time() - t0:.0f}s", done=i + 1 == len(prompts))
-    return {"prompt_tokens": prompt_tokens, "max_new_tokens": T, "eot": eot, "rewards": torch.stack(rewards).double(),
-            "ref_logprobs": response_logprobs(ref_lm, prompt_tokens, T, eot).cpu()}
+    return {"prompt_tokens": prompt_tokens, "max_new_tokens": T, "eot": eot, "V": V, "rewards": torch.stack(rewards).double(),
+            "ref_logprobs": response_logprobs(ref_lm, prompt_tokens, T, eot, V).cpu()}
 
 
 @torch.no_grad()
@@ -499,7 +606,7 @@ def exact_eval(lm, space, lam):
     """The exact objective of the policy lm, by enumeration, averaged over prompts: E[R] (reward_exact),
     KL(pi || pi_init) (kl_exact), J = E[R] - lambda KL (J_exact), J* = lambda log E_{pi_init}[exp(R/lambda)]
     (jstar_exact), the gap J* - J = lambda KL(pi || pi*) (gap_exact) and KL(pi || pi*) (klstar_exact)."""
-    logp = response_logprobs(lm, space["prompt_tokens"], space["max_new_tokens"], space["eot"]).cpu()  # (X, n)
+    logp = response_logprobs(lm, space["prompt_tokens"], space["max_new_tokens"], space["eot"], space["V"]).cpu()  # (X, n)
     ref_logp, R = space["ref_logprobs"], space["rewards"]                # (X, n), (X, n)
     p = logp.exp()                                                       # (X, n) pi(y|x), sums to 1 over y
     reward, kl = (p * R).sum(1), (p * (logp - ref_logp)).sum(1)          # (X,), (X,)
@@ -511,17 +618,21 @@ def exact_eval(lm, space, lam):
 
 
 LOGGED = [("reward", ".3f"), ("kl", ".3f"), ("J", ".3f"), ("gap", ".3f"), ("entropy", ".2f"), ("distinct2", ".2f"),
-          ("approx_kl", ".4f"), ("clipfrac", ".3f"), ("vf_loss", ".4f"), ("gap_exact", ".4f")]  # the log line, in order
+          ("approx_kl", ".4f"), ("clipfrac", ".3f"), ("vf_loss", ".4f"), ("gap_exact", ".4f"), ("mem_mb", ".0f")]  # the log line
 
 
 def get_device(cfg):
+    """auto: cuda if torch sees a GPU, else cpu."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device=cuda, but torch finds no CUDA GPU on this machine (use --device=cpu or auto)")
     return torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                         "cpu" if cfg.device == "auto" else cfg.device)
 
 
 def load_data(cfg, device):
-    """The run's tokenizer, prompts (text and tokens) and reward function."""
-    enc = data.get_encoding(cfg.tokenizer or ("gpt2" if cfg.init else "task"))
+    """The run's tokenizer (with --init: the checkpoint's own), prompts (text and tokens) and reward function."""
+    enc = data.get_encoding(cfg.tokenizer or ("task" if not cfg.init else cfg.init if data.ships_tokenizer(cfg.init)
+                                              else "gpt2"))
     prompts = data.load_prompts(cfg.prompts) if cfg.prompts else data.task_prompts()
     prompt_tokens = [enc.encode_ordinary(p) for p in prompts]
     reward_fn = (data.reward_model_fn(cfg.reward_model, enc, device) if cfg.reward_model
@@ -531,6 +642,8 @@ def load_data(cfg, device):
 
 def train(cfg):
     device = get_device(cfg)
+    ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
+    resumed = read_checkpoint(ckpt_path, metrics_path, cfg) if cfg.resume and os.path.exists(ckpt_path) else None
     # data: prompts, tokenizer, reward
     enc, prompts, prompt_tokens, reward_fn = load_data(cfg, device)
     # model: pi_init (frozen) and the policy with its value head
@@ -543,25 +656,30 @@ def train(cfg):
                          f"{cfg.max_new_tokens} it exceeds the context window of {context}")
     if min(map(len, prompt_tokens)) == 0:
         raise ValueError("a prompt encodes to no token")
-    if lm.config.vocab_size < enc.n_vocab:
-        raise ValueError(f"tokenizer has {enc.n_vocab} tokens but the model only {lm.config.vocab_size}")
+    if lm.config.vocab_size < enc.n_vocab:                              # more rows than tokens is fine: masked
+        raise ValueError(f"tokenizer {enc.name} has {enc.n_vocab} tokens but the model only {lm.config.vocab_size}")
+    eos = lm.config.eos_token_id
+    if eos is not None and enc.eot_token not in (eos if isinstance(eos, list) else [eos]):
+        raise ValueError(f"tokenizer {enc.name} ends texts with id {enc.eot_token} but the model with {eos}: "
+                         "not the model's tokenizer (--tokenizer)")
     ref_lm = lm.eval().requires_grad_(False)
     jstar, jstar_se = (estimate_jstar(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc, device)
                        if cfg.jstar_samples else (None, None))
     space = (response_space(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc) if cfg.exact_every else None)
     torch.manual_seed(cfg.seed)
-    policy = PolicyWithValue(copy.deepcopy(ref_lm).requires_grad_(True)).to(device).eval()  # eval: no dropout,
+    policy = PolicyWithValue(copy.deepcopy(ref_lm).requires_grad_(True), enc.n_vocab).to(device).eval()  # no dropout,
     # so the update sees the very policy that sampled (pi_theta = pi_old before the first step)
     nn.init.zeros_(policy.v_head.weight)                                 # V = 0 at the start, for every seed
     nn.init.zeros_(policy.v_head.bias)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
 
     os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
     start = 0
-    if cfg.resume and os.path.exists(ckpt_path):
-        start = load_checkpoint(ckpt_path, policy, opt, metrics_path)
+    if resumed:
+        start = load_checkpoint(resumed, policy, opt, metrics_path, cfg)
         print(f"resumed from {ckpt_path} at iteration {start}")
+    elif cfg.resume:
+        print(f"no checkpoint in {cfg.out_dir}: starting afresh")
     print(f"{cfg.algo} | lambda {cfg.lam} | {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters | "
           f"{len(prompts)} prompts | device {device}" + (f" | J* {jstar:.4f} +- {jstar_se:.4f}" if cfg.jstar_samples else "")
           + (f" | exact evaluation of {space['rewards'].numel()} responses" if space else ""))
@@ -571,15 +689,18 @@ def train(cfg):
         exact = (exact_eval(policy.lm, space, cfg.lam) if space and (it == 0 or (it + 1) % cfg.exact_every == 0)
                  else {})                                                # of pi_old, the policy that samples next
         t0 = time.time()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         batch, P, stats, samples = rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device)
         update_stats, bad_steps = update(cfg, policy, opt, batch, P, bad_steps)
-        stats.update(update_stats, iter=it + 1, samples=(it + 1) * cfg.batch_size, ms=1000 * (time.time() - t0))
+        stats.update(update_stats, iter=it + 1, samples=(it + 1) * cfg.batch_size, ms=1000 * (time.time() - t0),
+                     mem_mb=peak_memory_mb(device))
         if cfg.jstar_samples:
             stats.update(gap=jstar - stats["J"], jstar=jstar, jstar_se=jstar_se)
         stats.update(exact)
         history.append(stats)
-        if it == 0 and os.path.exists(ckpt_path):                        # a fresh run: an older run's
-            os.remove(ckpt_path)                                         # checkpoint must not be resumed
+        if it == 0:                                                      # a fresh run has results of its own:
+            keep_previous_run(cfg.out_dir)                               # an earlier run's move aside
         with open(metrics_path, "a" if it > 0 else "w") as f:           # a fresh run starts a fresh file
             f.write(json.dumps(stats) + "\n")
         print(f"iter {it + 1}/{cfg.iters} | " + " | ".join(f"{k} {stats[k]:{fmt}}" for k, fmt in LOGGED if k in stats)
@@ -588,9 +709,11 @@ def train(cfg):
             for prompt, completion, score, kl in samples[:4]:
                 print(f"    {prompt!r} -> {completion!r} | reward {score:+.2f} | kl {kl:.2f}")
         if (cfg.ckpt_every and (it + 1) % cfg.ckpt_every == 0) or it + 1 == cfg.iters:
-            save_checkpoint(ckpt_path, policy, opt, it + 1)
+            save_checkpoint(ckpt_path, policy, opt, it + 1, cfg, json.dumps(stats))
     policy.lm.save_pretrained(os.path.join(cfg.out_dir, "policy"))
     torch.save(policy.v_head.state_dict(), os.path.join(cfg.out_dir, "policy", "value_head.pt"))
+    if isinstance(enc, data.HFTokenizer):                                # from_pretrained finds the tokenizer too
+        enc.tok.save_pretrained(os.path.join(cfg.out_dir, "policy"))
     with open(os.path.join(cfg.out_dir, "policy", "apa_config.json"), "w") as f:  # its tokenizer and reward,
         json.dump(dataclasses.asdict(cfg), f, indent=1)                  # for --sample
     return history
@@ -617,30 +740,118 @@ def sample_policy(cfg):
     return completions, scores.tolist()
 
 
-def save_checkpoint(path, policy, opt, iteration):
-    """Everything to continue exactly: weights, optimizer, RNG states, iteration (= lines of metrics.jsonl).
-    Written to a temporary file, then renamed, so a crash never leaves a half-written checkpoint."""
+RESUME_MAY_CHANGE = {"iters", "lr", "out_dir", "sft_dir", "sample_every", "ckpt_every", "max_bad_steps", "resume",
+                     "device", "precision", "sample", "prompt", "num_samples"}  # any other change mixes two runs
+
+
+def save_checkpoint(path, policy, opt, iteration, cfg, metrics_line):
+    """Everything to continue exactly: weights, optimizer, RNG states, iteration (= lines of metrics.jsonl), the
+    config and the last line of metrics.jsonl (to check both on resume). Written to a temporary file, then
+    renamed, so a crash or a full disk never leaves a half-written checkpoint."""
     if not all(torch.isfinite(p).all() for p in policy.parameters()):
         raise FloatingPointError("non-finite weights: checkpoint not written")
     state = {"policy": policy.state_dict(), "opt": opt.state_dict(), "iter": iteration, "rng": torch.get_rng_state(),
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+             "config": dataclasses.asdict(cfg), "metrics_line": metrics_line}
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if not isinstance(e, OSError):
+            raise
+        kept = "the previous checkpoint is intact" if os.path.exists(path) else "there is no earlier checkpoint"
+        raise OSError(f"could not write checkpoint {path} at iteration {iteration} ({e.strerror or e}): {kept}") from e
 
 
-def load_checkpoint(path, policy, opt, metrics_path):
-    state = torch.load(path, weights_only=False)
-    policy.load_state_dict(state["policy"])
+def read_checkpoint(path, metrics_path, cfg):
+    """The checkpoint to resume from, after checking that it is whole, that the config keeps what the run
+    depends on, and that metrics.jsonl holds exactly the checkpoint's iterations (later lines are dropped)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        iteration, saved, last_line = state["iter"], state["config"], state["metrics_line"]
+    except Exception as e:
+        raise ValueError(f"{path} is damaged or not a checkpoint of this train.py ({type(e).__name__}: {e}); "
+                         "a run without --resume starts afresh and keeps it in previous/") from None
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+               if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != v]
+    if changed:
+        raise ValueError(f"--resume would mix two runs: {', '.join(changed)} (a resumed run may change only "
+                         f"{', '.join(sorted(RESUME_MAY_CHANGE))})")
+    if iteration > cfg.iters:
+        raise ValueError(f"{path} is at iteration {iteration}, past --iters={cfg.iters}")
+    try:
+        with open(metrics_path) as f:
+            lines = [line.rstrip("\n") for line in f][:iteration]
+    except FileNotFoundError:
+        lines = []
+    for i, line in enumerate(lines, 1):
+        try:
+            ok = json.loads(line)["iter"] == i
+        except (ValueError, TypeError, KeyError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{metrics_path} line {i} is not the metrics of iteration {i}: it does not match {path}")
+    if len(lines) < iteration or lines[-1] != last_line:
+        raise ValueError(f"{metrics_path} does not match {path} (iteration {iteration}): " +
+                         (f"it has {len(lines)} lines" if len(lines) < iteration else f"line {iteration} differs"))
+    state["metrics_lines"] = lines
+    return state
+
+
+def load_checkpoint(state, policy, opt, metrics_path, cfg):
+    """Continue from a checkpoint that read_checkpoint accepted; cut metrics.jsonl back to its iteration."""
+    try:
+        policy.load_state_dict(state["policy"])
+    except RuntimeError as e:
+        problem = next((l.strip() for l in str(e).splitlines()[1:] if l.strip()), str(e))
+        raise ValueError(f"the checkpoint does not fit this model: {problem}") from None
     opt.load_state_dict(state["opt"])
+    if state["config"]["lr"] != cfg.lr:                                  # allowed: the new lr applies from here on
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr
+        print(f"lr changed from {state['config']['lr']:g} to {cfg.lr:g}")
     torch.set_rng_state(state["rng"])
-    if state["cuda_rng"]:
+    if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    with open(metrics_path) as f:                                        # drop iterations after the checkpoint
-        lines = f.readlines()[:state["iter"]]
-    with open(metrics_path + ".tmp", "w") as f:
-        f.writelines(lines)
-    os.replace(metrics_path + ".tmp", metrics_path)
+    tmp = f"{metrics_path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(line + "\n" for line in state["metrics_lines"])
+    os.replace(tmp, metrics_path)
     return state["iter"]
+
+
+def keep_previous_run(out_dir):
+    """A fresh run moves an earlier run's results into out_dir/previous/N (N = 1, 2, ...) before it writes
+    its first results, so that no result is lost and --resume never mixes two runs."""
+    found = [name for name in ("metrics.jsonl", "ckpt.pt", "policy") if os.path.exists(os.path.join(out_dir, name))]
+    if not found:
+        return
+    previous = os.path.join(out_dir, "previous")
+    n = 1 + max((int(d) for d in os.listdir(previous) if d.isdigit()), default=0) if os.path.isdir(previous) else 1
+    os.makedirs(os.path.join(previous, str(n)))
+    for name in found:
+        os.replace(os.path.join(out_dir, name), os.path.join(previous, str(n), name))
+    print(f"the earlier run's {', '.join(found)} moved to {os.path.join(previous, str(n))}")
+
+
+@contextlib.contextmanager
+def exclusive(out_dir):
+    """One run at a time in out_dir: a lock on the folder, which the system releases when the process ends,
+    however it ends (even by SIGKILL), so no lock is ever left behind."""
+    os.makedirs(out_dir, exist_ok=True)
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"another run is using {out_dir}: wait for it to end, or choose another --out_dir") from None
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def compare(cfg):
@@ -697,16 +908,31 @@ def compare(cfg):
 
 
 def main(argv=None):
+    """Every failure ends in one line `error: ...` and exit status 1 (APA_DEBUG=1: the full traceback);
+    Ctrl-C ends with status 130 and says how to resume."""
     hf_logging.disable_progress_bar()
+    cfg = None
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
+        validate(cfg)
         if cfg.sample:
             return sample_policy(cfg)
         if cfg.compare:
             return compare(cfg)
-        return train(cfg)
-    except (ValueError, OSError, FloatingPointError) as e:
-        raise SystemExit("error: " + " ".join(str(e).split()))         # one line, whatever the message
+        with exclusive(cfg.out_dir):
+            return train(cfg)
+    except KeyboardInterrupt:
+        ckpt_path = cfg and os.path.join(cfg.out_dir, "ckpt.pt")
+        print("\ninterrupted: " + (f"{ckpt_path} is intact; the same command with --resume=1 continues from it"
+                                   if ckpt_path and os.path.exists(ckpt_path) else "no checkpoint yet, nothing to resume"),
+              file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as e:
+        if os.environ.get("APA_DEBUG", "0") not in ("", "0"):
+            raise
+        expected = isinstance(e, (ValueError, OSError, FloatingPointError))
+        text = str(e) if expected else f"{type(e).__name__}: {e} (APA_DEBUG=1 shows the traceback)"
+        raise SystemExit("error: " + " ".join(text.split()))           # one line, whatever the message
 
 
 if __name__ == "__main__":

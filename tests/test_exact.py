@@ -67,7 +67,7 @@ def test_exact_eval_matches_brute_force_enumeration():
         return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=16, n_embd=16, n_layer=1, n_head=2,
                                           bos_token_id=eot, eos_token_id=eot)).eval()
     ref_lm, lm = gpt(0), gpt(1)
-    enc = types.SimpleNamespace(eot_token=eot, decode_batch=lambda rows: [" ".join(map(str, r)) for r in rows])
+    enc = types.SimpleNamespace(eot_token=eot, n_vocab=V, decode_batch=lambda rows: [" ".join(map(str, r)) for r in rows])
     def reward_fn(prompts, completions):                                 # depends on the prompt and the response
         return [c.count("1") - 0.5 * c.count("2") + 0.1 * len(p) for p, c in zip(prompts, completions)]
     prompts, prompt_tokens = ["ab", "abc"], [[1, 2], [3, 0, 1]]
@@ -106,7 +106,7 @@ def test_exact_eval_matches_brute_force_enumeration():
     response, _, _ = train.generate(lm, ids, mask, T, eot)
     R = torch.tensor(reward_fn([prompts[1]] * 4000, enc.decode_batch([[a for a in r if a != eot]
                                                                         for r in response.tolist()])))
-    p = train.response_logprobs(lm, [prompt_tokens[1]], T, eot)[0].exp()
+    p = train.response_logprobs(lm, [prompt_tokens[1]], T, eot, V)[0].exp()
     exact = (p * space["rewards"][1]).sum().item()
     assert abs(R.mean().item() - exact) < 4 * R.std().item() / math.sqrt(4000)
 

@@ -1,0 +1,176 @@
+"""
+Measurements of train.py's pieces, for the default tiny model (0.44M parameters, the task's vocabulary)
+and a GPT-2-small-shaped model (124M, vocabulary 50,257), both with random weights (nothing to download):
+
+1. our sampler (train.generate: KV cache, log-probs of the sampled tokens) against transformers'
+   `generate` with the same batch, the same left-padded prompts and log-probs too (output_scores and
+   compute_transition_scores), at temperature 1 without top-k. The two run interleaved (A B B A ...),
+   since on a shared machine absolute times drift; the ratio is the median of the rounds' ratios.
+2. seconds per RL iteration, split into generation, scoring forwards (log-probs of pi_old and pi_init,
+   values, rewards) and the update, and the peak memory (cuda: max_memory_allocated; cpu: the process's
+   peak resident set size, which only grows, so the larger model runs second).
+
+Run: python bench.py   (a few minutes on 2 CPU cores)   python bench.py --device=cuda --batch_size=64
+"""
+import copy
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.utils import logging as hf_logging
+
+import data
+import train
+
+
+@dataclass
+class Bench:
+    models: Literal["both", "tiny", "gpt2-small"] = "both"  # which models to measure
+    batch_size: int = 8            # prompts per batch (sampler and RL iteration)
+    prompt_len: int = 16           # longest prompt; the others are shorter, so the batch is left-padded
+    max_new_tokens: int = 32       # tokens sampled per prompt
+    rounds: int = 3                # interleaved sampler rounds (each: ours and generate, order alternating)
+    iters: int = 2                 # timed RL iterations, after one untimed
+    epochs: int = 1                # update epochs per RL iteration (train.py's default is 4)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if present
+    seed: int = 0                  # seeds weights, prompts and sampling
+
+
+class IdsTokenizer:
+    """Texts are space-separated token ids: the models have random weights, so words would mean nothing."""
+
+    def __init__(self, n_vocab):
+        self.name, self.n_vocab, self.eot_token = "ids", n_vocab, n_vocab - 1
+
+    def encode_ordinary(self, text):
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def length_reward(prompts, completions):
+    return [len(c.split()) / 32 for c in completions]
+
+
+def make_model(name):
+    if name == "tiny":
+        return train.tiny_gpt(train.Config(), data.task_encoding().n_vocab)
+    return GPT2LMHeadModel(GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))  # GPT-2 small's shape
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_samplers(args, cfg, lm, enc, device):
+    """Tokens/s of train.generate and of transformers' generate, interleaved, and the median ratio."""
+    lengths = torch.randint(args.prompt_len // 2, args.prompt_len + 1, (args.batch_size,)).tolist()
+    prompts = [torch.randint(enc.n_vocab - 1, (n,)).tolist() for n in lengths]
+    ids, mask = train.left_pad(prompts, enc.eot_token, device)          # (B, P)
+
+    def ours():
+        response, _, logprobs = train.generate(lm, ids, mask, args.max_new_tokens, enc.eot_token, enc.n_vocab)
+        return response.shape[1]
+
+    def theirs():
+        out = lm.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                          max_new_tokens=args.max_new_tokens, eos_token_id=enc.eot_token, pad_token_id=enc.eot_token,
+                          output_scores=True, return_dict_in_generate=True)
+        logprobs = lm.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)  # (B, T)
+        return logprobs.shape[1]
+
+    def tokens_per_s(fn):
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad(), train.autocast(cfg, device):
+            steps = fn()
+        sync(device)
+        return args.batch_size * steps / (time.perf_counter() - t0)
+
+    tokens_per_s(ours), tokens_per_s(theirs)                            # warm-up
+    a, b = [], []
+    for r in range(args.rounds):
+        pair = (ours, theirs) if r % 2 == 0 else (theirs, ours)
+        first, second = tokens_per_s(pair[0]), tokens_per_s(pair[1])
+        a.append(first if r % 2 == 0 else second)
+        b.append(second if r % 2 == 0 else first)
+    return statistics.median(a), statistics.median(b), statistics.median(x / y for x, y in zip(a, b))
+
+
+def time_iterations(args, cfg, lm, enc, device):
+    """Seconds per RL iteration in generation, scoring forwards and update (medians of args.iters)."""
+    prompts = [" ".join(str(t) for t in torch.randint(enc.n_vocab - 1, (n,)).tolist())
+               for n in torch.randint(args.prompt_len // 2, args.prompt_len + 1, (64,)).tolist()]
+    prompt_tokens = [enc.encode_ordinary(p) for p in prompts]
+    ref_lm = lm.eval().requires_grad_(False)
+    policy = train.PolicyWithValue(copy.deepcopy(ref_lm).requires_grad_(True), enc.n_vocab).to(device).eval()
+    opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
+    generate, gen_s = train.generate, []
+
+    def timed_generate(*a, **k):                                        # rollout calls it through sample()
+        sync(device)
+        t0 = time.perf_counter()
+        out = generate(*a, **k)
+        sync(device)
+        gen_s.append(time.perf_counter() - t0)
+        return out
+    train.generate = timed_generate
+    rows = []
+    try:
+        for _ in range(args.iters + 1):
+            t0 = time.perf_counter()
+            batch, P, _, _ = train.rollout(cfg, policy, ref_lm, prompt_tokens, prompts, length_reward, enc, device)
+            sync(device)
+            t1 = time.perf_counter()
+            train.update(cfg, policy, opt, batch, P, 0)
+            sync(device)
+            rows.append((gen_s[-1], t1 - t0 - gen_s[-1], time.perf_counter() - t1))
+    finally:
+        train.generate = generate
+    return [statistics.median(col) for col in zip(*rows[1:])]
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def main(argv=None):
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    args = train.parse_args(Bench, sys.argv[1:] if argv is None else argv, __doc__)
+    device = train.get_device(args)
+    cfg = train.Config(batch_size=args.batch_size, minibatch_size=max(1, args.batch_size // 2), epochs=args.epochs,
+                       max_new_tokens=args.max_new_tokens, device=args.device)
+    names = ["tiny", "gpt2-small"] if args.models == "both" else [args.models]
+    print(f"device {device} | batch {args.batch_size} | prompts <= {args.prompt_len} tokens | {args.max_new_tokens} "
+          f"new tokens | RL iteration: {cfg.epochs} epoch(s) of minibatches of {cfg.minibatch_size} | "
+          f"bf16 autocast: {cfg.precision == 'bf16' or (cfg.precision == 'auto' and device.type == 'cuda')}")
+    lines = ["| model | params | sampler tok/s | generate tok/s | ratio | generation s/iter | scoring s/iter "
+             "| update s/iter | peak memory GB |", "|---" * 9 + "|"]
+    for name in names:
+        torch.manual_seed(args.seed)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        lm = make_model(name).to(device).eval()
+        enc = IdsTokenizer(lm.config.vocab_size)
+        t0 = time.time()
+        ours, theirs, ratio = time_samplers(args, cfg, lm, enc, device)
+        gen, score, upd = time_iterations(args, cfg, lm, enc, device)
+        params = sum(p.numel() for p in lm.parameters()) / 1e6
+        lines.append(f"| {name} | {params:.2f}M | {ours:,.0f} | {theirs:,.0f} | {ratio:.2f}x | {gen:.3f} | {score:.3f} "
+                     f"| {upd:.3f} | {peak_memory_gb(device):.2f} |")
+        print(lines[-1], f"({time.time() - t0:.0f}s)", flush=True)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""
+Real checkpoint families as policy and pi_init, each a tiny random-weight model saved with a tokenizer
+of its own (byte-level BPE built offline with the `tokenizers` library): GPT-2, GPT-NeoX (Pythia)
+with a padded vocabulary, and Llama. For each: the sampler's log-probs equal a full forward pass
+(left padding, position ids, KV cache), left padding changes no log-prob, and `--init` trains and
+saves a policy that `from_pretrained` loads. Also: tokenizer/model mismatches, and bf16 on a CPU.
+Run: python -m pytest -q tests/test_models.py
+"""
+import functools
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
+
+import data
+import train
+
+hf_logging.disable_progress_bar()
+
+PAD_ROWS = 13                                                       # Pythia-style padding of the embedding
+
+
+@functools.cache
+def bpe():
+    """A byte-level BPE of 300 tokens trained on the task's reviews, end-of-text id 0."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(data.task_corpus(2000), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return tok
+
+
+def save_tokenizer(path):
+    fast = PreTrainedTokenizerFast(tokenizer_object=bpe(), eos_token="<|endoftext|>")
+    fast.save_pretrained(path)
+    return fast
+
+
+def make_config(arch, vocab, eot):
+    small = dict(bos_token_id=eot, eos_token_id=eot)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2, **small)
+    if arch == "gpt_neox":                                           # rotary on a quarter of each head
+        return GPTNeoXConfig(vocab_size=vocab + PAD_ROWS, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=64, max_position_embeddings=64, **small)
+    return LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64, **small)
+
+
+def save_checkpoint(arch, path):
+    """A tiny random model of the family and its tokenizer, in one folder. With a padded vocabulary the
+    padding rows get large logits, so that a sampler that does not mask them picks them at once."""
+    tok = save_tokenizer(path)
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(make_config(arch, len(tok), tok.eos_token_id))
+    with torch.no_grad():
+        lm.get_output_embeddings().weight[len(tok):] *= 100
+    lm.save_pretrained(path)
+    return lm.eval(), tok
+
+
+ARCHS = ["gpt2", "gpt_neox", "llama"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sampler_logprobs_equal_full_forward_pass(arch, tmp_path):
+    lm, tok = save_checkpoint(arch, tmp_path)
+    n_vocab, eot = len(tok), tok.eos_token_id
+    prompts = [tok.encode(p) for p in ["the plot", "the music was very", "the", "the acting felt quite dull and"]]
+    ids, mask = train.left_pad(prompts * 4, eot, torch.device("cpu"))         # (16, P) left padding
+    torch.manual_seed(1)
+    response, resp_mask, sampler_logprobs = train.generate(lm, ids, mask, 12, eot, n_vocab)  # (16, T)
+    assert response.max() < n_vocab                                   # no padding row of the embedding sampled
+    with torch.no_grad():
+        logits, _ = train.lm_forward(lm, torch.cat([ids, response], 1), torch.cat([mask, torch.ones_like(response)], 1),
+                                     ids.shape[1], n_vocab)           # (16, T, V)
+    assert logits.shape[-1] == n_vocab
+    full = train.token_logprobs(logits, response) * resp_mask
+    torch.testing.assert_close(sampler_logprobs, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_left_padding_changes_no_logprob(arch, tmp_path):
+    """A sequence alone and the same sequence left-padded in a batch: the same log-probs (position ids)."""
+    lm, tok = save_checkpoint(arch, tmp_path)
+    short, long = tok.encode("the plot was"), tok.encode("the acting felt quite dull and the music")
+    response = torch.tensor([tok.encode(" great and the cast was charming.")] * 2)  # (2, T)
+    ids, mask = train.left_pad([short, long], tok.eos_token_id, torch.device("cpu"))
+    assert mask[0, 0] == 0                                            # the short one is padded
+    with torch.no_grad():
+        batched, _ = train.lm_forward(lm, torch.cat([ids, response], 1), torch.cat([mask, torch.ones_like(response)], 1),
+                                      ids.shape[1], len(tok))
+        alone, _ = train.lm_forward(lm, torch.tensor([short + response[0].tolist()]),
+                                    torch.ones(1, len(short) + response.shape[1], dtype=torch.long), len(short), len(tok))
+    torch.testing.assert_close(train.token_logprobs(batched[:1], response[:1]), train.token_logprobs(alone, response[:1]),
+                               atol=1e-5, rtol=1e-5)
+
+
+def length_reward(prompts, completions):
+    """A reward that random-weight models earn too (they never write the task's adjectives)."""
+    return [len(c) / 40 for c in completions]
+
+
+def run_args(init, out, *extra):
+    return [f"--init={init}", f"--out_dir={out}", "--algo=ppo", "--iters=2", "--batch_size=8", "--minibatch_size=8",
+            "--epochs=1", "--lr=1e-3", "--max_new_tokens=8", "--jstar_samples=0", "--sample_every=0",
+            "--reward_fn=test_models:length_reward", *extra]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_init_trains_with_its_own_tokenizer_and_saves_a_loadable_policy(arch, tmp_path):
+    init, out = tmp_path / "init", tmp_path / "out"
+    lm, tok = save_checkpoint(arch, init)
+    history = train.main(run_args(init, out))
+    # the first step of the first iteration sees pi_theta = pi_old: every ratio exactly 1
+    assert len(history) == 2 and history[0]["approx_kl"] < 1e-9 and history[0]["clipfrac"] == 0
+    trained = AutoModelForCausalLM.from_pretrained(out / "policy")
+    assert type(trained) is type(lm) and data.get_encoding(str(out / "policy")).n_vocab == len(tok)
+    before, after = lm.state_dict(), trained.state_dict()
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_tokenizer_model_mismatch_is_refused_with_one_line(tmp_path):
+    init = tmp_path / "init"
+    save_checkpoint("gpt_neox", init)                                 # end-of-text id 0
+    with pytest.raises(SystemExit) as e:                              # the task's tokenizer ends texts otherwise
+        train.main(run_args(init, tmp_path / "out", "--tokenizer=task"))
+    assert str(e.value.code).startswith("error: tokenizer movie_reviews ends texts with id")
+    small = tmp_path / "small"
+    tok = save_tokenizer(small)
+    AutoModelForCausalLM.from_config(make_config("gpt2", len(tok) - 5, tok.eos_token_id)).save_pretrained(small)
+    with pytest.raises(SystemExit) as e:
+        train.main(run_args(small, tmp_path / "out"))
+    assert f"has {len(tok)} tokens but the model only {len(tok) - 5}" in str(e.value.code)
+    assert "\n" not in str(e.value.code) and not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# bf16 autocast on a CPU
+
+def test_bf16_keeps_logprobs_values_and_losses_in_fp32(tmp_path):
+    lm, tok = save_checkpoint("gpt_neox", tmp_path)
+    policy = train.PolicyWithValue(lm, len(tok))
+    torch.nn.init.normal_(policy.v_head.weight)
+    cfg = train.Config(precision="bf16")
+    ids = torch.tensor([tok.encode("the plot was very dull but the cast was charming.")])  # (1, T)
+    with train.autocast(cfg, torch.device("cpu")):
+        logits, values = policy(ids, torch.ones_like(ids), 3)         # (1, T - 3, V), (1, T - 3)
+        out = lm(input_ids=ids, output_hidden_states=True)
+    assert out.logits.dtype == torch.bfloat16                         # autocast did run
+    assert logits.dtype == values.dtype == torch.float32
+    hidden = out.hidden_states[-1][:, 2:-1].float()                   # (1, T - 3, H) the same states
+    torch.testing.assert_close(values, policy.v_head(hidden).squeeze(-1), atol=0, rtol=0)  # the head in fp32
+    logprobs = train.token_logprobs(logits, ids[:, 3:])
+    assert logprobs.dtype == torch.float32
+
+
+def test_bf16_run_trains_and_starts_at_ratio_one(tmp_path):
+    init, out = tmp_path / "init", tmp_path / "out"
+    lm, _ = save_checkpoint("gpt2", init)
+    history = train.main(run_args(init, out, "--precision=bf16"))
+    print("bf16 first approx_kl", history[0]["approx_kl"])
+    assert history[0]["approx_kl"] < 1e-6 and history[0]["clipfrac"] == 0  # bf16: same shapes, same rounding
+    assert all(torch.isfinite(torch.tensor(v)) for r in history for v in r.values())
+    trained = AutoModelForCausalLM.from_pretrained(out / "policy").state_dict()
+    assert any(not torch.equal(v, trained[k]) for k, v in lm.state_dict().items())
