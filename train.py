@@ -560,7 +560,7 @@ def all_responses(V, T, eot):
 
 
 @torch.no_grad()
-def response_logprobs(lm, prompt_tokens, T, eot, V, chunk=4096):
+def response_logprobs(cfg, lm, prompt_tokens, T, eot, V, chunk=4096):
     """log pi(y|x) (prompts, n) of every response y of all_responses over the tokenizer's V tokens, under the
     causal LM lm: one forward pass per prefix (prompt, prefix, a placeholder whose position predicts the next)."""
     device, out = lm.device, []
@@ -570,7 +570,7 @@ def response_logprobs(lm, prompt_tokens, T, eot, V, chunk=4096):
         next_logp = []
         for i in range(0, len(rows), chunk):
             ids, mask = left_pad(rows[i:i + chunk], eot, device)         # (b, W)
-            with autocast(device):
+            with autocast(cfg, device):
                 logits, _ = lm_forward(lm, ids, mask, ids.shape[1] - 1, V)  # (b, 1, V) at the placeholder
             next_logp.append(torch.log_softmax(logits[:, 0], -1))        # (b, V)
         logp = prefix_logp[:, :, None] + torch.cat(next_logp).view(len(prompt_tokens), len(prefixes), V)  # (X, N_t, V)
@@ -597,8 +597,8 @@ def response_space(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc):
         rewards.append(check_scores(reward_fn([prompt] * len(completions), completions), len(completions)))
         status(f"exact evaluation: scoring {len(prompts)} x {len(completions)} responses: {i + 1}/{len(prompts)} | "
                f"{time.time() - t0:.0f}s", done=i + 1 == len(prompts))
-    return {"prompt_tokens": prompt_tokens, "max_new_tokens": T, "eot": eot, "V": V, "rewards": torch.stack(rewards).double(),
-            "ref_logprobs": response_logprobs(ref_lm, prompt_tokens, T, eot, V).cpu()}
+    return {"cfg": cfg, "prompt_tokens": prompt_tokens, "max_new_tokens": T, "eot": eot, "V": V,
+            "rewards": torch.stack(rewards).double(), "ref_logprobs": response_logprobs(cfg, ref_lm, prompt_tokens, T, eot, V).cpu()}
 
 
 @torch.no_grad()
@@ -606,7 +606,8 @@ def exact_eval(lm, space, lam):
     """The exact objective of the policy lm, by enumeration, averaged over prompts: E[R] (reward_exact),
     KL(pi || pi_init) (kl_exact), J = E[R] - lambda KL (J_exact), J* = lambda log E_{pi_init}[exp(R/lambda)]
     (jstar_exact), the gap J* - J = lambda KL(pi || pi*) (gap_exact) and KL(pi || pi*) (klstar_exact)."""
-    logp = response_logprobs(lm, space["prompt_tokens"], space["max_new_tokens"], space["eot"], space["V"]).cpu()  # (X, n)
+    logp = response_logprobs(space["cfg"], lm, space["prompt_tokens"], space["max_new_tokens"], space["eot"],
+                             space["V"]).cpu()                           # (X, n)
     ref_logp, R = space["ref_logprobs"], space["rewards"]                # (X, n), (X, n)
     p = logp.exp()                                                       # (X, n) pi(y|x), sums to 1 over y
     reward, kl = (p * R).sum(1), (p * (logp - ref_logp)).sum(1)          # (X,), (X,)

@@ -106,7 +106,7 @@ def test_exact_eval_matches_brute_force_enumeration():
     response, _, _ = train.generate(lm, ids, mask, T, eot)
     R = torch.tensor(reward_fn([prompts[1]] * 4000, enc.decode_batch([[a for a in r if a != eot]
                                                                         for r in response.tolist()])))
-    p = train.response_logprobs(lm, [prompt_tokens[1]], T, eot, V)[0].exp()
+    p = train.response_logprobs(cfg, lm, [prompt_tokens[1]], T, eot, V)[0].exp()
     exact = (p * space["rewards"][1]).sum().item()
     assert abs(R.mean().item() - exact) < 4 * R.std().item() / math.sqrt(4000)
 
