@@ -9,6 +9,7 @@ anything runs, so the list cannot rot silently: update it with the code.
 Run:   python tools/mutate.py             (all mutations, 2 at a time; a few minutes on 2 cores)
        python tools/mutate.py -k gae       (those whose name contains 'gae')
        python tools/mutate.py --list       (print the list)
+       python tools/mutate.py --tests="rollout or update"   (only the tests matching this pytest -k)
 The tests' pi_init is pre-trained once, in a shared folder (APA_TEST_SFT_DIR), not once per mutation.
 """
 import argparse
@@ -103,7 +104,7 @@ def copy_repo(dst):
     shutil.copytree(ROOT, dst, ignore=ignore)
 
 
-def run_one(mutation, env, tests):
+def run_one(mutation, env, tests, only=""):
     name, path, old, new = mutation
     with tempfile.TemporaryDirectory(prefix="mutant_") as tmp:
         repo = os.path.join(tmp, "repo")
@@ -114,7 +115,8 @@ def run_one(mutation, env, tests):
         with open(file, "w") as f:
             f.write(text.replace(old, new, 1))
         t0 = time.time()
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+                              + (["-k", only] if only else []),
                               cwd=repo, env=env, capture_output=True, text=True)
         failed = re.findall(r"^FAILED (\S+)", proc.stdout, re.M)
         errored = re.findall(r"^ERROR (\S+)", proc.stdout, re.M)
@@ -124,12 +126,13 @@ def run_one(mutation, env, tests):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-k", default="", help="only the mutations whose name contains this")
+    parser.add_argument("-k", default="", help="only the mutations whose name contains this (or one of these, comma-separated)")
     parser.add_argument("--jobs", type=int, default=2, help="mutants tested at the same time")
     parser.add_argument("--list", action="store_true", help="print the mutations and exit")
+    parser.add_argument("--tests", default="", help="run only the tests matching this pytest -k expression")
     args = parser.parse_args()
     check(MUTATIONS)
-    chosen = [m for m in MUTATIONS if args.k.lower() in m[0].lower()]
+    chosen = [m for m in MUTATIONS if any(k.strip() in m[0].lower() for k in args.k.lower().split(","))]
     if args.list:
         for name, path, old, new in chosen:
             print(f"{name}  ({path}): {old!r} -> {new!r}")
@@ -143,7 +146,7 @@ def main():
     if warm.returncode:
         sys.exit("the unmutated code fails the tests: fix that first")
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        for name, path, caught_by, seconds in pool.map(lambda m: run_one(m, env, TESTS), chosen):
+        for name, path, caught_by, seconds in pool.map(lambda m: run_one(m, env, TESTS, args.tests), chosen):
             print(f"{'caught  ' if caught_by else 'SURVIVED'} {name} ({path}, {seconds:.0f}s)"
                   + (f": {caught_by}" if caught_by else ""), flush=True)
             if not caught_by:
