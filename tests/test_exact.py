@@ -323,7 +323,9 @@ def test_paper_form_stays_farther_from_the_optimum(trained):
 
 
 def test_mixed_form_lands_near_the_optimum_for_two_lambda(trained):
-    """KL(pi || pi*_{2 lambda}) = gap(2 lambda) / (2 lambda) is the smaller one for the mix, not for the default."""
+    """KL(pi || pi*_{2 lambda}) = gap(2 lambda) / (2 lambda) is the smaller one for the mix, not for the default.
+    Measured after 60 iterations: the mix is still far from both (KL 2.87 nats to pi*_{2 lambda}, 4.42 to
+    pi*_lambda; gap 0.44), the default 0.128 from pi*_lambda and 0.580 from pi*_{2 lambda}."""
     mixed, apa = trained("mixed"), trained("apa")
     kl_to = lambda r: (r[0]["klstar_exact"], r[1]["klstar_exact"])     # noqa: E731 (lambda, 2 lambda)
     assert kl_to(mixed)[1] < kl_to(mixed)[0]
@@ -332,4 +334,5 @@ def test_mixed_form_lands_near_the_optimum_for_two_lambda(trained):
 
 def test_whitening_apa_advantages_moves_the_result(trained):
     whitened, apa = trained("whitened")[0], trained("apa")[0]
-    assert whitened["gap_exact"] > 2 * apa["gap_exact"] or abs(whitened["kl_exact"] - apa["kl_exact"]) > 0.3
+    # measured: gap 0.0238 against 0.0128, KL to pi_init 1.85 against 2.30 nats
+    assert whitened["gap_exact"] > 1.5 * apa["gap_exact"] and abs(whitened["kl_exact"] - apa["kl_exact"]) > 0.25
