@@ -213,7 +213,7 @@ def test_approx_kl_is_the_exact_kl_and_zero_when_nothing_moved():
 def test_update_calls_the_loss_of_the_readme_table(task, algo, form, monkeypatch):
     """| default APA: anchor pi_old (ref None) | paper: anchor pi_init | PPO: clipped surrogate |, each with the
     rollout's log-probs and advantages, and the value loss clipped around the rollout's values."""
-    cfg = train.Config(**{**TINY, "batch_size": 24, "minibatch_size": 24, "epochs": 1}, algo=algo, apa_form=form,
+    cfg = train.Config(**{**TINY, "batch_size": 24, "minibatch_size": 24, "epochs": 2}, algo=algo, apa_form=form,
                        max_new_tokens=8)
     policy = moved_policy(task.ref_lm)
     torch.manual_seed(0)
@@ -227,9 +227,10 @@ def test_update_calls_the_loss_of_the_readme_table(task, algo, form, monkeypatch
         monkeypatch.setattr(train, name, wrapped)
     for name in ("apa_loss", "ppo_policy_loss", "value_loss"):
         spy(name, getattr(train, name))
-    monkeypatch.setattr(torch, "randperm", lambda n: torch.arange(n))    # one minibatch, in order
-    train.update(cfg, policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, P, 0)
-    (pg_name, pg), (vf_name, vf) = calls
+    monkeypatch.setattr(torch, "randperm", lambda n: torch.arange(n))    # one minibatch an epoch, in order
+    train.update(cfg, policy, torch.optim.SGD(policy.parameters(), lr=0.1), batch, P, 0)
+    (pg_name, pg), (vf_name, vf), _, (_, vf2) = calls                    # epoch 1: pi_theta = pi_old; epoch 2: moved
+    assert not torch.allclose(vf2[0], batch["values"]) and torch.equal(vf2[1], batch["values"])  # clip around V_old
     same = lambda a, b: torch.equal(a, b)                                # noqa: E731
     assert same(pg[0], batch["logprobs"]) or torch.allclose(pg[0], batch["logprobs"], atol=1e-5)  # pi_theta = pi_old
     assert same(pg[1], batch["logprobs"]) and same(pg[2], batch["advantages"]) and same(pg[3], batch["mask"])
