@@ -103,6 +103,9 @@ class Config:
     ckpt_every: int = 50           # checkpoint every N iterations (0: only at the end)
     resume: bool = False           # continue from out_dir/ckpt.pt
     jstar_samples: int = 256       # samples per prompt from pi_init to estimate J* (0: skip)
+    exact_every: int = 10          # J, J* and the gap computed exactly, by enumerating every response, every N
+                                   # iterations (0: never); only runs when that is at most EXACT_LIMIT responses
+                                   # in all, e.g. --max_new_tokens=2 on the task (not at the default 20)
     # --- sampling from a trained policy
     sample: str = ""               # a trained policy's folder (out/policy): print completions with their reward, then exit
     prompt: str = ""               # the prompt to complete with --sample; empty: the first task prompts
@@ -602,8 +605,96 @@ def estimate_jstar(cfg, lm, prompt_tokens, prompts, reward_fn, enc, device):
     return jstar_x.mean().item(), (se_x.pow(2).sum().sqrt() / len(prompts)).item()
 
 
+EXACT_LIMIT = 5_000_000   # the most responses (over all prompts) the exact evaluator enumerates
+
+
+def n_responses(V, T):
+    """How many responses `generate` can return with V tokens and max_new_tokens = T: those ending in
+    end-of-text at step t < T (no end-of-text before), plus every sequence of T tokens without one before."""
+    return sum((V - 1) ** t for t in range(T - 1)) + (V - 1) ** (T - 1) * V
+
+
+def prefix_levels(V, T, eot):
+    """The prefixes generate may extend at steps 0..T-1, in a fixed order: (N_t, t) tokens with no end-of-text."""
+    prefixes, others = torch.zeros(1, 0, dtype=torch.long), torch.tensor([a for a in range(V) if a != eot])
+    for _ in range(T):
+        yield prefixes
+        prefixes = torch.cat([prefixes.repeat_interleave(len(others), 0), others.repeat(len(prefixes))[:, None]], 1)
+
+
+def all_responses(V, T, eot):
+    """Every response generate can return, (n, T) padded with end-of-text, in the order of response_logprobs."""
+    out = []
+    for t, prefixes in enumerate(prefix_levels(V, T, eot)):
+        if t < T - 1:                                                    # end-of-text at step t
+            out.append(torch.cat([prefixes, torch.full((len(prefixes), T - t), eot)], 1))
+        else:                                                            # any token at the last step
+            last = torch.arange(V).repeat(len(prefixes))[:, None]        # (N_t V, 1)
+            out.append(torch.cat([prefixes.repeat_interleave(V, 0), last], 1))
+    return torch.cat(out)                                                # (n, T)
+
+
+@torch.no_grad()
+def response_logprobs(cfg, lm, prompt_tokens, T, eot, V, chunk=4096):
+    """log pi(y|x) (prompts, n) of every response y of all_responses over the tokenizer's V tokens, under the
+    causal LM lm: one forward pass per prefix (prompt, prefix, a placeholder whose position predicts the next)."""
+    device, out = lm.device, []
+    prefix_logp = torch.zeros(len(prompt_tokens), 1, device=device)     # (X, 1) log pi(empty prefix)
+    for t, prefixes in enumerate(prefix_levels(V, T, eot)):
+        rows = [p + q + [eot] for p in prompt_tokens for q in prefixes.tolist()]  # prompt, prefix, placeholder
+        next_logp = []
+        for i in range(0, len(rows), chunk):
+            ids, mask = left_pad(rows[i:i + chunk], eot, device)         # (b, W)
+            with autocast(cfg, device):
+                logits, _ = lm_forward(lm, ids, mask, ids.shape[1] - 1, V)  # (b, 1, V) at the placeholder
+            next_logp.append(torch.log_softmax(logits[:, 0], -1))        # (b, V)
+        logp = prefix_logp[:, :, None] + torch.cat(next_logp).view(len(prompt_tokens), len(prefixes), V)  # (X, N_t, V)
+        if t == T - 1:
+            out.append(logp.flatten(1))                                  # (X, N_t V) any last token
+        else:
+            out.append(logp[:, :, eot])                                  # (X, N_t) end-of-text at step t
+            prefix_logp = logp[:, :, torch.arange(V, device=device) != eot].flatten(1)  # (X, N_t (V - 1))
+    return torch.cat(out, 1).double()                                    # (X, n)
+
+
+@torch.no_grad()
+def response_space(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc):
+    """What the exact evaluator needs that does not depend on the policy, computed once: the score of every
+    response to every prompt and its log-prob under pi_init, both (prompts, n). None when the responses are
+    more than EXACT_LIMIT in all (then nothing is enumerated)."""
+    V, T, eot, t0 = enc.n_vocab, cfg.max_new_tokens, enc.eot_token, time.time()  # generate's V tokens
+    if len(prompts) * n_responses(V, T) > EXACT_LIMIT:
+        return None
+    responses = all_responses(V, T, eot).tolist()                        # (n, T)
+    completions = enc.decode_batch([[a for a in r if a != eot] for r in responses])  # as sample() decodes them
+    rewards = []
+    for i, prompt in enumerate(prompts):
+        rewards.append(call_reward(cfg, reward_fn, [prompt] * len(completions), completions))  # (n,)
+        status(f"exact evaluation: scoring {len(prompts)} x {len(completions)} responses: {i + 1}/{len(prompts)} | "
+               f"{time.time() - t0:.0f}s", done=i + 1 == len(prompts))
+    return {"cfg": cfg, "prompt_tokens": prompt_tokens, "max_new_tokens": T, "eot": eot, "V": V,
+            "rewards": torch.stack(rewards).double(), "ref_logprobs": response_logprobs(cfg, ref_lm, prompt_tokens, T, eot, V).cpu()}
+
+
+@torch.no_grad()
+def exact_eval(lm, space, lam):
+    """The exact objective of the policy lm, by enumeration, averaged over prompts: E[R] (reward_exact),
+    KL(pi || pi_init) (kl_exact), J = E[R] - lambda KL (J_exact), J* = lambda log E_{pi_init}[exp(R/lambda)]
+    (jstar_exact), the gap J* - J = lambda KL(pi || pi*) (gap_exact) and KL(pi || pi*) (klstar_exact)."""
+    logp = response_logprobs(space["cfg"], lm, space["prompt_tokens"], space["max_new_tokens"], space["eot"],
+                             space["V"]).cpu()                           # (X, n)
+    ref_logp, R = space["ref_logprobs"], space["rewards"]                # (X, n), (X, n)
+    p = logp.exp()                                                       # (X, n) pi(y|x), sums to 1 over y
+    reward, kl = (p * R).sum(1), (p * (logp - ref_logp)).sum(1)          # (X,), (X,)
+    jstar = lam * torch.logsumexp(ref_logp + R / lam, 1)                 # (X,) lambda log Z(x)
+    klstar = (p * (logp - ref_logp - R / lam)).sum(1) + jstar / lam      # (X,) KL(pi || pi*)
+    stats = {"reward_exact": reward, "kl_exact": kl, "J_exact": reward - lam * kl, "jstar_exact": jstar,
+             "gap_exact": jstar - (reward - lam * kl), "klstar_exact": klstar}
+    return {k: v.mean().item() for k, v in stats.items()}
+
+
 LOGGED = [("reward", ".3f"), ("kl", ".3f"), ("J", ".3f"), ("gap", ".3f"), ("entropy", ".2f"), ("distinct2", ".2f"),
-          ("approx_kl", ".4f"), ("clipfrac", ".3f"), ("vf_loss", ".4f"), ("mem_mb", ".0f")]  # the log line
+          ("approx_kl", ".4f"), ("clipfrac", ".3f"), ("vf_loss", ".4f"), ("gap_exact", ".4f"), ("mem_mb", ".0f")]  # the log line
 
 
 def get_device(cfg):
@@ -657,6 +748,7 @@ def train(cfg):
     ref_lm = lm.eval().requires_grad_(False)
     jstar, jstar_se = (estimate_jstar(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc, device)
                        if cfg.jstar_samples else (None, None))
+    space = (response_space(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc) if cfg.exact_every else None)
     torch.manual_seed(cfg.seed + rank())                                 # each process its own stream
     policy = PolicyWithValue(copy.deepcopy(ref_lm).requires_grad_(True), enc.n_vocab).to(device).eval()  # no dropout,
     # so the update sees the very policy that sampled (pi_theta = pi_old before the first step)
@@ -676,10 +768,13 @@ def train(cfg):
     if master:
         print(f"{cfg.algo} | lambda {cfg.lam} | {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters | "
               f"{len(prompts)} prompts | device {device}" + (f" x {world_size()} processes" if dist.is_initialized() else "")
-              + (f" | J* {jstar:.4f} +- {jstar_se:.4f}" if cfg.jstar_samples else ""))
+              + (f" | J* {jstar:.4f} +- {jstar_se:.4f}" if cfg.jstar_samples else "")
+              + (f" | exact evaluation of {space['rewards'].numel()} responses" if space else ""))
 
     bad_steps, history = 0, []
     for it in range(start, cfg.iters):
+        exact = (exact_eval(policy.lm, space, cfg.lam) if space and master and (it == 0 or (it + 1) % cfg.exact_every == 0)
+                 else {})                                                # of pi_old, the policy that samples next
         t0 = time.time()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -689,6 +784,7 @@ def train(cfg):
                      mem_mb=peak_memory_mb(device))
         if cfg.jstar_samples:
             stats.update(gap=jstar - stats["J"], jstar=jstar, jstar_se=jstar_se)
+        stats.update(exact)
         history.append(stats)
         if master:
             if it == 0:                                                  # a fresh run has results of its own:

@@ -1,0 +1,162 @@
+"""
+Mutation check: which realistic one-line bugs would the tests miss?
+
+Each mutation replaces one snippet of one file in a temporary copy of the repository, then runs a fast
+subset of the tests there (stopping at the first failure). A mutation is "caught" when a test fails,
+"SURVIVED" when all pass. A snippet that is no longer found (exactly once) stops the script before
+anything runs, so the list cannot rot silently: update it with the code.
+
+Run:   python tools/mutate.py             (all mutations, 2 at a time; a caught mutant takes 20-100 s on
+                                           2 busy cores, one that survives the fast tests also runs the
+                                           end-to-end ones, several minutes)
+       python tools/mutate.py -k gae       (those whose name contains 'gae')
+       python tools/mutate.py --list       (print the list)
+       python tools/mutate.py --tests="rollout or update"   (only the tests matching this pytest -k)
+The tests' pi_init is pre-trained once, in a shared folder (APA_TEST_SFT_DIR), not once per mutation.
+"""
+import argparse
+import concurrent.futures
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = ["test_losses.py", "tests/test_exact.py"]    # fast enough for one run per mutation, and enough
+
+# (name, file, original snippet, replacement): each a bug someone could plausibly write
+MUTATIONS = [
+    # wiring of train.py
+    ("ref log-probs from the policy", "train.py",
+     "ref_logits, _ = lm_forward(ref_lm, input_ids", "ref_logits, _ = lm_forward(policy.lm, input_ids"),
+    ("default APA form handed ref_logprobs", "train.py",
+     'ref = mb["ref_logprobs"] if cfg.apa_form == "paper" else None', 'ref = mb["ref_logprobs"]'),
+    ("APA advantages whitened in rollout", "train.py",
+     'if cfg.algo == "ppo":\n        advantages = masked_whiten', 'if True:\n        advantages = masked_whiten'),
+    ("PPO advantages not whitened", "train.py",
+     'if cfg.algo == "ppo":\n        advantages = masked_whiten', 'if False:\n        advantages = masked_whiten'),
+    ("paper form keeps the KL term in its reward", "train.py",
+     'kl_coef = 0.0 if cfg.algo == "apa" and cfg.apa_form == "paper" else cfg.lam', "kl_coef = cfg.lam"),
+    ("gamma and gae_lambda swapped in the call to gae", "train.py",
+     "gae(rewards, values, mask, cfg.gamma, cfg.gae_lambda)", "gae(rewards, values, mask, cfg.gae_lambda, cfg.gamma)"),
+    ("value clip around the returns (arguments swapped)", "train.py",
+     'value_loss(values, mb["values"], mb["returns"]', 'value_loss(values, mb["returns"], mb["values"]'),
+    ("value clip around the current values", "train.py",
+     'value_loss(values, mb["values"], mb["returns"]', 'value_loss(values, values.detach(), mb["returns"]'),
+    ("finished rows not padded with end-of-text", "train.py",
+     "tok = torch.where(done, eot, tok)", "tok = tok"),
+    ("logged kl counts padding", "train.py",
+     "kl = ((logprobs - ref_logprobs) * mask).sum(1)", "kl = (logprobs - ref_logprobs).sum(1)"),
+    ("logged J adds the KL", "train.py",
+     '"J": (scores - cfg.lam * kl)', '"J": (scores + cfg.lam * kl)'),
+    ("response mask stops before end-of-text", "train.py",
+     "mask = (is_eot.cumsum(1) - is_eot == 0).float()", "mask = (is_eot.cumsum(1) == 0).float()"),
+    ("position ids ignore left padding", "train.py",
+     "position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)",
+     "position_ids = torch.arange(attention_mask.shape[1]).expand_as(attention_mask)"),
+    ("APA anchored on ref log-probs as old log-probs", "train.py",
+     'apa_loss(logprobs, mb["logprobs"]', 'apa_loss(logprobs, mb["ref_logprobs"]'),
+    ("exact J* without lambda", "train.py",
+     "jstar = lam * torch.logsumexp(ref_logp + R / lam, 1)", "jstar = torch.logsumexp(ref_logp + R / lam, 1)"),
+    # the shared machinery and the losses
+    ("approx_kl log-ratio sign flipped", "ppo.py",
+     "log_ratio = logprobs - old_logprobs", "log_ratio = old_logprobs - logprobs"),
+    ("value clip around the returns", "ppo.py",
+     "values_clipped = old_values + torch.clamp(values - old_values", "values_clipped = returns + torch.clamp(values - returns"),
+    ("value loss min instead of max", "ppo.py",
+     "torch.max(vf_loss1, vf_loss2)", "torch.min(vf_loss1, vf_loss2)"),
+    ("PPO surrogate min instead of max", "ppo.py",
+     "torch.max(pg_loss1, pg_loss2)", "torch.min(pg_loss1, pg_loss2)"),
+    ("PPO ratio inverted", "ppo.py",
+     "ratio = torch.exp(logprobs - old_logprobs)", "ratio = torch.exp(old_logprobs - logprobs)"),
+    ("KL term zeroed", "ppo.py",
+     "rewards = -kl_coef * (logprobs - ref_logprobs) * valid", "rewards = 0 * (logprobs - ref_logprobs) * valid"),
+    ("KL term sign flipped", "ppo.py",
+     "rewards = -kl_coef * (logprobs - ref_logprobs) * valid", "rewards = kl_coef * (logprobs - ref_logprobs) * valid"),
+    ("score on the first token", "ppo.py",
+     "last = valid.sum(1).long() - 1", "last = 0 * valid.sum(1).long()"),
+    ("GAE without lambda", "ppo.py",
+     "running = deltas[:, t] + gamma * lam * running", "running = deltas[:, t] + gamma * running"),
+    ("GAE values not zeroed after the last token", "ppo.py",
+     "values, rewards = values * valid, rewards * valid", "rewards = rewards * valid"),
+    ("APA target sign", "apa.py", "target = anchor + advantages / lam", "target = anchor - advantages / lam"),
+    ("APA lambda -> 2 lambda", "apa.py", "target = anchor + advantages / lam", "target = anchor + advantages / (2 * lam)"),
+    ("APA abs instead of square", "apa.py",
+     "masked_mean((logprobs - target) ** 2, mask)", "masked_mean((logprobs - target).abs(), mask)"),
+]
+
+
+def check(mutations):
+    """Every original snippet occurs exactly once in its file; otherwise stop, loudly."""
+    bad = []
+    for name, path, old, _ in mutations:
+        with open(os.path.join(ROOT, path)) as f:
+            n = f.read().count(old)
+        if n != 1:
+            bad.append(f"  {name!r}: {path} holds the snippet {n} times (must be exactly once): {old!r}")
+    if bad:
+        sys.exit("mutation snippets out of date:\n" + "\n".join(bad))
+
+
+def copy_repo(dst):
+    ignore = shutil.ignore_patterns(".git", ".venv", "out", "__pycache__", ".pytest_cache", "*.pyc")
+    shutil.copytree(ROOT, dst, ignore=ignore)
+
+
+def run_one(mutation, env, tests, only=""):
+    name, path, old, new = mutation
+    with tempfile.TemporaryDirectory(prefix="mutant_") as tmp:
+        repo = os.path.join(tmp, "repo")
+        copy_repo(repo)
+        file = os.path.join(repo, path)
+        with open(file) as f:
+            text = f.read()
+        with open(file, "w") as f:
+            f.write(text.replace(old, new, 1))
+        t0 = time.time()
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+                              + (["-k", only] if only else []),
+                              cwd=repo, env=env, capture_output=True, text=True)
+        failed = re.findall(r"^FAILED (\S+)", proc.stdout, re.M)
+        errored = re.findall(r"^ERROR (\S+)", proc.stdout, re.M)
+        caught_by = (failed or errored or [f"exit status {proc.returncode}"])[0] if proc.returncode else ""
+        return name, path, caught_by, time.time() - t0
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-k", default="", help="only the mutations whose name contains this (or one of these, comma-separated)")
+    parser.add_argument("--jobs", type=int, default=2, help="mutants tested at the same time")
+    parser.add_argument("--list", action="store_true", help="print the mutations and exit")
+    parser.add_argument("--tests", default="", help="run only the tests matching this pytest -k expression")
+    args = parser.parse_args()
+    check(MUTATIONS)
+    chosen = [m for m in MUTATIONS if any(k.strip() in m[0].lower() for k in args.k.lower().split(","))]
+    if args.list:
+        for name, path, old, new in chosen:
+            print(f"{name}  ({path}): {old!r} -> {new!r}")
+        return
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    shared = env.setdefault("APA_TEST_SFT_DIR", os.path.join(tempfile.gettempdir(), "apa_mutate_sft"))
+    print(f"{len(chosen)} mutations, {args.jobs} at a time; tests: {' '.join(TESTS)}; pi_init cached in {shared}")
+    t0, survived = time.time(), []
+    warm = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "tests/test_exact.py",
+                           "-k", "rollout_against_slow_versions and ppo"], cwd=ROOT, env=env)  # pi_init, once
+    if warm.returncode:
+        sys.exit("the unmutated code fails the tests: fix that first")
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        for name, path, caught_by, seconds in pool.map(lambda m: run_one(m, env, TESTS, args.tests), chosen):
+            print(f"{'caught  ' if caught_by else 'SURVIVED'} {name} ({path}, {seconds:.0f}s)"
+                  + (f": {caught_by}" if caught_by else ""), flush=True)
+            if not caught_by:
+                survived.append(name)
+    print(f"{len(chosen) - len(survived)}/{len(chosen)} caught in {time.time() - t0:.0f}s"
+          + (f"; survived: {', '.join(survived)}" if survived else ""))
+    sys.exit(1 if survived else 0)
+
+
+if __name__ == "__main__":
+    main()
