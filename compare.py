@@ -199,7 +199,19 @@ def run_all(cfg, runs):
 
 
 def gap_key(rows):
-    return "gap_exact" if rows and "gap_exact" in rows[0] else "gap"
+    return "gap_exact" if any("gap_exact" in r for r in rows) else "gap"
+
+
+def gap_curve(rows, n=10):
+    """(samples, gap): the exact gap where train.py logged it (every exact_every iterations; no sampling
+    noise, so not smoothed), else the sampled gap's n-iteration moving mean."""
+    key = gap_key(rows)
+    points = [(r["samples"], r[key]) for r in rows if key in r]
+    x, y = np.array(points, dtype=float).T
+    if key == "gap_exact":
+        return x, y
+    y = moving_mean(y, n)
+    return x[len(x) - len(y):], y
 
 
 def moving_mean(x, n=10):
@@ -209,14 +221,14 @@ def moving_mean(x, n=10):
 
 def summary(rows, last=20):
     """Final values (means over the last `last` iterations), the largest 10-iteration mean of KL, and
-    the samples until the 10-iteration mean gap first falls to a quarter of its start."""
+    the samples until the gap (exact, or the sampled one's 10-iteration mean) first falls to a quarter of its start."""
     tail, g = rows[-last:], gap_key(rows)
     out = {k: float(np.mean([r[k] for r in tail])) for k in ("reward", "kl", "distinct2", "entropy")}
-    out["gap"] = float(np.mean([r[g] for r in tail]))
+    out["gap"] = float(np.mean([r[g] for r in tail if g in r]))
     out["kl_max"] = float(moving_mean([r["kl"] for r in rows]).max())
-    gaps = moving_mean([r[g] for r in rows])
+    samples, gaps = gap_curve(rows)
     reached = np.nonzero(gaps <= gaps[0] / 4)[0]
-    out["samples_to_quarter_gap"] = rows[reached[0] + 9]["samples"] if len(reached) else math.nan
+    out["samples_to_quarter_gap"] = samples[reached[0]] if len(reached) else math.nan
     return out
 
 
@@ -323,8 +335,11 @@ def plot_curves(runs, path, what=""):
         n = min(len(rows) for rows in group)
         x = np.array([r["samples"] for r in group[0][:n]])
         for ax, (key, ylabel) in zip(axes, labels):
-            curves = np.array([moving_mean([r[key or gap_key(rows)] for r in rows[:n]]) for rows in group])
-            xs = x[len(x) - curves.shape[1]:]
+            if key is None:
+                xs, curves = gap_curve(group[0][:n])[0], np.array([gap_curve(rows[:n])[1] for rows in group])
+            else:
+                curves = np.array([moving_mean([r[key] for r in rows[:n]]) for rows in group])
+                xs = x[len(x) - curves.shape[1]:]
             color = f"C{i}"
             name = ", ".join(f"{SETTINGS[k]}{v}" for k, v in zip(differ, label)) or "run"
             finals[key].append(abs(curves.mean(0)[-1]))

@@ -841,7 +841,7 @@ def sample_policy(cfg):
 
 
 RESUME_MAY_CHANGE = {"iters", "lr", "out_dir", "sft_dir", "sample_every", "ckpt_every", "max_bad_steps", "resume",
-                     "device", "precision", "sample", "prompt", "num_samples"}  # any other change mixes two runs
+                     "device", "precision", "sample", "prompt", "num_samples", "exact_every"}  # any other change mixes two runs
 
 
 def save_checkpoint(path, policy, opt, iteration, cfg, metrics_line):

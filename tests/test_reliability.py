@@ -324,6 +324,6 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(sft_dir, 
           "the previous checkpoint is intact")
     monkeypatch.undo()
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["iter"] == 2
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "metrics.jsonl"]  # no temporary file left
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "config.json", "metrics.jsonl"]  # no temporary file left
     train.main(tiny_args(sft_dir, tmp_path, iters=6, ckpt_every=2, resume=True))
     assert [r["iter"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
