@@ -134,7 +134,7 @@ def torchrun(out_dir, sft_dir, *extra):
 
 def read_metrics(out_dir):
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [{k: v for k, v in json.loads(line).items() if k not in ("ms", "mem_mb")}  # timings for line in f]
+        return [{k: v for k, v in json.loads(line).items() if k not in ("ms", "mem_mb")} for line in f]  # no timings
 
 
 def test_torchrun_trains_checkpoints_and_resumes_after_a_kill(tmp_path):
