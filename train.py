@@ -806,7 +806,9 @@ def train(cfg):
         if isinstance(enc, data.HFTokenizer):                            # from_pretrained finds the tokenizer too
             enc.tok.save_pretrained(os.path.join(cfg.out_dir, "policy"))
         write_config(os.path.join(cfg.out_dir, "policy", "apa_config.json"), cfg)  # its tokenizer and reward (--sample)
-    if dist.is_initialized():
+    if dist.is_initialized():                                            # every process here, rank 0 done writing,
+        dist.barrier()                                                   # then the DDP wrapper before its group
+        del model
         dist.destroy_process_group()
     return history
 
