@@ -27,7 +27,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = ["test_losses.py", "tests/test_exact.py"]    # fast enough for one run per mutation, and enough
 
-# (name, file, original snippet, replacement): each a bug someone could plausibly write
+# (name, file, original snippet, replacement[, tests]): each a bug someone could plausibly write; without
+# tests of its own, a mutation runs TESTS
 MUTATIONS = [
     # wiring of train.py
     ("ref log-probs from the policy", "train.py",
@@ -51,7 +52,7 @@ MUTATIONS = [
     ("logged kl counts padding", "train.py",
      "kl = ((logprobs - ref_logprobs) * mask).sum(1)", "kl = (logprobs - ref_logprobs).sum(1)"),
     ("logged J adds the KL", "train.py",
-     '"J": (scores - cfg.lam * kl)', '"J": (scores + cfg.lam * kl)'),
+     '"J": global_mean(scores - cfg.lam * kl)', '"J": global_mean(scores + cfg.lam * kl)'),
     ("response mask stops before end-of-text", "train.py",
      "mask = (is_eot.cumsum(1) - is_eot == 0).float()", "mask = (is_eot.cumsum(1) == 0).float()"),
     ("position ids ignore left padding", "train.py",
@@ -86,13 +87,31 @@ MUTATIONS = [
     ("APA lambda -> 2 lambda", "apa.py", "target = anchor + advantages / lam", "target = anchor + advantages / (2 * lam)"),
     ("APA abs instead of square", "apa.py",
      "masked_mean((logprobs - target) ** 2, mask)", "masked_mean((logprobs - target).abs(), mask)"),
+    ("AWR weight exp(-Adv/lambda')", "apa.py",
+     "weights = torch.exp(advantages / awr_lam)", "weights = torch.exp(-advantages / awr_lam)"),
+    ("AWR weight Adv * lambda'", "apa.py",
+     "weights = torch.exp(advantages / awr_lam)", "weights = torch.exp(advantages * awr_lam)"),
+    # the rest of the program: each with the tests that guard it (a fifth element)
+    ("data parallel: loss not rescaled by the global token count", "train.py",
+     "(loss * (n * world / N)).backward()", "loss.backward()", ["tests/test_ddp.py"]),
+    ("data parallel: whitening per process", "train.py",
+     "masked_whiten(advantages, mask, mean_fn=global_mean)", "masked_whiten(advantages, mask)", ["tests/test_ddp.py"]),
+    ("padded vocabulary not cut in the sampler", "train.py",
+     "logp = torch.log_softmax(vocab_logits(out.logits[:, -1], n_vocab), -1)",
+     "logp = torch.log_softmax(out.logits[:, -1].float(), -1)", ["tests/test_models.py"]),
+    ("any boolean spelling read as true", "train.py",
+     'if text.lower() in ("true", "1"):', 'if text.lower() not in ("false", "0"):', ["tests/test_cli.py"]),
+    ("resume accepts a changed config", "train.py", "    if changed:\n", "    if False:\n",
+     ["tests/test_reliability.py"]),
+    ("a fresh run overwrites the earlier run", "train.py",
+     "                keep_previous_run(cfg.out_dir)", "                pass", ["test_train.py"]),
 ]
 
 
 def check(mutations):
     """Every original snippet occurs exactly once in its file; otherwise stop, loudly."""
     bad = []
-    for name, path, old, _ in mutations:
+    for name, path, old, *_ in mutations:
         with open(os.path.join(ROOT, path)) as f:
             n = f.read().count(old)
         if n != 1:
@@ -107,7 +126,8 @@ def copy_repo(dst):
 
 
 def run_one(mutation, env, tests, only=""):
-    name, path, old, new = mutation
+    name, path, old, new, *own_tests = mutation
+    tests = own_tests[0] if own_tests else tests
     with tempfile.TemporaryDirectory(prefix="mutant_") as tmp:
         repo = os.path.join(tmp, "repo")
         copy_repo(repo)
@@ -136,7 +156,7 @@ def main():
     check(MUTATIONS)
     chosen = [m for m in MUTATIONS if any(k.strip() in m[0].lower() for k in args.k.lower().split(","))]
     if args.list:
-        for name, path, old, new in chosen:
+        for name, path, old, new, *_ in chosen:
             print(f"{name}  ({path}): {old!r} -> {new!r}")
         return
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
