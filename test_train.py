@@ -100,6 +100,7 @@ def test_training_runs_and_reward_improves(algo, sft_dir, tmp_path):
     assert len(history) == 30 and read_metrics(tmp_path) == history
     for row in history:
         assert all(torch.isfinite(torch.tensor(v)) for v in row.values())
+        assert row["J"] == pytest.approx(row["reward"] - train.Config.lam * row["kl"], abs=1e-6)  # J = R - lambda KL
     first = sum(r["reward"] for r in history[:5]) / 5
     last = sum(r["reward"] for r in history[-5:]) / 5
     print(f"{algo}: reward {first:.3f} -> {last:.3f}, J* {history[0]['jstar']:.3f}")
