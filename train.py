@@ -169,16 +169,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """The module docstring as written, and each flag's default after its help."""
 
 
-def parse_config(argv):
-    cfg = parse_args(Config, argv, __doc__)
-    if cfg.prompts and not os.path.exists(cfg.prompts):
-        raise ValueError(f"{cfg.prompts} does not exist")
-    for path in (cfg.init, cfg.reward_model):                           # a local path, not a hub id ("gpt2", "org/name")
-        if path and not os.path.exists(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
-            raise ValueError(f"{path} does not exist")
-    return cfg
-
-
 def validate(cfg):
     """Refuse settings that mean nothing, saying why, before anything is read or written."""
     for f in dataclasses.fields(cfg):
@@ -222,6 +212,11 @@ def validate(cfg):
             raise ValueError(f"{name} must be {what}, got {getattr(cfg, name)!r}")
     if cfg.batch_size % cfg.minibatch_size:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by minibatch_size {cfg.minibatch_size}")
+    if cfg.prompts and not os.path.exists(cfg.prompts):
+        raise ValueError(f"{cfg.prompts} does not exist")
+    for path in (cfg.init, cfg.reward_model):                           # a local path, not a hub id ("gpt2", "org/name")
+        if path and not os.path.exists(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+            raise ValueError(f"{path} does not exist")
     get_device(cfg)
 
 
@@ -976,7 +971,7 @@ def main(argv=None):
     hf_logging.disable_progress_bar()
     cfg = None
     try:
-        cfg = parse_config(sys.argv[1:] if argv is None else argv)
+        cfg = parse_args(Config, sys.argv[1:] if argv is None else argv, __doc__)
         validate(cfg)
         if cfg.sample:
             return sample_policy(cfg)
