@@ -85,6 +85,9 @@ class HFTokenizer:
     def decode(self, ids):
         return self.tok.decode(ids)
 
+    def decode_batch(self, batch):
+        return self.tok.batch_decode(batch)
+
 
 def review(rng):
     """One review from the grammar, e.g. 'the film felt quite boring and the music was superb.'"""

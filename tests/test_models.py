@@ -172,3 +172,12 @@ def test_bf16_run_trains_and_starts_at_ratio_one(tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for r in history for v in r.values())
     trained = AutoModelForCausalLM.from_pretrained(out / "policy").state_dict()
     assert any(not torch.equal(v, trained[k]) for k, v in lm.state_dict().items())
+
+
+def test_exact_evaluation_runs_with_a_checkpoints_own_tokenizer(tmp_path):
+    """The exact evaluator decodes every response with the run's tokenizer, a Hugging Face one too."""
+    init = tmp_path / "init"
+    save_checkpoint("gpt_neox", init)
+    history = train.main(run_args(init, tmp_path / "out", "--max_new_tokens=1", "--exact_every=1"))
+    for row in history:                                             # J* and J exactly, gap = J* - J >= 0
+        assert row["gap_exact"] == pytest.approx(row["jstar_exact"] - row["J_exact"]) and row["gap_exact"] >= 0
