@@ -2,7 +2,7 @@
 Measurements of train.py's pieces, for the default tiny model (0.44M parameters, the task's vocabulary)
 and a GPT-2-small-shaped model (124M, vocabulary 50,257), both with random weights (nothing to download):
 
-1. our sampler (train.generate: KV cache, log-probs of the sampled tokens) against transformers'
+1. our sampler (model.generate: KV cache, log-probs of the sampled tokens) against transformers'
    `generate` with the same batch, the same left-padded prompts and log-probs too (output_scores and
    compute_transition_scores), at temperature 1 without top-k. The two run interleaved (A B B A ...),
    since on a shared machine absolute times drift; the ratio is the median of the rounds' ratios.
@@ -24,7 +24,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
+import common
 import data
+import model
 import train
 
 
@@ -60,7 +62,7 @@ def length_reward(prompts, completions):
 
 def make_model(name):
     if name == "tiny":
-        return train.tiny_gpt(train.Config(), data.task_encoding().n_vocab)
+        return model.tiny_gpt(train.Config(), data.task_encoding().n_vocab)
     return GPT2LMHeadModel(GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))  # GPT-2 small's shape
 
 
@@ -70,13 +72,13 @@ def sync(device):
 
 
 def time_samplers(args, cfg, lm, enc, device):
-    """Tokens/s of train.generate and of transformers' generate, interleaved, and the median ratio."""
+    """Tokens/s of model.generate and of transformers' generate, interleaved, and the median ratio."""
     lengths = torch.randint(args.prompt_len // 2, args.prompt_len + 1, (args.batch_size,)).tolist()
     prompts = [torch.randint(enc.n_vocab - 1, (n,)).tolist() for n in lengths]
-    ids, mask = train.left_pad(prompts, enc.eot_token, device)          # (B, P)
+    ids, mask = model.left_pad(prompts, enc.eot_token, device)          # (B, P)
 
     def ours():
-        response, _, logprobs = train.generate(lm, ids, mask, args.max_new_tokens, enc.eot_token, enc.n_vocab)
+        response, _, logprobs = model.generate(lm, ids, mask, args.max_new_tokens, enc.eot_token, enc.n_vocab)
         return response.shape[1]
 
     def theirs():
@@ -89,7 +91,7 @@ def time_samplers(args, cfg, lm, enc, device):
     def tokens_per_s(fn):
         sync(device)
         t0 = time.perf_counter()
-        with torch.no_grad(), train.autocast(cfg, device):
+        with torch.no_grad(), model.autocast(cfg, device):
             steps = fn()
         sync(device)
         return args.batch_size * steps / (time.perf_counter() - t0)
@@ -110,7 +112,7 @@ def time_iterations(args, cfg, lm, enc, device):
                for n in torch.randint(args.prompt_len // 2, args.prompt_len + 1, (64,)).tolist()]
     prompt_tokens = [enc.encode_ordinary(p) for p in prompts]
     ref_lm = lm.eval().requires_grad_(False)
-    policy = train.PolicyWithValue(copy.deepcopy(ref_lm).requires_grad_(True), enc.n_vocab).to(device).eval()
+    policy = model.PolicyWithValue(copy.deepcopy(ref_lm).requires_grad_(True), enc.n_vocab).to(device).eval()
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     generate, gen_s = train.generate, []
 
@@ -146,7 +148,7 @@ def peak_memory_gb(device):
 def main(argv=None):
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    args = train.parse_args(Bench, sys.argv[1:] if argv is None else argv, __doc__)
+    args = common.parse_args(Bench, sys.argv[1:] if argv is None else argv, __doc__)
     device = train.get_device(args)
     cfg = train.Config(batch_size=args.batch_size, minibatch_size=max(1, args.batch_size // 2), epochs=args.epochs,
                        max_new_tokens=args.max_new_tokens, device=args.device)

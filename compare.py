@@ -180,9 +180,10 @@ def run_all(cfg, runs):
     if not jobs:
         return
     import data
+    import model
     import torch
     import train
-    train.pretrain(dataclasses.replace(train.Config(), **jobs[0][0]), data.get_encoding("task"),
+    model.pretrain(dataclasses.replace(train.Config(), **jobs[0][0]), data.get_encoding("task"),
                    torch.device("cpu"))                  # pi_init, once, before the workers start
     if cfg.workers > 1:
         with multiprocessing.get_context("spawn").Pool(cfg.workers, initializer=init_worker) as pool:
@@ -378,7 +379,7 @@ def plot_stability(cfg, lrs, iters, seeds, path):
         ax.errorbar(x, mean, yerr=[mean - [g.min() for g in gaps], [g.max() for g in gaps] - mean], marker="o",
                     capsize=3, color=f"C{i}", label=NAMES[algo])
     ax.set(xscale="log", yscale="log", xlabel="learning rate (Adam)",
-           ylabel=f"final gap J* - J (mean of last 20 iterations)",
+           ylabel="final gap J* - J (mean of last 20 iterations)",
            title=f"Stability map: {iters} iterations, " + (f"{len(seeds)} seeds (bars: min to max)" if len(seeds) > 1
                                                             else f"seed {seeds[0]}"))
     ax.grid(alpha=0.3, which="both")
@@ -431,11 +432,11 @@ def compare(cfg):
 
 
 def main(argv=None):
-    import train
+    import common
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     try:
-        cfg = train.parse_args(CompareConfig, sys.argv[1:] if argv is None else argv, __doc__)
+        cfg = common.parse_args(CompareConfig, sys.argv[1:] if argv is None else argv, __doc__)
     except ValueError as e:
         raise SystemExit("error: " + " ".join(str(e).split()))
     if cfg.plot:

@@ -23,6 +23,7 @@ import json
 import os
 import random
 
+import numpy as np
 import tiktoken
 import torch
 
@@ -196,3 +197,27 @@ def reward_model_fn(path, enc, device):
                      "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)}
         return model(**batch).logits[:, -1].float().tolist()
     return score
+
+
+def call_reward(cfg, reward_fn, prompts, completions):
+    """The scores (B,) of the user's reward function or model; whatever goes wrong, one line that names it."""
+    name = f"reward model {cfg.reward_model}" if cfg.reward_model else f"reward function {cfg.reward_fn}"
+    try:
+        scores = reward_fn(prompts, completions)
+    except Exception as e:
+        raise ValueError(f"{name} raised {type(e).__name__}: {e} (APA_DEBUG=1 shows the traceback)") from e
+    return check_scores(scores, len(completions), name)
+
+
+def check_scores(scores, n, name="reward function"):
+    if not isinstance(scores, (list, tuple, np.ndarray, torch.Tensor)):
+        raise ValueError(f"{name} returned a {type(scores).__name__}: expected a list of {n} floats")
+    try:
+        scores = torch.as_tensor(scores, dtype=torch.float32).flatten().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name} returned {str(scores)[:80]}: expected a list of {n} floats") from None
+    if scores.shape != (n,):
+        raise ValueError(f"{name} returned {tuple(scores.shape)} scores for {n} completions")
+    if not torch.isfinite(scores).all():
+        raise ValueError(f"{name} returned non-finite scores: {scores[~torch.isfinite(scores)].tolist()[:5]}")
+    return scores

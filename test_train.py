@@ -11,11 +11,11 @@ import subprocess
 import sys
 
 import pytest
-import tiktoken
 import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
 import data
+import model
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -76,12 +76,12 @@ def test_sampler_logprobs_equal_full_forward_pass():
     lm = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=32, n_embd=16, n_layer=2, n_head=2,
                                     bos_token_id=eot, eos_token_id=eot)).eval()
     prompts = [[0, 1, 2], [3], [1, 1, 0, 2, 3], [2, 0]]             # different lengths: left padding
-    ids, mask = train.left_pad(prompts * 4, eot, torch.device("cpu"))
-    response, resp_mask, sampler_logprobs = train.generate(lm, ids, mask, 12, eot)
+    ids, mask = model.left_pad(prompts * 4, eot, torch.device("cpu"))
+    response, resp_mask, sampler_logprobs = model.generate(lm, ids, mask, 12, eot)
     with torch.no_grad():
-        logits, _ = train.lm_forward(lm, torch.cat([ids, response], 1),
+        logits, _ = model.lm_forward(lm, torch.cat([ids, response], 1),
                                      torch.cat([mask, torch.ones_like(response)], 1), ids.shape[1])
-    full = train.token_logprobs(logits, response) * resp_mask
+    full = model.token_logprobs(logits, response) * resp_mask
     torch.testing.assert_close(sampler_logprobs, full, atol=1e-5, rtol=1e-5)
     # the mask covers every token up to and including the first end-of-text, nothing after it
     for row, m in zip(response.tolist(), resp_mask.tolist()):

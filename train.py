@@ -1,6 +1,8 @@
 """
 RLHF of a small GPT with APA, PPO or AWR, in one readable loop: sample, score, estimate values and
-advantages, update. The three share everything but the policy loss (apa.py, ppo.py).
+advantages, update. The three share everything but the policy loss (apa.py, ppo.py). Beside them:
+model.py (the policy with its value head, the sampler, the tiny GPT), data.py (tokenizers, prompts,
+rewards), exact.py (the exact evaluator), common.py (command line, checkpoints, data-parallel helpers).
 
 Paper: Zhu et al. 2023, "Fine-Tuning Language Models with Advantage-Induced Policy Alignment",
 arXiv 2306.02231. Run: python train.py  (APA on the embedded task, a few minutes on a CPU)
@@ -20,22 +22,14 @@ Where this departs from the paper and the authors' code:
    parameters, and the reward is a lexicon, not a reward model (both can be swapped: --init,
    --reward_model, --reward_fn, --prompts).
 """
-import argparse
 import contextlib
 import copy
 import dataclasses
-import difflib
-import fcntl
-import inspect
 import json
 import math
 import os
-import re
-import resource
-import shutil
 import sys
 import time
-import typing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -43,14 +37,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 import data
 from apa import apa_loss, awr_loss
-from ppo import gae, kl_penalized_rewards, masked_mean, masked_whiten, ppo_policy_loss, value_loss
+from common import (exclusive, gather_all, global_mean, global_token_means, init_distributed, keep_previous_run,
+                    load_checkpoint, parse_args, peak_memory_mb, rank, read_checkpoint, save_checkpoint, status,
+                    world_size, write_config)
+from data import call_reward
+from exact import exact_eval, response_space
+from model import PolicyWithValue, autocast, entropy, generate, left_pad, lm_forward, pretrain, token_logprobs
+from ppo import gae, kl_penalized_rewards, masked_whiten, ppo_policy_loss, value_loss
 
 # ---------------------------------------------------------------------------------------------
 # config
@@ -104,69 +103,12 @@ class Config:
     resume: bool = False           # continue from out_dir/ckpt.pt
     jstar_samples: int = 256       # samples per prompt from pi_init to estimate J* (0: skip)
     exact_every: int = 10          # J, J* and the gap computed exactly, by enumerating every response, every N
-                                   # iterations (0: never); only runs when that is at most EXACT_LIMIT responses
+                                   # iterations (0: never); only runs when that is at most exact.EXACT_LIMIT responses
                                    # in all, e.g. --max_new_tokens=2 on the task (not at the default 20)
     # --- sampling from a trained policy
     sample: str = ""               # a trained policy's folder (out/policy): print completions with their reward, then exit
     prompt: str = ""               # the prompt to complete with --sample; empty: the first task prompts
     num_samples: int = 4           # completions printed by --sample
-
-
-class ArgumentError(ValueError):
-    """A bad command line; main() prints it as one line."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):                                            # argparse would print usage and exit 2
-        raise ArgumentError(message)
-
-
-def parse_args(cls, argv, doc=""):
-    """An instance of the dataclass `cls` from flags, with argparse: every field is a flag, `--name value`
-    or `--name=value`; the comment after a field is its help text, `# --- name` comments group the flags;
-    a Literal type gives the choices; a bool is a bare flag (`--resume`) or takes true/false/1/0."""
-    helps, groups, name = {}, {}, None
-    for line in inspect.getsource(cls).splitlines():                      # the comments of the class body
-        field = re.match(r"\s+(\w+): .*? = .*?(?:#\s*(.*))?$", line)
-        comment = re.match(r"\s+#\s*(---\s*)?(.*)$", line)
-        if field:
-            name, helps[field[1]] = field[1], field[2] or ""
-        elif comment and comment[1]:
-            groups[comment[2]] = []
-        elif comment and name:
-            helps[name] += " " + comment[2]                              # a continued comment
-        if field and groups:
-            groups[list(groups)[-1]].append(field[1])
-    parser = Parser(description=doc, allow_abbrev=False, formatter_class=HelpFormatter,
-                    usage="%(prog)s [--flag value | --flag=value | --bool_flag] ...")
-    for title, names in (groups or {"flags": [f.name for f in dataclasses.fields(cls)]}).items():
-        group = parser.add_argument_group(title)
-        for f in (f for f in dataclasses.fields(cls) if f.name in names):
-            kind = dict(type=f.type, metavar=f.type.__name__.upper())
-            if typing.get_origin(f.type) is Literal:
-                kind = dict(type=type(f.type.__args__[0]), choices=f.type.__args__)
-            elif f.type is bool:
-                kind = dict(type=parse_bool, nargs="?", const=True, metavar="true|false")
-            group.add_argument(f"--{f.name}", default=f.default, help=helps.get(f.name) or " ", **kind)
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        flag = unknown[0].split("=")[0]
-        close = difflib.get_close_matches(flag, [f"--{f.name}" for f in dataclasses.fields(cls)], n=1)
-        raise ArgumentError(f"unknown argument {unknown[0]!r}" + (f": did you mean {close[0]}?" if close else
-                                                                 " (--help lists the flags)"))
-    return cls(**vars(args))
-
-
-def parse_bool(text):
-    if text.lower() in ("true", "1"):
-        return True
-    if text.lower() in ("false", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true, false, 1 or 0, got {text!r}")
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and each flag's default after its help."""
 
 
 def validate(cfg):
@@ -220,215 +162,8 @@ def validate(cfg):
     get_device(cfg)
 
 
-# ---------------------------------------------------------------------------------------------
-# model: a causal LM with a scalar value head on its last hidden state
-
-
-class PolicyWithValue(nn.Module):
-    def __init__(self, lm, n_vocab=None):
-        super().__init__()
-        self.lm, self.n_vocab = lm, n_vocab
-        self.v_head = nn.Linear(lm.config.hidden_size, 1)
-
-    def forward(self, input_ids, attention_mask, prompt_len):
-        """Logits (B, T, V) and values (B, T) at the states before each response token, both fp32."""
-        logits, hidden = lm_forward(self.lm, input_ids, attention_mask, prompt_len, self.n_vocab)
-        with torch.autocast(hidden.device.type, enabled=False):          # the value head in fp32, even in bf16 runs
-            return logits, self.v_head(hidden.float()).squeeze(-1)
-
-
-def vocab_logits(logits, n_vocab):
-    """The logits (..., V) of the tokenizer's V = n_vocab tokens, in fp32. A model's embedding may be padded
-    beyond its tokenizer (Pythia: 50,304 rows for 50,277 tokens): the sampler and every log-prob see the
-    same V tokens, so that no id decode cannot read is sampled and ratios start at exactly 1."""
-    return logits[..., :n_vocab].float()
-
-
-def lm_forward(lm, input_ids, attention_mask, prompt_len, n_vocab=None):
-    """input_ids, attention_mask (B, P + T), prompts left-padded to P. Returns the logits (B, T, V)
-    that predict the T response tokens and the last hidden states (B, T, H) at the same positions.
-    n_vocab: the tokenizer's vocabulary size (None: all of the model's logits)."""
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)         # (B, P + T) skip left padding
-    out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True)
-    response_states = slice(prompt_len - 1, -1)                         # position t predicts token t + 1
-    return vocab_logits(out.logits[:, response_states], n_vocab), out.hidden_states[-1][:, response_states]
-
-
-def token_logprobs(logits, tokens):
-    """log pi(tokens): logits (B, T, V), tokens (B, T) -> (B, T)."""
-    return torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
-
-
-@torch.no_grad()
-def entropy(logits, rows=8):
-    """Entropy of each next-token distribution: logits (B, T, V) -> (B, T). Only logged, so it is computed
-    a few rows at a time: no (B, T, V) temporaries beside the logits (1.6 GB at B=64, T=128, V=50k)."""
-    def chunk(x):                                                        # (rows, T, V) -> (rows, T)
-        logp = torch.log_softmax(x, -1)
-        return -(logp.exp() * logp).sum(-1)
-    return torch.cat([chunk(x) for x in logits.split(rows)])
-
-
-def left_pad(token_lists, pad_id, device):
-    """Token lists -> ids, attention mask, both (B, P), padded on the left."""
-    width = max(map(len, token_lists))
-    ids = [[pad_id] * (width - len(t)) + t for t in token_lists]
-    mask = [[0] * (width - len(t)) + [1] * len(t) for t in token_lists]
-    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
-
-
-@torch.no_grad()
-def generate(lm, prompt_ids, prompt_mask, max_new_tokens, eot, n_vocab=None):
-    """Sample responses at temperature 1 (no top-k/top-p) with a KV cache, stopping at end-of-text.
-    prompt_ids, prompt_mask (B, P), left-padded. Returns response (B, T), mask (B, T) that is 1 up to
-    and including the first end-of-text, and the sampler's log-probs (B, T) (0 on padding).
-    n_vocab: the tokenizer's vocabulary size; ids beyond it are never sampled (None: all of the model's)."""
-    attn = prompt_mask
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)                             # (B, P)
-    out = lm(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-    done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device)  # (B,)
-    tokens, logprobs = [], []
-    for _ in range(max_new_tokens):
-        logp = torch.log_softmax(vocab_logits(out.logits[:, -1], n_vocab), -1)  # (B, V)
-        tok = torch.multinomial(logp.exp(), 1).squeeze(-1)               # (B,)
-        tok = torch.where(done, eot, tok)                                # finished rows: padding
-        tokens.append(tok)
-        logprobs.append(logp.gather(1, tok[:, None]).squeeze(1))         # (B,)
-        done |= tok == eot
-        if done.all():
-            break
-        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)        # (B, P + t)
-        pos = pos[:, -1:] + 1                                            # (B, 1)
-        out = lm(input_ids=tok[:, None], attention_mask=attn, position_ids=pos, cache=out.cache, use_cache=True)
-    response = torch.stack(tokens, 1)                                    # (B, T)
-    is_eot = (response == eot).int()                                     # (B, T)
-    mask = (is_eot.cumsum(1) - is_eot == 0).float()                      # (B, T) no end-of-text before t
-    return response, mask, torch.stack(logprobs, 1) * mask
-
-
-LAST_STATUS = [0.0]                                                      # when status() last printed a line
-
-
-def status(text, done=False):
-    """Progress of a long step. On a terminal: one line, rewritten in place. In a log: a plain line
-    at most every 10 seconds, and always the last one (done=True). Data parallel: rank 0 alone."""
-    if rank() != 0:
-        return
-    if sys.stdout.isatty():
-        print("\r\033[K" + text, end="\n" if done else "", flush=True)
-    elif done or time.time() - LAST_STATUS[0] >= 10:
-        print(text, flush=True)
-        LAST_STATUS[0] = time.time()
-
-
-def tiny_gpt(cfg, vocab_size):
-    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
-                                      n_layer=cfg.n_layer, n_head=cfg.n_head, bos_token_id=vocab_size - 1,
-                                      eos_token_id=vocab_size - 1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-
-
-def pretrain(cfg, enc, device):
-    """pi_init for the embedded task: the tiny GPT trained on the grammar's reviews (next-token loss).
-    Cached in cfg.sft_dir, keyed by the tokenizer, the model's shape, the steps and the learning rate."""
-    path = os.path.join(cfg.sft_dir, f"{enc.name}_V{enc.n_vocab}_L{cfg.n_layer}_H{cfg.n_head}_D{cfg.n_embd}_"
-                                     f"C{cfg.block_size}_S{cfg.sft_steps}_lr{cfg.sft_lr:g}")
-    if os.path.isdir(path):
-        try:
-            lm, info = GPT2LMHeadModel.from_pretrained(path, output_loading_info=True)
-            if not info["missing_keys"]:
-                return lm.to(device)
-            problem = f"it lacks {info['missing_keys'][0]}"
-        except Exception as e:
-            problem = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
-        print(f"warning: the pi_init cache {path} does not load ({problem}): pre-training it again")
-        shutil.rmtree(path, ignore_errors=True)
-    torch.manual_seed(1234)                                              # the same pi_init for every run seed
-    lm = tiny_gpt(cfg, enc.n_vocab).to(device)
-    docs = [enc.encode_ordinary(text) + [enc.eot_token] for text in data.task_corpus(20_000)]
-    ids = torch.tensor([t for d in docs for t in d], device=device)      # (N,) one stream of reviews
-    opt = torch.optim.AdamW(lm.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
-    t0 = time.time()
-    for step in range(cfg.sft_steps):
-        starts = torch.randint(len(ids) - cfg.block_size - 1, (64,), device=device)
-        x = torch.stack([ids[s:s + cfg.block_size] for s in starts])     # (64, C)
-        y = torch.stack([ids[s + 1:s + cfg.block_size + 1] for s in starts])
-        loss = F.cross_entropy(lm(input_ids=x).logits.flatten(0, 1), y.flatten())
-        for g in opt.param_groups:
-            g["lr"] = cfg.sft_lr * min(1.0, 2 * (1 - step / cfg.sft_steps))  # flat, then linear decay
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        status(f"pre-training pi_init: step {step + 1}/{cfg.sft_steps} | loss {loss.item():.3f} | "
-               f"{time.time() - t0:.0f}s", done=step + 1 == cfg.sft_steps)
-    tmp = f"{path}.tmp{os.getpid()}"                                     # this process's own: runs may build it at once
-    try:
-        lm.save_pretrained(tmp)
-        os.replace(tmp, path)                                            # atomic: the cache is whole or absent
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(e, OSError):
-            raise
-        if not os.path.isdir(path):                                      # else another run cached it first: use ours
-            raise OSError(f"could not write the pi_init cache {path} ({e.strerror or e}): nothing was cached") from e
-    return lm
-
-
-# ---------------------------------------------------------------------------------------------
-# data parallel: under torchrun, one process per device, each with its share of every batch. Every
-# token-level mean is taken over all processes' tokens, so the algorithm is the one-process one.
-
-
-def init_distributed(cfg, device):
-    """Join torchrun's process group: cuda:LOCAL_RANK with NCCL on GPUs, else the CPU with gloo."""
-    world = int(os.environ["WORLD_SIZE"])
-    if cfg.batch_size % world or cfg.minibatch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} and minibatch_size {cfg.minibatch_size} must be "
-                         f"divisible by the number of processes, {world}")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        dist.init_process_group("gloo")
-    return device
-
-
-def rank():
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def global_mean(x, mask=None):
-    """Mean of x over every process's entries (where mask > 0, weighted by mask). In one process:
-    x.mean() or masked_mean(x, mask). Call it under torch.no_grad()."""
-    if not dist.is_initialized():
-        return x.mean() if mask is None else masked_mean(x, mask)
-    mask = torch.ones_like(x) if mask is None else mask
-    sums = torch.stack([(x * mask).sum(), mask.sum()])                   # (2,)
-    dist.all_reduce(sums)
-    return sums[0] / sums[1]
-
-
-def global_token_means(stats, n, device):
-    """Means over this process's n tokens (a dict of floats) -> means over every process's tokens, and
-    how many tokens that is. In one process: unchanged, and n."""
-    if not dist.is_initialized():
-        return stats, n
-    sums = torch.tensor([n] + [v * n for v in stats.values()], dtype=torch.float64, device=device)
-    dist.all_reduce(sums)
-    return {k: (s / sums[0]).item() for k, s in zip(stats, sums[1:])}, sums[0].item()
-
-
-def gather_all(items):
-    """A list from every process, concatenated in rank order. In one process: the list."""
-    if not dist.is_initialized():
-        return items
-    lists = [None] * dist.get_world_size()
-    dist.all_gather_object(lists, items)
-    return [x for one in lists for x in one]
+RESUME_MAY_CHANGE = {"iters", "lr", "out_dir", "sft_dir", "sample_every", "ckpt_every", "max_bad_steps", "resume",
+                     "device", "precision", "sample", "prompt", "num_samples", "exact_every"}  # any other change mixes two runs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,50 +219,11 @@ def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device)
     return batch, P, stats, samples
 
 
-def call_reward(cfg, reward_fn, prompts, completions):
-    """The scores (B,) of the user's reward function or model; whatever goes wrong, one line that names it."""
-    name = f"reward model {cfg.reward_model}" if cfg.reward_model else f"reward function {cfg.reward_fn}"
-    try:
-        scores = reward_fn(prompts, completions)
-    except Exception as e:
-        raise ValueError(f"{name} raised {type(e).__name__}: {e} (APA_DEBUG=1 shows the traceback)") from e
-    return check_scores(scores, len(completions), name)
-
-
-def check_scores(scores, n, name="reward function"):
-    if not isinstance(scores, (list, tuple, np.ndarray, torch.Tensor)):
-        raise ValueError(f"{name} returned a {type(scores).__name__}: expected a list of {n} floats")
-    try:
-        scores = torch.as_tensor(scores, dtype=torch.float32).flatten().cpu()
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"{name} returned {str(scores)[:80]}: expected a list of {n} floats") from None
-    if scores.shape != (n,):
-        raise ValueError(f"{name} returned {tuple(scores.shape)} scores for {n} completions")
-    if not torch.isfinite(scores).all():
-        raise ValueError(f"{name} returned non-finite scores: {scores[~torch.isfinite(scores)].tolist()[:5]}")
-    return scores
-
-
 def distinct_n(texts, n):
     """Unique n-grams / all n-grams of words and full stops over a batch of texts (Li et al. 2016):
     1.0 when nothing repeats, low under mode collapse."""
     grams = [tuple(w[i:i + n]) for w in (t.replace(".", " .").split() for t in texts) for i in range(len(w) - n + 1)]
     return len(set(grams)) / max(1, len(grams))
-
-
-def autocast(cfg, device):
-    """bf16 autocast with --precision=bf16 (the default on a GPU; on a CPU too when asked), else nothing.
-    Logits are cast to fp32 before any log_softmax, and the value head and the losses run in fp32."""
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-
-def peak_memory_mb(device):
-    """cuda: the most memory tensors held since the last reset (max_memory_allocated). cpu: the process's
-    peak resident set size so far (ru_maxrss, in KiB on Linux), which never goes down."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
 # ---------------------------------------------------------------------------------------------
@@ -600,94 +296,6 @@ def estimate_jstar(cfg, lm, prompt_tokens, prompts, reward_fn, enc, device):
     return jstar_x.mean().item(), (se_x.pow(2).sum().sqrt() / len(prompts)).item()
 
 
-EXACT_LIMIT = 5_000_000   # the most responses (over all prompts) the exact evaluator enumerates
-
-
-def n_responses(V, T):
-    """How many responses `generate` can return with V tokens and max_new_tokens = T: those ending in
-    end-of-text at step t < T (no end-of-text before), plus every sequence of T tokens without one before."""
-    return sum((V - 1) ** t for t in range(T - 1)) + (V - 1) ** (T - 1) * V
-
-
-def prefix_levels(V, T, eot):
-    """The prefixes generate may extend at steps 0..T-1, in a fixed order: (N_t, t) tokens with no end-of-text."""
-    prefixes, others = torch.zeros(1, 0, dtype=torch.long), torch.tensor([a for a in range(V) if a != eot])
-    for _ in range(T):
-        yield prefixes
-        prefixes = torch.cat([prefixes.repeat_interleave(len(others), 0), others.repeat(len(prefixes))[:, None]], 1)
-
-
-def all_responses(V, T, eot):
-    """Every response generate can return, (n, T) padded with end-of-text, in the order of response_logprobs."""
-    out = []
-    for t, prefixes in enumerate(prefix_levels(V, T, eot)):
-        if t < T - 1:                                                    # end-of-text at step t
-            out.append(torch.cat([prefixes, torch.full((len(prefixes), T - t), eot)], 1))
-        else:                                                            # any token at the last step
-            last = torch.arange(V).repeat(len(prefixes))[:, None]        # (N_t V, 1)
-            out.append(torch.cat([prefixes.repeat_interleave(V, 0), last], 1))
-    return torch.cat(out)                                                # (n, T)
-
-
-@torch.no_grad()
-def response_logprobs(cfg, lm, prompt_tokens, T, eot, V, chunk=4096):
-    """log pi(y|x) (prompts, n) of every response y of all_responses over the tokenizer's V tokens, under the
-    causal LM lm: one forward pass per prefix (prompt, prefix, a placeholder whose position predicts the next)."""
-    device, out = lm.device, []
-    prefix_logp = torch.zeros(len(prompt_tokens), 1, device=device)     # (X, 1) log pi(empty prefix)
-    for t, prefixes in enumerate(prefix_levels(V, T, eot)):
-        rows = [p + q + [eot] for p in prompt_tokens for q in prefixes.tolist()]  # prompt, prefix, placeholder
-        next_logp = []
-        for i in range(0, len(rows), chunk):
-            ids, mask = left_pad(rows[i:i + chunk], eot, device)         # (b, W)
-            with autocast(cfg, device):
-                logits, _ = lm_forward(lm, ids, mask, ids.shape[1] - 1, V)  # (b, 1, V) at the placeholder
-            next_logp.append(torch.log_softmax(logits[:, 0], -1))        # (b, V)
-        logp = prefix_logp[:, :, None] + torch.cat(next_logp).view(len(prompt_tokens), len(prefixes), V)  # (X, N_t, V)
-        if t == T - 1:
-            out.append(logp.flatten(1))                                  # (X, N_t V) any last token
-        else:
-            out.append(logp[:, :, eot])                                  # (X, N_t) end-of-text at step t
-            prefix_logp = logp[:, :, torch.arange(V, device=device) != eot].flatten(1)  # (X, N_t (V - 1))
-    return torch.cat(out, 1).double()                                    # (X, n)
-
-
-@torch.no_grad()
-def response_space(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc):
-    """What the exact evaluator needs that does not depend on the policy, computed once: the score of every
-    response to every prompt and its log-prob under pi_init, both (prompts, n). None when the responses are
-    more than EXACT_LIMIT in all (then nothing is enumerated)."""
-    V, T, eot, t0 = enc.n_vocab, cfg.max_new_tokens, enc.eot_token, time.time()  # generate's V tokens
-    if len(prompts) * n_responses(V, T) > EXACT_LIMIT:
-        return None
-    responses = all_responses(V, T, eot).tolist()                        # (n, T)
-    completions = enc.decode_batch([[a for a in r if a != eot] for r in responses])  # as sample() decodes them
-    rewards = []
-    for i, prompt in enumerate(prompts):
-        rewards.append(call_reward(cfg, reward_fn, [prompt] * len(completions), completions))  # (n,)
-        status(f"exact evaluation: scoring {len(prompts)} x {len(completions)} responses: {i + 1}/{len(prompts)} | "
-               f"{time.time() - t0:.0f}s", done=i + 1 == len(prompts))
-    return {"cfg": cfg, "prompt_tokens": prompt_tokens, "max_new_tokens": T, "eot": eot, "V": V,
-            "rewards": torch.stack(rewards).double(), "ref_logprobs": response_logprobs(cfg, ref_lm, prompt_tokens, T, eot, V).cpu()}
-
-
-@torch.no_grad()
-def exact_eval(lm, space, lam):
-    """The exact objective of the policy lm, by enumeration, averaged over prompts: E[R] (reward_exact),
-    KL(pi || pi_init) (kl_exact), J = E[R] - lambda KL (J_exact), J* = lambda log E_{pi_init}[exp(R/lambda)]
-    (jstar_exact), the gap J* - J = lambda KL(pi || pi*) (gap_exact) and KL(pi || pi*) (klstar_exact)."""
-    logp = response_logprobs(space["cfg"], lm, space["prompt_tokens"], space["max_new_tokens"], space["eot"],
-                             space["V"]).cpu()                           # (X, n)
-    ref_logp, R = space["ref_logprobs"], space["rewards"]                # (X, n), (X, n)
-    p = logp.exp()                                                       # (X, n) pi(y|x), sums to 1 over y
-    reward, kl = (p * R).sum(1), (p * (logp - ref_logp)).sum(1)          # (X,), (X,)
-    jstar = lam * torch.logsumexp(ref_logp + R / lam, 1)                 # (X,) lambda log Z(x)
-    klstar = (p * (logp - ref_logp - R / lam)).sum(1) + jstar / lam      # (X,) KL(pi || pi*)
-    stats = {"reward_exact": reward, "kl_exact": kl, "J_exact": reward - lam * kl, "jstar_exact": jstar,
-             "gap_exact": jstar - (reward - lam * kl), "klstar_exact": klstar}
-    return {k: v.mean().item() for k, v in stats.items()}
-
-
 LOGGED = [("reward", ".3f"), ("kl", ".3f"), ("J", ".3f"), ("gap", ".3f"), ("entropy", ".2f"), ("distinct2", ".2f"),
           ("approx_kl", ".4f"), ("clipfrac", ".3f"), ("vf_loss", ".4f"), ("gap_exact", ".4f"), ("mem_mb", ".0f")]  # the log line
 
@@ -717,7 +325,8 @@ def train(cfg):
         device = init_distributed(cfg, device)
     master = rank() == 0                                                 # it alone prints and writes files
     ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
-    resumed = read_checkpoint(ckpt_path, metrics_path, cfg) if cfg.resume and os.path.exists(ckpt_path) else None
+    resumed = (read_checkpoint(ckpt_path, metrics_path, cfg, RESUME_MAY_CHANGE)
+               if cfg.resume and os.path.exists(ckpt_path) else None)
     if not master:
         dist.barrier()                                                   # rank 0 first pre-trains or downloads
     # data: prompts, tokenizer, reward
@@ -808,12 +417,6 @@ def train(cfg):
     return history
 
 
-def write_config(path, cfg):
-    """The run's config as JSON: beside metrics.jsonl (compare.py --plot reads it) and in policy/ (--sample)."""
-    with open(path, "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
-
-
 @torch.no_grad()
 def sample_policy(cfg):
     """`python train.py --sample=out/policy --prompt="the movie was"`: completions of a trained policy with
@@ -835,134 +438,6 @@ def sample_policy(cfg):
     for prompt, completion, score in zip(prompts, completions, scores.tolist()):
         print(f"{prompt!r} -> {completion!r} | reward {score:+.2f}")
     return completions, scores.tolist()
-
-
-RESUME_MAY_CHANGE = {"iters", "lr", "out_dir", "sft_dir", "sample_every", "ckpt_every", "max_bad_steps", "resume",
-                     "device", "precision", "sample", "prompt", "num_samples", "exact_every"}  # any other change mixes two runs
-
-
-def save_checkpoint(path, policy, opt, iteration, cfg, metrics_line):
-    """Everything to continue exactly: weights, optimizer, RNG states, iteration (= lines of metrics.jsonl), the
-    config and the last line of metrics.jsonl (to check both on resume). Written to a temporary file, then
-    renamed, so a crash or a full disk never leaves a half-written checkpoint. Data parallel: every process
-    calls it, rank 0 writes."""
-    if not all(torch.isfinite(p).all() for p in policy.parameters()):
-        raise FloatingPointError("non-finite weights: checkpoint not written")
-    rng = {"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    state = {"policy": policy.state_dict(), "opt": opt.state_dict(), "iter": iteration, **rng,
-             "config": dataclasses.asdict(cfg), "metrics_line": metrics_line}
-    if dist.is_initialized():
-        state["ranks_rng"] = gather_all([rng])                           # every process's, in rank order
-    if rank() != 0:
-        return
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if not isinstance(e, OSError):
-            raise
-        kept = "the previous checkpoint is intact" if os.path.exists(path) else "there is no earlier checkpoint"
-        raise OSError(f"could not write checkpoint {path} at iteration {iteration} ({e.strerror or e}): {kept}") from e
-
-
-def read_checkpoint(path, metrics_path, cfg):
-    """The checkpoint to resume from, after checking that it is whole, that the config keeps what the run
-    depends on, and that metrics.jsonl holds exactly the checkpoint's iterations (later lines are dropped)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        iteration, saved, last_line = state["iter"], state["config"], state["metrics_line"]
-    except Exception as e:
-        raise ValueError(f"{path} is damaged or not a checkpoint of this train.py ({type(e).__name__}: {e}); "
-                         "a run without --resume starts afresh and keeps it in previous/") from None
-    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
-               if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != v]
-    if changed:
-        raise ValueError(f"--resume would mix two runs: {', '.join(changed)} (a resumed run may change only "
-                         f"{', '.join(sorted(RESUME_MAY_CHANGE))})")
-    if iteration > cfg.iters:
-        raise ValueError(f"{path} is at iteration {iteration}, past --iters={cfg.iters}")
-    try:
-        with open(metrics_path) as f:
-            lines = [line.rstrip("\n") for line in f][:iteration]
-    except FileNotFoundError:
-        lines = []
-    for i, line in enumerate(lines, 1):
-        try:
-            ok = json.loads(line)["iter"] == i
-        except (ValueError, TypeError, KeyError):
-            ok = False
-        if not ok:
-            raise ValueError(f"{metrics_path} line {i} is not the metrics of iteration {i}: it does not match {path}")
-    if len(lines) < iteration or lines[-1] != last_line:
-        raise ValueError(f"{metrics_path} does not match {path} (iteration {iteration}): " +
-                         (f"it has {len(lines)} lines" if len(lines) < iteration else f"line {iteration} differs"))
-    state["metrics_lines"] = lines
-    return state
-
-
-def load_checkpoint(state, policy, opt, metrics_path, cfg):
-    """Continue from a checkpoint that read_checkpoint accepted; cut metrics.jsonl back to its iteration."""
-    try:
-        policy.load_state_dict(state["policy"])
-    except RuntimeError as e:
-        problem = next((l.strip() for l in str(e).splitlines()[1:] if l.strip()), str(e))
-        raise ValueError(f"the checkpoint does not fit this model: {problem}") from None
-    opt.load_state_dict(state["opt"])
-    if state["config"]["lr"] != cfg.lr:                                  # allowed: the new lr applies from here on
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr
-        if rank() == 0:
-            print(f"lr changed from {state['config']['lr']:g} to {cfg.lr:g}")
-    rngs = state.get("ranks_rng", [state])                               # each process continues its own stream
-    if len(rngs) != world_size():
-        raise ValueError(f"the checkpoint was written by {len(rngs)} processes: resume with as many")
-    torch.set_rng_state(rngs[rank()]["rng"])
-    if rngs[rank()]["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rngs[rank()]["cuda_rng"])
-    if rank() != 0:
-        return state["iter"]
-    tmp = f"{metrics_path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(line + "\n" for line in state["metrics_lines"])
-    os.replace(tmp, metrics_path)
-    return state["iter"]
-
-
-def keep_previous_run(out_dir):
-    """A fresh run moves an earlier run's results into out_dir/previous/N (N = 1, 2, ...) before it writes
-    its first results, so that no result is lost and --resume never mixes two runs."""
-    found = [name for name in ("metrics.jsonl", "config.json", "ckpt.pt", "policy") if os.path.exists(os.path.join(out_dir, name))]
-    if not found:
-        return
-    previous = os.path.join(out_dir, "previous")
-    n = 1 + max((int(d) for d in os.listdir(previous) if d.isdigit()), default=0) if os.path.isdir(previous) else 1
-    os.makedirs(os.path.join(previous, str(n)))
-    for name in found:
-        os.replace(os.path.join(out_dir, name), os.path.join(previous, str(n), name))
-    print(f"the earlier run's {', '.join(found)} moved to {os.path.join(previous, str(n))}")
-
-
-@contextlib.contextmanager
-def exclusive(out_dir):
-    """One run at a time in out_dir: a lock on the folder, which the system releases when the process ends,
-    however it ends (even by SIGKILL), so no lock is ever left behind."""
-    created = not os.path.exists(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    fd = os.open(out_dir, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ValueError(f"another run is using {out_dir}: wait for it to end, or choose another --out_dir") from None
-    try:
-        yield
-    finally:
-        os.close(fd)
-        if created and not os.listdir(out_dir):                          # a run that failed before writing
-            os.rmdir(out_dir)                                            # leaves no trace
 
 
 def main(argv=None):

@@ -9,56 +9,57 @@ from typing import Literal
 
 import pytest
 
+import common
 import train
 
 ROOT = train.__file__.rsplit("/", 1)[0]
 
 
 def test_space_and_equals_forms_give_the_same_config():
-    a = train.parse_args(train.Config, ["--algo", "ppo", "--iters", "60", "--lr", "1e-4", "--prompts", "p.txt"])
-    b = train.parse_args(train.Config, ["--algo=ppo", "--iters=60", "--lr=1e-4", "--prompts=p.txt"])
+    a = common.parse_args(train.Config, ["--algo", "ppo", "--iters", "60", "--lr", "1e-4", "--prompts", "p.txt"])
+    b = common.parse_args(train.Config, ["--algo=ppo", "--iters=60", "--lr=1e-4", "--prompts=p.txt"])
     assert a == b and (a.algo, a.iters, a.lr, a.prompts) == ("ppo", 60, 1e-4, "p.txt")
     assert type(a.iters) is int and type(a.lr) is float
 
 
 def test_no_flags_give_the_defaults():
-    assert train.parse_args(train.Config, []) == train.Config()
+    assert common.parse_args(train.Config, []) == train.Config()
 
 
 @pytest.mark.parametrize("argv, value", [(["--resume"], True), (["--resume=true"], True), (["--resume", "1"], True),
                                          (["--resume=TRUE"], True), (["--resume=false"], False), (["--resume", "0"], False),
                                          ([], False), (["--resume", "--iters=5"], True)])
 def test_booleans_as_bare_flags_and_true_false_1_0(argv, value):
-    assert train.parse_args(train.Config, argv).resume is value
+    assert common.parse_args(train.Config, argv).resume is value
 
 
 @pytest.mark.parametrize("spelling", ["on", "yes", "maybe", "2", ""])
 def test_other_boolean_spellings_are_refused(spelling):
     with pytest.raises(ValueError, match=f"--resume: expected true, false, 1 or 0, got '{spelling}'"):
-        train.parse_args(train.Config, [f"--resume={spelling}"])
+        common.parse_args(train.Config, [f"--resume={spelling}"])
 
 
 def test_choices_are_refused_with_the_list():
     with pytest.raises(ValueError, match=r"--algo: invalid choice: 'dpo' \(choose from 'apa', 'ppo'"):
-        train.parse_args(train.Config, ["--algo", "dpo"])
+        common.parse_args(train.Config, ["--algo", "dpo"])
     with pytest.raises(ValueError, match="--apa_form: invalid choice"):
-        train.parse_args(train.Config, ["--apa_form=literal"])
+        common.parse_args(train.Config, ["--apa_form=literal"])
 
 
 @pytest.mark.parametrize("flag, suggestion", [("--iter=3", "--iters"), ("--sft-steps=5", "--sft_steps"),
                                               ("--batchsize=8", "--batch_size"), ("--seeds", "--seed")])
 def test_a_typo_suggests_the_close_match(flag, suggestion):
     with pytest.raises(ValueError, match=f"did you mean {suggestion}\\?"):
-        train.parse_args(train.Config, [flag])
+        common.parse_args(train.Config, [flag])
 
 
 def test_no_abbreviations_and_no_stray_words():
     with pytest.raises(ValueError, match="unknown argument '--max_new'"):
-        train.parse_args(train.Config, ["--max_new", "3"])      # argparse would expand a unique prefix
+        common.parse_args(train.Config, ["--max_new", "3"])      # argparse would expand a unique prefix
     with pytest.raises(ValueError, match="unknown argument 'ppo'"):
-        train.parse_args(train.Config, ["ppo"])
+        common.parse_args(train.Config, ["ppo"])
     with pytest.raises(ValueError, match="invalid int value: '1.5'"):
-        train.parse_args(train.Config, ["--iters=1.5"])
+        common.parse_args(train.Config, ["--iters=1.5"])
 
 
 def test_every_field_has_help_and_the_help_is_grouped():
@@ -84,6 +85,6 @@ def test_any_dataclass_gets_the_same_parser():
         mode: Literal["fast", "slow"] = "fast"  # how to run
         n: int = 3                     # how many
         plot: bool = False             # draw it
-    assert train.parse_args(Small, ["--mode", "slow", "--plot", "--n=5"]) == Small("slow", 5, True)
+    assert common.parse_args(Small, ["--mode", "slow", "--plot", "--n=5"]) == Small("slow", 5, True)
     with pytest.raises(ValueError, match="did you mean --mode"):
-        train.parse_args(Small, ["--mod=fast"])
+        common.parse_args(Small, ["--mod=fast"])

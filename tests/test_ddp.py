@@ -20,7 +20,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import common  # noqa: E402
 import data  # noqa: E402
+import model  # noqa: E402
 import train  # noqa: E402
 from ppo import masked_mean, masked_whiten  # noqa: E402
 
@@ -31,7 +33,7 @@ def tiny_policy(vocab):
     torch.manual_seed(0)                                             # the same weights in every process
     lm = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=32, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0,
                                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=vocab - 1, eos_token_id=vocab - 1))
-    return train.PolicyWithValue(lm).eval()                          # a random value head: values != 0
+    return model.PolicyWithValue(lm).eval()                          # a random value head: values != 0
 
 
 def fixed_batch(policy):
@@ -46,7 +48,7 @@ def fixed_batch(policy):
     mask = (torch.arange(T) < torch.tensor(LENGTHS)[:, None]).float()  # (B, T)
     with torch.no_grad():
         logits, _ = policy(input_ids, attention_mask, P)
-    logprobs = train.token_logprobs(logits, response) + 0.3 * torch.randn(B, T, generator=g)  # (B, T) pi_old
+    logprobs = model.token_logprobs(logits, response) + 0.3 * torch.randn(B, T, generator=g)  # (B, T) pi_old
     batch = dict(input_ids=input_ids, attention_mask=attention_mask, response=response, mask=mask,
                  logprobs=logprobs, ref_logprobs=logprobs - 0.5 * torch.rand(B, T, generator=g),
                  values=torch.randn(B, T, generator=g), advantages=2 * torch.randn(B, T, generator=g) + 1,
@@ -59,8 +61,8 @@ def one_update(algo, policy, batch, P, mean_fn):
     cfg = train.Config(algo=algo, batch_size=4, minibatch_size=4, epochs=1, max_grad_norm=1e9)
     if algo == "ppo":                                                # whitened as rollout whitens
         batch = dict(batch, advantages=masked_whiten(batch["advantages"], batch["mask"], mean_fn=mean_fn))
-    model = torch.nn.parallel.DistributedDataParallel(policy) if dist.is_initialized() else policy
-    stats, _ = train.update(cfg, model, torch.optim.SGD(policy.parameters(), lr=0.0), batch, P, 0)
+    wrapped = torch.nn.parallel.DistributedDataParallel(policy) if dist.is_initialized() else policy
+    stats, _ = train.update(cfg, wrapped, torch.optim.SGD(policy.parameters(), lr=0.0), batch, P, 0)
     return [p.grad.clone() for p in policy.parameters()], stats
 
 
@@ -76,7 +78,7 @@ def worker(rank, tmp):
         policy = tiny_policy(11)
         batch, P = fixed_batch(policy)
         rows = slice(2 * rank, 2 * rank + 2)
-        result[algo] = one_update(algo, policy, {k: v[rows] for k, v in batch.items()}, P, train.global_mean)
+        result[algo] = one_update(algo, policy, {k: v[rows] for k, v in batch.items()}, P, common.global_mean)
     # a rollout of this rank's 4 responses (its own random stream)
     enc = data.task_encoding()
     policy = tiny_policy(enc.n_vocab)

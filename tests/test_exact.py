@@ -1,7 +1,7 @@
 """
 Tests of train.py's wiring, against slow, obvious versions and against the exact optimum:
 
-1. the exact evaluator (train.exact_eval) against a brute-force enumeration and against the sampler;
+1. the exact evaluator (exact.exact_eval) against a brute-force enumeration and against the sampler;
 2. the pieces of a rollout (ref log-probs, logged KL, padding, per-token rewards, GAE, whitening) and
    the loss that `update` calls for each algorithm and form (the README's table);
 3. end to end: short responses (max_new_tokens=2), so that J* - J of the trained policy is known exactly.
@@ -22,6 +22,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import data  # noqa: E402
 import ppo  # noqa: E402
+import exact  # noqa: E402
+import model  # noqa: E402
 import train  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
@@ -39,7 +41,7 @@ def task(tmp_path_factory):
     sft_dir = os.environ.get("APA_TEST_SFT_DIR") or str(tmp / "sft")   # tools/mutate.py shares one pi_init
     cfg = train.Config(**TINY, sft_dir=sft_dir, prompts=str(prompts_file))
     enc = data.task_encoding()
-    ref_lm = train.pretrain(cfg, enc, torch.device("cpu")).eval().requires_grad_(False)
+    ref_lm = model.pretrain(cfg, enc, torch.device("cpu")).eval().requires_grad_(False)
     return types.SimpleNamespace(cfg=cfg, enc=enc, ref_lm=ref_lm, tmp=tmp, prompts=PROMPTS,
                                  prompt_tokens=[enc.encode_ordinary(p) for p in PROMPTS],
                                  reward_fn=data.sentiment_reward)
@@ -48,7 +50,7 @@ def task(tmp_path_factory):
 def moved_policy(ref_lm, seed=0, scale=0.05):
     """A policy with value head that is not pi_init: weights perturbed, value head random."""
     g = torch.Generator().manual_seed(seed)
-    policy = train.PolicyWithValue(copy.deepcopy(ref_lm)).eval()
+    policy = model.PolicyWithValue(copy.deepcopy(ref_lm)).eval()
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(scale * torch.randn(p.shape, generator=g))
@@ -72,15 +74,15 @@ def test_exact_eval_matches_brute_force_enumeration():
         return [c.count("1") - 0.5 * c.count("2") + 0.1 * len(p) for p, c in zip(prompts, completions)]
     prompts, prompt_tokens = ["ab", "abc"], [[1, 2], [3, 0, 1]]
     cfg = train.Config(max_new_tokens=T)
-    space = train.response_space(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc)
-    got = train.exact_eval(lm, space, lam)
+    space = exact.response_space(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc)
+    got = exact.exact_eval(lm, space, lam)
 
     responses = sorted({seq[:seq.index(eot) + 1] if eot in seq else seq
                         for seq in itertools.product(range(V), repeat=T)})  # stop at end-of-text, truncate at T
-    assert len(responses) == train.n_responses(V, T) == space["rewards"].shape[1]
-    def logprob(model, prompt, response):
+    assert len(responses) == exact.n_responses(V, T) == space["rewards"].shape[1]
+    def logprob(lm, prompt, response):
         with torch.no_grad():
-            logits = model(input_ids=torch.tensor([prompt + list(response)])).logits[0].double()
+            logits = lm(input_ids=torch.tensor([prompt + list(response)])).logits[0].double()
         logp = torch.log_softmax(logits, -1)
         return sum(logp[len(prompt) - 1 + j, a].item() for j, a in enumerate(response))
     want = {k: 0.0 for k in got}
@@ -102,18 +104,18 @@ def test_exact_eval_matches_brute_force_enumeration():
     assert got["gap_exact"] == pytest.approx(lam * got["klstar_exact"], abs=1e-6) and got["gap_exact"] > 0
     # and the sampler draws from exactly these probabilities: its mean reward agrees within 4 standard errors
     torch.manual_seed(0)
-    ids, mask = train.left_pad([prompt_tokens[1]] * 4000, eot, torch.device("cpu"))
-    response, _, _ = train.generate(lm, ids, mask, T, eot)
+    ids, mask = model.left_pad([prompt_tokens[1]] * 4000, eot, torch.device("cpu"))
+    response, _, _ = model.generate(lm, ids, mask, T, eot)
     R = torch.tensor(reward_fn([prompts[1]] * 4000, enc.decode_batch([[a for a in r if a != eot]
                                                                         for r in response.tolist()])))
-    p = train.response_logprobs(cfg, lm, [prompt_tokens[1]], T, eot, V)[0].exp()
-    exact = (p * space["rewards"][1]).sum().item()
-    assert abs(R.mean().item() - exact) < 4 * R.std().item() / math.sqrt(4000)
+    p = exact.response_logprobs(cfg, lm, [prompt_tokens[1]], T, eot, V)[0].exp()
+    mean_reward = (p * space["rewards"][1]).sum().item()
+    assert abs(R.mean().item() - mean_reward) < 4 * R.std().item() / math.sqrt(4000)
 
 
 def test_too_many_responses_means_no_exact_evaluation(task):
     cfg = train.Config(max_new_tokens=3)                                 # 2 x 303^3 responses: too many
-    assert train.response_space(cfg, task.ref_lm, task.prompt_tokens, task.prompts, task.reward_fn, task.enc) is None
+    assert exact.response_space(cfg, task.ref_lm, task.prompt_tokens, task.prompts, task.reward_fn, task.enc) is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,9 +124,9 @@ def test_too_many_responses_means_no_exact_evaluation(task):
 FORMS = [("apa", "exact"), ("apa", "paper"), ("ppo", "exact")]
 
 
-def slow_row(model, prompt, response):
+def slow_row(lm, prompt, response):
     """log pi of each response token and the hidden states before them, from one unpadded forward pass."""
-    out = model(input_ids=torch.tensor([prompt + response]), output_hidden_states=True)
+    out = lm(input_ids=torch.tensor([prompt + response]), output_hidden_states=True)
     states = slice(len(prompt) - 1, len(prompt) - 1 + len(response))
     logp = torch.log_softmax(out.logits[0, states].double(), -1)
     return logp[torch.arange(len(response)), response], out.hidden_states[-1][0, states]
@@ -141,7 +143,7 @@ def test_rollout_against_slow_versions(task, algo, form):
     eot, mask = task.enc.eot_token, batch["mask"]
     assert 0 < mask.sum() < mask.numel()                                # some rows ended early
     coef = 0.0 if (algo, form) == ("apa", "paper") else cfg.lam
-    kls, raw_adv, all_adv, real = [], [], [], []
+    kls, raw_adv = [], []
     with torch.no_grad():
         for i in range(cfg.batch_size):
             prompt = batch["input_ids"][i, :P][batch["attention_mask"][i, :P] == 1].tolist()
@@ -180,8 +182,8 @@ def test_sampler_pads_finished_rows_with_end_of_text():
     V, eot = 5, 4
     lm = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=32, n_embd=16, n_layer=1, n_head=2,
                                     bos_token_id=eot, eos_token_id=eot)).eval()
-    ids, mask = train.left_pad([[0, 1], [2]] * 32, eot, torch.device("cpu"))
-    response, resp_mask, logprobs = train.generate(lm, ids, mask, 10, eot)
+    ids, mask = model.left_pad([[0, 1], [2]] * 32, eot, torch.device("cpu"))
+    response, resp_mask, logprobs = model.generate(lm, ids, mask, 10, eot)
     ended = 0
     for row, m, lp in zip(response.tolist(), resp_mask.tolist(), logprobs.tolist()):
         if eot in row:
@@ -295,7 +297,7 @@ PATCHES = {"mixed": ("kl_penalized_rewards", mixed_rewards), "whitened": ("gae",
 @pytest.fixture(scope="module")
 def trained(task):
     """Each variant trained once (on demand); its final policy evaluated exactly for lambda and 2 lambda."""
-    space = train.response_space(train.Config(max_new_tokens=2), task.ref_lm, task.prompt_tokens, task.prompts,
+    space = exact.response_space(train.Config(max_new_tokens=2), task.ref_lm, task.prompt_tokens, task.prompts,
                                  task.reward_fn, task.enc)
     results = {}
     def get(name):
@@ -305,7 +307,7 @@ def trained(task):
                     mp.setattr(train, *PATCHES[name])
                 run(task, name, **E2E, **VARIANTS[name])
             lm = GPT2LMHeadModel.from_pretrained(task.tmp / name / "policy").eval()
-            results[name] = (train.exact_eval(lm, space, TINY_LAM), train.exact_eval(lm, space, 2 * TINY_LAM))
+            results[name] = (exact.exact_eval(lm, space, TINY_LAM), exact.exact_eval(lm, space, 2 * TINY_LAM))
             MEASURED[name] = results[name]
             print(name, {k: round(v, 4) for k, v in results[name][0].items()},
                   "gap at 2 lambda", round(results[name][1]["gap_exact"], 4))

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaC
 from transformers.utils import logging as hf_logging
 
 import data
+import model
 import train
 
 hf_logging.disable_progress_bar()
@@ -72,15 +73,15 @@ def test_sampler_logprobs_equal_full_forward_pass(arch, tmp_path):
     lm, tok = save_checkpoint(arch, tmp_path)
     n_vocab, eot = len(tok), tok.eos_token_id
     prompts = [tok.encode(p) for p in ["the plot", "the music was very", "the", "the acting felt quite dull and"]]
-    ids, mask = train.left_pad(prompts * 4, eot, torch.device("cpu"))         # (16, P) left padding
+    ids, mask = model.left_pad(prompts * 4, eot, torch.device("cpu"))         # (16, P) left padding
     torch.manual_seed(1)
-    response, resp_mask, sampler_logprobs = train.generate(lm, ids, mask, 12, eot, n_vocab)  # (16, T)
+    response, resp_mask, sampler_logprobs = model.generate(lm, ids, mask, 12, eot, n_vocab)  # (16, T)
     assert response.max() < n_vocab                                   # no padding row of the embedding sampled
     with torch.no_grad():
-        logits, _ = train.lm_forward(lm, torch.cat([ids, response], 1), torch.cat([mask, torch.ones_like(response)], 1),
+        logits, _ = model.lm_forward(lm, torch.cat([ids, response], 1), torch.cat([mask, torch.ones_like(response)], 1),
                                      ids.shape[1], n_vocab)           # (16, T, V)
     assert logits.shape[-1] == n_vocab
-    full = train.token_logprobs(logits, response) * resp_mask
+    full = model.token_logprobs(logits, response) * resp_mask
     torch.testing.assert_close(sampler_logprobs, full, atol=1e-5, rtol=1e-5)
 
 
@@ -90,14 +91,14 @@ def test_left_padding_changes_no_logprob(arch, tmp_path):
     lm, tok = save_checkpoint(arch, tmp_path)
     short, long = tok.encode("the plot was"), tok.encode("the acting felt quite dull and the music")
     response = torch.tensor([tok.encode(" great and the cast was charming.")] * 2)  # (2, T)
-    ids, mask = train.left_pad([short, long], tok.eos_token_id, torch.device("cpu"))
+    ids, mask = model.left_pad([short, long], tok.eos_token_id, torch.device("cpu"))
     assert mask[0, 0] == 0                                            # the short one is padded
     with torch.no_grad():
-        batched, _ = train.lm_forward(lm, torch.cat([ids, response], 1), torch.cat([mask, torch.ones_like(response)], 1),
+        batched, _ = model.lm_forward(lm, torch.cat([ids, response], 1), torch.cat([mask, torch.ones_like(response)], 1),
                                       ids.shape[1], len(tok))
-        alone, _ = train.lm_forward(lm, torch.tensor([short + response[0].tolist()]),
+        alone, _ = model.lm_forward(lm, torch.tensor([short + response[0].tolist()]),
                                     torch.ones(1, len(short) + response.shape[1], dtype=torch.long), len(short), len(tok))
-    torch.testing.assert_close(train.token_logprobs(batched[:1], response[:1]), train.token_logprobs(alone, response[:1]),
+    torch.testing.assert_close(model.token_logprobs(batched[:1], response[:1]), model.token_logprobs(alone, response[:1]),
                                atol=1e-5, rtol=1e-5)
 
 
@@ -148,18 +149,18 @@ def test_tokenizer_model_mismatch_is_refused_with_one_line(tmp_path):
 
 def test_bf16_keeps_logprobs_values_and_losses_in_fp32(tmp_path):
     lm, tok = save_checkpoint("gpt_neox", tmp_path)
-    policy = train.PolicyWithValue(lm, len(tok))
+    policy = model.PolicyWithValue(lm, len(tok))
     torch.nn.init.normal_(policy.v_head.weight)
     cfg = train.Config(precision="bf16")
     ids = torch.tensor([tok.encode("the plot was very dull but the cast was charming.")])  # (1, T)
-    with train.autocast(cfg, torch.device("cpu")):
+    with model.autocast(cfg, torch.device("cpu")):
         logits, values = policy(ids, torch.ones_like(ids), 3)         # (1, T - 3, V), (1, T - 3)
         out = lm(input_ids=ids, output_hidden_states=True)
     assert out.logits.dtype == torch.bfloat16                         # autocast did run
     assert logits.dtype == values.dtype == torch.float32
     hidden = out.hidden_states[-1][:, 2:-1].float()                   # (1, T - 3, H) the same states
     torch.testing.assert_close(values, policy.v_head(hidden).squeeze(-1), atol=0, rtol=0)  # the head in fp32
-    logprobs = train.token_logprobs(logits, ids[:, 3:])
+    logprobs = model.token_logprobs(logits, ids[:, 3:])
     assert logprobs.dtype == torch.float32
 
 

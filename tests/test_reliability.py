@@ -4,7 +4,6 @@ how to resume, checkpoints and metrics that cannot disagree, one run per out_dir
 that a full disk cannot damage. Run: pytest -q tests/test_reliability.py
 """
 import errno
-import json
 import os
 import shutil
 import signal
@@ -13,7 +12,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import common
 import data
+import model
 import train
 from test_train import read_metrics, run_script, tiny_args, write
 
@@ -173,7 +174,7 @@ def test_ctrl_c_during_training_exits_130_and_resume_continues(sft_dir, tmp_path
 def test_ctrl_c_during_pre_training_leaves_no_cache(tmp_path, monkeypatch, capsys):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(train, "status", interrupt)                 # called after each pre-training step
+    monkeypatch.setattr(model, "status", interrupt)                 # called after each pre-training step
     with pytest.raises(SystemExit) as e:
         train.main(tiny_args(str(tmp_path / "sft"), tmp_path / "out"))
     assert e.value.code == 130
@@ -263,7 +264,7 @@ def test_resume_drops_lines_after_the_checkpoint_and_may_change_the_lr(finished_
 # one run at a time in an out_dir
 
 def test_a_second_run_in_the_same_out_dir_is_refused(sft_dir, tmp_path):
-    with train.exclusive(str(tmp_path)):                            # as a run in another process would hold it
+    with common.exclusive(str(tmp_path)):                            # as a run in another process would hold it
         fails(tiny_args(sft_dir, tmp_path, iters=1), f"another run is using {tmp_path}")
     assert os.listdir(tmp_path) == []
     train.main(tiny_args(sft_dir, tmp_path, iters=1))               # free again once that run ends

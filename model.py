@@ -1,0 +1,156 @@
+"""
+The model side of the RLHF loop: a causal LM with a scalar value head, its forward pass over prompt and
+response, the sampler (KV cache, end-of-text, the log-probs of what it sampled), bf16 autocast, and the
+tiny GPT that the embedded task pre-trains as pi_init. Any Hugging Face causal LM fits (train.py --init).
+"""
+import os
+import shutil
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import data
+from common import status, write_atomically
+
+
+# ---------------------------------------------------------------------------------------------
+# model: a causal LM with a scalar value head on its last hidden state
+
+
+class PolicyWithValue(nn.Module):
+    def __init__(self, lm, n_vocab=None):
+        super().__init__()
+        self.lm, self.n_vocab = lm, n_vocab
+        self.v_head = nn.Linear(lm.config.hidden_size, 1)
+
+    def forward(self, input_ids, attention_mask, prompt_len):
+        """Logits (B, T, V) and values (B, T) at the states before each response token, both fp32."""
+        logits, hidden = lm_forward(self.lm, input_ids, attention_mask, prompt_len, self.n_vocab)
+        with torch.autocast(hidden.device.type, enabled=False):          # the value head in fp32, even in bf16 runs
+            return logits, self.v_head(hidden.float()).squeeze(-1)
+
+
+def vocab_logits(logits, n_vocab):
+    """The logits (..., V) of the tokenizer's V = n_vocab tokens, in fp32. A model's embedding may be padded
+    beyond its tokenizer (Pythia: 50,304 rows for 50,277 tokens): the sampler and every log-prob see the
+    same V tokens, so that no id decode cannot read is sampled and ratios start at exactly 1."""
+    return logits[..., :n_vocab].float()
+
+
+def lm_forward(lm, input_ids, attention_mask, prompt_len, n_vocab=None):
+    """input_ids, attention_mask (B, P + T), prompts left-padded to P. Returns the logits (B, T, V)
+    that predict the T response tokens and the last hidden states (B, T, H) at the same positions.
+    n_vocab: the tokenizer's vocabulary size (None: all of the model's logits)."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)         # (B, P + T) skip left padding
+    out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True)
+    response_states = slice(prompt_len - 1, -1)                         # position t predicts token t + 1
+    return vocab_logits(out.logits[:, response_states], n_vocab), out.hidden_states[-1][:, response_states]
+
+
+def token_logprobs(logits, tokens):
+    """log pi(tokens): logits (B, T, V), tokens (B, T) -> (B, T)."""
+    return torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+@torch.no_grad()
+def entropy(logits, rows=8):
+    """Entropy of each next-token distribution: logits (B, T, V) -> (B, T). Only logged, so it is computed
+    a few rows at a time: no (B, T, V) temporaries beside the logits (1.6 GB at B=64, T=128, V=50k)."""
+    def chunk(x):                                                        # (rows, T, V) -> (rows, T)
+        logp = torch.log_softmax(x, -1)
+        return -(logp.exp() * logp).sum(-1)
+    return torch.cat([chunk(x) for x in logits.split(rows)])
+
+
+def left_pad(token_lists, pad_id, device):
+    """Token lists -> ids, attention mask, both (B, P), padded on the left."""
+    width = max(map(len, token_lists))
+    ids = [[pad_id] * (width - len(t)) + t for t in token_lists]
+    mask = [[0] * (width - len(t)) + [1] * len(t) for t in token_lists]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+
+@torch.no_grad()
+def generate(lm, prompt_ids, prompt_mask, max_new_tokens, eot, n_vocab=None):
+    """Sample responses at temperature 1 (no top-k/top-p) with a KV cache, stopping at end-of-text.
+    prompt_ids, prompt_mask (B, P), left-padded. Returns response (B, T), mask (B, T) that is 1 up to
+    and including the first end-of-text, and the sampler's log-probs (B, T) (0 on padding).
+    n_vocab: the tokenizer's vocabulary size; ids beyond it are never sampled (None: all of the model's)."""
+    attn = prompt_mask
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)                             # (B, P)
+    out = lm(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device)  # (B,)
+    tokens, logprobs = [], []
+    for _ in range(max_new_tokens):
+        logp = torch.log_softmax(vocab_logits(out.logits[:, -1], n_vocab), -1)  # (B, V)
+        tok = torch.multinomial(logp.exp(), 1).squeeze(-1)               # (B,)
+        tok = torch.where(done, eot, tok)                                # finished rows: padding
+        tokens.append(tok)
+        logprobs.append(logp.gather(1, tok[:, None]).squeeze(1))         # (B,)
+        done |= tok == eot
+        if done.all():
+            break
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)        # (B, P + t)
+        pos = pos[:, -1:] + 1                                            # (B, 1)
+        out = lm(input_ids=tok[:, None], attention_mask=attn, position_ids=pos, cache=out.cache, use_cache=True)
+    response = torch.stack(tokens, 1)                                    # (B, T)
+    is_eot = (response == eot).int()                                     # (B, T)
+    mask = (is_eot.cumsum(1) - is_eot == 0).float()                      # (B, T) no end-of-text before t
+    return response, mask, torch.stack(logprobs, 1) * mask
+
+
+def autocast(cfg, device):
+    """bf16 autocast with --precision=bf16 (the default on a GPU; on a CPU too when asked), else nothing.
+    Logits are cast to fp32 before any log_softmax, and the value head and the losses run in fp32."""
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def tiny_gpt(cfg, vocab_size):
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                                      n_layer=cfg.n_layer, n_head=cfg.n_head, bos_token_id=vocab_size - 1,
+                                      eos_token_id=vocab_size - 1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def pretrain(cfg, enc, device):
+    """pi_init for the embedded task: the tiny GPT trained on the grammar's reviews (next-token loss).
+    Cached in cfg.sft_dir, keyed by the tokenizer, the model's shape, the steps and the learning rate."""
+    path = os.path.join(cfg.sft_dir, f"{enc.name}_V{enc.n_vocab}_L{cfg.n_layer}_H{cfg.n_head}_D{cfg.n_embd}_"
+                                     f"C{cfg.block_size}_S{cfg.sft_steps}_lr{cfg.sft_lr:g}")
+    if os.path.isdir(path):
+        try:
+            lm, info = GPT2LMHeadModel.from_pretrained(path, output_loading_info=True)
+            if not info["missing_keys"]:
+                return lm.to(device)
+            problem = f"it lacks {info['missing_keys'][0]}"
+        except Exception as e:
+            problem = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        print(f"warning: the pi_init cache {path} does not load ({problem}): pre-training it again")
+        shutil.rmtree(path, ignore_errors=True)
+    torch.manual_seed(1234)                                              # the same pi_init for every run seed
+    lm = tiny_gpt(cfg, enc.n_vocab).to(device)
+    docs = [enc.encode_ordinary(text) + [enc.eot_token] for text in data.task_corpus(20_000)]
+    ids = torch.tensor([t for d in docs for t in d], device=device)      # (N,) one stream of reviews
+    opt = torch.optim.AdamW(lm.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
+    t0 = time.time()
+    for step in range(cfg.sft_steps):
+        starts = torch.randint(len(ids) - cfg.block_size - 1, (64,), device=device)
+        x = torch.stack([ids[s:s + cfg.block_size] for s in starts])     # (64, C)
+        y = torch.stack([ids[s + 1:s + cfg.block_size + 1] for s in starts])
+        loss = F.cross_entropy(lm(input_ids=x).logits.flatten(0, 1), y.flatten())
+        for g in opt.param_groups:
+            g["lr"] = cfg.sft_lr * min(1.0, 2 * (1 - step / cfg.sft_steps))  # flat, then linear decay
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        status(f"pre-training pi_init: step {step + 1}/{cfg.sft_steps} | loss {loss.item():.3f} | "
+               f"{time.time() - t0:.0f}s", done=step + 1 == cfg.sft_steps)
+    try:
+        write_atomically(path, lm.save_pretrained)                        # runs may build it at once: each its own tmp
+    except OSError as e:
+        if not os.path.isdir(path):                                      # else another run cached it first: use ours
+            raise OSError(f"could not write the pi_init cache {path} ({e.strerror or e}): nothing was cached") from e
+    return lm
