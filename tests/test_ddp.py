@@ -97,7 +97,7 @@ def test_two_processes_compute_the_one_process_update_and_global_statistics(tmp_
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for algo in ("apa", "ppo"):
         policy = tiny_policy(11)
-        grads, stats = one_update(algo, policy, *fixed_batch(policy), train.masked_mean)  # one process, all rows
+        grads, stats = one_update(algo, policy, *fixed_batch(policy), masked_mean)  # one process, all rows
         for r in range(2):                                           # DDP: the same gradient in both processes
             for g, g_r in zip(grads, ranks[r][algo][0]):
                 torch.testing.assert_close(g_r, g, rtol=1e-4, atol=1e-6)
