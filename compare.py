@@ -3,9 +3,8 @@ The paper's experiment on the embedded task: APA (this project's exact form and 
 form), PPO and AWR with the same lambda, reward and sample budget, over seeds and learning rates.
 
 Paper: Zhu et al. 2023, arXiv 2306.02231, Sec. 5 (APA vs PPO vs AWR on HH and StackExchange).
-Run:  python compare.py            the README's tables and plots (60 runs; meant for 30-40 minutes of an
-                                   idle 2-core CPU: the README says what was measured)
-      python compare.py --quick=1  a smoke test of the whole pipeline on a tiny model (a minute or two)
+Run:  python compare.py            the README's tables and plots (60 runs: 36 minutes on an idle 2-core CPU)
+      python compare.py --quick=1  a smoke test of the whole pipeline on a tiny model (about 25 s)
       python compare.py --plot=out/metrics.jsonl   reward, KL and gap against samples for any runs
                                    (metrics files or run directories, comma-separated)
 

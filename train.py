@@ -75,7 +75,7 @@ class Config:
     batch_size: int = 64           # responses per rollout
     minibatch_size: int = 32       # responses per gradient step
     epochs: int = 4                # passes over each rollout
-    lr: float = 3e-5               # Adam learning rate for the RL updates (APA diverged at 1e-4: README)
+    lr: float = 3e-5               # Adam learning rate for the RL updates (larger ones destabilise APA: README)
     max_grad_norm: float = 1.0     # gradient clipping
     max_bad_steps: int = 3         # stop after this many non-finite losses or gradients in a row
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if present
