@@ -104,6 +104,12 @@ MUTATIONS = [
      'if text.lower() in ("true", "1"):', 'if text.lower() not in ("false", "0"):', ["tests/test_cli.py"]),
     ("resume accepts a changed config", "common.py", "    if changed:\n", "    if False:\n",
      ["tests/test_reliability.py"]),
+    ("a failed write leaves its temporary file", "common.py",
+     "        elif os.path.exists(tmp):\n            os.remove(tmp)\n", "        elif False:\n            os.remove(tmp)\n",
+     ["tests/test_reliability.py::test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint"]),
+    ("checkpoint written in place, not renamed", "common.py",
+     "        write(tmp)\n        os.replace(tmp, path)\n", "        write(path)\n",
+     ["tests/test_reliability.py::test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint"]),
     ("a fresh run overwrites the earlier run", "train.py",
      "                keep_previous_run(cfg.out_dir)", "                pass", ["test_train.py"]),
 ]
