@@ -42,9 +42,10 @@ def optimum(log_init, R, lam):
     return torch.softmax(log_init + R / lam, 0)                    # pi* ~ pi_init exp(R / lambda)
 
 
-def bandit_fixed_point(log_init, R, lam, kl_coef, anchor_init, whiten=False, steps=3000, lr=0.5):
-    """Gradient descent on softmax logits with the on-policy APA loss; every action is a row (K, 1)
-    of the batch weighted by pi_old(a). Rewards R - kl_coef log(pi_old/pi_init), Adv = r - E_pi[r]."""
+def bandit_iterate(log_init, R, kl_coef, policy_loss, steps=3000, lr=0.5):
+    """Gradient descent on softmax logits with an on-policy loss, as train.py runs it (pi_old = pi_theta before
+    each step); every action is a row (K, 1) of the batch weighted by pi_old(a). Rewards
+    R - kl_coef log(pi_old/pi_init), Adv = r - E_pi[r]. policy_loss(logp, old, adv, w) -> the loss."""
     logits = log_init.clone().requires_grad_()
     opt = torch.optim.SGD([logits], lr=lr)
     for _ in range(steps):
@@ -53,14 +54,20 @@ def bandit_fixed_point(log_init, R, lam, kl_coef, anchor_init, whiten=False, ste
         w = old.exp()                                               # (K, 1) sampling weights pi_old(a)
         r = kl_penalized_rewards(R, old, log_init[:, None], w, kl_coef)  # (K, 1)
         adv = r - masked_mean(r, w)                                 # (K, 1) Adv = r - V, V = E_pi[r]
-        if whiten:
-            adv = masked_whiten(adv, w)
-        ref = log_init[:, None] if anchor_init else None
-        loss, _ = apa_loss(logp, old, adv, w, lam, ref_logprobs=ref)
+        loss = policy_loss(logp, old, adv, w)
         opt.zero_grad()
         loss.backward()
         opt.step()
     return torch.softmax(logits.detach(), 0)
+
+
+def bandit_fixed_point(log_init, R, lam, kl_coef, anchor_init, whiten=False, steps=3000, lr=0.5):
+    """Where on-policy APA settles in the bandit (bandit_iterate with apa_loss)."""
+    ref = log_init[:, None] if anchor_init else None
+    def loss(logp, old, adv, w):
+        adv = masked_whiten(adv, w) if whiten else adv
+        return apa_loss(logp, old, adv, w, lam, ref_logprobs=ref)[0]
+    return bandit_iterate(log_init, R, kl_coef, loss, steps, lr)
 
 
 def test_bandit_soft_advantage_loss_is_zero_exactly_at_optimum():
@@ -272,19 +279,9 @@ def test_bandit_awr_full_steps_contract_to_optimum_by_one_minus_lam_over_awr_lam
 
 
 def bandit_awr_iterate(log_init, R, lam, kl_coef, awr_lam, steps=3000, lr=0.5):
-    """On-policy AWR with gradient steps, as train.py runs it: pi_old = pi_theta before each step."""
-    logits = log_init.clone().requires_grad_()
-    opt = torch.optim.SGD([logits], lr=lr)
-    for _ in range(steps):
-        logp = torch.log_softmax(logits, 0)[:, None]               # (K, 1)
-        old = logp.detach()
-        w = old.exp()                                               # (K, 1) pi_old(a)
-        r = kl_penalized_rewards(R, old, log_init[:, None], w, kl_coef)  # (K, 1)
-        loss, _ = awr_loss(logp, old, r - masked_mean(r, w), w, awr_lam, INF)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return torch.softmax(logits.detach(), 0)
+    """On-policy AWR with gradient steps (bandit_iterate with awr_loss, weights unclipped)."""
+    return bandit_iterate(log_init, R, kl_coef, lambda logp, old, adv, w: awr_loss(logp, old, adv, w, awr_lam, INF)[0],
+                          steps, lr)
 
 
 def test_bandit_awr_converges_to_optimum_with_kl_reward_and_collapses_without():
