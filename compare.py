@@ -128,10 +128,16 @@ class Progress:
 _jstar = {}
 
 
+NOT_JSTAR = {"algo", "apa_form", "gamma", "gae_lambda", "cliprange", "cliprange_value", "vf_coef", "awr_lam",
+             "awr_max_weight", "seed", "iters", "batch_size", "minibatch_size", "epochs", "lr", "max_grad_norm",
+             "max_bad_steps", "out_dir", "resume", "sample_every", "ckpt_every", "exact_every"}  # fields J* ignores
+
+
 def cached_jstar(estimate):
-    """J* depends on pi_init, lambda and the response length only: estimate it once per worker."""
+    """J* depends on pi_init, the data, lambda and the response length, not on the RL settings (NOT_JSTAR):
+    estimate it once per worker for each setting of the rest of the config."""
     def wrapper(cfg, *args):
-        key = (cfg.lam, cfg.jstar_samples, cfg.max_new_tokens, cfg.sft_steps, cfg.n_layer, cfg.n_embd)
+        key = tuple((k, v) for k, v in dataclasses.asdict(cfg).items() if k not in NOT_JSTAR)
         if key not in _jstar:
             _jstar[key] = estimate(cfg, *args)
         return _jstar[key]

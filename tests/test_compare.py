@@ -55,3 +55,17 @@ def test_plot_without_matplotlib_says_how_to_get_it(quick, capsys, monkeypatch):
     assert compare.main([f"--plot={run}"]) is None
     assert capsys.readouterr().out == "matplotlib is not installed: no plot (pip install matplotlib)\n"
     assert not os.path.exists(run / "metrics.png")
+
+
+def test_jstar_is_estimated_once_per_pi_init_data_and_lambda(monkeypatch):
+    import dataclasses
+    import train
+    monkeypatch.setattr(compare, "_jstar", {})
+    calls = []
+    cached = compare.cached_jstar(lambda cfg, *args: calls.append(cfg) or (len(calls), 0.0))
+    base = train.Config()
+    for algo, lr, seed in (("apa", 3e-5, 0), ("ppo", 1e-4, 1), ("awr", 3e-4, 2)):  # RL settings: one estimate
+        assert cached(dataclasses.replace(base, algo=algo, lr=lr, seed=seed, out_dir=f"out/{algo}")) == (1, 0.0)
+    for change in (dict(lam=0.2), dict(max_new_tokens=2), dict(n_head=2), dict(sft_lr=3e-3), dict(prompts="p.txt")):
+        cached(dataclasses.replace(base, **change))                  # pi_init, data or lambda: a new estimate
+    assert len(calls) == 6
