@@ -60,6 +60,32 @@ def get_encoding(name):
     return HFTokenizer(name)
 
 
+def check_source(flag, name, tokenizer=False):
+    """A model or tokenizer that is no local path is a Hugging Face hub id. Refuse at once, in one line, one that
+    cannot be had (not in the local Hugging Face cache, and the hub says no or cannot be reached), instead of
+    transformers' minute of retries and a message that blames the network for a typo."""
+    import huggingface_hub
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+    if os.path.exists(name):
+        return
+    kinds = "'task', 'gpt2', a folder with a tokenizer or a Hugging Face hub id" if tokenizer else \
+        "a model folder or a Hugging Face hub id"
+    try:
+        files = ("tokenizer_config.json", "tokenizer.json") if tokenizer else ("config.json",)
+        if any(isinstance(huggingface_hub.try_to_load_from_cache(name, f), str) for f in files):
+            return                                                       # downloaded before
+        huggingface_hub.model_info(name, timeout=10)                    # one request, no retries
+    except HFValidationError:
+        raise ValueError(f"{flag}={name} is no folder here and no hub id: {flag} takes {kinds}") from None
+    except RepositoryNotFoundError:
+        raise ValueError(f"{flag}={name} is no folder here, and the Hugging Face hub has no such model (or it is "
+                         f"private or gated: log in); {flag} takes {kinds}") from None
+    except Exception as e:                                               # no network, HF_HUB_OFFLINE, a timeout
+        raise ValueError(f"{flag}={name} is no folder here nor in the Hugging Face cache, and the hub cannot be "
+                         f"reached to look it up ({type(e).__name__}: {' '.join(str(e).split())[:120]}); "
+                         f"{flag} takes {kinds}") from None
+
+
 def ships_tokenizer(path):
     """Whether a Hugging Face model folder (or hub id: assumed yes) holds a tokenizer of its own."""
     return not os.path.isdir(path) or any(os.path.exists(os.path.join(path, f)) for f in
@@ -72,10 +98,14 @@ class HFTokenizer:
 
     def __init__(self, path):
         from transformers import AutoTokenizer
+        from model import quiet
+        if os.path.isdir(path) and not ships_tokenizer(path):
+            raise ValueError(f"{path} holds no tokenizer (tokenizer.json, tokenizer_config.json or tokenizer.model)")
         try:
-            self.tok = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+            with quiet():
+                self.tok = AutoTokenizer.from_pretrained(path)
+        except Exception as e:                                           # a damaged tokenizer.json raises anything
+            raise ValueError(f"cannot load a tokenizer from {path}: {' '.join(str(e).split())[:300]}") from None
         if self.tok.eos_token_id is None:
             raise ValueError(f"the tokenizer of {path} has no end-of-text (eos) token")
         self.name, self.eot_token, self.n_vocab = os.path.basename(os.path.normpath(path)), self.tok.eos_token_id, len(self.tok)
@@ -134,8 +164,8 @@ def load_prompts(path):
         raise ValueError(f'prompts file {path} is .json: give a .jsonl file (one {{"prompt": "..."}} a line) '
                          "or a text file (one prompt a line)")
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = [line.rstrip("\n") for line in f]
+        with open(path, encoding="utf-8-sig") as f:                     # a byte-order mark is not text;
+            lines = [line.rstrip("\n") for line in f]                   # \r\n reads as \n
     except UnicodeDecodeError as e:
         raise ValueError(f"prompts file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if path.endswith(".jsonl"):
@@ -161,8 +191,15 @@ def load_reward_fn(spec):
     module, _, name = spec.partition(":")
     try:
         fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
+    except ModuleNotFoundError as e:
+        if e.name != module.split(".")[0] and e.name != module:          # the module was found; its own import failed
+            raise ValueError(f"importing {module} for reward function {spec!r} failed: {e}") from e
+        raise ValueError(f"reward function {spec!r} not found: no module {module!r} (expected 'module:function')") from None
+    except (AttributeError, ValueError):
         raise ValueError(f"reward function {spec!r} not found (expected 'module:function')") from None
+    except (Exception, SystemExit) as e:                                 # the module's own code failed at import
+        raise ValueError(f"importing {module} for reward function {spec!r} raised {type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]}") from e
     if not callable(fn):
         raise ValueError(f"reward function {spec!r} is a {type(fn).__name__}, not a function")
     return fn
@@ -172,13 +209,11 @@ def reward_model_fn(path, enc, device):
     """A Hugging Face sequence-classification model as reward: the last logit of prompt + completion
     (a single-logit reward model's score, or the 'positive' class of a two-class sentiment model).
     Text is tokenized by the model's own tokenizer when it has one, else by `enc` (the policy's)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
-    if info["missing_keys"]:                                             # e.g. a causal LM: its head would be random
-        raise ValueError(f"reward model {path} is not a sequence-classification model: its weights lack "
-                         f"{', '.join(sorted(info['missing_keys'])[:3])} (a causal LM? that goes in --init)")
-    model = model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path) if ships_tokenizer(path) else None
+    from transformers import AutoModelForSequenceClassification
+    from model import load_pretrained
+    model = load_pretrained(AutoModelForSequenceClassification, path, "reward model",  # a causal LM's score
+                            ": not a sequence-classification model (a causal LM? that goes in --init)").to(device).eval()
+    tokenizer = HFTokenizer(path).tok if ships_tokenizer(path) else None
     if tokenizer is not None:
         tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     if model.config.pad_token_id is None:                               # it finds each text's last token by it
@@ -204,7 +239,7 @@ def call_reward(cfg, reward_fn, prompts, completions):
     name = f"reward model {cfg.reward_model}" if cfg.reward_model else f"reward function {cfg.reward_fn}"
     try:
         scores = reward_fn(prompts, completions)
-    except Exception as e:
+    except (Exception, SystemExit) as e:                                 # sys.exit() in it is a failure too
         raise ValueError(f"{name} raised {type(e).__name__}: {e} (APA_DEBUG=1 shows the traceback)") from e
     return check_scores(scores, len(completions), name)
 

@@ -3,6 +3,7 @@ The model side of the RLHF loop: a causal LM with a scalar value head, its forwa
 response, the sampler (KV cache, end-of-text, the log-probs of what it sampled), bf16 autocast, and the
 tiny GPT that the embedded task pre-trains as pi_init. Any Hugging Face causal LM fits (train.py --init).
 """
+import contextlib
 import os
 import shutil
 import time
@@ -11,9 +12,69 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.utils import logging as hf_logging
 
 import data
 from common import status, write_atomically
+
+
+# ---------------------------------------------------------------------------------------------
+# loading a Hugging Face checkpoint: one line that says what is wrong, not transformers' reports
+
+
+@contextlib.contextmanager
+def quiet():
+    """transformers without its load reports, warnings and progress bars while loading or saving: what
+    matters is checked here and said in one line."""
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_pretrained(cls, path, what, lacking=""):
+    """cls.from_pretrained(path) with fp32 weights, or a ValueError that names what is wrong: a damaged weights
+    file (by name), or weights that lack part of the model, which would then be random (lacking: the likely cause)."""
+    try:
+        with quiet():
+            lm, info = cls.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    except Exception as e:
+        raise ValueError(f"{what} {path} does not load: {damaged_file(path) or ' '.join(str(e).split())[:300]}") from e
+    if info["missing_keys"]:
+        raise ValueError(f"{what} {path} lacks weights of a {type(lm).__name__}: "
+                         f"{', '.join(sorted(info['missing_keys'])[:3])}, which would be random{lacking}")
+    return lm
+
+
+def damaged_file(folder):
+    """'<file> is damaged (...)' for the first weights file in folder whose header does not read, else ''."""
+    from safetensors import safe_open
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    for name in (n for n in names if n.endswith(".safetensors")):
+        try:
+            with safe_open(os.path.join(folder, name), "pt"):
+                pass
+        except Exception as e:
+            return f"{os.path.join(folder, name)} is damaged or truncated ({' '.join(str(e).split())[:200]})"
+    return ""
+
+
+@torch.no_grad()
+def check_causal(lm, what):
+    """Refuse a model whose prediction at a position sees later tokens (an encoder such as BERT loads as a
+    causal LM, silently): the sampler and every log-prob here assume that it does not."""
+    n = min(6, lm.config.max_position_embeddings)
+    ids = torch.randint(lm.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0)).repeat(2, 1)  # (2, n)
+    ids[1, -1] = (ids[0, -1] + 1) % lm.config.vocab_size                 # the two differ in their last token only
+    logits = lm(input_ids=ids.to(lm.device)).logits[:, :-1].float()      # (2, n - 1, V) before that token
+    if (logits[0] - logits[1]).abs().max() > 1e-5 * logits.abs().max().clamp(min=1):
+        raise ValueError(f"{what} is not a causal language model: its predictions depend on later tokens "
+                         f"(an encoder such as BERT?)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,10 +170,14 @@ def autocast(cfg, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
+def tiny_gpt_config(cfg, vocab_size):
+    return GPT2Config(vocab_size=vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                      n_head=cfg.n_head, bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1, resid_pdrop=0.0,
+                      embd_pdrop=0.0, attn_pdrop=0.0)
+
+
 def tiny_gpt(cfg, vocab_size):
-    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
-                                      n_layer=cfg.n_layer, n_head=cfg.n_head, bos_token_id=vocab_size - 1,
-                                      eos_token_id=vocab_size - 1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    return GPT2LMHeadModel(tiny_gpt_config(cfg, vocab_size))
 
 
 def pretrain(cfg, enc, device):
@@ -122,13 +187,9 @@ def pretrain(cfg, enc, device):
                                      f"C{cfg.block_size}_S{cfg.sft_steps}_lr{cfg.sft_lr:g}")
     if os.path.isdir(path):
         try:
-            lm, info = GPT2LMHeadModel.from_pretrained(path, output_loading_info=True)
-            if not info["missing_keys"]:
-                return lm.to(device)
-            problem = f"it lacks {info['missing_keys'][0]}"
-        except Exception as e:
-            problem = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
-        print(f"warning: the pi_init cache {path} does not load ({problem}): pre-training it again")
+            return load_pretrained(GPT2LMHeadModel, path, "the pi_init cache").to(device)
+        except ValueError as e:
+            print(f"warning: {e}: pre-training it again")
         shutil.rmtree(path, ignore_errors=True)
     torch.manual_seed(1234)                                              # the same pi_init for every run seed
     lm = tiny_gpt(cfg, enc.n_vocab).to(device)
@@ -149,7 +210,8 @@ def pretrain(cfg, enc, device):
         status(f"pre-training pi_init: step {step + 1}/{cfg.sft_steps} | loss {loss.item():.3f} | "
                f"{time.time() - t0:.0f}s", done=step + 1 == cfg.sft_steps)
     try:
-        write_atomically(path, lm.save_pretrained)                        # runs may build it at once: each its own tmp
+        with quiet():
+            write_atomically(path, lm.save_pretrained)                    # runs may build it at once: each its own tmp
     except OSError as e:
         if not os.path.isdir(path):                                      # else another run cached it first: use ours
             raise OSError(f"could not write the pi_init cache {path} ({e.strerror or e}): nothing was cached") from e

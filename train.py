@@ -38,8 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from transformers import AutoModelForCausalLM
-from transformers.utils import logging as hf_logging
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import data
 from apa import apa_loss, awr_loss
@@ -48,7 +47,8 @@ from common import (exclusive, gather_all, global_mean, global_token_means, init
                     world_size, write_config)
 from data import call_reward
 from exact import exact_eval, response_space
-from model import PolicyWithValue, autocast, entropy, generate, left_pad, lm_forward, pretrain, token_logprobs
+from model import (PolicyWithValue, autocast, check_causal, entropy, generate, left_pad, lm_forward, load_pretrained,
+                   pretrain, quiet, tiny_gpt_config, token_logprobs)
 from ppo import gae, kl_penalized_rewards, masked_whiten, ppo_policy_loss, value_loss
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +146,9 @@ def validate(cfg):
         ("ckpt_every", cfg.ckpt_every >= 0, ">= 0 (0: only at the end)"),
         ("jstar_samples", cfg.jstar_samples == 0 or cfg.jstar_samples >= 2,
          "0 (no J*) or >= 2 (its standard error needs two samples per prompt)"),
+        ("awr_max_weight", cfg.awr_max_weight > 0, "> 0 (AWR's clip of its weights)"),
         ("out_dir", cfg.out_dir != "", "a folder"),
+        ("sft_dir", cfg.sft_dir != "", "a folder (the cache of the pre-trained tiny GPT)"),
         ("num_samples", cfg.num_samples > 0, "> 0"),
     ]
     for name, holds, what in rules:
@@ -154,11 +156,21 @@ def validate(cfg):
             raise ValueError(f"{name} must be {what}, got {getattr(cfg, name)!r}")
     if cfg.batch_size % cfg.minibatch_size:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by minibatch_size {cfg.minibatch_size}")
-    if cfg.prompts and not os.path.exists(cfg.prompts):
-        raise ValueError(f"{cfg.prompts} does not exist")
-    for path in (cfg.init, cfg.reward_model):                           # a local path, not a hub id ("gpt2", "org/name")
+    if cfg.prompts and not os.path.isfile(cfg.prompts):
+        raise ValueError(f"{cfg.prompts} " + ("is a folder, not a prompts file" if os.path.isdir(cfg.prompts)
+                                              else "does not exist"))
+    sources = [("--init", cfg.init, False), ("--reward_model", cfg.reward_model, False),
+               ("--tokenizer", "" if cfg.tokenizer in ("task", "gpt2") else cfg.tokenizer, True)]
+    for flag, path, tokenizer in sources:                               # a local path, or a hub id ("gpt2", "org/name")
         if path and not os.path.exists(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
             raise ValueError(f"{path} does not exist")
+        if tokenizer and os.path.isdir(path) and not data.ships_tokenizer(path):
+            raise ValueError(f"--tokenizer={path} holds no tokenizer (tokenizer.json, tokenizer_config.json or "
+                             "tokenizer.model)")
+        if path and not cfg.sample:
+            data.check_source(flag, path, tokenizer)
+    if cfg.sample and not os.path.isdir(cfg.sample):
+        raise ValueError(f"--sample={cfg.sample} is no folder (a trained policy is a folder: out/policy)")
     get_device(cfg)
 
 
@@ -271,7 +283,7 @@ def update(cfg, policy, opt, batch, P, bad_steps):
             opt.step()
             stats.append(mb_stats)
     mean = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]} if stats else {}
-    return mean, bad_steps
+    return dict(mean, steps=len(stats)), bad_steps                      # steps: optimizer steps taken
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,6 +320,43 @@ def get_device(cfg):
                         "cpu" if cfg.device == "auto" else cfg.device)
 
 
+def init_config(cfg, enc):
+    """pi_init's config, read before its weights (--init) or its pre-training (the tiny GPT)."""
+    if not cfg.init:
+        return tiny_gpt_config(cfg, enc.n_vocab)
+    try:
+        with quiet():
+            return AutoConfig.from_pretrained(cfg.init)
+    except Exception as e:
+        raise ValueError(f"--init {cfg.init} holds no model: {' '.join(str(e).split())[:200]}") from None
+
+
+def load_lm(path, what):
+    """A causal LM from a Hugging Face folder or hub id, in fp32, refused in one line if it is damaged, lacks
+    weights (its LM head would be random) or is no causal model."""
+    lm = load_pretrained(AutoModelForCausalLM, path, what)
+    check_causal(lm, f"{what} {path}")
+    return lm
+
+
+def check_fits(enc, prompt_tokens, max_new_tokens, config):
+    """Prompts and tokenizer fit the model (config: its Hugging Face config): no empty prompt, every prompt and
+    its response within the context window, every token id a row of the embedding, the same end-of-text."""
+    lengths = [len(t) for t in prompt_tokens]
+    if min(lengths) == 0:
+        raise ValueError(f"prompt {lengths.index(0) + 1} encodes to no token")
+    context, longest = getattr(config, "max_position_embeddings", None), max(range(len(lengths)), key=lengths.__getitem__)
+    if context and lengths[longest] + max_new_tokens > context:
+        raise ValueError(f"prompt {longest + 1} has {lengths[longest]} tokens: with max_new_tokens={max_new_tokens} "
+                         f"it exceeds the context window of {context}")
+    if config.vocab_size < enc.n_vocab:                                  # more rows than tokens is fine: masked
+        raise ValueError(f"tokenizer {enc.name} has {enc.n_vocab} tokens but the model only {config.vocab_size}")
+    eos = config.eos_token_id
+    if eos is not None and enc.eot_token not in (eos if isinstance(eos, list) else [eos]):
+        raise ValueError(f"tokenizer {enc.name} ends texts with id {enc.eot_token} but the model with {eos}: "
+                         "not the model's tokenizer (--tokenizer)")
+
+
 def load_data(cfg, device):
     """The run's tokenizer (with --init: the checkpoint's own), prompts (text and tokens) and reward function."""
     enc = data.get_encoding(cfg.tokenizer or ("task" if not cfg.init else cfg.init if data.ships_tokenizer(cfg.init)
@@ -331,24 +380,11 @@ def train(cfg):
         dist.barrier()                                                   # rank 0 first pre-trains or downloads
     # data: prompts, tokenizer, reward
     enc, prompts, prompt_tokens, reward_fn = load_data(cfg, device)
-    # model: pi_init (frozen) and the policy with its value head
-    lm = (AutoModelForCausalLM.from_pretrained(cfg.init, dtype=torch.float32) if cfg.init  # fp32 weights, bf16
-          else pretrain(cfg, enc, device)).to(device)                                     # only in autocast
+    check_fits(enc, prompt_tokens, cfg.max_new_tokens, init_config(cfg, enc))  # before pre-training or loading
+    # model: pi_init (frozen) and the policy with its value head; fp32 weights, bf16 only in autocast
+    lm = (load_lm(cfg.init, "--init") if cfg.init else pretrain(cfg, enc, device)).to(device)
     if master and dist.is_initialized():
         dist.barrier()                                                   # the others now load pi_init from the cache
-    context = lm.config.max_position_embeddings
-    longest = max(range(len(prompts)), key=lambda i: len(prompt_tokens[i]))
-    if len(prompt_tokens[longest]) + cfg.max_new_tokens > context:
-        raise ValueError(f"prompt {longest + 1} has {len(prompt_tokens[longest])} tokens: with max_new_tokens="
-                         f"{cfg.max_new_tokens} it exceeds the context window of {context}")
-    if min(map(len, prompt_tokens)) == 0:
-        raise ValueError("a prompt encodes to no token")
-    if lm.config.vocab_size < enc.n_vocab:                              # more rows than tokens is fine: masked
-        raise ValueError(f"tokenizer {enc.name} has {enc.n_vocab} tokens but the model only {lm.config.vocab_size}")
-    eos = lm.config.eos_token_id
-    if eos is not None and enc.eot_token not in (eos if isinstance(eos, list) else [eos]):
-        raise ValueError(f"tokenizer {enc.name} ends texts with id {enc.eot_token} but the model with {eos}: "
-                         "not the model's tokenizer (--tokenizer)")
     ref_lm = lm.eval().requires_grad_(False)
     jstar, jstar_se = (estimate_jstar(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc, device)
                        if cfg.jstar_samples else (None, None))
@@ -405,10 +441,11 @@ def train(cfg):
         if (cfg.ckpt_every and (it + 1) % cfg.ckpt_every == 0) or it + 1 == cfg.iters:
             save_checkpoint(ckpt_path, policy, opt, it + 1, cfg, json.dumps(stats))  # in every process (RNG states)
     if master:
-        policy.lm.save_pretrained(os.path.join(cfg.out_dir, "policy"))
+        with quiet():                                                    # no progress bar in the log
+            policy.lm.save_pretrained(os.path.join(cfg.out_dir, "policy"))
+            if isinstance(enc, data.HFTokenizer):                        # from_pretrained finds the tokenizer too
+                enc.tok.save_pretrained(os.path.join(cfg.out_dir, "policy"))
         torch.save(policy.v_head.state_dict(), os.path.join(cfg.out_dir, "policy", "value_head.pt"))
-        if isinstance(enc, data.HFTokenizer):                            # from_pretrained finds the tokenizer too
-            enc.tok.save_pretrained(os.path.join(cfg.out_dir, "policy"))
         write_config(os.path.join(cfg.out_dir, "policy", "apa_config.json"), cfg)  # its tokenizer and reward (--sample)
     if dist.is_initialized():                                            # every process here, rank 0 done writing,
         dist.barrier()                                                   # then the DDP wrapper before its group
@@ -424,17 +461,21 @@ def sample_policy(cfg):
     config_path = os.path.join(cfg.sample, "apa_config.json")
     if not os.path.exists(config_path):
         raise ValueError(f"{cfg.sample} holds no trained policy ({config_path} is missing)")
-    with open(config_path) as f:
-        run = Config(**json.load(f))
+    try:
+        with open(config_path) as f:
+            run = Config(**json.load(f))
+    except (ValueError, TypeError) as e:                                 # not JSON, not an object, unknown fields
+        raise ValueError(f"{config_path} is damaged ({e}): it is written by train.py at the end of a run") from None
     if run.init and not run.tokenizer and data.ships_tokenizer(cfg.sample):  # the tokenizer saved beside it
         run = dataclasses.replace(run, init=cfg.sample)
     device = get_device(cfg)
     enc, _, _, reward_fn = load_data(run, device)
-    lm = AutoModelForCausalLM.from_pretrained(cfg.sample, dtype=torch.float32).to(device).eval()
+    lm = load_pretrained(AutoModelForCausalLM, cfg.sample, "--sample").to(device).eval()
     prompts = [cfg.prompt] * cfg.num_samples if cfg.prompt else data.task_prompts()[:cfg.num_samples]
+    prompt_tokens = [enc.encode_ordinary(p) for p in prompts]
+    check_fits(enc, prompt_tokens, run.max_new_tokens, lm.config)
     torch.manual_seed(cfg.seed)
-    *_, completions, scores = sample(run, lm, range(len(prompts)), [enc.encode_ordinary(p) for p in prompts],
-                                     prompts, reward_fn, enc, device)
+    *_, completions, scores = sample(run, lm, range(len(prompts)), prompt_tokens, prompts, reward_fn, enc, device)
     for prompt, completion, score in zip(prompts, completions, scores.tolist()):
         print(f"{prompt!r} -> {completion!r} | reward {score:+.2f}")
     return completions, scores.tolist()
@@ -443,7 +484,6 @@ def sample_policy(cfg):
 def main(argv=None):
     """Every failure ends in one line `error: ...` and exit status 1 (APA_DEBUG=1: the full traceback);
     Ctrl-C ends with status 130 and says how to resume."""
-    hf_logging.disable_progress_bar()
     cfg = None
     try:
         cfg = parse_args(Config, sys.argv[1:] if argv is None else argv, __doc__)

@@ -70,6 +70,13 @@ def length_reward(prompts, completions):
     return [len(c) % 7 / 7 for c in completions]
 
 
+def recording_reward(prompts, completions):
+    """The task's reward; each process also writes what it sampled to $APA_TEST_RECORD.<rank>, a line a batch."""
+    with open(f"{os.environ['APA_TEST_RECORD']}.{os.environ['RANK']}", "a") as f:
+        f.write(json.dumps(list(zip(prompts, completions))) + "\n")
+    return data.sentiment_reward(prompts, completions)
+
+
 def worker(rank, tmp):
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2)
     torch.set_num_threads(1)
@@ -124,13 +131,14 @@ def test_two_processes_compute_the_one_process_update_and_global_statistics(tmp_
 # ----------------------------------------------------------------------------------------------
 # end to end: torchrun with 2 processes
 
-def torchrun(out_dir, sft_dir, *extra):
+def torchrun(out_dir, sft_dir, *extra, record=""):
     args = dict(device="cpu", n_layer=1, n_head=2, n_embd=32, block_size=32, sft_steps=150, sft_lr=3e-3, iters=6,
                 batch_size=16, minibatch_size=8, epochs=2, lr=1e-3, jstar_samples=0, sample_every=0, ckpt_every=2,
-                seed=3, sft_dir=sft_dir, out_dir=out_dir)
+                seed=3, sft_dir=sft_dir, out_dir=out_dir, reward_fn="test_ddp:recording_reward")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
            *(f"--{k}={v}" for k, v in args.items()), *extra]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(ROOT, "tests"),
+               APA_TEST_RECORD=record or os.path.join(out_dir + ".record"))
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -141,9 +149,15 @@ def read_metrics(out_dir):
 
 def test_torchrun_trains_checkpoints_and_resumes_after_a_kill(tmp_path):
     sft, straight, killed = (str(tmp_path / d) for d in ("sft", "straight", "killed"))
-    proc = torchrun(straight, sft)
+    proc = torchrun(straight, sft, record=str(tmp_path / "sampled"))
     out, err = proc.communicate()
     assert proc.returncode == 0, err
+    # each process samples its share of every batch from its own random stream, and steps through its share
+    # of every minibatch: as many optimizer steps as in one process
+    sampled = [[json.loads(line) for line in open(tmp_path / f"sampled.{r}")] for r in range(2)]
+    assert [len(batch) for r in range(2) for batch in sampled[r]] == [16 // 2] * 12
+    assert all(a != b for a, b in zip(*sampled))
+    assert [row["steps"] for row in read_metrics(straight)] == [2 * 16 // 8] * 6
     assert [line.split("/")[0] for line in out.splitlines() if line.startswith("iter ")] == \
         [f"iter {i}" for i in range(1, 7)]                           # rank 0 alone prints
     assert "x 2 processes" in out

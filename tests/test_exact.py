@@ -70,8 +70,8 @@ def test_exact_eval_matches_brute_force_enumeration():
                                           bos_token_id=eot, eos_token_id=eot)).eval()
     ref_lm, lm = gpt(0), gpt(1)
     enc = types.SimpleNamespace(eot_token=eot, n_vocab=V, decode_batch=lambda rows: [" ".join(map(str, r)) for r in rows])
-    def reward_fn(prompts, completions):                                 # depends on the prompt and the response
-        return [c.count("1") - 0.5 * c.count("2") + 0.1 * len(p) for p, c in zip(prompts, completions)]
+    def reward_fn(prompts, completions):                                 # the prompt, the tokens and their number
+        return [c.count("1") - 0.5 * c.count("2") + 0.1 * len(p) + 0.2 * len(c.split()) for p, c in zip(prompts, completions)]
     prompts, prompt_tokens = ["ab", "abc"], [[1, 2], [3, 0, 1]]
     cfg = train.Config(max_new_tokens=T)
     space = exact.response_space(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc)
@@ -121,15 +121,17 @@ def test_too_many_responses_means_no_exact_evaluation(task):
 # ----------------------------------------------------------------------------------------------
 # 2. the pieces of a rollout, each against a slow version
 
-FORMS = [("apa", "exact"), ("apa", "paper"), ("ppo", "exact")]
+FORMS = [("apa", "exact"), ("apa", "paper"), ("ppo", "exact"), ("awr", "exact")]   # every algorithm and form
 
 
 def slow_row(lm, prompt, response):
-    """log pi of each response token and the hidden states before them, from one unpadded forward pass."""
+    """log pi of each response token, the hidden states before them and the entropy of pi there, from one unpadded
+    forward pass."""
     out = lm(input_ids=torch.tensor([prompt + response]), output_hidden_states=True)
     states = slice(len(prompt) - 1, len(prompt) - 1 + len(response))
     logp = torch.log_softmax(out.logits[0, states].double(), -1)
-    return logp[torch.arange(len(response)), response], out.hidden_states[-1][0, states]
+    entropy = -(logp.exp() * logp).sum(-1)
+    return logp[torch.arange(len(response)), response], out.hidden_states[-1][0, states], entropy
 
 
 @pytest.mark.parametrize("algo,form", FORMS)
@@ -142,8 +144,8 @@ def test_rollout_against_slow_versions(task, algo, form):
                                              task.reward_fn, task.enc, torch.device("cpu"))
     eot, mask = task.enc.eot_token, batch["mask"]
     assert 0 < mask.sum() < mask.numel()                                # some rows ended early
-    coef = 0.0 if (algo, form) == ("apa", "paper") else cfg.lam
-    kls, raw_adv = [], []
+    coef = 0.0 if (algo, form) == ("apa", "paper") else cfg.lam         # AWR too: the KL-penalised reward
+    kls, raw_adv, entropies = [], [], []
     with torch.no_grad():
         for i in range(cfg.batch_size):
             prompt = batch["input_ids"][i, :P][batch["attention_mask"][i, :P] == 1].tolist()
@@ -151,8 +153,9 @@ def test_rollout_against_slow_versions(task, algo, form):
             n = row.index(eot) + 1 if eot in row else len(row)            # real tokens: up to the first end-of-text
             assert row[n:] == [eot] * (len(row) - n)                     # the sampler pads with end-of-text
             assert mask[i].tolist() == [1.0] * n + [0.0] * (len(row) - n)
-            logp, hidden = slow_row(policy.lm, prompt, row[:n])
-            ref, _ = slow_row(task.ref_lm, prompt, row[:n])
+            logp, hidden, entropy = slow_row(policy.lm, prompt, row[:n])
+            ref, _, _ = slow_row(task.ref_lm, prompt, row[:n])
+            entropies.append(entropy)
             values = policy.v_head(hidden).squeeze(-1).double()
             torch.testing.assert_close(batch["ref_logprobs"][i, :n].double(), ref, atol=1e-4, rtol=0)  # pi_init
             torch.testing.assert_close(batch["logprobs"][i, :n].double(), logp, atol=1e-4, rtol=0)
@@ -171,8 +174,9 @@ def test_rollout_against_slow_versions(task, algo, form):
             raw_adv.append(adv)
             assert batch["advantages"][i, n:].abs().sum() == 0 and batch["returns"][i, n:].abs().sum() == 0
     assert stats["kl"] == pytest.approx(sum(kls) / len(kls), abs=1e-5)
+    assert stats["entropy"] == pytest.approx(torch.cat(entropies).mean().item(), abs=1e-4)  # over real tokens
     flat = torch.cat(raw_adv)
-    if algo == "ppo":                                                    # PPO whitens over real tokens; APA never
+    if algo == "ppo":                                                    # PPO whitens over real tokens; APA, AWR never
         flat = (flat - flat.mean()) / flat.std(unbiased=False)
     torch.testing.assert_close(batch["advantages"][mask > 0].double(), flat, atol=1e-4, rtol=1e-4)
 
@@ -213,8 +217,9 @@ def test_approx_kl_is_the_exact_kl_and_zero_when_nothing_moved():
 
 @pytest.mark.parametrize("algo,form", FORMS)
 def test_update_calls_the_loss_of_the_readme_table(task, algo, form, monkeypatch):
-    """| default APA: anchor pi_old (ref None) | paper: anchor pi_init | PPO: clipped surrogate |, each with the
-    rollout's log-probs and advantages, and the value loss clipped around the rollout's values."""
+    """| default APA: anchor pi_old (ref None) | paper: anchor pi_init | PPO: clipped surrogate | AWR: awr_lam |, each
+    with the rollout's log-probs and advantages, and the value loss clipped around the rollout's values; the steps
+    taken are epochs x minibatches."""
     cfg = train.Config(**{**TINY, "batch_size": 24, "minibatch_size": 24, "epochs": 2}, algo=algo, apa_form=form,
                        max_new_tokens=8)
     policy = moved_policy(task.ref_lm)
@@ -227,10 +232,11 @@ def test_update_calls_the_loss_of_the_readme_table(task, algo, form, monkeypatch
             calls.append((name, args))
             return fn(*args)
         monkeypatch.setattr(train, name, wrapped)
-    for name in ("apa_loss", "ppo_policy_loss", "value_loss"):
+    for name in ("apa_loss", "ppo_policy_loss", "awr_loss", "value_loss"):
         spy(name, getattr(train, name))
     monkeypatch.setattr(torch, "randperm", lambda n: torch.arange(n))    # one minibatch an epoch, in order
-    train.update(cfg, policy, torch.optim.SGD(policy.parameters(), lr=0.1), batch, P, 0)
+    stats, _ = train.update(cfg, policy, torch.optim.SGD(policy.parameters(), lr=0.1), batch, P, 0)
+    assert stats["steps"] == 2 and len(calls) == 4
     (pg_name, pg), (vf_name, vf), _, (_, vf2) = calls                    # epoch 1: pi_theta = pi_old; epoch 2: moved
     assert not torch.allclose(vf2[0], batch["values"]) and torch.equal(vf2[1], batch["values"])  # clip around V_old
     same = lambda a, b: torch.equal(a, b)                                # noqa: E731
@@ -239,6 +245,8 @@ def test_update_calls_the_loss_of_the_readme_table(task, algo, form, monkeypatch
     if algo == "apa":
         assert pg_name == "apa_loss" and pg[4] == cfg.lam
         assert (pg[5] is None) if form == "exact" else same(pg[5], batch["ref_logprobs"])
+    elif algo == "awr":                                                  # its own temperature, not lambda
+        assert pg_name == "awr_loss" and pg[4] == cfg.awr_lam != cfg.lam and pg[5] == cfg.awr_max_weight
     else:
         assert pg_name == "ppo_policy_loss" and pg[4] == cfg.cliprange
     assert vf_name == "value_loss" and same(vf[1], batch["values"]) and same(vf[2], batch["returns"])

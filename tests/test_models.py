@@ -118,8 +118,10 @@ def test_init_trains_with_its_own_tokenizer_and_saves_a_loadable_policy(arch, tm
     init, out = tmp_path / "init", tmp_path / "out"
     lm, tok = save_checkpoint(arch, init)
     history = train.main(run_args(init, out))
-    # the first step of the first iteration sees pi_theta = pi_old: every ratio exactly 1
+    # the first step of the first iteration sees pi_theta = pi_old: every ratio exactly 1; and the policy and
+    # pi_init score the same tokens (the tokenizer's, not the embedding's padding rows): KL exactly 0
     assert len(history) == 2 and history[0]["approx_kl"] < 1e-9 and history[0]["clipfrac"] == 0
+    assert history[0]["kl"] == 0
     trained = AutoModelForCausalLM.from_pretrained(out / "policy")
     assert type(trained) is type(lm) and data.get_encoding(str(out / "policy")).n_vocab == len(tok)
     before, after = lm.state_dict(), trained.state_dict()

@@ -3,14 +3,20 @@ Reliability of train.py: nonsense refused before anything runs, every failure on
 how to resume, checkpoints and metrics that cannot disagree, one run per out_dir, caches and checkpoints
 that a full disk cannot damage. Run: pytest -q tests/test_reliability.py
 """
+import dataclasses
 import errno
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import types
+import typing
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import BertConfig, BertForMaskedLM, BertModel, GPT2Config, GPT2LMHeadModel
 
 import common
 import data
@@ -40,8 +46,23 @@ def fails(args, message):
 
 def causal_lm(tmp):
     enc = data.task_encoding()
-    GPT2LMHeadModel(GPT2Config(vocab_size=enc.n_vocab, n_positions=32, n_embd=16, n_layer=1, n_head=2)).save_pretrained(tmp / "lm")
+    GPT2LMHeadModel(GPT2Config(vocab_size=enc.n_vocab, n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                               bos_token_id=enc.eot_token, eos_token_id=enc.eot_token)).save_pretrained(tmp / "lm")
     return str(tmp / "lm")
+
+
+def encoder(tmp, cls):
+    """A BERT checkpoint: BertModel (no LM head at all) or BertForMaskedLM (a head, but it sees later tokens)."""
+    cls(BertConfig(vocab_size=data.task_encoding().n_vocab, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                   intermediate_size=32, max_position_embeddings=64)).save_pretrained(tmp / "bert")
+    return str(tmp / "bert")
+
+
+def truncated(folder):
+    path = os.path.join(folder, "model.safetensors")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    return folder
 
 
 NONSENSE = {  # name: (flags, given the test's tmp_path; what the error says)
@@ -83,6 +104,21 @@ NONSENSE = {  # name: (flags, given the test's tmp_path; what the error says)
     "reward_fn not callable": (lambda tmp: dict(reward_fn="data:POSITIVE"), "is a list, not a function"),
     "reward_fn no module": (lambda tmp: dict(reward_fn=":f"), "not found"),
     "reward_model a causal LM": (lambda tmp: dict(reward_model=causal_lm(tmp)), "not a sequence-classification model"),
+    "awr_max_weight 0": (lambda tmp: dict(awr_max_weight=0), "awr_max_weight must be > 0"),
+    "sft_dir empty": (lambda tmp: dict(sft_dir=""), "sft_dir must be a folder"),
+    "prompts a folder": (lambda tmp: dict(prompts=str(tmp)), "is a folder, not a prompts file"),
+    "prompt too long": (lambda tmp: dict(prompts=write(tmp / "p.txt", "the movie was " * 20 + "\n")),
+                        "with max_new_tokens=20 it exceeds the context window of 32"),
+    "prompt of no token": (lambda tmp: dict(prompts=write(tmp / "p.jsonl", '{"prompt": "a"}\n{"prompt": ""}\n')),
+                           "prompt 2 encodes to no token"),
+    "tokenizer a folder without one": (lambda tmp: dict(tokenizer=causal_lm(tmp)), "holds no tokenizer"),
+    "init an encoder": (lambda tmp: dict(init=encoder(tmp, BertModel), tokenizer="task"),
+                        "lacks weights of a BertLMHeadModel: cls.predictions"),
+    "init an encoder with its head": (lambda tmp: dict(init=encoder(tmp, BertForMaskedLM), tokenizer="task"),
+                                      "is not a causal language model"),
+    "init truncated weights": (lambda tmp: dict(init=truncated(causal_lm(tmp)), tokenizer="task"),
+                               "lm/model.safetensors is damaged or truncated"),
+    "init without a model": (lambda tmp: dict(init=str(tmp), tokenizer="task"), "holds no model"),
 }
 if not torch.cuda.is_available():
     NONSENSE["device cuda without CUDA"] = (lambda tmp: dict(device="cuda"), "finds no CUDA GPU")
@@ -121,6 +157,14 @@ def text_reward(prompts, completions):
     return ["good"] * len(completions)
 
 
+def exit_reward(prompts, completions):
+    sys.exit()                                                          # exit status 0, if nothing caught it
+
+
+def one_nan_reward(prompts, completions):
+    return [0.5] * (len(completions) - 1) + [float("nan")]
+
+
 REWARD_FAILURES = {
     "raises": ("raising_reward", "reward function test_reliability:raising_reward raised ZeroDivisionError: "
                                  "division by zero"),
@@ -128,6 +172,8 @@ REWARD_FAILURES = {
     "returns a dict": ("dict_reward", "returned a dict"),
     "returns a generator": ("generator_reward", "returned a generator"),
     "returns text": ("text_reward", "expected a list of 16 floats"),
+    "calls sys.exit()": ("exit_reward", "reward function test_reliability:exit_reward raised SystemExit"),
+    "one NaN among finite scores": ("one_nan_reward", "returned non-finite scores: [nan]"),
 }
 
 
@@ -328,3 +374,146 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(sft_dir, 
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "config.json", "metrics.jsonl"]  # no temporary file left
     train.main(tiny_args(sft_dir, tmp_path, iters=6, ckpt_every=2, resume=True))
     assert [r["iter"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+
+
+# ----------------------------------------------------------------------------------------------
+# the files a run reads, and the code a user hands it: each failure one line that says what to fix
+
+def test_prompts_files_with_a_byte_order_mark_and_crlf_line_ends(tmp_path):
+    bom = "\ufeff".encode()
+    text = write(tmp_path / "p.txt", bom + b"the movie was\r\nthe plot felt\r\n", "wb")
+    jsonl = write(tmp_path / "p.jsonl", bom + b'{"prompt": "the movie was"}\r\n{"prompt": "the plot felt"}\r\n', "wb")
+    assert data.load_prompts(text) == data.load_prompts(jsonl) == ["the movie was", "the plot felt"]
+
+
+def module(tmp_path, monkeypatch, name, source):
+    """A reward module on the import path, written by the test."""
+    write(tmp_path / f"{name}.py", source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return f"{name}:reward"
+
+
+@pytest.mark.parametrize("source, message", [
+    ("import no_such_package\ndef reward(p, c): return [0.0] * len(c)\n",
+     "importing broken_reward for reward function 'broken_reward:reward' failed: No module named 'no_such_package'"),
+    ("x = 1 / 0\n", "importing broken_reward for reward function 'broken_reward:reward' raised ZeroDivisionError"),
+    ("import sys\nsys.exit(3)\n", "importing broken_reward for reward function 'broken_reward:reward' raised SystemExit"),
+], ids=["imports a missing package", "raises at import", "calls sys.exit at import"])
+def test_a_reward_module_whose_import_fails_says_why(source, message, tmp_path, monkeypatch):
+    spec = module(tmp_path, monkeypatch, "broken_reward", source)
+    monkeypatch.delitem(sys.modules, "broken_reward", raising=False)
+    fails(tiny_args(str(tmp_path / "sft"), tmp_path / "out", reward_fn=spec), message)
+    fails(tiny_args(str(tmp_path / "sft"), tmp_path / "out", reward_fn="no_such_module:reward"),
+          "reward function 'no_such_module:reward' not found: no module 'no_such_module'")
+    assert not (tmp_path / "sft").exists()
+
+
+def test_a_hub_id_that_cannot_be_had_is_one_line_at_once(tmp_path, monkeypatch):
+    """Offline, a name that is no folder here goes to the hub once, not through transformers' retries."""
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    def unreachable(name, **kwargs):
+        raise ConnectionError("[Errno -2] Name or service not known")
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: None)  # an empty cache
+    fails(tiny_args(str(tmp_path / "sft"), tmp_path / "out", init="gpt2"),
+          "--init=gpt2 is no folder here nor in the Hugging Face cache, and the hub cannot be reached")
+    text = fails(tiny_args(str(tmp_path / "sft"), tmp_path / "out", tokenizer="bogus"), "--tokenizer=bogus is no folder")
+    assert "--tokenizer takes 'task', 'gpt2', a folder with a tokenizer or a Hugging Face hub id" in text
+
+    def missing(name, **kwargs):
+        raise RepositoryNotFoundError("404", response=types.SimpleNamespace(headers={}, status_code=404, request=None))
+    monkeypatch.setattr(huggingface_hub, "model_info", missing)
+    fails(tiny_args(str(tmp_path / "sft"), tmp_path / "out", reward_model="org/no-such-model"),
+          "--reward_model=org/no-such-model is no folder here, and the Hugging Face hub has no such model")
+    assert not (tmp_path / "sft").exists() and not (tmp_path / "out").exists()
+
+
+def test_offline_init_of_a_hub_id_prints_one_line(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))  # no network, an empty cache
+    proc = subprocess.run([sys.executable, "train.py", "--init=gpt2", f"--out_dir={tmp_path / 'out'}"],
+                          cwd=os.path.dirname(train.__file__), env=env, capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stdout == "" and len(proc.stderr.splitlines()) == 1
+    assert proc.stderr.startswith("error: --init=gpt2 is no folder here nor in the Hugging Face cache")
+
+
+def test_loading_reports_and_progress_bars_stay_out_of_the_log(tmp_path, capfd):
+    """transformers' load report (a causal LM as reward model) and its progress bars (loading --init, saving the
+    policy, train.train called directly as compare.py does) never reach the output."""
+    from transformers.utils import logging as hf_logging
+    lm = causal_lm(tmp_path)
+    hf_logging.enable_progress_bar()                                   # as in a fresh process
+    capfd.readouterr()
+    fails(tiny_args(str(tmp_path / "sft"), tmp_path / "out", reward_model=lm), "not a sequence-classification model")
+    assert capfd.readouterr() == ("", "")
+    train.train(common.parse_args(train.Config, tiny_args(str(tmp_path / "sft"), tmp_path / "run", iters=1, init=lm,
+                                                          tokenizer="task")))
+    out, err = capfd.readouterr()
+    assert "Loading weights" not in out + err and "Writing model shards" not in out + err
+    assert [line.split(" |")[0] for line in out.splitlines()] == ["apa", "iter 1/1"] and err == ""
+    assert hf_logging.is_progress_bar_enabled()                        # restored after each load and save
+
+
+def trained_policy(tmp_path, **config):
+    """A policy folder as train.py leaves it: weights and apa_config.json (a tiny GPT, context 32)."""
+    path = tmp_path / "policy"
+    causal_lm(tmp_path)
+    shutil.move(tmp_path / "lm", path)
+    common.write_config(path / "apa_config.json", train.Config(**config))
+    return path
+
+
+def test_sample_refuses_a_damaged_config_a_damaged_model_and_a_prompt_too_long(tmp_path):
+    policy = trained_policy(tmp_path)
+    fails([f"--sample={policy}", "--prompt=" + "the movie was " * 20], "exceeds the context window of 32")
+    config = (policy / "apa_config.json").read_text()
+    write(policy / "apa_config.json", config[:len(config) // 2])       # a half-written file
+    fails([f"--sample={policy}"], "apa_config.json is damaged (")
+    write(policy / "apa_config.json", json.dumps({"algo": "apa", "no_such_field": 1}))
+    fails([f"--sample={policy}"], "apa_config.json is damaged (")
+    write(policy / "apa_config.json", config)
+    truncated(str(policy))
+    fails([f"--sample={policy}"], f"{policy}/model.safetensors is damaged or truncated")
+    fails([f"--sample={policy / 'apa_config.json'}"], "is no folder")
+
+
+# ----------------------------------------------------------------------------------------------
+# every config field's rule on --resume: the fields a resumed run may change, and only those
+
+MAY_CHANGE = {"iters", "lr", "out_dir", "sft_dir", "sample_every", "ckpt_every", "max_bad_steps", "resume", "device",
+              "precision", "sample", "prompt", "num_samples", "exact_every"}   # nothing the run's results depend on
+
+
+def changed(value, f):
+    if typing.get_origin(f.type) is typing.Literal:
+        return next(v for v in f.type.__args__ if v != value)
+    return not value if isinstance(value, bool) else value + 1 if isinstance(value, (int, float)) else value + "x"
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(train.Config)])
+def test_each_field_may_change_on_resume_or_is_refused(field, tmp_path):
+    cfg = train.Config(iters=3)
+    line = json.dumps({"iter": 1})
+    torch.save({"iter": 1, "config": dataclasses.asdict(cfg), "metrics_line": line}, tmp_path / "ckpt.pt")
+    write(tmp_path / "metrics.jsonl", line + "\n")
+    f = next(f for f in dataclasses.fields(train.Config) if f.name == field)
+    new = dataclasses.replace(cfg, **{field: changed(getattr(cfg, field), f)})
+    read = lambda: common.read_checkpoint(str(tmp_path / "ckpt.pt"), str(tmp_path / "metrics.jsonl"), new,  # noqa: E731
+                                          train.RESUME_MAY_CHANGE)
+    if field in MAY_CHANGE:
+        assert read()["iter"] == 1
+    else:
+        with pytest.raises(ValueError, match=f"--resume would mix two runs: {field} "):
+            read()
+
+
+def test_an_interrupted_atomic_write_leaves_no_temporary_file(tmp_path):
+    write(tmp_path / "ckpt.pt", "old")
+
+    def interrupted(tmp):
+        write(tmp, "half")
+        raise KeyboardInterrupt                                         # Ctrl-C mid-write
+    with pytest.raises(KeyboardInterrupt):
+        common.write_atomically(str(tmp_path / "ckpt.pt"), interrupted)
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and (tmp_path / "ckpt.pt").read_text() == "old"

@@ -27,6 +27,17 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = ["test_losses.py", "tests/test_exact.py"]    # fast enough for one run per mutation, and enough
 
+# the tests that guard a part of the program, for the mutations below that name them
+UPDATE = "tests/test_exact.py::test_update_calls_the_loss_of_the_readme_table"
+ROLLOUT = "tests/test_exact.py::test_rollout_against_slow_versions"
+INIT_NEOX = "tests/test_models.py::test_init_trains_with_its_own_tokenizer_and_saves_a_loadable_policy[gpt_neox]"
+TORCHRUN = "tests/test_ddp.py::test_torchrun_trains_checkpoints_and_resumes_after_a_kill"
+RESUME_RULES = "tests/test_reliability.py::test_each_field_may_change_on_resume_or_is_refused"
+REWARD_FAILURES = "tests/test_reliability.py::test_a_failing_reward_function_is_named_in_one_line"
+REWARD_MODULE = "tests/test_reliability.py::test_a_reward_module_whose_import_fails_says_why"
+NONSENSE = "tests/test_reliability.py::test_nonsense_is_refused_before_pre_training"
+SAMPLE = "tests/test_reliability.py::test_sample_refuses_a_damaged_config_a_damaged_model_and_a_prompt_too_long"
+
 # (name, file, original snippet, replacement[, tests]): each a bug someone could plausibly write; without
 # tests of its own, a mutation runs TESTS
 MUTATIONS = [
@@ -112,6 +123,58 @@ MUTATIONS = [
      ["tests/test_reliability.py::test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint"]),
     ("a fresh run overwrites the earlier run", "train.py",
      "                keep_previous_run(cfg.out_dir)", "                pass", ["test_train.py"]),
+    # every algorithm's branch in rollout and update
+    ("AWR falls through to PPO's loss", "train.py", 'elif cfg.algo == "awr":', "elif False:", [UPDATE]),
+    ("AWR's weights use lambda, not awr_lam", "train.py",
+     'mb["mask"], cfg.awr_lam,', 'mb["mask"], cfg.lam,', [UPDATE]),
+    ("AWR's reward loses its KL penalty", "train.py",
+     'kl_coef = 0.0 if cfg.algo == "apa" and cfg.apa_form == "paper" else cfg.lam',
+     'kl_coef = 0.0 if cfg.algo == "awr" or (cfg.algo == "apa" and cfg.apa_form == "paper") else cfg.lam', [ROLLOUT]),
+    ("AWR's advantages whitened like PPO's", "train.py",
+     'if cfg.algo == "ppo":\n        advantages = masked_whiten', 'if cfg.algo != "apa":\n        advantages = masked_whiten',
+     [ROLLOUT]),
+    ("logged entropy with its sign flipped", "model.py",
+     "return -(logp.exp() * logp).sum(-1)", "return (logp.exp() * logp).sum(-1)", [ROLLOUT]),
+    ("the policy scores the padded vocabulary", "train.py",
+     "PolicyWithValue(copy.deepcopy(ref_lm).requires_grad_(True), enc.n_vocab)",
+     "PolicyWithValue(copy.deepcopy(ref_lm).requires_grad_(True))", [INIT_NEOX]),
+    ("pi_init scores the padded vocabulary", "train.py",
+     "lm_forward(ref_lm, input_ids, attention_mask, P, policy.n_vocab)", "lm_forward(ref_lm, input_ids, attention_mask, P)",
+     [INIT_NEOX]),
+    # data parallel: each process its own stream and its share of every minibatch
+    ("processes seeded alike", "train.py",
+     "torch.manual_seed(cfg.seed + rank())", "torch.manual_seed(cfg.seed)", [TORCHRUN]),
+    ("each process takes the global minibatch size", "train.py",
+     "split(cfg.minibatch_size // world)", "split(cfg.minibatch_size)", [TORCHRUN]),
+    # the exact evaluator, resume rules, files and user code
+    ("exact evaluator keeps the end-of-text token", "exact.py",
+     "enc.decode_batch([[a for a in r if a != eot] for r in responses])", "enc.decode_batch(responses)",
+     ["tests/test_exact.py::test_exact_eval_matches_brute_force_enumeration"]),
+    ("lam may change on resume", "train.py",
+     'RESUME_MAY_CHANGE = {"iters",', 'RESUME_MAY_CHANGE = {"lam", "iters",', [RESUME_RULES]),
+    ("Ctrl-C mid-write leaves the temporary file", "common.py", "    except BaseException:\n", "    except Exception:\n",
+     ["tests/test_reliability.py::test_an_interrupted_atomic_write_leaves_no_temporary_file"]),
+    ("one NaN among finite scores passes", "data.py",
+     "if not torch.isfinite(scores).all():", "if not torch.isfinite(scores).any():", [REWARD_FAILURES]),
+    ("sys.exit() in a reward function passes as success", "data.py",
+     "    except (Exception, SystemExit) as e:                                 # sys.exit() in it is a failure too",
+     "    except Exception as e:", [REWARD_FAILURES]),
+    ("a failed import in a reward module reads 'not found'", "data.py",
+     'if e.name != module.split(".")[0] and e.name != module:', "if False:", [REWARD_MODULE]),
+    ("prompts keep a byte-order mark", "data.py", 'encoding="utf-8-sig"', 'encoding="utf-8"',
+     ["tests/test_reliability.py::test_prompts_files_with_a_byte_order_mark_and_crlf_line_ends"]),
+    ("an encoder with an LM head passes as causal", "train.py",
+     '    check_causal(lm, f"{what} {path}")\n', "", [NONSENSE]),
+    ("weights missing from a checkpoint pass", "model.py", 'if info["missing_keys"]:', "if False:", [NONSENSE]),
+    ("--sample runs a prompt past the context window", "train.py",
+     "check_fits(enc, prompt_tokens, run.max_new_tokens, lm.config)", "pass", [SAMPLE]),
+    ("a damaged apa_config.json passes as a bare JSON error", "train.py",
+     "except (ValueError, TypeError) as e:                                 # not JSON", "except TypeError as e:  #",
+     [SAMPLE]),
+    ("transformers' reports and bars reach the log", "model.py", "    hf_logging.set_verbosity_error()\n    hf_logging.disable_progress_bar()\n",
+     "", ["tests/test_reliability.py::test_loading_reports_and_progress_bars_stay_out_of_the_log"]),
+    ("a hub id goes to transformers' retries", "train.py", "            data.check_source(flag, path, tokenizer)", "            pass",
+     ["tests/test_reliability.py::test_a_hub_id_that_cannot_be_had_is_one_line_at_once"]),
 ]
 
 
