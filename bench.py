@@ -11,8 +11,10 @@ and a GPT-2-small-shaped model (124M, vocabulary 50,257), both with random weigh
    peak resident set size, which only grows, so the larger model runs second).
 
 Run: python bench.py   (a few minutes on 2 CPU cores)   python bench.py --device=cuda --batch_size=64
+As in train.py, every failure ends in one line `error: ...` and exit status 1 (APA_DEBUG=1: the traceback).
 """
 import copy
+import os
 import resource
 import statistics
 import sys
@@ -41,6 +43,29 @@ class Bench:
     epochs: int = 1                # update epochs per RL iteration (train.py's default is 4)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if present
     seed: int = 0                  # seeds weights, prompts and sampling
+
+
+CONTEXT = {"tiny": train.Config().block_size, "gpt2-small": GPT2Config().n_positions}  # positions of each model
+
+
+def validate(args):
+    """Refuse flags that mean nothing, saying why, before a model is built."""
+    rules = [  # (flag, holds, what it must be)
+        ("batch_size", args.batch_size > 0, "> 0"),
+        ("prompt_len", args.prompt_len >= 2, ">= 2 (prompts have prompt_len // 2 to prompt_len tokens, at least one)"),
+        ("max_new_tokens", args.max_new_tokens > 0, "> 0"),
+        ("rounds", args.rounds > 0, "> 0 (the ratio is a median over rounds)"),
+        ("iters", args.iters > 0, "> 0 (timed iterations)"),
+        ("epochs", args.epochs > 0, "> 0"),
+        ("seed", args.seed >= 0, ">= 0"),
+    ]
+    for name, holds, what in rules:
+        if not holds:
+            raise ValueError(f"{name} must be {what}, got {getattr(args, name)!r}")
+    for name in ["tiny", "gpt2-small"] if args.models == "both" else [args.models]:
+        if args.prompt_len + args.max_new_tokens > CONTEXT[name]:       # the scoring forward sees both
+            raise ValueError(f"prompt_len + max_new_tokens must be <= {CONTEXT[name]} (the {name} model's context), "
+                             f"got {args.prompt_len} + {args.max_new_tokens}")
 
 
 class IdsTokenizer:
@@ -145,10 +170,7 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def main(argv=None):
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    args = common.parse_args(Bench, sys.argv[1:] if argv is None else argv, __doc__)
+def measure(args):
     device = train.get_device(args)
     cfg = train.Config(batch_size=args.batch_size, minibatch_size=max(1, args.batch_size // 2), epochs=args.epochs,
                        max_new_tokens=args.max_new_tokens, device=args.device)
@@ -172,6 +194,26 @@ def main(argv=None):
                      f"| {upd:.3f} | {peak_memory_gb(device):.2f} |")
         print(lines[-1], f"({time.time() - t0:.0f}s)", flush=True)
     print("\n".join(lines))
+    return lines
+
+
+def main(argv=None):
+    """Every failure ends in one line `error: ...` and exit status 1 (APA_DEBUG=1: the full traceback)."""
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        args = common.parse_args(Bench, sys.argv[1:] if argv is None else argv, __doc__)
+        validate(args)
+        return measure(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as e:
+        if os.environ.get("APA_DEBUG", "0") not in ("", "0"):
+            raise
+        expected = isinstance(e, (ValueError, OSError))                 # e.g. --device=cuda without a GPU
+        text = str(e) if expected else f"{type(e).__name__}: {e} (APA_DEBUG=1 shows the traceback)"
+        raise SystemExit("error: " + " ".join(text.split()))           # one line, whatever the message
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ Paper: Zhu et al. 2023, arXiv 2306.02231, Sec. 5 (APA vs PPO vs AWR on HH and St
 Run:  python compare.py            the README's tables and plots (60 runs: 36 minutes on an idle 2-core CPU)
       python compare.py --quick=1  a smoke test of the whole pipeline on a tiny model (about 25 s)
       python compare.py --plot=out/metrics.jsonl   reward, KL and gap against samples for any runs
-                                   (metrics files or run directories, comma-separated)
+                                   (metrics files or run directories, comma-separated; a last line cut
+                                   short by a stopped run is skipped with a note)
 
 What it runs (every run is train.train with a Config; nothing of training is written here):
 1. main: the four algorithms at lr `lr` for `iters` iterations, `seeds` seeds: the table and the
@@ -17,8 +18,9 @@ What it runs (every run is train.train with a Config; nothing of training is wri
    train.py logs `gap_exact` (else the sampled `gap`).
 Each run lives in out_dir/<setting>/<algo>_lr<lr>_seed<seed>/; a run whose metrics.jsonl already
 holds the iterations asked for is not run again, and an interrupted one resumes from its checkpoint,
-so a long sweep can be stopped and continued. Runs go `workers` at a time, one thread each (their
-numbers are those of train.py at one thread).
+so a long sweep can be stopped (Ctrl-C) and continued by the same command. Runs go `workers` at a
+time, one thread each (their numbers are those of train.py at one thread). As in train.py, every
+failure ends in one line `error: ...` and exit status 1 (APA_DEBUG=1: the traceback).
 Where this departs from the paper: a 0.44M-parameter GPT pre-trained here, a lexicon reward, 40
 prompts, Adam at 1e-5 to 3e-4 (the authors: 125M-6B models, a learned reward model, HH data, AdamW
 at 1e-6 with betas 0.9/0.95); README "The paper's claims, one by one" lists the rest.
@@ -29,6 +31,7 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -63,6 +66,36 @@ QUICK = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, sft_steps=60, sft_lr
              minibatch_size=8, epochs=2, jstar_samples=8, max_new_tokens=8)   # train.Config overrides of --quick
 
 
+def validate(cfg):
+    """Refuse settings that mean nothing, saying why, before any run starts."""
+    if not math.isfinite(cfg.lr):
+        raise ValueError(f"lr must be a finite number, got {cfg.lr}")
+    rules = [  # (field, holds, what it must be)
+        ("seeds", cfg.seeds > 0, "> 0"),
+        ("lr", 0 < cfg.lr <= 0.1, "in (0, 0.1] (train.py allows at most 0.1; at 0 nothing is learnt)"),
+        ("iters", cfg.iters > 0, "> 0"),
+        ("grid_iters", cfg.grid_iters > 0, "> 0"),
+        ("short_tokens", cfg.short_tokens > 0, "> 0 (a response has at least one token)"),
+        ("short_iters", cfg.short_iters >= 0, ">= 0 (0: no short responses)"),
+        ("workers", cfg.workers > 0, "> 0"),
+        ("out_dir", cfg.out_dir != "", "a folder"),
+        ("sft_dir", cfg.sft_dir != "", "a folder"),
+    ]
+    for name, holds, what in rules:
+        if not holds:
+            raise ValueError(f"{name} must be {what}, got {getattr(cfg, name)!r}")
+    for item in cfg.lrs.split(","):
+        try:
+            ok = 0 < float(item) <= 0.1                 # False for nan and inf too
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"lrs must be comma-separated learning rates in (0, 0.1], got {item!r} in {cfg.lrs!r}")
+    for path in cfg.plot.split(",") if cfg.plot else []:
+        if not os.path.exists(path):
+            raise ValueError(f"{path!r} does not exist (--plot takes metrics files or run directories)")
+
+
 def plan(cfg):
     """The runs: {(setting, algo, lr, seed): iterations}, the longest that any table or plot needs."""
     seeds = range(1 if cfg.quick else cfg.seeds)
@@ -91,15 +124,33 @@ def run_dir(cfg, setting, algo, lr, seed):
 
 
 def read_rows(path):
-    """The rows of a metrics.jsonl (path: the file or its run directory); [] if there is none."""
+    """The rows of a metrics.jsonl (path: the file or its run directory); [] if there is none. A last line
+    without its newline is a run stopped mid-write (train.py's --resume drops it): skipped, with a note;
+    any other line that is not a row of metrics is an error."""
     path = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, errors="replace") as f:            # a binary file: an error at its first line
+        lines = f.readlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            if i == len(lines) and not line.endswith("\n"):
+                print(f"note: {path}: its last line is half-written (a run stopped mid-write): skipped")
+                break
+            raise ValueError(f"{path} line {i} is not JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} line {i} is not a row of metrics (a JSON object): {line.strip()[:40]!r}")
+        rows.append(row)
+    return rows
 
 
 def is_done(path, iters):
+    """A run stopped mid-write has one row fewer than it wrote: not done, it resumes."""
     return len(read_rows(path)) >= iters or os.path.exists(os.path.join(path, "failed.txt"))
 
 
@@ -144,10 +195,12 @@ def cached_jstar(estimate):
     return wrapper
 
 
-def init_worker():
+def init_worker(pool=False):
     import torch
     import train
     from transformers.utils import logging as hf_logging
+    if pool:                                            # Ctrl-C: the main process ends the pool, no traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)    # from each worker
     torch.set_num_threads(1)
     hf_logging.disable_progress_bar()
     train.estimate_jstar = cached_jstar(train.estimate_jstar)
@@ -191,7 +244,7 @@ def run_all(cfg, runs):
     model.pretrain(dataclasses.replace(train.Config(), **jobs[0][0]), data.get_encoding("task"),
                    torch.device("cpu"))                  # pi_init, once, before the workers start
     if cfg.workers > 1:
-        with multiprocessing.get_context("spawn").Pool(cfg.workers, initializer=init_worker) as pool:
+        with multiprocessing.get_context("spawn").Pool(cfg.workers, initializer=init_worker, initargs=(True,)) as pool:
             for _ in pool.imap_unordered(run_one, jobs):
                 pass
     else:
@@ -312,8 +365,15 @@ def load_run(path):
     """(settings, rows) of a run directory or metrics.jsonl; settings from config.json beside it."""
     folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
     rows = read_rows(path)
-    conf_path = os.path.join(folder, "config.json")
-    conf = json.load(open(conf_path)) if os.path.exists(conf_path) else {}
+    conf_path, conf = os.path.join(folder, "config.json"), {}
+    if os.path.exists(conf_path):
+        try:
+            with open(conf_path) as f:
+                conf = json.load(f)
+            if not isinstance(conf, dict):
+                raise ValueError(f"a JSON {type(conf).__name__}, not an object")
+        except ValueError as e:                         # the plot's labels would be wrong: refuse
+            raise ValueError(f"{conf_path} is damaged ({e}): remove it to plot without the run's settings") from None
     settings = {k: conf.get(k, "?") for k in SETTINGS}
     settings["algorithm"] = NAMES.get("apa_paper" if conf.get("apa_form") == "paper" and conf.get("algo") == "apa"
                                       else conf.get("algo"), "?")
@@ -406,7 +466,11 @@ def compare(cfg):
     if cfg.run:
         run_all(cfg, runs)
     seeds = range(1 if cfg.quick else cfg.seeds)
-    first = read_rows(run_dir(cfg, "main", "apa", cfg.lr, 0))[0]
+    first_run = run_dir(cfg, "main", "apa", cfg.lr, 0)
+    first = (read_rows(first_run) or [None])[0]
+    if first is None:
+        raise ValueError(f"{first_run} holds no results, and the tables start from it"
+                         + ("" if cfg.run else ": run without --run=0 first"))
     text = [f"# APA, PPO and AWR on the embedded task{' (quick)' if cfg.quick else ''}", "",
             f"lambda 0.1 for all; seeds 0-{len(seeds) - 1}; +- is the standard deviation over seeds. "
             f"J* = {first['jstar']:.4f} +- {first['jstar_se']:.4f} (standard error). Final values: means over "
@@ -431,7 +495,8 @@ def compare(cfg):
     def curves(setting, iters):                        # the finished runs of a setting at cfg.lr
         loaded = [load_run(run_dir(cfg, setting, a, cfg.lr, s)) for a in ALGOS for s in seeds]
         return [(st, rows[:iters]) for st, rows in loaded if len(rows) >= iters]
-    plots = [plot_curves(curves("main", main_iters), os.path.join(cfg.out_dir, "compare.png")),
+    main_curves = curves("main", main_iters)           # none yet with --run=0 on a sweep under way
+    plots = [plot_curves(main_curves, os.path.join(cfg.out_dir, "compare.png")) if main_curves else None,
              plot_stability(cfg, lrs, grid_iters, seeds, os.path.join(cfg.out_dir, "stability.png"))]
     if short_iters and curves("short", short_iters):
         plots.append(plot_curves(curves("short", short_iters), os.path.join(cfg.out_dir, "compare_short.png"),
@@ -441,30 +506,52 @@ def compare(cfg):
     return text
 
 
+def plot_runs(paths):
+    """--plot: the curves of these metrics files or run directories, in metrics.png beside the first."""
+    runs = [load_run(p) for p in paths]
+    if not all(rows for _, rows in runs):
+        raise ValueError(f"no metrics in {', '.join(p for p, (_, r) in zip(paths, runs) if not r)}")
+    for path, (_, rows) in zip(paths, runs):
+        lacking = [k for k in ("samples", "reward", "kl") if not all(k in r for r in rows)]
+        lacking += [] if any(gap_key(rows) in r for r in rows) else ["gap"]
+        if lacking:
+            raise ValueError(f"{path} has rows without {', '.join(lacking)}: the plot needs samples, reward, kl and "
+                             "gap (train.py logs the gap unless --jstar_samples=0)")
+    folder = paths[0] if os.path.isdir(paths[0]) else os.path.dirname(paths[0]) or "."
+    out = plot_curves(runs, os.path.join(folder, "metrics.png"))
+    if out:
+        print(f"wrote {out}")
+    return out
+
+
 def main(argv=None):
+    """Every failure ends in one line `error: ...` and exit status 1 (APA_DEBUG=1: the full traceback);
+    Ctrl-C ends with status 130 and says how to continue."""
     import common
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
+    cfg = None
     try:
         cfg = common.parse_args(CompareConfig, sys.argv[1:] if argv is None else argv, __doc__)
-    except ValueError as e:
-        raise SystemExit("error: " + " ".join(str(e).split()))
-    if cfg.plot:
-        paths = cfg.plot.split(",")
-        runs = [load_run(p) for p in paths]
-        if not all(rows for _, rows in runs):
-            raise SystemExit(f"error: no metrics in {', '.join(p for p, (_, r) in zip(paths, runs) if not r)}")
-        folder = paths[0] if os.path.isdir(paths[0]) else os.path.dirname(paths[0]) or "."
-        out = plot_curves(runs, os.path.join(folder, "metrics.png"))
-        if out:
-            print(f"wrote {out}")
-        return out
-    if cfg.quick and cfg.out_dir == CompareConfig.out_dir:
-        cfg.out_dir = "out/compare_quick"
-    if cfg.quick and cfg.lr == CompareConfig.lr:
-        cfg.lr = 1e-3                                   # the tiny model moves in a few iterations
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    return compare(cfg)
+        validate(cfg)
+        if cfg.plot:
+            return plot_runs(cfg.plot.split(","))
+        if cfg.quick and cfg.out_dir == CompareConfig.out_dir:
+            cfg.out_dir = "out/compare_quick"
+        if cfg.quick and cfg.lr == CompareConfig.lr:
+            cfg.lr = 1e-3                               # the tiny model moves in a few iterations
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        return compare(cfg)
+    except KeyboardInterrupt:
+        print("\ninterrupted" + ("" if cfg is None or cfg.plot else ": the same command continues the sweep (the runs "
+                                 "done are kept, the others resume from their last checkpoint)"), file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as e:
+        if os.environ.get("APA_DEBUG", "0") not in ("", "0"):
+            raise
+        expected = isinstance(e, (ValueError, OSError))
+        text = str(e) if expected else f"{type(e).__name__}: {e} (APA_DEBUG=1 shows the traceback)"
+        raise SystemExit("error: " + " ".join(text.split()))           # one line, whatever the message
 
 
 if __name__ == "__main__":

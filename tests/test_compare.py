@@ -1,8 +1,11 @@
 """
 Tests of compare.py: the quick sweep end to end (every algorithm, setting and output), its cache,
-and --plot on a run directory, with and without matplotlib. Run: pytest -q tests/test_compare.py
+--plot on a run directory, with and without matplotlib, and every failure as one line `error: ...`
+(bad settings, damaged or half-written files). Run: pytest -q tests/test_compare.py
 """
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -69,3 +72,129 @@ def test_jstar_is_estimated_once_per_pi_init_data_and_lambda(monkeypatch):
     for change in (dict(lam=0.2), dict(max_new_tokens=2), dict(n_head=2), dict(sft_lr=3e-3), dict(prompts="p.txt")):
         cached(dataclasses.replace(base, **change))                  # pi_init, data or lambda: a new estimate
     assert len(calls) == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# failures: one line each, no traceback
+
+
+def error_of(argv):
+    """The one-line message that compare.main ends with."""
+    with pytest.raises(SystemExit) as e:
+        compare.main(argv)
+    assert isinstance(e.value.code, str) and e.value.code.startswith("error: ") and "\n" not in e.value.code
+    return e.value.code
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--seeds=0", "seeds must be > 0, got 0"),
+    ("--lrs=abc", "lrs must be comma-separated learning rates in (0, 0.1], got 'abc'"),
+    ("--lrs=1e-4,nan", "lrs must be comma-separated learning rates in (0, 0.1], got 'nan'"),
+    ("--lrs=1e-4,", "got ''"),
+    ("--lr=0", "lr must be in (0, 0.1]"),
+    ("--lr=inf", "lr must be a finite number, got inf"),
+    ("--iters=0", "iters must be > 0, got 0"),
+    ("--grid_iters=-1", "grid_iters must be > 0, got -1"),
+    ("--short_tokens=0", "short_tokens must be > 0"),
+    ("--short_iters=-1", "short_iters must be >= 0"),
+    ("--workers=0", "workers must be > 0, got 0"),
+    ("--sft_dir=", "sft_dir must be a folder, got ''"),
+    ("--plot=no/such/metrics.jsonl", "'no/such/metrics.jsonl' does not exist"),
+])
+def test_a_bad_setting_is_one_line(tmp_path, flag, message):
+    assert message in error_of([f"--out_dir={tmp_path}", "--run=0", flag])   # --run=0: nothing trains, even unchecked
+
+
+def test_an_empty_out_dir_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                                     # unchecked, it would write into the current folder
+    assert error_of(["--out_dir=", "--run=0"]) == "error: out_dir must be a folder, got ''"
+
+
+def test_a_bad_setting_on_the_command_line_is_one_line_on_stderr_with_exit_status_1(tmp_path):
+    script = os.path.join(os.path.dirname(compare.__file__), "compare.py")
+    out = subprocess.run([sys.executable, script, "--seeds=0"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr == "error: seeds must be > 0, got 0\n"
+
+
+def test_tables_without_runs_say_so(tmp_path):
+    assert "holds no results, and the tables start from it: run without --run=0 first" in error_of(
+        [f"--out_dir={tmp_path}", "--run=0"])
+
+
+def test_apa_debug_shows_the_traceback_and_anything_unexpected_is_one_line_too(tmp_path, monkeypatch):
+    def broken(cfg):
+        raise RuntimeError("a message\nof two lines")
+    monkeypatch.setattr(compare, "compare", broken)
+    assert error_of([f"--out_dir={tmp_path}"]) == ("error: RuntimeError: a message of two lines "
+                                                   "(APA_DEBUG=1 shows the traceback)")
+    monkeypatch.setenv("APA_DEBUG", "1")
+    with pytest.raises(RuntimeError):
+        compare.main([f"--out_dir={tmp_path}"])
+
+
+def test_ctrl_c_exits_130_and_says_the_same_command_continues(tmp_path, monkeypatch, capsys):
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(compare, "compare", interrupted)
+    with pytest.raises(SystemExit) as e:
+        compare.main([f"--out_dir={tmp_path}"])
+    assert e.value.code == 130
+    assert "interrupted: the same command continues the sweep" in capsys.readouterr().err
+
+
+ROW = dict(reward=0.1, kl=0.05, J=0.6, gap=0.1, jstar=0.7, jstar_se=0.01, entropy=2.0, distinct2=0.3, ms=10.0)
+
+
+def write_run(folder, lines, config=None):
+    """A run directory as train.py leaves it: metrics.jsonl (these lines, as written) and config.json."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+        f.write("".join(lines))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        f.write(json.dumps(dict(algo="apa", lr=3e-5, max_new_tokens=8, lam=0.1, seed=0)) if config is None else config)
+    return os.path.join(folder, "metrics.jsonl")
+
+
+def rows(n):
+    return [json.dumps(dict(ROW, iter=i, samples=16 * i, reward=0.1 * i)) + "\n" for i in range(1, n + 1)]
+
+
+def test_plot_skips_a_half_written_last_line_with_a_note(tmp_path, capsys):
+    path = write_run(tmp_path / "run", rows(6) + ['{"iter": 7, "rew'])  # a run stopped mid-write
+    out = compare.main([f"--plot={path}"])
+    note = f"note: {path}: its last line is half-written (a run stopped mid-write): skipped"
+    assert note in capsys.readouterr().out.splitlines()
+    pytest.importorskip("matplotlib")
+    with open(out, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_stopped_mid_write_is_not_done_and_resumes(tmp_path):
+    run = tmp_path / "run"
+    write_run(run, rows(6) + ['{"iter": 7, "rew'])
+    assert compare.is_done(str(run), 6) and not compare.is_done(str(run), 7)
+
+
+@pytest.mark.parametrize("lines, message", [
+    (rows(2) + ['{"iter": 3, "rew\n'] + rows(2), "metrics.jsonl line 3 is not JSON ("),
+    (rows(2) + ["[1, 2]\n"], "metrics.jsonl line 3 is not a row of metrics (a JSON object): '[1, 2]'"),
+    (["no metrics here\n", "at all\n"], "metrics.jsonl line 1 is not JSON (Expecting value"),
+    ([], "error: no metrics in "),
+    ([json.dumps(dict(iter=1, reward=0.1)) + "\n"], "has rows without samples, kl, gap: the plot needs"),
+    ([json.dumps(dict({k: v for k, v in ROW.items() if k != "gap"}, iter=1, samples=16)) + "\n"],
+     "has rows without gap"),                                      # a run with --jstar_samples=0
+])
+def test_plot_of_damaged_or_foreign_metrics_is_one_line(tmp_path, lines, message):
+    path = write_run(tmp_path / "run", lines)
+    assert message in error_of([f"--plot={path}"])
+
+
+def test_plot_of_a_folder_without_metrics_is_one_line(tmp_path):
+    assert error_of([f"--plot={tmp_path}"]) == f"error: no metrics in {tmp_path}"
+
+
+@pytest.mark.parametrize("config", ['{"algo": "apa", "lr": 3e-', "[1, 2]"])
+def test_plot_with_a_damaged_config_json_is_one_line(tmp_path, config):
+    path = write_run(tmp_path / "run", rows(3), config)
+    assert f"{tmp_path / 'run' / 'config.json'} is damaged (" in error_of([f"--plot={path}"])

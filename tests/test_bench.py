@@ -1,0 +1,45 @@
+"""
+Tests of bench.py: its flags are checked and every failure is one line `error: ...`; one very small
+measurement of the tiny model (a few seconds). Run: pytest -q tests/test_bench.py
+"""
+import pytest
+import torch
+
+import bench
+
+SMALL = ["--models=tiny", "--batch_size=2", "--prompt_len=4", "--max_new_tokens=2", "--rounds=1", "--iters=1"]
+
+
+def error_of(argv):
+    """The one-line message that bench.main ends with."""
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert isinstance(e.value.code, str) and e.value.code.startswith("error: ") and "\n" not in e.value.code
+    return e.value.code
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--batch_size=0", "batch_size must be > 0, got 0"),
+    ("--prompt_len=1", "prompt_len must be >= 2"),
+    ("--max_new_tokens=0", "max_new_tokens must be > 0, got 0"),
+    ("--rounds=0", "rounds must be > 0"),
+    ("--iters=0", "iters must be > 0"),
+    ("--epochs=0", "epochs must be > 0, got 0"),
+    ("--seed=-1", "seed must be >= 0, got -1"),
+    ("--prompt_len=100", "prompt_len + max_new_tokens must be <= 64 (the tiny model's context), got 100 + 2"),
+    ("--models=gpt3", "--models: invalid choice: 'gpt3'"),
+])
+def test_a_bad_flag_is_one_line(flag, message):
+    assert message in error_of(SMALL + [flag])          # the small run's flags, then the bad one (the last wins)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_a_gpu_is_one_line():
+    assert error_of(SMALL + ["--device=cuda"]) == ("error: --device=cuda, but torch finds no CUDA GPU on this machine "
+                                                   "(use --device=cpu or auto)")
+
+
+def test_a_small_measurement_prints_the_table(capsys):
+    lines = bench.main(SMALL + ["--device=cpu"])
+    assert lines[2].startswith("| tiny | 0.44M | ") and lines[2].count("|") == 10
+    assert capsys.readouterr().out.endswith("\n".join(lines) + "\n")
