@@ -14,7 +14,6 @@ Run: python bench.py   (a few minutes on 2 CPU cores)   python bench.py --device
 As in train.py, every failure ends in one line `error: ...` and exit status 1 (APA_DEBUG=1: the traceback).
 """
 import copy
-import os
 import resource
 import statistics
 import sys
@@ -50,7 +49,7 @@ CONTEXT = {"tiny": train.Config().block_size, "gpt2-small": GPT2Config().n_posit
 
 def validate(args):
     """Refuse flags that mean nothing, saying why, before a model is built."""
-    rules = [  # (flag, holds, what it must be)
+    common.check_rules(args, [  # (flag, holds, what it must be)
         ("batch_size", args.batch_size > 0, "> 0"),
         ("prompt_len", args.prompt_len >= 2, ">= 2 (prompts have prompt_len // 2 to prompt_len tokens, at least one)"),
         ("max_new_tokens", args.max_new_tokens > 0, "> 0"),
@@ -58,10 +57,7 @@ def validate(args):
         ("iters", args.iters > 0, "> 0 (timed iterations)"),
         ("epochs", args.epochs > 0, "> 0"),
         ("seed", args.seed >= 0, ">= 0"),
-    ]
-    for name, holds, what in rules:
-        if not holds:
-            raise ValueError(f"{name} must be {what}, got {getattr(args, name)!r}")
+    ])
     for name in ["tiny", "gpt2-small"] if args.models == "both" else [args.models]:
         if args.prompt_len + args.max_new_tokens > CONTEXT[name]:       # the scoring forward sees both
             raise ValueError(f"prompt_len + max_new_tokens must be <= {CONTEXT[name]} (the {name} model's context), "
@@ -172,8 +168,8 @@ def peak_memory_gb(device):
 
 def measure(args):
     device = train.get_device(args)
-    cfg = train.Config(batch_size=args.batch_size, minibatch_size=max(1, args.batch_size // 2), epochs=args.epochs,
-                       max_new_tokens=args.max_new_tokens, device=args.device)
+    cfg = train.resolve(train.Config(batch_size=args.batch_size, minibatch_size=max(1, args.batch_size // 2), epochs=args.epochs,
+                       max_new_tokens=args.max_new_tokens, device=args.device))
     names = ["tiny", "gpt2-small"] if args.models == "both" else [args.models]
     print(f"device {device} | batch {args.batch_size} | prompts <= {args.prompt_len} tokens | {args.max_new_tokens} "
           f"new tokens | RL iteration: {cfg.epochs} epoch(s) of minibatches of {cfg.minibatch_size} | "
@@ -201,19 +197,10 @@ def main(argv=None):
     """Every failure ends in one line `error: ...` and exit status 1 (APA_DEBUG=1: the full traceback)."""
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    try:
+    with common.one_line_errors():
         args = common.parse_args(Bench, sys.argv[1:] if argv is None else argv, __doc__)
         validate(args)
         return measure(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        raise SystemExit(130) from None
-    except Exception as e:
-        if os.environ.get("APA_DEBUG", "0") not in ("", "0"):
-            raise
-        expected = isinstance(e, (ValueError, OSError))                 # e.g. --device=cuda without a GPU
-        text = str(e) if expected else f"{type(e).__name__}: {e} (APA_DEBUG=1 shows the traceback)"
-        raise SystemExit("error: " + " ".join(text.split()))           # one line, whatever the message
 
 
 if __name__ == "__main__":

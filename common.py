@@ -10,6 +10,7 @@ import difflib
 import fcntl
 import inspect
 import json
+import math
 import os
 import re
 import resource
@@ -40,7 +41,8 @@ class Parser(argparse.ArgumentParser):
 def parse_args(cls, argv, doc=""):
     """An instance of the dataclass `cls` from flags, with argparse: every field is a flag, `--name value`
     or `--name=value`; the comment after a field is its help text, `# --- name` comments group the flags;
-    a Literal type gives the choices; a bool is a bare flag (`--resume`) or takes true/false/1/0."""
+    a Literal type gives the choices; a bool is a bare flag (`--resume`) or takes true/false/1/0; `X | None`
+    takes an X (None: a default that depends on other flags)."""
     helps, groups, name = {}, {}, None
     for line in inspect.getsource(cls).splitlines():                      # the comments of the class body
         field = re.match(r"\s+(\w+): .*? = .*?(?:#\s*(.*))?$", line)
@@ -58,8 +60,11 @@ def parse_args(cls, argv, doc=""):
     for title, names in (groups or {"flags": [f.name for f in dataclasses.fields(cls)]}).items():
         group = parser.add_argument_group(title)
         for f in (f for f in dataclasses.fields(cls) if f.name in names):
-            kind = dict(type=f.type, metavar=f.type.__name__.upper())
-            if typing.get_origin(f.type) is Literal:
+            kind = dict(type=f.type, metavar=getattr(f.type, "__name__", "").upper())
+            if type(None) in typing.get_args(f.type):                    # X | None: an X, or None by default
+                inner = next(t for t in typing.get_args(f.type) if t is not type(None))
+                kind = dict(type=inner, metavar=inner.__name__.upper())
+            elif typing.get_origin(f.type) is Literal:
                 kind = dict(type=type(f.type.__args__[0]), choices=f.type.__args__)
             elif f.type is bool:
                 kind = dict(type=parse_bool, nargs="?", const=True, metavar="true|false")
@@ -73,6 +78,18 @@ def parse_args(cls, argv, doc=""):
     return cls(**vars(args))
 
 
+def check_rules(cfg, rules):
+    """Refuse a config that means nothing, saying why: every float finite, then each rule of
+    rules, a list of (field, holds, what it must be)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value}")
+    for name, holds, what in rules:
+        if not holds:
+            raise ValueError(f"{name} must be {what}, got {getattr(cfg, name)!r}")
+
+
 def parse_bool(text):
     if text.lower() in ("true", "1"):
         return True
@@ -83,6 +100,23 @@ def parse_bool(text):
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The module docstring as written, and each flag's default after its help."""
+
+
+@contextlib.contextmanager
+def one_line_errors(interrupted=lambda: "interrupted"):
+    """For a script's main(): every failure ends in one line `error: ...` on stderr and exit status 1
+    (APA_DEBUG=1: the traceback instead); Ctrl-C in exit status 130 and the line interrupted() returns."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("\n" + interrupted(), file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as e:
+        if os.environ.get("APA_DEBUG", "0") not in ("", "0"):
+            raise
+        expected = isinstance(e, (ValueError, OSError, FloatingPointError))
+        text = str(e) if expected else f"{type(e).__name__}: {e} (APA_DEBUG=1 shows the traceback)"
+        raise SystemExit("error: " + " ".join(text.split())) from None  # one line, whatever the message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,9 +224,12 @@ def write_atomically(path, write):
 
 
 def write_config(path, cfg):
-    """The run's config as JSON: beside metrics.jsonl (compare.py --plot reads it) and in policy/ (--sample)."""
-    with open(path, "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    """The run's config as JSON: beside metrics.jsonl (compare.py --plot reads it) and in policy/ (--sample).
+    Written atomically: a run killed meanwhile leaves no half-written config."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+    write_atomically(path, write)
 
 
 def save_checkpoint(path, policy, opt, iteration, cfg, metrics_line):

@@ -63,14 +63,13 @@ ALGOS = {"apa": dict(algo="apa"), "apa_paper": dict(algo="apa", apa_form="paper"
          "ppo": dict(algo="ppo"), "awr": dict(algo="awr")}
 NAMES = {"apa": "APA", "apa_paper": "APA (paper form)", "ppo": "PPO", "awr": "AWR"}
 QUICK = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, sft_steps=60, sft_lr=3e-3, batch_size=16,
-             minibatch_size=8, epochs=2, jstar_samples=8, max_new_tokens=8)   # train.Config overrides of --quick
+             minibatch_size=8, epochs=2, jstar_samples=8, max_new_tokens=8, device="cpu")  # train.Config overrides of --quick
 
 
 def validate(cfg):
     """Refuse settings that mean nothing, saying why, before any run starts."""
-    if not math.isfinite(cfg.lr):
-        raise ValueError(f"lr must be a finite number, got {cfg.lr}")
-    rules = [  # (field, holds, what it must be)
+    import common
+    common.check_rules(cfg, [  # (field, holds, what it must be)
         ("seeds", cfg.seeds > 0, "> 0"),
         ("lr", 0 < cfg.lr <= 0.1, "in (0, 0.1] (train.py allows at most 0.1; at 0 nothing is learnt)"),
         ("iters", cfg.iters > 0, "> 0"),
@@ -80,10 +79,7 @@ def validate(cfg):
         ("workers", cfg.workers > 0, "> 0"),
         ("out_dir", cfg.out_dir != "", "a folder"),
         ("sft_dir", cfg.sft_dir != "", "a folder"),
-    ]
-    for name, holds, what in rules:
-        if not holds:
-            raise ValueError(f"{name} must be {what}, got {getattr(cfg, name)!r}")
+    ])
     for item in cfg.lrs.split(","):
         try:
             ok = 0 < float(item) <= 0.1                 # False for nan and inf too
@@ -181,7 +177,8 @@ _jstar = {}
 
 NOT_JSTAR = {"algo", "apa_form", "gamma", "gae_lambda", "cliprange", "cliprange_value", "vf_coef", "awr_lam",
              "awr_max_weight", "seed", "iters", "batch_size", "minibatch_size", "epochs", "lr", "max_grad_norm",
-             "max_bad_steps", "out_dir", "resume", "sample_every", "ckpt_every", "exact_every"}  # fields J* ignores
+             "max_bad_steps", "out_dir", "resume", "sample_every", "ckpt_every", "exact_every", "target_kl",
+             "eval_prompts", "eval_every", "eval_samples"}          # fields J* ignores
 
 
 def cached_jstar(estimate):
@@ -230,7 +227,8 @@ def run_all(cfg, runs):
     print(f"{len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run, {cfg.workers} at a time")
     jobs = []
     for k, ((setting, algo, lr, seed), iters) in enumerate(todo):
-        overrides = dict(ALGOS[algo], lr=lr, seed=seed, sft_dir=cfg.sft_dir, **(QUICK if cfg.quick else {}))
+        overrides = dict(ALGOS[algo], lr=lr, seed=seed, sft_dir=cfg.sft_dir, target_kl=0.0,  # the algorithms as the
+                         **(QUICK if cfg.quick else {}))                # paper has them: no KL guard
         if setting == "short":
             overrides["max_new_tokens"] = cfg.short_tokens
         tag = f"[{k + 1}/{len(todo)}] {setting} {algo} lr {lr:g} seed {seed}"
@@ -384,7 +382,8 @@ def load_run(path):
 def plot_curves(runs, path, what=""):
     """Reward, KL and gap against samples. runs: [(settings, rows)]. Runs that differ only in their
     seed are one line, their mean, with a band from min to max; the title names what all share and
-    the legend what differs (algorithm, lr, iterations, ...). Returns the path, or None without matplotlib."""
+    the legend what differs (algorithm, lr, iterations, ...). train.py's held-out evaluation (eval_reward, eval_kl),
+    where logged, is dashed. Returns the path, or None without matplotlib."""
     plt = pyplot()
     if plt is None:
         return None
@@ -412,6 +411,9 @@ def plot_curves(runs, path, what=""):
             ax.plot(xs, curves.mean(0), color=color, label=name + (f" ({len(group)} seeds)" if len(group) > 1 else ""))
             if len(group) > 1:
                 ax.fill_between(xs, curves.min(0), curves.max(0), color=color, alpha=0.2)
+            held_out = [(r["samples"], r[f"eval_{key}"]) for r in group[0][:n] if f"eval_{key}" in r]
+            if held_out:                                # train.py's held-out evaluation (first seed): dashed
+                ax.plot(*zip(*held_out), color=color, ls="--", marker=".", label=f"{name}, held-out prompts")
             ax.set(xlabel="samples (responses)", ylabel=ylabel)
             ax.grid(alpha=0.3)
     for ax, key, linthresh in ((axes[1], "kl", 1.0), (axes[2], None, 0.01)):
@@ -531,7 +533,8 @@ def main(argv=None):
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     cfg = None
-    try:
+    with common.one_line_errors(lambda: "interrupted" + ("" if cfg is None or cfg.plot else ": the same command "
+                                "continues the sweep (the runs done are kept, the others resume from their last checkpoint)")):
         cfg = common.parse_args(CompareConfig, sys.argv[1:] if argv is None else argv, __doc__)
         validate(cfg)
         if cfg.plot:
@@ -542,16 +545,6 @@ def main(argv=None):
             cfg.lr = 1e-3                               # the tiny model moves in a few iterations
         os.makedirs(cfg.out_dir, exist_ok=True)
         return compare(cfg)
-    except KeyboardInterrupt:
-        print("\ninterrupted" + ("" if cfg is None or cfg.plot else ": the same command continues the sweep (the runs "
-                                 "done are kept, the others resume from their last checkpoint)"), file=sys.stderr)
-        raise SystemExit(130) from None
-    except Exception as e:
-        if os.environ.get("APA_DEBUG", "0") not in ("", "0"):
-            raise
-        expected = isinstance(e, (ValueError, OSError))
-        text = str(e) if expected else f"{type(e).__name__}: {e} (APA_DEBUG=1 shows the traceback)"
-        raise SystemExit("error: " + " ".join(text.split()))           # one line, whatever the message
 
 
 if __name__ == "__main__":

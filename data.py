@@ -144,6 +144,11 @@ def task_prompts():
     return [f"the {s} {v}" for s in SUBJECTS for v in VERBS]
 
 
+def task_eval_prompts():
+    """40 held-out openings that RL never trains on: 'the <subject> <verb> <adverb>', each (subject, verb) once."""
+    return [f"{p} {ADVERBS[(i + i // len(VERBS)) % len(ADVERBS)]}" for i, p in enumerate(task_prompts())]
+
+
 def sentiment_reward(prompts, completions):
     """The embedded task's reward: clip(#positive - #negative adjectives in the completion, -2, 2) / 2."""
     positive, negative = set(POSITIVE), set(NEGATIVE)
@@ -232,6 +237,17 @@ def reward_model_fn(path, enc, device):
                      "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)}
         return model(**batch).logits[:, -1].float().tolist()
     return score
+
+
+def load_data(cfg, device):
+    """The run's tokenizer (with --init: the checkpoint's own), prompts (text and tokens) and reward function."""
+    enc = get_encoding(cfg.tokenizer or ("task" if not cfg.init else cfg.init if ships_tokenizer(cfg.init)
+                                              else "gpt2"))
+    prompts = load_prompts(cfg.prompts) if cfg.prompts else task_prompts()
+    prompt_tokens = [enc.encode_ordinary(p) for p in prompts]
+    reward_fn = (reward_model_fn(cfg.reward_model, enc, device) if cfg.reward_model
+                 else load_reward_fn(cfg.reward_fn))
+    return enc, prompts, prompt_tokens, reward_fn
 
 
 def call_reward(cfg, reward_fn, prompts, completions):

@@ -1,7 +1,8 @@
 """
 The model side of the RLHF loop: a causal LM with a scalar value head, its forward pass over prompt and
 response, the sampler (KV cache, end-of-text, the log-probs of what it sampled), bf16 autocast, and the
-tiny GPT that the embedded task pre-trains as pi_init. Any Hugging Face causal LM fits (train.py --init).
+tiny GPT that the embedded task pre-trains as pi_init. Any Hugging Face causal LM fits (train.py --init):
+loading one checks that it is whole, causal, and fits the prompts and the tokenizer, in one line if not.
 """
 import contextlib
 import os
@@ -11,7 +12,7 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 import data
@@ -75,6 +76,43 @@ def check_causal(lm, what):
     if (logits[0] - logits[1]).abs().max() > 1e-5 * logits.abs().max().clamp(min=1):
         raise ValueError(f"{what} is not a causal language model: its predictions depend on later tokens "
                          f"(an encoder such as BERT?)")
+
+
+def init_config(cfg, enc):
+    """pi_init's config, read before its weights (--init) or its pre-training (the tiny GPT)."""
+    if not cfg.init:
+        return tiny_gpt_config(cfg, enc.n_vocab)
+    try:
+        with quiet():
+            return AutoConfig.from_pretrained(cfg.init)
+    except Exception as e:
+        raise ValueError(f"--init {cfg.init} holds no model: {' '.join(str(e).split())[:200]}") from None
+
+
+def load_lm(path, what):
+    """A causal LM from a Hugging Face folder or hub id, in fp32, refused in one line if it is damaged, lacks
+    weights (its LM head would be random) or is no causal model."""
+    lm = load_pretrained(AutoModelForCausalLM, path, what)
+    check_causal(lm, f"{what} {path}")
+    return lm
+
+
+def check_fits(enc, prompt_tokens, max_new_tokens, config, what="prompt"):
+    """Prompts and tokenizer fit the model (config: its Hugging Face config): no empty prompt, every prompt and
+    its response within the context window, every token id a row of the embedding, the same end-of-text."""
+    lengths = [len(t) for t in prompt_tokens] or [1]
+    if min(lengths) == 0:
+        raise ValueError(f"{what} {lengths.index(0) + 1} encodes to no token")
+    context, longest = getattr(config, "max_position_embeddings", None), max(range(len(lengths)), key=lengths.__getitem__)
+    if context and lengths[longest] + max_new_tokens > context:
+        raise ValueError(f"{what} {longest + 1} has {lengths[longest]} tokens: with max_new_tokens={max_new_tokens} "
+                         f"it exceeds the context window of {context}")
+    if config.vocab_size < enc.n_vocab:                                  # more rows than tokens is fine: masked
+        raise ValueError(f"tokenizer {enc.name} has {enc.n_vocab} tokens but the model only {config.vocab_size}")
+    eos = config.eos_token_id
+    if eos is not None and enc.eot_token not in (eos if isinstance(eos, list) else [eos]):
+        raise ValueError(f"tokenizer {enc.name} ends texts with id {enc.eot_token} but the model with {eos}: "
+                         "not the model's tokenizer (--tokenizer)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ clear errors for bad input, non-finite updates, Hugging Face models. Run: pytest
 """
 import ast
 import json
+import math
 import os
 import signal
 import subprocess
@@ -31,8 +32,8 @@ def sft_dir(tmp_path_factory):
 def tiny_args(sft, out, /, **overrides):
     """A tiny configuration: 1-layer GPT, short pre-training, small batches."""
     args = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, sft_steps=150, sft_lr=3e-3, iters=6,
-                batch_size=16, minibatch_size=8, epochs=2, lr=1e-3, jstar_samples=0, sample_every=0,
-                sft_dir=sft, out_dir=str(out))
+                batch_size=16, minibatch_size=8, epochs=2, lr=1e-3, jstar_samples=0, sample_every=0, eval_every=0,
+                target_kl=0, device="cpu", sft_dir=sft, out_dir=str(out))  # no guard; CPU numbers, even where CUDA is
     args.update(overrides)
     return [f"--{k}={v}" for k, v in args.items()]
 
@@ -109,10 +110,43 @@ def test_training_runs_and_reward_improves(algo, sft_dir, tmp_path):
     assert os.path.exists(tmp_path / "policy" / "value_head.pt")
 
 
+def test_the_kl_guard_stops_a_runaway_update_and_says_so(sft_dir, tmp_path, capsys):
+    """lr 0.05 wrecks the tiny GPT within an update; the guard stops each update once a minibatch's approx_kl
+    exceeds target_kl, before its step, and the log line and metrics.jsonl say so."""
+    history = train.main(tiny_args(sft_dir, tmp_path, iters=3, epochs=4, lr=0.05, target_kl=0.1))
+    out = capsys.readouterr().out
+    stopped = [row for row in history if "kl_stop" in row]
+    assert stopped and out.count("target_kl: stopped at approx_kl") == len(stopped)
+    for row in stopped:
+        assert row["kl_stop"] > 0.1 and row["steps"] < 4 * 16 // 8 and row["approx_kl"] <= 0.1  # the steps taken
+        assert f"after {row['steps']}/8 steps" in out
+    assert all(math.isfinite(v) for row in history for v in row.values())
+    assert read_metrics(tmp_path) == history
+
+
+def test_held_out_evaluation_is_logged_and_changes_no_training_number(sft_dir, tmp_path, capsys):
+    args = dict(iters=4, eval_samples=24)
+    plain = train.main(tiny_args(sft_dir, tmp_path / "plain", **args))
+    held = train.main(tiny_args(sft_dir, tmp_path / "held", eval_every=2, **args))
+    out = capsys.readouterr().out
+    assert out.count("| 40 prompts (40 held out) |") == 1                # the header of the run that evaluates
+    lines = [line for line in out.splitlines() if line.startswith("iter ")]
+    assert [("eval_reward" in row, "eval_reward" in line) for row, line in zip(held, lines[4:])] == \
+        [(True, True), (True, True), (False, False), (True, True)]      # the first, then every eval_every-th
+    timing = ("ms", "mem_mb")
+    assert [{k: v for k, v in row.items() if k not in timing} for row in plain] == \
+        [{k: v for k, v in row.items() if k not in timing and not k.startswith("eval_")} for row in held]
+    first = held[0]                                                     # pi_init itself: KL 0 up to rounding
+    assert abs(first["eval_kl"]) < 1e-4 and first["eval_J"] == pytest.approx(first["eval_reward"] - 0.1 * first["eval_kl"], abs=1e-6)
+
+
 def run_script(args, **kwargs):
+    """train.py in a subprocess, with SIGINT at its default: Ctrl-C reaches it even when the tests run as a
+    background job, which starts with SIGINT ignored (and Python keeps it ignored)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *args], cwd=HERE, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(sft_dir, tmp_path):

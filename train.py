@@ -1,8 +1,9 @@
 """
 RLHF of a small GPT with APA, PPO or AWR, in one readable loop: sample, score, estimate values and
 advantages, update. The three share everything but the policy loss (apa.py, ppo.py). Beside them:
-model.py (the policy with its value head, the sampler, the tiny GPT), data.py (tokenizers, prompts,
-rewards), exact.py (the exact evaluator), common.py (command line, checkpoints, data-parallel helpers).
+model.py (the policy with its value head, the sampler, the tiny GPT, checked loading of a checkpoint),
+data.py (tokenizers, prompts, rewards), exact.py (the exact evaluator), common.py (command line, one-line
+errors, checkpoints, data-parallel helpers).
 
 Paper: Zhu et al. 2023, "Fine-Tuning Language Models with Advantage-Induced Policy Alignment",
 arXiv 2306.02231. Run: python train.py  (APA on the embedded task, a few minutes on a CPU)
@@ -38,17 +39,17 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 import data
 from apa import apa_loss, awr_loss
-from common import (exclusive, gather_all, global_mean, global_token_means, init_distributed, keep_previous_run,
-                    load_checkpoint, parse_args, peak_memory_mb, rank, read_checkpoint, save_checkpoint, status,
+from common import (check_rules, exclusive, gather_all, global_mean, global_token_means, init_distributed, keep_previous_run,
+                    load_checkpoint, one_line_errors, parse_args, peak_memory_mb, rank, read_checkpoint, save_checkpoint, status,
                     world_size, write_config)
-from data import call_reward
+from data import call_reward, load_data
 from exact import exact_eval, response_space
-from model import (PolicyWithValue, autocast, check_causal, entropy, generate, left_pad, lm_forward, load_pretrained,
-                   pretrain, quiet, tiny_gpt_config, token_logprobs)
+from model import (PolicyWithValue, autocast, check_fits, entropy, generate, init_config, left_pad, lm_forward, load_lm,
+                   load_pretrained, pretrain, quiet, token_logprobs)
 from ppo import gae, kl_penalized_rewards, masked_whiten, ppo_policy_loss, value_loss
 
 # ---------------------------------------------------------------------------------------------
@@ -75,7 +76,9 @@ class Config:
     batch_size: int = 64           # responses per rollout
     minibatch_size: int = 32       # responses per gradient step
     epochs: int = 4                # passes over each rollout
-    lr: float = 3e-5               # Adam learning rate for the RL updates (larger ones destabilise APA: README)
+    lr: float | None = None        # Adam learning rate of the RL updates; default: 3e-5 for the tiny GPT (larger ones
+                                   # destabilise APA), 1e-6 with --init (a pretrained model: README, "Your own model")
+    target_kl: float = 0.2         # the KL guard: an update stops once a minibatch's approx_kl exceeds it (0: never)
     max_grad_norm: float = 1.0     # gradient clipping
     max_bad_steps: int = 3         # stop after this many non-finite losses or gradients in a row
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if present
@@ -83,6 +86,8 @@ class Config:
                                    # values and losses stay fp32); auto: bf16 on cuda, fp32 on cpu
     # --- data and models
     prompts: str = ""              # prompts file (.txt, one a line; .jsonl, {"prompt": ...}); empty: the embedded task
+    eval_prompts: str = ""         # held-out prompts file (as --prompts), never trained on; empty: the embedded
+                                   # task's held-out openings (none with --prompts)
     reward_fn: str = "data:sentiment_reward"  # 'module:function' (prompts, completions) -> floats
     reward_model: str = ""         # Hugging Face sequence-classification model (path or id); replaces reward_fn
     init: str = ""                 # Hugging Face causal LM (path or id) as pi_init; empty: pre-train a tiny GPT
@@ -101,6 +106,9 @@ class Config:
     sample_every: int = 50         # print decoded samples every N iterations (0: never)
     ckpt_every: int = 50           # checkpoint every N iterations (0: only at the end)
     resume: bool = False           # continue from out_dir/ckpt.pt
+    eval_every: int = 25           # eval_reward, eval_kl, eval_J on fresh samples of the held-out prompts every N
+                                   # iterations (0: never)
+    eval_samples: int = 128        # responses per held-out evaluation
     jstar_samples: int = 256       # samples per prompt from pi_init to estimate J* (0: skip)
     exact_every: int = 10          # J, J* and the gap computed exactly, by enumerating every response, every N
                                    # iterations (0: never); only runs when that is at most exact.EXACT_LIMIT responses
@@ -113,11 +121,7 @@ class Config:
 
 def validate(cfg):
     """Refuse settings that mean nothing, saying why, before anything is read or written."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{f.name} must be a finite number, got {value}")
-    rules = [  # (field, holds, what it must be)
+    check_rules(cfg, [  # (field, holds, what it must be)
         ("lam", cfg.lam > 0, "> 0"),
         ("awr_lam", cfg.awr_lam > 0, "> 0 (AWR's temperature)"),
         ("seed", cfg.seed >= 0, ">= 0"),
@@ -126,8 +130,11 @@ def validate(cfg):
         ("minibatch_size", cfg.minibatch_size > 0, "> 0"),
         ("epochs", cfg.epochs > 0, "> 0 (passes over each rollout)"),
         ("max_new_tokens", cfg.max_new_tokens > 0, "> 0 (a response has at least one token)"),
-        ("lr", 0 <= cfg.lr <= 0.1, "in [0, 0.1]: Adam moves every weight by about lr a step, so more wrecks a "
-                                   "language model in a few steps (1e-6 to 1e-3 are usual)"),
+        ("lr", cfg.lr is None or 0 <= cfg.lr <= 0.1, "in [0, 0.1]: Adam moves every weight by about lr a step, so "
+                                                     "more wrecks a language model in a few steps (1e-6 to 1e-3 are usual)"),
+        ("target_kl", cfg.target_kl >= 0, ">= 0 (0: no KL guard)"),
+        ("eval_every", cfg.eval_every >= 0, ">= 0 (0: never)"),
+        ("eval_samples", cfg.eval_samples > 0, "> 0"),
         ("max_grad_norm", cfg.max_grad_norm > 0, "> 0 (gradients are clipped to this norm)"),
         ("gamma", 0 <= cfg.gamma <= 1, "in [0, 1] (a discount)"),
         ("gae_lambda", 0 <= cfg.gae_lambda <= 1, "in [0, 1] (GAE's bias-variance trade-off)"),
@@ -150,15 +157,12 @@ def validate(cfg):
         ("out_dir", cfg.out_dir != "", "a folder"),
         ("sft_dir", cfg.sft_dir != "", "a folder (the cache of the pre-trained tiny GPT)"),
         ("num_samples", cfg.num_samples > 0, "> 0"),
-    ]
-    for name, holds, what in rules:
-        if not holds:
-            raise ValueError(f"{name} must be {what}, got {getattr(cfg, name)!r}")
+    ])
     if cfg.batch_size % cfg.minibatch_size:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by minibatch_size {cfg.minibatch_size}")
-    if cfg.prompts and not os.path.isfile(cfg.prompts):
-        raise ValueError(f"{cfg.prompts} " + ("is a folder, not a prompts file" if os.path.isdir(cfg.prompts)
-                                              else "does not exist"))
+    for path in (cfg.prompts, cfg.eval_prompts):
+        if path and not os.path.isfile(path):
+            raise ValueError(f"{path} " + ("is a folder, not a prompts file" if os.path.isdir(path) else "does not exist"))
     sources = [("--init", cfg.init, False), ("--reward_model", cfg.reward_model, False),
                ("--tokenizer", "" if cfg.tokenizer in ("task", "gpt2") else cfg.tokenizer, True)]
     for flag, path, tokenizer in sources:                               # a local path, or a hub id ("gpt2", "org/name")
@@ -175,7 +179,13 @@ def validate(cfg):
 
 
 RESUME_MAY_CHANGE = {"iters", "lr", "out_dir", "sft_dir", "sample_every", "ckpt_every", "max_bad_steps", "resume",
-                     "device", "precision", "sample", "prompt", "num_samples", "exact_every"}  # any other change mixes two runs
+                     "device", "precision", "sample", "prompt", "num_samples", "exact_every", "eval_prompts",
+                     "eval_every", "eval_samples"}                       # any other change mixes two runs
+
+
+def resolve(cfg):
+    """The config with the defaults that depend on other fields filled in: the learning rate (README)."""
+    return cfg if cfg.lr is not None else dataclasses.replace(cfg, lr=1e-6 if cfg.init else 3e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,21 +194,21 @@ RESUME_MAY_CHANGE = {"iters", "lr", "out_dir", "sft_dir", "sample_every", "ckpt_
 
 @torch.no_grad()
 def sample(cfg, lm, idx, prompt_tokens, prompts, reward_fn, enc, device):
-    """Responses to the prompts numbered idx, and their scores. Returns prompt ids and mask (B, P),
-    response and its mask (B, T), the decoded completions (end-of-text dropped) and the scores (B,)."""
+    """Responses to the prompts numbered idx, and their scores. Returns prompt ids and mask (B, P), response,
+    its mask and the sampler's log-probs (B, T), the decoded completions (end-of-text dropped) and the scores (B,)."""
     prompt_ids, prompt_mask = left_pad([prompt_tokens[i] for i in idx], enc.eot_token, device)  # (B, P)
     with autocast(cfg, device):
-        response, mask, _ = generate(lm, prompt_ids, prompt_mask, cfg.max_new_tokens, enc.eot_token, enc.n_vocab)  # (B, T)
+        response, mask, logprobs = generate(lm, prompt_ids, prompt_mask, cfg.max_new_tokens, enc.eot_token, enc.n_vocab)
     completions = [enc.decode([t for t in r if t != enc.eot_token]) for r in response.tolist()]
     scores = call_reward(cfg, reward_fn, [prompts[i] for i in idx], completions).to(device)  # (B,)
-    return prompt_ids, prompt_mask, response, mask, completions, scores
+    return prompt_ids, prompt_mask, response, mask, logprobs, completions, scores
 
 
 @torch.no_grad()
 def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device):
     # 1. sample prompts, responses from pi_old, reward-model scores
     idx = torch.randint(len(prompts), (cfg.batch_size // world_size(),)).tolist()  # this process's share
-    prompt_ids, prompt_mask, response, mask, completions, scores = sample(
+    prompt_ids, prompt_mask, response, mask, _, completions, scores = sample(
         cfg, policy.lm, idx, prompt_tokens, prompts, reward_fn, enc, device)
     input_ids = torch.cat([prompt_ids, response], 1)                     # (B, P + T)
     attention_mask = torch.cat([prompt_mask, torch.ones_like(response)], 1)  # (B, P + T)
@@ -210,7 +220,7 @@ def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device)
     entropies = entropy(logits)                                          # (B, T)
     del logits
     with autocast(cfg, device):
-        ref_logits, _ = lm_forward(ref_lm, input_ids, attention_mask, P, policy.n_vocab)  # (B, T, V)
+        ref_logits, _ = lm_forward(ref_lm, input_ids, attention_mask, P, enc.n_vocab)  # (B, T, V)
     ref_logprobs = token_logprobs(ref_logits, response)                  # (B, T) log pi_init
     del ref_logits
     # 3. per-token rewards with the KL penalty, then GAE (the paper's literal APA: no KL in the reward)
@@ -239,13 +249,16 @@ def distinct_n(texts, n):
 
 
 # ---------------------------------------------------------------------------------------------
-# update: several epochs of minibatches; APA, PPO and AWR differ only in the policy loss
+# update: several epochs of minibatches; APA, PPO and AWR differ only in the policy loss; the KL guard
+# (target_kl) stops it once a minibatch has moved too far from pi_old
 
 
 def update(cfg, policy, opt, batch, P, bad_steps):
-    stats, world = [], world_size()
+    stats, world, kls, guard = [], world_size(), [], {}
     B = cfg.batch_size // world                                          # this process's share
     for _ in range(cfg.epochs):
+        if guard:
+            break
         for mb_inds in torch.randperm(B).split(cfg.minibatch_size // world):
             mb = {k: v[mb_inds.to(v.device)] for k, v in batch.items()}
             with autocast(cfg, mb["response"].device):
@@ -267,6 +280,10 @@ def update(cfg, policy, opt, batch, P, bad_steps):
             n = mb["mask"].sum().item()
             mb_stats, N = global_token_means({"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(), **pg_stats,
                                               **vf_stats}, n, loss.device)
+            kls.append(mb_stats["approx_kl"])                            # KL(pi_old || pi_theta) before this step
+            if cfg.target_kl and kls[-1] > cfg.target_kl:               # the KL guard: far enough from pi_old, in
+                guard = {"kl_stop": kls[-1]}                             # every process alike: no more steps
+                break
             opt.zero_grad(set_to_none=True)
             (loss * (n * world / N)).backward()
             grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)  # the same in every process
@@ -283,7 +300,7 @@ def update(cfg, policy, opt, batch, P, bad_steps):
             opt.step()
             stats.append(mb_stats)
     mean = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]} if stats else {}
-    return dict(mean, steps=len(stats)), bad_steps                      # steps: optimizer steps taken
+    return dict(mean, steps=len(stats), approx_kl_max=max(kls), **guard), bad_steps  # steps: optimizer steps taken
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,8 +325,30 @@ def estimate_jstar(cfg, lm, prompt_tokens, prompts, reward_fn, enc, device):
     return jstar_x.mean().item(), (se_x.pow(2).sum().sqrt() / len(prompts)).item()
 
 
+@torch.no_grad()
+def evaluate(cfg, policy, ref_lm, eval_tokens, eval_prompts, reward_fn, enc, device, it):
+    """The policy on the held-out prompts: eval_samples fresh responses (the prompts in turn), their mean reward
+    (eval_reward), KL to pi_init (eval_kl) and J (eval_J). Its own random stream: a run draws the same training
+    numbers with or without it."""
+    rows, scores, kls = [i % len(eval_prompts) for i in range(cfg.eval_samples)], [], []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(1_000_003 * (cfg.seed + 1) + it)
+        for k in range(0, len(rows), cfg.batch_size):
+            prompt_ids, prompt_mask, response, mask, logprobs, _, s = sample(
+                cfg, policy.lm, rows[k:k + cfg.batch_size], eval_tokens, eval_prompts, reward_fn, enc, device)
+            with autocast(cfg, device):
+                ref_logits, _ = lm_forward(ref_lm, torch.cat([prompt_ids, response], 1), torch.cat(
+                    [prompt_mask, torch.ones_like(response)], 1), prompt_ids.shape[1], enc.n_vocab)  # (B, T, V)
+            kls.append(((logprobs - token_logprobs(ref_logits, response)) * mask).sum(1))  # (B,) KL estimate
+            scores.append(s)
+    scores, kl = torch.cat(scores), torch.cat(kls)                       # (eval_samples,)
+    return {"eval_reward": scores.mean().item(), "eval_kl": kl.mean().item(),
+            "eval_J": (scores - cfg.lam * kl).mean().item()}
+
+
 LOGGED = [("reward", ".3f"), ("kl", ".3f"), ("J", ".3f"), ("gap", ".3f"), ("entropy", ".2f"), ("distinct2", ".2f"),
-          ("approx_kl", ".4f"), ("clipfrac", ".3f"), ("vf_loss", ".4f"), ("gap_exact", ".4f"), ("mem_mb", ".0f")]  # the log line
+          ("approx_kl", ".4f"), ("clipfrac", ".3f"), ("vf_loss", ".4f"), ("gap_exact", ".4f"), ("eval_reward", ".3f"),
+          ("eval_kl", ".3f"), ("mem_mb", ".0f")]                         # the log line
 
 
 def get_device(cfg):
@@ -320,56 +359,8 @@ def get_device(cfg):
                         "cpu" if cfg.device == "auto" else cfg.device)
 
 
-def init_config(cfg, enc):
-    """pi_init's config, read before its weights (--init) or its pre-training (the tiny GPT)."""
-    if not cfg.init:
-        return tiny_gpt_config(cfg, enc.n_vocab)
-    try:
-        with quiet():
-            return AutoConfig.from_pretrained(cfg.init)
-    except Exception as e:
-        raise ValueError(f"--init {cfg.init} holds no model: {' '.join(str(e).split())[:200]}") from None
-
-
-def load_lm(path, what):
-    """A causal LM from a Hugging Face folder or hub id, in fp32, refused in one line if it is damaged, lacks
-    weights (its LM head would be random) or is no causal model."""
-    lm = load_pretrained(AutoModelForCausalLM, path, what)
-    check_causal(lm, f"{what} {path}")
-    return lm
-
-
-def check_fits(enc, prompt_tokens, max_new_tokens, config):
-    """Prompts and tokenizer fit the model (config: its Hugging Face config): no empty prompt, every prompt and
-    its response within the context window, every token id a row of the embedding, the same end-of-text."""
-    lengths = [len(t) for t in prompt_tokens]
-    if min(lengths) == 0:
-        raise ValueError(f"prompt {lengths.index(0) + 1} encodes to no token")
-    context, longest = getattr(config, "max_position_embeddings", None), max(range(len(lengths)), key=lengths.__getitem__)
-    if context and lengths[longest] + max_new_tokens > context:
-        raise ValueError(f"prompt {longest + 1} has {lengths[longest]} tokens: with max_new_tokens={max_new_tokens} "
-                         f"it exceeds the context window of {context}")
-    if config.vocab_size < enc.n_vocab:                                  # more rows than tokens is fine: masked
-        raise ValueError(f"tokenizer {enc.name} has {enc.n_vocab} tokens but the model only {config.vocab_size}")
-    eos = config.eos_token_id
-    if eos is not None and enc.eot_token not in (eos if isinstance(eos, list) else [eos]):
-        raise ValueError(f"tokenizer {enc.name} ends texts with id {enc.eot_token} but the model with {eos}: "
-                         "not the model's tokenizer (--tokenizer)")
-
-
-def load_data(cfg, device):
-    """The run's tokenizer (with --init: the checkpoint's own), prompts (text and tokens) and reward function."""
-    enc = data.get_encoding(cfg.tokenizer or ("task" if not cfg.init else cfg.init if data.ships_tokenizer(cfg.init)
-                                              else "gpt2"))
-    prompts = data.load_prompts(cfg.prompts) if cfg.prompts else data.task_prompts()
-    prompt_tokens = [enc.encode_ordinary(p) for p in prompts]
-    reward_fn = (data.reward_model_fn(cfg.reward_model, enc, device) if cfg.reward_model
-                 else data.load_reward_fn(cfg.reward_fn))
-    return enc, prompts, prompt_tokens, reward_fn
-
-
 def train(cfg):
-    device = get_device(cfg)
+    cfg, device = resolve(cfg), get_device(cfg)
     if "RANK" in os.environ and not dist.is_initialized():              # launched by torchrun: data parallel
         device = init_distributed(cfg, device)
     master = rank() == 0                                                 # it alone prints and writes files
@@ -380,7 +371,12 @@ def train(cfg):
         dist.barrier()                                                   # rank 0 first pre-trains or downloads
     # data: prompts, tokenizer, reward
     enc, prompts, prompt_tokens, reward_fn = load_data(cfg, device)
-    check_fits(enc, prompt_tokens, cfg.max_new_tokens, init_config(cfg, enc))  # before pre-training or loading
+    eval_prompts = ((data.load_prompts(cfg.eval_prompts) if cfg.eval_prompts else [] if cfg.prompts
+                     else data.task_eval_prompts()) if cfg.eval_every else [])  # held out: never trained on
+    eval_tokens = [enc.encode_ordinary(p) for p in eval_prompts]
+    config = init_config(cfg, enc)                                       # checked before pre-training or loading
+    check_fits(enc, prompt_tokens, cfg.max_new_tokens, config)
+    check_fits(enc, eval_tokens, cfg.max_new_tokens, config, "held-out prompt")
     # model: pi_init (frozen) and the policy with its value head; fp32 weights, bf16 only in autocast
     lm = (load_lm(cfg.init, "--init") if cfg.init else pretrain(cfg, enc, device)).to(device)
     if master and dist.is_initialized():
@@ -406,8 +402,9 @@ def train(cfg):
         print(f"no checkpoint in {cfg.out_dir}: starting afresh")
     model = DDP(policy) if dist.is_initialized() else policy             # DDP averages gradients over processes
     if master:
-        print(f"{cfg.algo} | lambda {cfg.lam} | {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters | "
-              f"{len(prompts)} prompts | device {device}" + (f" x {world_size()} processes" if dist.is_initialized() else "")
+        print(f"{cfg.algo} | lambda {cfg.lam} | lr {cfg.lr:g} | {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M "
+              f"parameters | {len(prompts)} prompts" + (f" ({len(eval_prompts)} held out)" if eval_prompts else "")
+              + f" | device {device}" + (f" x {world_size()} processes" if dist.is_initialized() else "")
               + (f" | J* {jstar:.4f} +- {jstar_se:.4f}" if cfg.jstar_samples else "")
               + (f" | exact evaluation of {space['rewards'].numel()} responses" if space else ""))
 
@@ -415,6 +412,8 @@ def train(cfg):
     for it in range(start, cfg.iters):
         exact = (exact_eval(policy.lm, space, cfg.lam) if space and master and (it == 0 or (it + 1) % cfg.exact_every == 0)
                  else {})                                                # of pi_old, the policy that samples next
+        held_out = (evaluate(cfg, policy, ref_lm, eval_tokens, eval_prompts, reward_fn, enc, device, it)
+                    if eval_prompts and master and (it == 0 or (it + 1) % cfg.eval_every == 0) else {})
         t0 = time.time()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -424,7 +423,7 @@ def train(cfg):
                      mem_mb=peak_memory_mb(device))
         if cfg.jstar_samples:
             stats.update(gap=jstar - stats["J"], jstar=jstar, jstar_se=jstar_se)
-        stats.update(exact)
+        stats.update(exact, **held_out)
         history.append(stats)
         if master:
             if it == 0:                                                  # a fresh run has results of its own:
@@ -434,6 +433,8 @@ def train(cfg):
             if it == 0:                                                  # what made metrics.jsonl (compare.py --plot)
                 write_config(os.path.join(cfg.out_dir, "config.json"), cfg)
             print(f"iter {it + 1}/{cfg.iters} | " + " | ".join(f"{k} {stats[k]:{fmt}}" for k, fmt in LOGGED if k in stats)
+                  + (f" | target_kl: stopped at approx_kl {stats['kl_stop']:.3f} after {stats['steps']}/"
+                     f"{cfg.epochs * (cfg.batch_size // cfg.minibatch_size)} steps" if "kl_stop" in stats else "")
                   + f" | {stats['ms']:.0f}ms")
             if cfg.sample_every and (it + 1) % cfg.sample_every == 0:
                 for prompt, completion, score, kl in samples[:4]:
@@ -485,25 +486,18 @@ def main(argv=None):
     """Every failure ends in one line `error: ...` and exit status 1 (APA_DEBUG=1: the full traceback);
     Ctrl-C ends with status 130 and says how to resume."""
     cfg = None
-    try:
+
+    def interrupted():
+        ckpt_path = cfg and os.path.join(cfg.out_dir, "ckpt.pt")
+        return "interrupted: " + (f"{ckpt_path} is intact; the same command with --resume=1 continues from it"
+                                  if ckpt_path and os.path.exists(ckpt_path) else "no checkpoint yet, nothing to resume")
+    with one_line_errors(interrupted):
         cfg = parse_args(Config, sys.argv[1:] if argv is None else argv, __doc__)
         validate(cfg)
         if cfg.sample:
             return sample_policy(cfg)
         with exclusive(cfg.out_dir) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
             return train(cfg)                                            # (torchrun: rank 0 holds the lock)
-    except KeyboardInterrupt:
-        ckpt_path = cfg and os.path.join(cfg.out_dir, "ckpt.pt")
-        print("\ninterrupted: " + (f"{ckpt_path} is intact; the same command with --resume=1 continues from it"
-                                   if ckpt_path and os.path.exists(ckpt_path) else "no checkpoint yet, nothing to resume"),
-              file=sys.stderr)
-        raise SystemExit(130) from None
-    except Exception as e:
-        if os.environ.get("APA_DEBUG", "0") not in ("", "0"):
-            raise
-        expected = isinstance(e, (ValueError, OSError, FloatingPointError))
-        text = str(e) if expected else f"{type(e).__name__}: {e} (APA_DEBUG=1 shows the traceback)"
-        raise SystemExit("error: " + " ".join(text.split()))           # one line, whatever the message
 
 
 if __name__ == "__main__":

@@ -88,3 +88,12 @@ def test_any_dataclass_gets_the_same_parser():
     assert common.parse_args(Small, ["--mode", "slow", "--plot", "--n=5"]) == Small("slow", 5, True)
     with pytest.raises(ValueError, match="did you mean --mode"):
         common.parse_args(Small, ["--mod=fast"])
+
+
+def test_a_float_or_none_flag_takes_a_float_and_defaults_to_none():
+    assert common.parse_args(train.Config, []).lr is None                       # resolved from --init: train.resolve
+    assert common.parse_args(train.Config, ["--lr=1e-4"]).lr == 1e-4
+    with pytest.raises(ValueError, match="--lr: invalid float value: 'fast'"):
+        common.parse_args(train.Config, ["--lr=fast"])
+    assert train.resolve(train.Config()).lr == 3e-5 and train.resolve(train.Config(init="some/model")).lr == 1e-6
+    assert train.resolve(train.Config(init="some/model", lr=1e-4)).lr == 1e-4

@@ -133,7 +133,7 @@ def test_two_processes_compute_the_one_process_update_and_global_statistics(tmp_
 
 def torchrun(out_dir, sft_dir, *extra, record=""):
     args = dict(device="cpu", n_layer=1, n_head=2, n_embd=32, block_size=32, sft_steps=150, sft_lr=3e-3, iters=6,
-                batch_size=16, minibatch_size=8, epochs=2, lr=1e-3, jstar_samples=0, sample_every=0, ckpt_every=2,
+                batch_size=16, minibatch_size=8, epochs=2, lr=1e-3, jstar_samples=0, sample_every=0, ckpt_every=2, eval_every=0,
                 seed=3, sft_dir=sft_dir, out_dir=out_dir, reward_fn="test_ddp:recording_reward")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
            *(f"--{k}={v}" for k, v in args.items()), *extra]

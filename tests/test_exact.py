@@ -9,6 +9,7 @@ Tests of train.py's wiring, against slow, obvious versions and against the exact
 Run: python -m pytest -q tests/test_exact.py. tools/mutate.py shows which one-line bugs these catch.
 """
 import copy
+import dataclasses
 import itertools
 import math
 import os
@@ -28,7 +29,7 @@ import train  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, sft_steps=150, sft_lr=3e-3, batch_size=32,
-            minibatch_size=16, epochs=2, lr=1e-3, jstar_samples=0, sample_every=0)
+            minibatch_size=16, epochs=2, lr=1e-3, jstar_samples=0, sample_every=0, eval_every=0, device="cpu")
 PROMPTS = ["the movie was", "the plot felt"]
 
 
@@ -221,7 +222,7 @@ def test_update_calls_the_loss_of_the_readme_table(task, algo, form, monkeypatch
     with the rollout's log-probs and advantages, and the value loss clipped around the rollout's values; the steps
     taken are epochs x minibatches."""
     cfg = train.Config(**{**TINY, "batch_size": 24, "minibatch_size": 24, "epochs": 2}, algo=algo, apa_form=form,
-                       max_new_tokens=8)
+                       max_new_tokens=8, target_kl=0)                   # the guard: below
     policy = moved_policy(task.ref_lm)
     torch.manual_seed(0)
     batch, P, _, _ = train.rollout(cfg, policy, task.ref_lm, task.prompt_tokens, task.prompts, task.reward_fn,
@@ -252,6 +253,15 @@ def test_update_calls_the_loss_of_the_readme_table(task, algo, form, monkeypatch
     assert vf_name == "value_loss" and same(vf[1], batch["values"]) and same(vf[2], batch["returns"])
     assert same(vf[3], batch["mask"]) and vf[4] == cfg.cliprange_value
     torch.testing.assert_close(vf[0].detach(), batch["values"], atol=1e-5, rtol=0)
+    # the KL guard: the second minibatch sees approx_kl > target_kl after the first step, and takes no step
+    batch, P, _, _ = train.rollout(cfg, policy, task.ref_lm, task.prompt_tokens, task.prompts, task.reward_fn,
+                                   task.enc, torch.device("cpu"))              # pi_old: the policy as it is now
+    calls.clear()
+    opt, steps = torch.optim.SGD(policy.parameters(), lr=0.1), []
+    step = opt.step
+    opt.step = lambda: steps.append(1) or step()                        # noqa: E731
+    stats, _ = train.update(dataclasses.replace(cfg, target_kl=1e-9), policy, opt, batch, P, 0)
+    assert len(calls) == 4 and len(steps) == stats["steps"] == 1 and stats["kl_stop"] == stats["approx_kl_max"] > 1e-9
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,23 +276,28 @@ def run(task, name, **overrides):
 
 
 def test_sampled_gap_and_jstar_agree_with_exact_and_exact_eval_uses_no_randomness(task):
-    history = run(task, "sampled", algo="ppo", iters=16, exact_every=1, jstar_samples=256)
+    history = run(task, "sampled", algo="ppo", iters=16, exact_every=1, jstar_samples=256, eval_every=1,
+                  eval_samples=256, eval_prompts=task.cfg.prompts)       # "held out": here the training prompts
     first = history[0]
     assert abs(first["jstar"] - first["jstar_exact"]) < 4 * first["jstar_se"]  # J*: within its standard error
     K = len(history)
     for key in ("reward", "kl", "J"):                                   # each iteration: one batch of the policy
-        d = torch.tensor([h[key] - h[key + "_exact"] for h in history])  # that the exact evaluator saw
-        assert abs(d.mean().item()) < 4 * d.std().item() / math.sqrt(K), key
+        for sampled in (key, "eval_" + key):                            # that the exact evaluator saw, and the
+            d = torch.tensor([h[sampled] - h[key + "_exact"] for h in history])  # held-out evaluation's samples
+            assert abs(d.mean().item()) < 4 * d.std().item() / math.sqrt(K), sampled
     d = torch.tensor([h["gap"] - h["gap_exact"] for h in history])
     assert abs(d.mean().item()) < 4 * math.sqrt(d.var().item() / K + first["jstar_se"] ** 2)
     assert history[-1]["kl_exact"] > 0.01                               # the policy moved
-    # the exact evaluation draws no random number: the same run without it prints the same numbers
+    # the exact evaluation draws no random number, the held-out one draws from its own stream: the same run
+    # without them prints the same numbers
     plain = run(task, "plain", algo="ppo", iters=3, exact_every=0, jstar_samples=256)
-    keys = [k for k in plain[0] if k != "ms"]
+    keys = [k for k in plain[0] if k not in ("ms", "mem_mb")]
     assert [[h[k] for k in keys] for h in plain] == [[h[k] for k in keys] for h in history[:3]]
 
 
-E2E = dict(iters=60, exact_every=0)
+E2E = dict(iters=60, exact_every=0, target_kl=0)                        # as measured before the KL guard
+GUARD = 0.01     # a target_kl that stops many updates: approx_kl_max unguarded, measured over 60 iterations:
+                 # median 0.008 (APA) and 0.009 (PPO), 90th percentile 0.05, largest 0.11-0.13
 TINY_LAM = train.Config().lam
 MEASURED = {}                                                           # variant -> exact stats, for the report
 
@@ -298,7 +313,8 @@ def whitened_gae(rewards, values, mask, gamma, lam):
 
 
 VARIANTS = {"apa": dict(algo="apa"), "ppo": dict(algo="ppo"), "paper": dict(algo="apa", apa_form="paper"),
-            "mixed": dict(algo="apa", apa_form="paper"), "whitened": dict(algo="apa")}
+            "mixed": dict(algo="apa", apa_form="paper"), "whitened": dict(algo="apa"),
+            "apa_guarded": dict(algo="apa", target_kl=GUARD), "ppo_guarded": dict(algo="ppo", target_kl=GUARD)}
 PATCHES = {"mixed": ("kl_penalized_rewards", mixed_rewards), "whitened": ("gae", whitened_gae)}
 
 
@@ -313,9 +329,9 @@ def trained(task):
             with pytest.MonkeyPatch.context() as mp:
                 if name in PATCHES:
                     mp.setattr(train, *PATCHES[name])
-                run(task, name, **E2E, **VARIANTS[name])
+                history = run(task, name, **{**E2E, **VARIANTS[name]})
             lm = GPT2LMHeadModel.from_pretrained(task.tmp / name / "policy").eval()
-            results[name] = (exact.exact_eval(lm, space, TINY_LAM), exact.exact_eval(lm, space, 2 * TINY_LAM))
+            results[name] = (exact.exact_eval(lm, space, TINY_LAM), exact.exact_eval(lm, space, 2 * TINY_LAM), history)
             MEASURED[name] = results[name]
             print(name, {k: round(v, 4) for k, v in results[name][0].items()},
                   "gap at 2 lambda", round(results[name][1]["gap_exact"], 4))
@@ -325,8 +341,17 @@ def trained(task):
 
 @pytest.mark.parametrize("name", ["apa", "ppo"])
 def test_default_apa_and_ppo_reach_the_optimum(trained, name):
-    exact, _ = trained(name)
+    exact, *_ = trained(name)
     assert exact["gap_exact"] < 0.03      # from 0.421 at pi_init; measured 0.0128 (APA), 0.0155 (PPO)
+
+
+@pytest.mark.parametrize("name", ["apa_guarded", "ppo_guarded"])
+def test_the_kl_guard_moves_no_fixed_point(trained, name):
+    """With a target_kl that stops many updates early, the trained policy still ends as close to pi*."""
+    exact, _, history = trained(name)
+    stopped = sum("kl_stop" in row for row in history)
+    print(name, "updates stopped by the guard:", stopped, "of", len(history))
+    assert stopped >= len(history) // 4 and exact["gap_exact"] < 0.03
 
 
 def test_paper_form_stays_farther_from_the_optimum(trained):

@@ -7,6 +7,7 @@ saves a policy that `from_pretrained` loads. Also: tokenizer/model mismatches, a
 Run: python -m pytest -q tests/test_models.py
 """
 import functools
+import json
 import shutil
 
 import pytest
@@ -109,8 +110,8 @@ def length_reward(prompts, completions):
 
 def run_args(init, out, *extra):
     return [f"--init={init}", f"--out_dir={out}", "--algo=ppo", "--iters=2", "--batch_size=8", "--minibatch_size=8",
-            "--epochs=1", "--lr=1e-3", "--max_new_tokens=8", "--jstar_samples=0", "--sample_every=0",
-            "--reward_fn=test_models:length_reward", *extra]
+            "--epochs=1", "--lr=1e-3", "--max_new_tokens=8", "--jstar_samples=0", "--sample_every=0", "--eval_every=0",
+            "--reward_fn=test_models:length_reward", "--device=cpu", *extra]  # CPU numbers unless extra says cuda
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -184,3 +185,13 @@ def test_exact_evaluation_runs_with_a_checkpoints_own_tokenizer(tmp_path):
     history = train.main(run_args(init, tmp_path / "out", "--max_new_tokens=1", "--exact_every=1"))
     for row in history:                                             # J* and J exactly, gap = J* - J >= 0
         assert row["gap_exact"] == pytest.approx(row["jstar_exact"] - row["J_exact"]) and row["gap_exact"] >= 0
+
+
+def test_init_without_lr_trains_at_the_pretrained_default_and_says_so(tmp_path, capsys):
+    init, out = tmp_path / "init", tmp_path / "out"
+    save_checkpoint("gpt_neox", init)
+    args = [a for a in run_args(init, out, "--iters=1") if not a.startswith("--lr=")]
+    train.main(args)
+    assert "| lr 1e-06 |" in capsys.readouterr().out                  # the header states the lr in use
+    with open(out / "config.json") as f:
+        assert json.load(f)["lr"] == 1e-6

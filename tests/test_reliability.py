@@ -119,6 +119,12 @@ NONSENSE = {  # name: (flags, given the test's tmp_path; what the error says)
     "init truncated weights": (lambda tmp: dict(init=truncated(causal_lm(tmp)), tokenizer="task"),
                                "lm/model.safetensors is damaged or truncated"),
     "init without a model": (lambda tmp: dict(init=str(tmp), tokenizer="task"), "holds no model"),
+    "target_kl -1": (lambda tmp: dict(target_kl=-1), "target_kl must be >= 0"),
+    "eval_every -1": (lambda tmp: dict(eval_every=-1), "eval_every must be >= 0"),
+    "eval_samples 0": (lambda tmp: dict(eval_samples=0), "eval_samples must be > 0"),
+    "eval_prompts missing": (lambda tmp: dict(eval_prompts=str(tmp / "none.txt")), "none.txt does not exist"),
+    "held-out prompt too long": (lambda tmp: dict(eval_prompts=write(tmp / "e.txt", "the plot\n" + "the movie was " * 20),
+                                                  eval_every=5), "held-out prompt 2 has"),
 }
 if not torch.cuda.is_available():
     NONSENSE["device cuda without CUDA"] = (lambda tmp: dict(device="cuda"), "finds no CUDA GPU")
@@ -482,12 +488,15 @@ def test_sample_refuses_a_damaged_config_a_damaged_model_and_a_prompt_too_long(t
 # every config field's rule on --resume: the fields a resumed run may change, and only those
 
 MAY_CHANGE = {"iters", "lr", "out_dir", "sft_dir", "sample_every", "ckpt_every", "max_bad_steps", "resume", "device",
-              "precision", "sample", "prompt", "num_samples", "exact_every"}   # nothing the run's results depend on
+              "precision", "sample", "prompt", "num_samples", "exact_every", "eval_prompts", "eval_every",
+              "eval_samples"}                                           # nothing the training numbers depend on
 
 
 def changed(value, f):
     if typing.get_origin(f.type) is typing.Literal:
         return next(v for v in f.type.__args__ if v != value)
+    if value is None:                                                   # a default that depends on other fields
+        return 0.5
     return not value if isinstance(value, bool) else value + 1 if isinstance(value, (int, float)) else value + "x"
 
 
