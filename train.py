@@ -22,6 +22,8 @@ Where this departs from the paper and the authors' code:
 4. pi_init is a tiny GPT pre-trained here on a generated corpus, not an SFT model of 125M-6B
    parameters, and the reward is a lexicon, not a reward model (both can be swapped: --init,
    --reward_model, --reward_fn, --prompts).
+5. A KL guard that neither the paper nor the authors' code has: an update stops once a minibatch's
+   approx_kl exceeds target_kl (0.2, which the default run never reaches; 0 turns it off).
 """
 import contextlib
 import copy
