@@ -173,7 +173,7 @@ def measure(args):
     names = ["tiny", "gpt2-small"] if args.models == "both" else [args.models]
     print(f"device {device} | batch {args.batch_size} | prompts <= {args.prompt_len} tokens | {args.max_new_tokens} "
           f"new tokens | RL iteration: {cfg.epochs} epoch(s) of minibatches of {cfg.minibatch_size} | "
-          f"bf16 autocast: {cfg.precision == 'bf16' or (cfg.precision == 'auto' and device.type == 'cuda')}")
+          f"bf16 autocast: {model.bf16(cfg, device)}")
     lines = ["| model | params | sampler tok/s | generate tok/s | ratio | generation s/iter | scoring s/iter "
              "| update s/iter | peak memory GB |", "|---" * 9 + "|"]
     for name in names:

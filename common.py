@@ -233,14 +233,16 @@ def write_config(path, cfg):
 
 
 def save_checkpoint(path, policy, opt, iteration, cfg, metrics_line):
-    """Everything to continue exactly: weights, optimizer, RNG states, iteration (= lines of metrics.jsonl), the
+    """Everything to continue exactly: the weights that train, optimizer, RNG states, iteration (= lines of metrics.jsonl), the
     config and the last line of metrics.jsonl (to check both on resume). Written to a temporary file, then
     renamed, so a crash or a full disk never leaves a half-written checkpoint. Data parallel: every process
     calls it, rank 0 writes."""
     if not all(torch.isfinite(p).all() for p in policy.parameters()):
         raise FloatingPointError("non-finite weights: checkpoint not written")
     rng = {"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    state = {"policy": policy.state_dict(), "opt": opt.state_dict(), "iter": iteration, **rng,
+    frozen = {n for n, p in policy.named_parameters() if not p.requires_grad}  # (LoRA's base: re-read from --init)
+    state = {"policy": {k: v for k, v in policy.state_dict().items() if k not in frozen}, "opt": opt.state_dict(),
+             "iter": iteration, **rng,
              "config": dataclasses.asdict(cfg), "metrics_line": metrics_line}
     if dist.is_initialized():
         state["ranks_rng"] = gather_all([rng])                           # every process's, in rank order
@@ -291,10 +293,14 @@ def read_checkpoint(path, metrics_path, cfg, may_change):
 def load_checkpoint(state, policy, opt, metrics_path, cfg):
     """Continue from a checkpoint that read_checkpoint accepted; cut metrics.jsonl back to its iteration."""
     try:
-        policy.load_state_dict(state["policy"])
+        missing, unexpected = policy.load_state_dict(state["policy"], strict=False)
     except RuntimeError as e:
         problem = next((l.strip() for l in str(e).splitlines()[1:] if l.strip()), str(e))
         raise ValueError(f"the checkpoint does not fit this model: {problem}") from None
+    missing = set(missing) - {n for n, p in policy.named_parameters() if not p.requires_grad}  # frozen: not saved
+    if missing or unexpected:
+        raise ValueError(f"the checkpoint does not fit this model: it lacks {sorted(missing)[:2]} and has "
+                         f"{sorted(unexpected)[:2]} (another --lora_r?)")
     opt.load_state_dict(state["opt"])
     if state["config"]["lr"] != cfg.lr:                                  # allowed: the new lr applies from here on
         for group in opt.param_groups:

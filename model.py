@@ -8,6 +8,7 @@ import contextlib
 import os
 import shutil
 import time
+import warnings
 
 import torch
 import torch.nn as nn
@@ -25,13 +26,15 @@ from common import status, write_atomically
 
 @contextlib.contextmanager
 def quiet():
-    """transformers without its load reports, warnings and progress bars while loading or saving: what
-    matters is checked here and said in one line."""
+    """transformers and peft without their load reports, warnings and progress bars while loading, wrapping or
+    saving: what matters is checked here and said in one line."""
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():                                  # and peft's (fan_in_fan_out, deprecations)
+            warnings.simplefilter("ignore")
+            yield
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
@@ -144,7 +147,8 @@ def lm_forward(lm, input_ids, attention_mask, prompt_len, n_vocab=None):
     that predict the T response tokens and the last hidden states (B, T, H) at the same positions.
     n_vocab: the tokenizer's vocabulary size (None: all of the model's logits)."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)         # (B, P + T) skip left padding
-    out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True)
+    out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True,
+             use_cache=False)                                            # no KV cache to keep
     response_states = slice(prompt_len - 1, -1)                         # position t predicts token t + 1
     return vocab_logits(out.logits[:, response_states], n_vocab), out.hidden_states[-1][:, response_states]
 
@@ -201,11 +205,79 @@ def generate(lm, prompt_ids, prompt_mask, max_new_tokens, eot, n_vocab=None):
     return response, mask, torch.stack(logprobs, 1) * mask
 
 
+# ---------------------------------------------------------------------------------------------
+# the paper's larger models on one GPU: LoRA (peft, an optional extra), frozen weights in bf16, activation
+# checkpointing
+
+
+class AdaptersOff:
+    """pi_init under LoRA: the policy's own network with its adapters switched off, so no second copy of its
+    weights. It is called like the network, and everything else (config, device) is the network's."""
+
+    def __init__(self, lm):
+        self.lm = lm
+
+    def __call__(self, *args, **kwargs):
+        with self.lm.disable_adapter():
+            return self.lm(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.lm, name)
+
+
+def with_lora(lm, cfg):
+    """lm with LoRA adapters of rank cfg.lora_r (Hu et al. 2021, arXiv 2106.09685) on the modules cfg.lora_targets
+    names, by default every linear layer, the LM head too (peft's "all-linear" leaves it out; without it the tiny
+    GPT cannot make a next-token distribution much sharper than pi_init's: its final LayerNorm bounds the logits,
+    and the exact gap stalls); only they train. Their B matrices start at 0, so the policy starts exactly at
+    pi_init. No dropout in them, so that pi_theta = pi_old at the first step, as everywhere here."""
+    try:
+        import peft
+    except ImportError:
+        raise ValueError("--lora_r needs peft, an optional extra: pip install peft") from None
+    from transformers.pytorch_utils import Conv1D                        # GPT-2's linear layers
+    targets = (sorted({name.split(".")[-1] for name, m in lm.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
+               if cfg.lora_targets == "all" else cfg.lora_targets.split(","))
+    try:
+        with quiet():
+            return peft.get_peft_model(lm, peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                                           target_modules=targets))
+    except ValueError as e:                                              # e.g. no module of that name
+        raise ValueError(f"--lora_targets={cfg.lora_targets}: {' '.join(str(e).split())[:300]}") from None
+
+
+def frozen_to_bf16(module):
+    """The weights that never train, stored in bf16: half their memory. Under bf16 autocast they were read in
+    bf16 anyway, so a run whose frozen weights are all exact in bf16 (a bf16 checkpoint) computes the same."""
+    for p in module.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+
+
+def exact_in_bf16(module):
+    return all(torch.equal(p, p.to(torch.bfloat16).to(p.dtype)) for p in module.parameters())
+
+
+def checkpoint_activations(lm):
+    """Activation (gradient) checkpointing: each layer's activations are recomputed in the backward pass instead
+    of kept. transformers checkpoints a layer only in training mode, so the layers themselves are put in it; their
+    parts (dropout) stay in eval mode."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # under LoRA: the transformers model
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    for m in base.modules():
+        if getattr(m, "gradient_checkpointing", False):
+            m.training = True
+
+
+def bf16(cfg, device):
+    """Whether the run is bf16: --precision=bf16, or auto on a GPU."""
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+
 def autocast(cfg, device):
     """bf16 autocast with --precision=bf16 (the default on a GPU; on a CPU too when asked), else nothing.
     Logits are cast to fp32 before any log_softmax, and the value head and the losses run in fp32."""
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16(cfg, device))
 
 
 def tiny_gpt_config(cfg, vocab_size):

@@ -149,10 +149,13 @@ def run_script(args, **kwargs):
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(sft_dir, tmp_path):
+@pytest.mark.parametrize("lora_r", [0, 4], ids=["full", "lora"])
+def test_resume_after_sigkill_matches_uninterrupted_run(lora_r, sft_dir, tmp_path):
+    if lora_r:
+        pytest.importorskip("peft")
     train.main(tiny_args(sft_dir, tmp_path / "warm", iters=1))      # pre-train pi_init once, outside the timing
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    args = dict(iters=10, ckpt_every=3, seed=7)
+    args = dict(iters=10, ckpt_every=3, seed=7, lora_r=lora_r)
     assert run_script(tiny_args(sft_dir, straight, **args)).wait() == 0
     proc = run_script(tiny_args(sft_dir, killed, **args))
     for line in proc.stdout:                                        # kill it after iteration 7, mid-way

@@ -50,8 +50,9 @@ from common import (check_rules, exclusive, gather_all, global_mean, global_toke
                     world_size, write_config)
 from data import call_reward, load_data
 from exact import exact_eval, response_space
-from model import (PolicyWithValue, autocast, check_fits, entropy, generate, init_config, left_pad, lm_forward, load_lm,
-                   load_pretrained, pretrain, quiet, token_logprobs)
+from model import (AdaptersOff, PolicyWithValue, autocast, bf16, check_fits, checkpoint_activations, entropy, exact_in_bf16,
+                   frozen_to_bf16, generate, init_config, left_pad, lm_forward, load_lm, load_pretrained, pretrain, quiet,
+                   token_logprobs, with_lora)
 from ppo import gae, kl_penalized_rewards, masked_whiten, ppo_policy_loss, value_loss
 
 # ---------------------------------------------------------------------------------------------
@@ -96,6 +97,12 @@ class Config:
     tokenizer: str = ""            # "task", "gpt2" (tiktoken) or a Hugging Face tokenizer (path or id); empty: the
                                    # --init checkpoint's own (GPT-2's BPE if it ships none), else "task"
     max_new_tokens: int = 20       # response length limit (the task's reviews take at most 18)
+    lora_r: int = 0                # LoRA's rank: only adapters train, pi_init is the network with them off (0: off;
+                                   # needs peft: pip install peft)
+    lora_alpha: float = 16.0       # LoRA's scale alpha / r
+    lora_targets: str = "all"      # the modules that get adapters: all (every linear layer, the LM head too), or
+                                   # names (q_proj,v_proj; c_attn,c_fc on GPT-2)
+    grad_checkpointing: bool = False  # recompute each layer's activations in the backward pass: less memory, slower
     n_layer: int = 2               # layers of the tiny GPT
     n_head: int = 4                # attention heads of the tiny GPT
     n_embd: int = 128              # width of the tiny GPT
@@ -159,6 +166,9 @@ def validate(cfg):
         ("out_dir", cfg.out_dir != "", "a folder"),
         ("sft_dir", cfg.sft_dir != "", "a folder (the cache of the pre-trained tiny GPT)"),
         ("num_samples", cfg.num_samples > 0, "> 0"),
+        ("lora_r", cfg.lora_r >= 0, ">= 0 (0: no LoRA)"),
+        ("lora_alpha", cfg.lora_alpha > 0, "> 0"),
+        ("lora_targets", cfg.lora_targets != "", "all or module names"),
     ])
     if cfg.batch_size % cfg.minibatch_size:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by minibatch_size {cfg.minibatch_size}")
@@ -182,7 +192,7 @@ def validate(cfg):
 
 RESUME_MAY_CHANGE = {"iters", "lr", "out_dir", "sft_dir", "sample_every", "ckpt_every", "max_bad_steps", "resume",
                      "device", "precision", "sample", "prompt", "num_samples", "exact_every", "eval_prompts",
-                     "eval_every", "eval_samples"}                       # any other change mixes two runs
+                     "eval_every", "eval_samples", "grad_checkpointing"}  # any other change mixes two runs
 
 
 def resolve(cfg):
@@ -388,11 +398,22 @@ def train(cfg):
                        if cfg.jstar_samples else (None, None))
     space = (response_space(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc) if cfg.exact_every else None)
     torch.manual_seed(cfg.seed + rank())                                 # each process its own stream
-    policy = PolicyWithValue(copy.deepcopy(ref_lm).requires_grad_(True), enc.n_vocab).to(device).eval()  # no dropout,
-    # so the update sees the very policy that sampled (pi_theta = pi_old before the first step)
+    if cfg.lora_r:                                                       # only adapters train; pi_init is the same
+        policy = PolicyWithValue(with_lora(lm, cfg), enc.n_vocab)        # network with them off: no second copy
+        ref_lm = AdaptersOff(policy.lm)
+        if bf16(cfg, device):
+            frozen_to_bf16(policy.lm)
+    else:
+        policy = PolicyWithValue(copy.deepcopy(ref_lm).requires_grad_(True), enc.n_vocab)
+        if bf16(cfg, device) and exact_in_bf16(ref_lm):                               # a bf16 checkpoint: half the memory, the
+            frozen_to_bf16(ref_lm)                                       # same numbers
+    policy = policy.to(device).eval()  # no dropout: the update sees the very policy that sampled (pi_theta = pi_old)
+    if cfg.grad_checkpointing:
+        checkpoint_activations(policy.lm)
     nn.init.zeros_(policy.v_head.weight)                                 # V = 0 at the start, for every seed
     nn.init.zeros_(policy.v_head.bias)
-    opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(trainable, lr=cfg.lr)
 
     os.makedirs(cfg.out_dir, exist_ok=True)
     start = 0
@@ -404,8 +425,10 @@ def train(cfg):
         print(f"no checkpoint in {cfg.out_dir}: starting afresh")
     model = DDP(policy) if dist.is_initialized() else policy             # DDP averages gradients over processes
     if master:
-        print(f"{cfg.algo} | lambda {cfg.lam} | lr {cfg.lr:g} | {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M "
-              f"parameters | {len(prompts)} prompts" + (f" ({len(eval_prompts)} held out)" if eval_prompts else "")
+        size = sum(p.numel() for p in policy.parameters()) / 1e6
+        print(f"{cfg.algo} | lambda {cfg.lam} | lr {cfg.lr:g} | " + (f"{size:.2f}M parameters" if not cfg.lora_r else
+              f"LoRA r {cfg.lora_r}: {sum(p.numel() for p in trainable) / 1e6:.2f}M of {size:.2f}M parameters train")
+              + f" | {len(prompts)} prompts" + (f" ({len(eval_prompts)} held out)" if eval_prompts else "")
               + f" | device {device}" + (f" x {world_size()} processes" if dist.is_initialized() else "")
               + (f" | J* {jstar:.4f} +- {jstar_se:.4f}" if cfg.jstar_samples else "")
               + (f" | exact evaluation of {space['rewards'].numel()} responses" if space else ""))
@@ -444,8 +467,12 @@ def train(cfg):
         if (cfg.ckpt_every and (it + 1) % cfg.ckpt_every == 0) or it + 1 == cfg.iters:
             save_checkpoint(ckpt_path, policy, opt, it + 1, cfg, json.dumps(stats))  # in every process (RNG states)
     if master:
+        lm = policy.lm
         with quiet():                                                    # no progress bar in the log
-            policy.lm.save_pretrained(os.path.join(cfg.out_dir, "policy"))
+            if cfg.lora_r:                                               # the adapters alone (peft), then merged
+                lm.save_pretrained(os.path.join(cfg.out_dir, "policy", "adapter"))
+                lm = lm.merge_and_unload()                               # into a plain model: from_pretrained loads it
+            lm.save_pretrained(os.path.join(cfg.out_dir, "policy"))
             if isinstance(enc, data.HFTokenizer):                        # from_pretrained finds the tokenizer too
                 enc.tok.save_pretrained(os.path.join(cfg.out_dir, "policy"))
         torch.save(policy.v_head.state_dict(), os.path.join(cfg.out_dir, "policy", "value_head.pt"))

@@ -314,7 +314,8 @@ def whitened_gae(rewards, values, mask, gamma, lam):
 
 VARIANTS = {"apa": dict(algo="apa"), "ppo": dict(algo="ppo"), "paper": dict(algo="apa", apa_form="paper"),
             "mixed": dict(algo="apa", apa_form="paper"), "whitened": dict(algo="apa"),
-            "apa_guarded": dict(algo="apa", target_kl=GUARD), "ppo_guarded": dict(algo="ppo", target_kl=GUARD)}
+            "apa_guarded": dict(algo="apa", target_kl=GUARD), "ppo_guarded": dict(algo="ppo", target_kl=GUARD),
+            "apa_lora": dict(algo="apa", lora_r=8, lr=3e-3, iters=120)}    # adapters learn slower: 3x lr, 2x steps
 PATCHES = {"mixed": ("kl_penalized_rewards", mixed_rewards), "whitened": ("gae", whitened_gae)}
 
 
@@ -352,6 +353,14 @@ def test_the_kl_guard_moves_no_fixed_point(trained, name):
     stopped = sum("kl_stop" in row for row in history)
     print(name, "updates stopped by the guard:", stopped, "of", len(history))
     assert stopped >= len(history) // 4 and exact["gap_exact"] < 0.03
+
+
+def test_lora_reaches_the_optimum_too(trained):
+    """LoRA (rank 8 on every linear layer, LM head included) from pi_init's gap of 0.421: measured 0.040 after
+    120 iterations at lr 3e-3 (full fine-tuning: 0.0128 after 60 at 1e-3)."""
+    pytest.importorskip("peft")
+    exact, *_ = trained("apa_lora")
+    assert exact["gap_exact"] < 0.06
 
 
 def test_paper_form_stays_farther_from_the_optimum(trained):

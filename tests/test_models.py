@@ -6,9 +6,11 @@ with a padded vocabulary, and Llama. For each: the sampler's log-probs equal a f
 saves a policy that `from_pretrained` loads. Also: tokenizer/model mismatches, and bf16 on a CPU.
 Run: python -m pytest -q tests/test_models.py
 """
+import copy
 import functools
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -195,3 +197,74 @@ def test_init_without_lr_trains_at_the_pretrained_default_and_says_so(tmp_path, 
     assert "| lr 1e-06 |" in capsys.readouterr().out                  # the header states the lr in use
     with open(out / "config.json") as f:
         assert json.load(f)["lr"] == 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA: only adapters train, pi_init is the same network with them off; activation checkpointing
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_pi_init_is_the_untouched_model_and_training_starts_at_it(arch, tmp_path, capsys):
+    pytest.importorskip("peft")                                       # an optional extra
+    init, out = tmp_path / "init", tmp_path / "out"
+    lm, tok = save_checkpoint(arch, init)
+    cfg = train.Config(lora_r=4)
+    policy = model.PolicyWithValue(model.with_lora(copy.deepcopy(lm), cfg), len(tok)).eval()
+    ref = model.AdaptersOff(policy.lm)
+    with torch.no_grad():
+        for name, p in policy.lm.named_parameters():                 # adapters that moved
+            if "lora_B" in name:
+                p.normal_()
+        ids = torch.tensor([tok.encode("the plot was very dull but the cast was charming.")])  # (1, T)
+        mask = torch.ones_like(ids)
+        untouched, _ = model.lm_forward(lm, ids, mask, 3, len(tok))
+        off, _ = model.lm_forward(ref, ids, mask, 3, len(tok))
+        on, _ = policy(ids, mask, 3)
+    assert torch.equal(off, untouched) and not torch.allclose(on, untouched)  # no second copy, no difference
+    history = train.main(run_args(init, out, "--lora_r=4", "--iters=2"))
+    header = capsys.readouterr().out.splitlines()[0]
+    trainable = sum(p.numel() for n, p in policy.named_parameters() if "lora_" in n or "v_head" in n)
+    assert f"LoRA r 4: {trainable / 1e6:.2f}M of" in header
+    assert history[0]["kl"] == 0 and history[0]["approx_kl"] < 1e-9 and history[0]["clipfrac"] == 0
+    merged = AutoModelForCausalLM.from_pretrained(out / "policy")     # base + adapters, a plain model
+    assert type(merged) is type(lm) and (out / "policy" / "adapter" / "adapter_config.json").exists()
+    assert any(not torch.equal(v, merged.state_dict()[k]) for k, v in lm.state_dict().items())
+    completions, _ = train.main([f"--sample={out / 'policy'}", "--prompt=hello", "--num_samples=2"])
+    assert len(completions) == 2
+
+
+def test_lora_in_bf16_keeps_its_frozen_weights_in_bf16_and_starts_at_ratio_one(tmp_path):
+    pytest.importorskip("peft")
+    init, out = tmp_path / "init", tmp_path / "out"
+    save_checkpoint("gpt_neox", init)
+    history = train.main(run_args(init, out, "--lora_r=4", "--precision=bf16", "--ckpt_every=1"))
+    assert history[0]["kl"] == 0 and history[0]["approx_kl"] < 1e-9
+    state = torch.load(out / "ckpt.pt", weights_only=False)["policy"]   # what trains, in fp32; the base is not saved
+    assert state and all(("lora_" in k or k.startswith("v_head")) and v.dtype == torch.float32 for k, v in state.items())
+
+
+def test_lora_without_peft_is_one_line(tmp_path, monkeypatch):
+    init = tmp_path / "init"
+    save_checkpoint("gpt2", init)
+    monkeypatch.setitem(sys.modules, "peft", None)                    # import peft raises ImportError
+    with pytest.raises(SystemExit) as e:
+        train.main(run_args(init, tmp_path / "out", "--lora_r=4"))
+    assert e.value.code == "error: --lora_r needs peft, an optional extra: pip install peft"
+
+
+def test_activation_checkpointing_recomputes_and_changes_no_gradient(tmp_path):
+    lm, tok = save_checkpoint("llama", tmp_path)
+    ids = torch.tensor([tok.encode("the plot was very dull but the cast was charming.")] * 2)  # (2, T)
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)                                          # the same value head
+        policy = model.PolicyWithValue(copy.deepcopy(lm), len(tok)).eval()
+        if checkpointing:
+            model.checkpoint_activations(policy.lm)
+        policy.lm.model.layers[0].mlp.register_forward_pre_hook(lambda *args: calls.append(checkpointing))  # (the
+        # recomputation stops once it has what the backward pass needs: the hook after it may not run)
+        logits, values = policy(ids, torch.ones_like(ids), 3)
+        (model.token_logprobs(logits, ids[:, 3:]).sum() + values.sum()).backward()
+        grads.append([p.grad for p in policy.parameters()])
+    assert calls == [False, True, True]                               # the layer ran again in the backward pass
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -37,6 +37,7 @@ REWARD_FAILURES = "tests/test_reliability.py::test_a_failing_reward_function_is_
 REWARD_MODULE = "tests/test_reliability.py::test_a_reward_module_whose_import_fails_says_why"
 NONSENSE = "tests/test_reliability.py::test_nonsense_is_refused_before_pre_training"
 SAMPLE = "tests/test_reliability.py::test_sample_refuses_a_damaged_config_a_damaged_model_and_a_prompt_too_long"
+LORA = "tests/test_models.py::test_lora_pi_init_is_the_untouched_model_and_training_starts_at_it"
 
 # (name, file, original snippet, replacement[, tests]): each a bug someone could plausibly write; without
 # tests of its own, a mutation runs TESTS
@@ -188,6 +189,20 @@ MUTATIONS = [
      ["tests/test_exact.py::test_sampled_gap_and_jstar_agree_with_exact_and_exact_eval_uses_no_randomness"]),
     ("--init trains at the tiny task's lr", "train.py", "lr=1e-6 if cfg.init else 3e-5", "lr=3e-5",
      ["tests/test_cli.py", "tests/test_models.py::test_init_without_lr_trains_at_the_pretrained_default_and_says_so"]),
+    # LoRA and activation checkpointing
+    ("pi_init under LoRA keeps its adapters on", "model.py", "with self.lm.disable_adapter():",
+     "with contextlib.nullcontext():", [LORA]),
+    ("LoRA's adapters not merged into out/policy", "train.py", "                lm = lm.merge_and_unload()", "",
+     [LORA]),
+    ("checkpoints hold the frozen weights, not the adapters", "common.py",
+     "policy.state_dict().items() if k not in frozen}", "policy.state_dict().items() if k in frozen}",
+     ["test_train.py::test_resume_after_sigkill_matches_uninterrupted_run"]),
+    ("activation checkpointing left off in eval mode", "model.py", "            m.training = True", "            pass",
+     ["tests/test_models.py::test_activation_checkpointing_recomputes_and_changes_no_gradient"]),
+    ("LoRA leaves the LM head out (peft's all-linear)", "model.py",
+     "(sorted({name.split(\".\")[-1] for name, m in lm.named_modules() if isinstance(m, (nn.Linear, Conv1D))})",
+     "(\"all-linear\"",
+     ["tests/test_exact.py::test_lora_reaches_the_optimum_too"]),
     ("a hub id goes to transformers' retries", "train.py", "            data.check_source(flag, path, tokenizer)", "            pass",
      ["tests/test_reliability.py::test_a_hub_id_that_cannot_be_had_is_one_line_at_once"]),
 ]
