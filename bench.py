@@ -13,7 +13,7 @@ and a GPT-2-small-shaped model (124M, vocabulary 50,257), both with random weigh
 Run: python bench.py   (a few minutes on 2 CPU cores)   python bench.py --device=cuda --batch_size=64
 As in train.py, every failure ends in one line `error: ...` and exit status 1 (APA_DEBUG=1: the traceback).
 """
-import copy
+import math
 import resource
 import statistics
 import sys
@@ -41,6 +41,9 @@ class Bench:
     iters: int = 2                 # timed RL iterations, after one untimed
     epochs: int = 1                # update epochs per RL iteration (train.py's default is 4)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if present
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # as train.py's: auto is bf16 on cuda, fp32 on a CPU
+    lora_r: int = 0                # LoRA's rank, as train.py's --lora_r (0: a full fine-tune)
+    grad_checkpointing: bool = False  # as train.py's
     seed: int = 0                  # seeds weights, prompts and sampling
 
 
@@ -53,7 +56,8 @@ def validate(args):
         ("batch_size", args.batch_size > 0, "> 0"),
         ("prompt_len", args.prompt_len >= 2, ">= 2 (prompts have prompt_len // 2 to prompt_len tokens, at least one)"),
         ("max_new_tokens", args.max_new_tokens > 0, "> 0"),
-        ("rounds", args.rounds > 0, "> 0 (the ratio is a median over rounds)"),
+        ("rounds", args.rounds >= 0, ">= 0 (the ratio is a median over rounds; 0: no sampler comparison)"),
+        ("lora_r", args.lora_r >= 0, ">= 0 (0: no LoRA)"),
         ("iters", args.iters > 0, "> 0 (timed iterations)"),
         ("epochs", args.epochs > 0, "> 0"),
         ("seed", args.seed >= 0, ">= 0"),
@@ -132,9 +136,8 @@ def time_iterations(args, cfg, lm, enc, device):
     prompts = [" ".join(str(t) for t in torch.randint(enc.n_vocab - 1, (n,)).tolist())
                for n in torch.randint(args.prompt_len // 2, args.prompt_len + 1, (64,)).tolist()]
     prompt_tokens = [enc.encode_ordinary(p) for p in prompts]
-    ref_lm = lm.eval().requires_grad_(False)
-    policy = model.PolicyWithValue(copy.deepcopy(ref_lm).requires_grad_(True), enc.n_vocab).to(device).eval()
-    opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
+    policy, ref_lm = model.make_policy(cfg, lm, enc.n_vocab, device)    # as train.py builds them
+    opt = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
     generate, gen_s = train.generate, []
 
     def timed_generate(*a, **k):                                        # rollout calls it through sample()
@@ -169,11 +172,13 @@ def peak_memory_gb(device):
 def measure(args):
     device = train.get_device(args)
     cfg = train.resolve(train.Config(batch_size=args.batch_size, minibatch_size=max(1, args.batch_size // 2), epochs=args.epochs,
-                       max_new_tokens=args.max_new_tokens, device=args.device))
+                       max_new_tokens=args.max_new_tokens, device=args.device, precision=args.precision,
+                       lora_r=args.lora_r, grad_checkpointing=args.grad_checkpointing))
     names = ["tiny", "gpt2-small"] if args.models == "both" else [args.models]
     print(f"device {device} | batch {args.batch_size} | prompts <= {args.prompt_len} tokens | {args.max_new_tokens} "
           f"new tokens | RL iteration: {cfg.epochs} epoch(s) of minibatches of {cfg.minibatch_size} | "
-          f"bf16 autocast: {model.bf16(cfg, device)}")
+          f"bf16 autocast: {model.bf16(cfg, device)}" + (f" | LoRA r {cfg.lora_r}" if cfg.lora_r else " | full fine-tune")
+          + (" | activation checkpointing" if cfg.grad_checkpointing else ""))
     lines = ["| model | params | sampler tok/s | generate tok/s | ratio | generation s/iter | scoring s/iter "
              "| update s/iter | peak memory GB |", "|---" * 9 + "|"]
     for name in names:
@@ -183,7 +188,7 @@ def measure(args):
         lm = make_model(name).to(device).eval()
         enc = IdsTokenizer(lm.config.vocab_size)
         t0 = time.time()
-        ours, theirs, ratio = time_samplers(args, cfg, lm, enc, device)
+        ours, theirs, ratio = time_samplers(args, cfg, lm, enc, device) if args.rounds else (math.nan,) * 3
         gen, score, upd = time_iterations(args, cfg, lm, enc, device)
         params = sum(p.numel() for p in lm.parameters()) / 1e6
         lines.append(f"| {name} | {params:.2f}M | {ours:,.0f} | {theirs:,.0f} | {ratio:.2f}x | {gen:.3f} | {score:.3f} "

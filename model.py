@@ -5,6 +5,7 @@ tiny GPT that the embedded task pre-trains as pi_init. Any Hugging Face causal L
 loading one checks that it is whole, causal, and fits the prompts and the tokenizer, in one line if not.
 """
 import contextlib
+import copy
 import os
 import shutil
 import time
@@ -267,6 +268,29 @@ def checkpoint_activations(lm):
     for m in base.modules():
         if getattr(m, "gradient_checkpointing", False):
             m.training = True
+
+
+def make_policy(cfg, lm, n_vocab, device):
+    """The policy with its value head (V = 0 at the start) and pi_init, from pi_init's network lm: a copy of it
+    that trains, or with LoRA the same network with adapters, pi_init being it with them off. Frozen weights are
+    kept in bf16 in bf16 runs: LoRA's base, and pi_init where that rounds nothing (a bf16 checkpoint), so that
+    the first ratio stays exactly 1 and the first KL exactly 0."""
+    ref_lm = lm.eval().requires_grad_(False)
+    if cfg.lora_r:
+        policy = PolicyWithValue(with_lora(lm, cfg), n_vocab)
+        ref_lm = AdaptersOff(policy.lm)
+        if bf16(cfg, device):
+            frozen_to_bf16(policy.lm)
+    else:
+        policy = PolicyWithValue(copy.deepcopy(ref_lm).requires_grad_(True), n_vocab)
+        if bf16(cfg, device) and exact_in_bf16(ref_lm):
+            frozen_to_bf16(ref_lm)
+    policy = policy.to(device).eval()  # no dropout: the update sees the very policy that sampled (pi_theta = pi_old)
+    if cfg.grad_checkpointing:
+        checkpoint_activations(policy.lm)
+    nn.init.zeros_(policy.v_head.weight)                                 # V = 0 at the start, for every seed
+    nn.init.zeros_(policy.v_head.bias)
+    return policy, ref_lm
 
 
 def bf16(cfg, device):

@@ -26,7 +26,6 @@ Where this departs from the paper and the authors' code:
    approx_kl exceeds target_kl (0.2, which the default run never reaches; 0 turns it off).
 """
 import contextlib
-import copy
 import dataclasses
 import json
 import math
@@ -50,9 +49,8 @@ from common import (check_rules, exclusive, gather_all, global_mean, global_toke
                     world_size, write_config)
 from data import call_reward, load_data
 from exact import exact_eval, response_space
-from model import (AdaptersOff, PolicyWithValue, autocast, bf16, check_fits, checkpoint_activations, entropy, exact_in_bf16,
-                   frozen_to_bf16, generate, init_config, left_pad, lm_forward, load_lm, load_pretrained, pretrain, quiet,
-                   token_logprobs, with_lora)
+from model import (autocast, check_fits, entropy, generate, init_config, left_pad, lm_forward, load_lm, load_pretrained,
+                   make_policy, pretrain, quiet, token_logprobs)
 from ppo import gae, kl_penalized_rewards, masked_whiten, ppo_policy_loss, value_loss
 
 # ---------------------------------------------------------------------------------------------
@@ -398,20 +396,7 @@ def train(cfg):
                        if cfg.jstar_samples else (None, None))
     space = (response_space(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc) if cfg.exact_every else None)
     torch.manual_seed(cfg.seed + rank())                                 # each process its own stream
-    if cfg.lora_r:                                                       # only adapters train; pi_init is the same
-        policy = PolicyWithValue(with_lora(lm, cfg), enc.n_vocab)        # network with them off: no second copy
-        ref_lm = AdaptersOff(policy.lm)
-        if bf16(cfg, device):
-            frozen_to_bf16(policy.lm)
-    else:
-        policy = PolicyWithValue(copy.deepcopy(ref_lm).requires_grad_(True), enc.n_vocab)
-        if bf16(cfg, device) and exact_in_bf16(ref_lm):                               # a bf16 checkpoint: half the memory, the
-            frozen_to_bf16(ref_lm)                                       # same numbers
-    policy = policy.to(device).eval()  # no dropout: the update sees the very policy that sampled (pi_theta = pi_old)
-    if cfg.grad_checkpointing:
-        checkpoint_activations(policy.lm)
-    nn.init.zeros_(policy.v_head.weight)                                 # V = 0 at the start, for every seed
-    nn.init.zeros_(policy.v_head.bias)
+    policy, ref_lm = make_policy(cfg, lm, enc.n_vocab, device)         # with LoRA: pi_init = adapters off
     trainable = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.Adam(trainable, lr=cfg.lr)
 

@@ -22,7 +22,7 @@ def error_of(argv):
     ("--batch_size=0", "batch_size must be > 0, got 0"),
     ("--prompt_len=1", "prompt_len must be >= 2"),
     ("--max_new_tokens=0", "max_new_tokens must be > 0, got 0"),
-    ("--rounds=0", "rounds must be > 0"),
+    ("--rounds=-1", "rounds must be >= 0"),
     ("--iters=0", "iters must be > 0"),
     ("--epochs=0", "epochs must be > 0, got 0"),
     ("--seed=-1", "seed must be >= 0, got -1"),
