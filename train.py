@@ -387,7 +387,7 @@ def train(cfg):
     config = init_config(cfg, enc)                                       # checked before pre-training or loading
     check_fits(enc, prompt_tokens, cfg.max_new_tokens, config)
     check_fits(enc, eval_tokens, cfg.max_new_tokens, config, "held-out prompt")
-    # model: pi_init (frozen) and the policy with its value head; fp32 weights, bf16 only in autocast
+    # model: pi_init (frozen) and the policy with its value head; fp32 weights (frozen ones in bf16 in bf16 runs)
     lm = (load_lm(cfg.init, "--init") if cfg.init else pretrain(cfg, enc, device)).to(device)
     if master and dist.is_initialized():
         dist.barrier()                                                   # the others now load pi_init from the cache
