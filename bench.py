@@ -138,16 +138,16 @@ def time_iterations(args, cfg, lm, enc, device):
     prompt_tokens = [enc.encode_ordinary(p) for p in prompts]
     policy, ref_lm = model.make_policy(cfg, lm, enc.n_vocab, device)    # as train.py builds them
     opt = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
-    generate, gen_s = train.generate, []
+    generate, gen_s = model.generate, []
 
-    def timed_generate(*a, **k):                                        # rollout calls it through sample()
+    def timed_generate(*a, **k):                                        # rollout calls it through model.sample()
         sync(device)
         t0 = time.perf_counter()
         out = generate(*a, **k)
         sync(device)
         gen_s.append(time.perf_counter() - t0)
         return out
-    train.generate = timed_generate
+    model.generate = timed_generate
     rows = []
     try:
         for _ in range(args.iters + 1):
@@ -159,7 +159,7 @@ def time_iterations(args, cfg, lm, enc, device):
             sync(device)
             rows.append((gen_s[-1], t1 - t0 - gen_s[-1], time.perf_counter() - t1))
     finally:
-        train.generate = generate
+        model.generate = generate
     return [statistics.median(col) for col in zip(*rows[1:])]
 
 

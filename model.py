@@ -206,6 +206,18 @@ def generate(lm, prompt_ids, prompt_mask, max_new_tokens, eot, n_vocab=None):
     return response, mask, torch.stack(logprobs, 1) * mask
 
 
+@torch.no_grad()
+def sample(cfg, lm, idx, prompt_tokens, prompts, reward_fn, enc, device):
+    """Responses of lm to the prompts numbered idx, decoded and scored by the reward function. Returns prompt ids and mask (B, P), response,
+    its mask and the sampler's log-probs (B, T), the decoded completions (end-of-text dropped) and the scores (B,)."""
+    prompt_ids, prompt_mask = left_pad([prompt_tokens[i] for i in idx], enc.eot_token, device)  # (B, P)
+    with autocast(cfg, device):
+        response, mask, logprobs = generate(lm, prompt_ids, prompt_mask, cfg.max_new_tokens, enc.eot_token, enc.n_vocab)
+    completions = [enc.decode([t for t in r if t != enc.eot_token]) for r in response.tolist()]
+    scores = data.call_reward(cfg, reward_fn, [prompts[i] for i in idx], completions).to(device)  # (B,)
+    return prompt_ids, prompt_mask, response, mask, logprobs, completions, scores
+
+
 # ---------------------------------------------------------------------------------------------
 # the paper's larger models on one GPU: LoRA (peft, an optional extra), frozen weights in bf16, activation
 # checkpointing

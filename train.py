@@ -1,9 +1,9 @@
 """
 RLHF of a small GPT with APA, PPO or AWR, in one readable loop: sample, score, estimate values and
 advantages, update. The three share everything but the policy loss (apa.py, ppo.py). Beside them:
-model.py (the policy with its value head, the sampler, the tiny GPT, checked loading of a checkpoint),
-data.py (tokenizers, prompts, rewards), exact.py (the exact evaluator), common.py (command line, one-line
-errors, checkpoints, data-parallel helpers).
+model.py (the policy with its value head, the sampler, the tiny GPT, checked loading of a checkpoint, LoRA),
+data.py (tokenizers, prompts, rewards), evaluation.py (J* and the held-out evaluation, by sampling), exact.py
+(the exact evaluator), common.py (command line, one-line errors, checkpoints, data-parallel helpers).
 
 Paper: Zhu et al. 2023, "Fine-Tuning Language Models with Advantage-Induced Policy Alignment",
 arXiv 2306.02231. Run: python train.py  (APA on the embedded task, a few minutes on a CPU)
@@ -45,12 +45,13 @@ from transformers import AutoModelForCausalLM
 import data
 from apa import apa_loss, awr_loss
 from common import (check_rules, exclusive, gather_all, global_mean, global_token_means, init_distributed, keep_previous_run,
-                    load_checkpoint, one_line_errors, parse_args, peak_memory_mb, rank, read_checkpoint, save_checkpoint, status,
+                    load_checkpoint, one_line_errors, parse_args, peak_memory_mb, rank, read_checkpoint, save_checkpoint,
                     world_size, write_config)
-from data import call_reward, load_data
+from data import load_data
+from evaluation import estimate_jstar, evaluate
 from exact import exact_eval, response_space
-from model import (autocast, check_fits, entropy, generate, init_config, left_pad, lm_forward, load_lm, load_pretrained,
-                   make_policy, pretrain, quiet, token_logprobs)
+from model import (autocast, check_fits, entropy, init_config, lm_forward, load_lm, load_pretrained, make_policy, pretrain,
+                   quiet, sample, token_logprobs)
 from ppo import gae, kl_penalized_rewards, masked_whiten, ppo_policy_loss, value_loss
 
 # ---------------------------------------------------------------------------------------------
@@ -203,18 +204,6 @@ def resolve(cfg):
 
 
 @torch.no_grad()
-def sample(cfg, lm, idx, prompt_tokens, prompts, reward_fn, enc, device):
-    """Responses to the prompts numbered idx, and their scores. Returns prompt ids and mask (B, P), response,
-    its mask and the sampler's log-probs (B, T), the decoded completions (end-of-text dropped) and the scores (B,)."""
-    prompt_ids, prompt_mask = left_pad([prompt_tokens[i] for i in idx], enc.eot_token, device)  # (B, P)
-    with autocast(cfg, device):
-        response, mask, logprobs = generate(lm, prompt_ids, prompt_mask, cfg.max_new_tokens, enc.eot_token, enc.n_vocab)
-    completions = [enc.decode([t for t in r if t != enc.eot_token]) for r in response.tolist()]
-    scores = call_reward(cfg, reward_fn, [prompts[i] for i in idx], completions).to(device)  # (B,)
-    return prompt_ids, prompt_mask, response, mask, logprobs, completions, scores
-
-
-@torch.no_grad()
 def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device):
     # 1. sample prompts, responses from pi_old, reward-model scores
     idx = torch.randint(len(prompts), (cfg.batch_size // world_size(),)).tolist()  # this process's share
@@ -315,45 +304,6 @@ def update(cfg, policy, opt, batch, P, bad_steps):
 
 # ---------------------------------------------------------------------------------------------
 # the loop
-
-
-@torch.no_grad()
-def estimate_jstar(cfg, lm, prompt_tokens, prompts, reward_fn, enc, device):
-    """J* = E_x[lambda log E_{y ~ pi_init}[exp(R/lambda)]], the best J any policy can reach, from
-    jstar_samples samples per prompt, and its standard error (delta method, per prompt)."""
-    torch.manual_seed(4321)                                              # the same estimate for every run
-    rows, n, t0 = torch.arange(len(prompts)).repeat_interleave(cfg.jstar_samples), cfg.jstar_samples, time.time()
-    scores = []
-    for chunk in rows.split(512):
-        scores.append(sample(cfg, lm, chunk.tolist(), prompt_tokens, prompts, reward_fn, enc, device)[-1])
-        k = sum(map(len, scores))
-        status(f"estimating J* from pi_init: {k}/{len(rows)} samples | {time.time() - t0:.0f}s", done=k == len(rows))
-    scores = torch.cat(scores)                                           # (prompts * n,)
-    w = torch.exp(scores.double().cpu() / cfg.lam).view(len(prompts), n)  # (prompts, n) exp(R / lambda)
-    jstar_x = cfg.lam * w.mean(1).log()                                  # (prompts,) J*(x)
-    se_x = cfg.lam * w.std(1) / (w.mean(1) * math.sqrt(n))               # (prompts,) its standard error
-    return jstar_x.mean().item(), (se_x.pow(2).sum().sqrt() / len(prompts)).item()
-
-
-@torch.no_grad()
-def evaluate(cfg, policy, ref_lm, eval_tokens, eval_prompts, reward_fn, enc, device, it):
-    """The policy on the held-out prompts: eval_samples fresh responses (the prompts in turn), their mean reward
-    (eval_reward), KL to pi_init (eval_kl) and J (eval_J). Its own random stream: a run draws the same training
-    numbers with or without it."""
-    rows, scores, kls = [i % len(eval_prompts) for i in range(cfg.eval_samples)], [], []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(1_000_003 * (cfg.seed + 1) + it)
-        for k in range(0, len(rows), cfg.batch_size):
-            prompt_ids, prompt_mask, response, mask, logprobs, _, s = sample(
-                cfg, policy.lm, rows[k:k + cfg.batch_size], eval_tokens, eval_prompts, reward_fn, enc, device)
-            with autocast(cfg, device):
-                ref_logits, _ = lm_forward(ref_lm, torch.cat([prompt_ids, response], 1), torch.cat(
-                    [prompt_mask, torch.ones_like(response)], 1), prompt_ids.shape[1], enc.n_vocab)  # (B, T, V)
-            kls.append(((logprobs - token_logprobs(ref_logits, response)) * mask).sum(1))  # (B,) KL estimate
-            scores.append(s)
-    scores, kl = torch.cat(scores), torch.cat(kls)                       # (eval_samples,)
-    return {"eval_reward": scores.mean().item(), "eval_kl": kl.mean().item(),
-            "eval_J": (scores - cfg.lam * kl).mean().item()}
 
 
 LOGGED = [("reward", ".3f"), ("kl", ".3f"), ("J", ".3f"), ("gap", ".3f"), ("entropy", ".2f"), ("distinct2", ".2f"),

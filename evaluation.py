@@ -1,0 +1,52 @@
+"""
+How good a policy is, by sampling: J*, the best KL-regularised objective any policy can reach, estimated from
+pi_init's samples (the `gap` of the log line), and the held-out evaluation (eval_reward, eval_kl, eval_J) of the
+policy on prompts RL never trains on. exact.py gives J, J* and the gap by enumeration instead, where that is
+feasible. train.py calls both; neither changes a training number (their random streams are their own).
+"""
+import math
+import time
+
+import torch
+
+from common import status
+from model import autocast, lm_forward, sample, token_logprobs
+
+
+@torch.no_grad()
+def estimate_jstar(cfg, lm, prompt_tokens, prompts, reward_fn, enc, device):
+    """J* = E_x[lambda log E_{y ~ pi_init}[exp(R/lambda)]], the best J any policy can reach, from
+    jstar_samples samples per prompt, and its standard error (delta method, per prompt)."""
+    torch.manual_seed(4321)                                              # the same estimate for every run
+    rows, n, t0 = torch.arange(len(prompts)).repeat_interleave(cfg.jstar_samples), cfg.jstar_samples, time.time()
+    scores = []
+    for chunk in rows.split(512):
+        scores.append(sample(cfg, lm, chunk.tolist(), prompt_tokens, prompts, reward_fn, enc, device)[-1])
+        k = sum(map(len, scores))
+        status(f"estimating J* from pi_init: {k}/{len(rows)} samples | {time.time() - t0:.0f}s", done=k == len(rows))
+    scores = torch.cat(scores)                                           # (prompts * n,)
+    w = torch.exp(scores.double().cpu() / cfg.lam).view(len(prompts), n)  # (prompts, n) exp(R / lambda)
+    jstar_x = cfg.lam * w.mean(1).log()                                  # (prompts,) J*(x)
+    se_x = cfg.lam * w.std(1) / (w.mean(1) * math.sqrt(n))               # (prompts,) its standard error
+    return jstar_x.mean().item(), (se_x.pow(2).sum().sqrt() / len(prompts)).item()
+
+
+@torch.no_grad()
+def evaluate(cfg, policy, ref_lm, eval_tokens, eval_prompts, reward_fn, enc, device, it):
+    """The policy on the held-out prompts: eval_samples fresh responses (the prompts in turn), their mean reward
+    (eval_reward), KL to pi_init (eval_kl) and J (eval_J). Its own random stream: a run draws the same training
+    numbers with or without it."""
+    rows, scores, kls = [i % len(eval_prompts) for i in range(cfg.eval_samples)], [], []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(1_000_003 * (cfg.seed + 1) + it)
+        for k in range(0, len(rows), cfg.batch_size):
+            prompt_ids, prompt_mask, response, mask, logprobs, _, s = sample(
+                cfg, policy.lm, rows[k:k + cfg.batch_size], eval_tokens, eval_prompts, reward_fn, enc, device)
+            with autocast(cfg, device):
+                ref_logits, _ = lm_forward(ref_lm, torch.cat([prompt_ids, response], 1), torch.cat(
+                    [prompt_mask, torch.ones_like(response)], 1), prompt_ids.shape[1], enc.n_vocab)  # (B, T, V)
+            kls.append(((logprobs - token_logprobs(ref_logits, response)) * mask).sum(1))  # (B,) KL estimate
+            scores.append(s)
+    scores, kl = torch.cat(scores), torch.cat(kls)                       # (eval_samples,)
+    return {"eval_reward": scores.mean().item(), "eval_kl": kl.mean().item(),
+            "eval_J": (scores - cfg.lam * kl).mean().item()}
