@@ -102,6 +102,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """The module docstring as written, and each flag's default after its help."""
 
 
+def one_line(text, limit=None):
+    """A message (an exception's too) on one line, cut to limit characters: another library's words inside ours."""
+    return " ".join(str(text).split())[:limit]
+
+
 @contextlib.contextmanager
 def one_line_errors(interrupted=lambda: "interrupted"):
     """For a script's main(): every failure ends in one line `error: ...` on stderr and exit status 1
@@ -116,7 +121,7 @@ def one_line_errors(interrupted=lambda: "interrupted"):
             raise
         expected = isinstance(e, (ValueError, OSError, FloatingPointError))
         text = str(e) if expected else f"{type(e).__name__}: {e} (APA_DEBUG=1 shows the traceback)"
-        raise SystemExit("error: " + " ".join(text.split())) from None  # one line, whatever the message
+        raise SystemExit("error: " + one_line(text)) from None          # one line, whatever the message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,6 +237,11 @@ def write_config(path, cfg):
     write_atomically(path, write)
 
 
+def frozen(policy):
+    """The names of the weights that do not train (LoRA's base): checkpoints leave them out."""
+    return {n for n, p in policy.named_parameters() if not p.requires_grad}
+
+
 def save_checkpoint(path, policy, opt, iteration, cfg, metrics_line):
     """Everything to continue exactly: the weights that train, optimizer, RNG states, iteration (= lines of metrics.jsonl), the
     config and the last line of metrics.jsonl (to check both on resume). Written to a temporary file, then
@@ -240,8 +250,7 @@ def save_checkpoint(path, policy, opt, iteration, cfg, metrics_line):
     if not all(torch.isfinite(p).all() for p in policy.parameters()):
         raise FloatingPointError("non-finite weights: checkpoint not written")
     rng = {"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    frozen = {n for n, p in policy.named_parameters() if not p.requires_grad}  # (LoRA's base: re-read from --init)
-    state = {"policy": {k: v for k, v in policy.state_dict().items() if k not in frozen}, "opt": opt.state_dict(),
+    state = {"policy": {k: v for k, v in policy.state_dict().items() if k not in frozen(policy)}, "opt": opt.state_dict(),
              "iter": iteration, **rng,
              "config": dataclasses.asdict(cfg), "metrics_line": metrics_line}
     if dist.is_initialized():
@@ -297,7 +306,7 @@ def load_checkpoint(state, policy, opt, metrics_path, cfg):
     except RuntimeError as e:
         problem = next((l.strip() for l in str(e).splitlines()[1:] if l.strip()), str(e))
         raise ValueError(f"the checkpoint does not fit this model: {problem}") from None
-    missing = set(missing) - {n for n, p in policy.named_parameters() if not p.requires_grad}  # frozen: not saved
+    missing = set(missing) - frozen(policy)                             # not saved: read again from --init
     if missing or unexpected:
         raise ValueError(f"the checkpoint does not fit this model: it lacks {sorted(missing)[:2]} and has "
                          f"{sorted(unexpected)[:2]} (another --lora_r?)")

@@ -27,6 +27,8 @@ import numpy as np
 import tiktoken
 import torch
 
+from common import one_line
+
 # ---------------------------------------------------------------------------------------------
 # the embedded task
 
@@ -82,7 +84,7 @@ def check_source(flag, name, tokenizer=False):
                          f"private or gated: log in); {flag} takes {kinds}") from None
     except Exception as e:                                               # no network, HF_HUB_OFFLINE, a timeout
         raise ValueError(f"{flag}={name} is no folder here nor in the Hugging Face cache, and the hub cannot be "
-                         f"reached to look it up ({type(e).__name__}: {' '.join(str(e).split())[:120]}); "
+                         f"reached to look it up ({type(e).__name__}: {one_line(e, 120)}); "
                          f"{flag} takes {kinds}") from None
 
 
@@ -105,7 +107,7 @@ class HFTokenizer:
             with quiet():
                 self.tok = AutoTokenizer.from_pretrained(path)
         except Exception as e:                                           # a damaged tokenizer.json raises anything
-            raise ValueError(f"cannot load a tokenizer from {path}: {' '.join(str(e).split())[:300]}") from None
+            raise ValueError(f"cannot load a tokenizer from {path}: {one_line(e, 300)}") from None
         if self.tok.eos_token_id is None:
             raise ValueError(f"the tokenizer of {path} has no end-of-text (eos) token")
         self.name, self.eot_token, self.n_vocab = os.path.basename(os.path.normpath(path)), self.tok.eos_token_id, len(self.tok)
@@ -204,7 +206,7 @@ def load_reward_fn(spec):
         raise ValueError(f"reward function {spec!r} not found (expected 'module:function')") from None
     except (Exception, SystemExit) as e:                                 # the module's own code failed at import
         raise ValueError(f"importing {module} for reward function {spec!r} raised {type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:200]}") from e
+                         f"{one_line(e, 200)}") from e
     if not callable(fn):
         raise ValueError(f"reward function {spec!r} is a {type(fn).__name__}, not a function")
     return fn

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHea
 from transformers.utils import logging as hf_logging
 
 import data
-from common import status, write_atomically
+from common import one_line, status, write_atomically
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,7 +49,7 @@ def load_pretrained(cls, path, what, lacking=""):
         with quiet():
             lm, info = cls.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
     except Exception as e:
-        raise ValueError(f"{what} {path} does not load: {damaged_file(path) or ' '.join(str(e).split())[:300]}") from e
+        raise ValueError(f"{what} {path} does not load: {damaged_file(path) or one_line(e, 300)}") from e
     if info["missing_keys"]:
         raise ValueError(f"{what} {path} lacks weights of a {type(lm).__name__}: "
                          f"{', '.join(sorted(info['missing_keys'])[:3])}, which would be random{lacking}")
@@ -65,7 +65,7 @@ def damaged_file(folder):
             with safe_open(os.path.join(folder, name), "pt"):
                 pass
         except Exception as e:
-            return f"{os.path.join(folder, name)} is damaged or truncated ({' '.join(str(e).split())[:200]})"
+            return f"{os.path.join(folder, name)} is damaged or truncated ({one_line(e, 200)})"
     return ""
 
 
@@ -90,7 +90,7 @@ def init_config(cfg, enc):
         with quiet():
             return AutoConfig.from_pretrained(cfg.init)
     except Exception as e:
-        raise ValueError(f"--init {cfg.init} holds no model: {' '.join(str(e).split())[:200]}") from None
+        raise ValueError(f"--init {cfg.init} holds no model: {one_line(e, 200)}") from None
 
 
 def load_lm(path, what):
@@ -256,7 +256,7 @@ def with_lora(lm, cfg):
             return peft.get_peft_model(lm, peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                                                            target_modules=targets))
     except ValueError as e:                                              # e.g. no module of that name
-        raise ValueError(f"--lora_targets={cfg.lora_targets}: {' '.join(str(e).split())[:300]}") from None
+        raise ValueError(f"--lora_targets={cfg.lora_targets}: {one_line(e, 300)}") from None
 
 
 def frozen_to_bf16(module):

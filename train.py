@@ -179,9 +179,6 @@ def validate(cfg):
     for flag, path, tokenizer in sources:                               # a local path, or a hub id ("gpt2", "org/name")
         if path and not os.path.exists(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
             raise ValueError(f"{path} does not exist")
-        if tokenizer and os.path.isdir(path) and not data.ships_tokenizer(path):
-            raise ValueError(f"--tokenizer={path} holds no tokenizer (tokenizer.json, tokenizer_config.json or "
-                             "tokenizer.model)")
         if path and not cfg.sample:
             data.check_source(flag, path, tokenizer)
     if cfg.sample and not os.path.isdir(cfg.sample):

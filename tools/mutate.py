@@ -195,7 +195,7 @@ MUTATIONS = [
     ("LoRA's adapters not merged into out/policy", "train.py", "                lm = lm.merge_and_unload()", "",
      [LORA]),
     ("checkpoints hold the frozen weights, not the adapters", "common.py",
-     "policy.state_dict().items() if k not in frozen}", "policy.state_dict().items() if k in frozen}",
+     "policy.state_dict().items() if k not in frozen(policy)}", "policy.state_dict().items() if k in frozen(policy)}",
      ["test_train.py::test_resume_after_sigkill_matches_uninterrupted_run"]),
     ("activation checkpointing left off in eval mode", "model.py", "            m.training = True", "            pass",
      ["tests/test_models.py::test_activation_checkpointing_recomputes_and_changes_no_gradient"]),
