@@ -6,16 +6,14 @@ import pytest
 import torch
 
 import bench
+from test_cli import one_line_error
 
 SMALL = ["--models=tiny", "--batch_size=2", "--prompt_len=4", "--max_new_tokens=2", "--rounds=1", "--iters=1"]
 
 
 def error_of(argv):
     """The one-line message that bench.main ends with."""
-    with pytest.raises(SystemExit) as e:
-        bench.main(argv)
-    assert isinstance(e.value.code, str) and e.value.code.startswith("error: ") and "\n" not in e.value.code
-    return e.value.code
+    return one_line_error(bench.main, argv)
 
 
 @pytest.mark.parametrize("flag, message", [

@@ -15,6 +15,15 @@ import train
 ROOT = train.__file__.rsplit("/", 1)[0]
 
 
+def one_line_error(main, argv):
+    """The one line `error: ...` that a script's main(argv) ends with (train.py, compare.py, bench.py)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    text = e.value.code
+    assert isinstance(text, str) and text.startswith("error: ") and "\n" not in text, text
+    return text
+
+
 def test_space_and_equals_forms_give_the_same_config():
     a = common.parse_args(train.Config, ["--algo", "ppo", "--iters", "60", "--lr", "1e-4", "--prompts", "p.txt"])
     b = common.parse_args(train.Config, ["--algo=ppo", "--iters=60", "--lr=1e-4", "--prompts=p.txt"])

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import compare
+from test_cli import one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +81,7 @@ def test_jstar_is_estimated_once_per_pi_init_data_and_lambda(monkeypatch):
 
 def error_of(argv):
     """The one-line message that compare.main ends with."""
-    with pytest.raises(SystemExit) as e:
-        compare.main(argv)
-    assert isinstance(e.value.code, str) and e.value.code.startswith("error: ") and "\n" not in e.value.code
-    return e.value.code
+    return one_line_error(compare.main, argv)
 
 
 @pytest.mark.parametrize("flag, message", [

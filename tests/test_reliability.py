@@ -22,6 +22,7 @@ import common
 import data
 import model
 import train
+from test_cli import one_line_error
 from test_train import read_metrics, run_script, tiny_args, write
 
 
@@ -34,10 +35,8 @@ def sft_dir(tmp_path_factory):
 
 def fails(args, message):
     """train.main(args) stops with one line `error: ...` that contains message."""
-    with pytest.raises(SystemExit) as e:
-        train.main(args)
-    text = str(e.value.code)
-    assert text.startswith("error: ") and "\n" not in text and message in text, text
+    text = one_line_error(train.main, args)
+    assert message in text, text
     return text
 
 
