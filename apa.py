@@ -25,6 +25,14 @@ computed from the per-token KL-penalised reward r_t = -lambda log(pi_old/pi_init
 4. Do not mix them (pi_init anchor with a KL-penalised reward): the current token's KL is counted
    twice, and in a bandit the fixed point is pi* for 2*lambda instead of lambda.
 5. Do not whiten APA's advantages: rescaling Adv rescales the effective lambda.
+6. Bounded APA (`clip` = c > 0, not in the paper): the target is anchor + clip(Adv/lambda, -c, c). A batch from
+   mu asks no sampled log-probability to move more than c from pi_old: at pi = mu its loss is at most c^2, so
+   wherever descent ends, E_mu[log(pi/mu)^2] <= 4 c^2, however large the advantages. With the default anchor
+   the fixed point is still exactly pi*: on-policy the gradient vanishes iff clip(Adv(s, .)/lambda, -c, c) is
+   constant over actions at every state; since E_pi[Adv(s, .)] = 0 and pi has full support, Adv cannot be
+   >= c lambda (or <= -c lambda) at every action, so the constant lies inside (-c, c), where the clip is the
+   identity: Adv = 0, as before. With the pi_init anchor (the paper's form) the bound clips the whole distance
+   to pi_init and does move the fixed point: use it with the default anchor.
 test_losses.py checks each of these numerically.
 """
 import torch
@@ -32,7 +40,7 @@ import torch
 from ppo import approx_kl, masked_mean
 
 
-def apa_loss(logprobs, old_logprobs, advantages, mask, lam, ref_logprobs=None):
+def apa_loss(logprobs, old_logprobs, advantages, mask, lam, ref_logprobs=None, clip=0.0):
     """APA's squared-error policy loss. Returns (pg_loss, stats).
 
     logprobs     (B, T) log pi_theta(a_t|s_t) of the sampled tokens, with grad
@@ -43,11 +51,16 @@ def apa_loss(logprobs, old_logprobs, advantages, mask, lam, ref_logprobs=None):
     ref_logprobs (B, T) or None. None (default): anchor on pi_old, fixed point exactly pi* (see the
                  module docstring, point 2). Given: anchor on log pi_init, the paper's literal loss,
                  to be used with a reward without KL penalty (point 3).
+    clip         c > 0: bounded APA, Adv/lambda clipped to [-c, c] (point 6); 0: the paper's unbounded target
     """
     anchor = old_logprobs if ref_logprobs is None else ref_logprobs  # (B, T) log pi_anchor(a_t|s_t)
-    target = anchor + advantages / lam                           # (B, T) log of the target policy
+    step = advantages / lam if not clip else (advantages / lam).clamp(-clip, clip)  # (B, T) Adv/lambda, bounded
+    target = anchor + step                                       # (B, T) log of the target policy
     pg_loss = masked_mean((logprobs - target) ** 2, mask)        # ()     L_APA
-    return pg_loss, {"approx_kl": approx_kl(logprobs, old_logprobs, mask)}
+    stats = {"approx_kl": approx_kl(logprobs, old_logprobs, mask)}
+    if clip:                                                     # share of tokens whose target the bound moved
+        stats["clipfrac"] = masked_mean(((advantages / lam).abs() > clip).to(logprobs.dtype), mask).item()
+    return pg_loss, stats
 
 
 def awr_loss(logprobs, old_logprobs, advantages, mask, awr_lam, max_weight=20.0):

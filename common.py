@@ -154,6 +154,9 @@ def init_distributed(cfg, device):
     if cfg.batch_size % world or cfg.minibatch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} and minibatch_size {cfg.minibatch_size} must be "
                          f"divisible by the number of processes, {world}")
+    if (cfg.batch_size // world) % cfg.group_size:                      # a group's k responses stay in one process
+        raise ValueError(f"batch_size / processes = {cfg.batch_size // world} is not divisible by group_size "
+                         f"{cfg.group_size}")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)

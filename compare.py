@@ -49,7 +49,7 @@ class CompareConfig:
     seeds: int = 3                     # seeds 0 .. seeds-1 for every setting
     lr: float = 3e-5                   # learning rate of the main table (train.py's default)
     iters: int = 300                   # iterations of the main table
-    lrs: str = "1e-5,3e-5,1e-4,3e-4"   # learning rates of the stability map
+    lrs: str = "3e-5,1e-4,3e-4"        # learning rates of the stability map
     grid_iters: int = 100              # iterations of each run of the stability map
     short_tokens: int = 2              # response length of the short-response setting
     short_iters: int = 150             # its iterations (0: skip it)
@@ -60,8 +60,29 @@ class CompareConfig:
 
 
 ALGOS = {"apa": dict(algo="apa"), "apa_paper": dict(algo="apa", apa_form="paper"),
-         "ppo": dict(algo="ppo"), "awr": dict(algo="awr")}
-NAMES = {"apa": "APA", "apa_paper": "APA (paper form)", "ppo": "PPO", "awr": "AWR"}
+         "apa_bounded": dict(algo="apa", apa_clip=0.5), "apa_guard": dict(algo="apa", target_kl=0.2),
+         "ppo": dict(algo="ppo"), "awr": dict(algo="awr"), "grpo": dict(algo="grpo"),
+         "drgrpo": dict(algo="grpo", grpo_std=False), "rloo": dict(algo="rloo")}  # train.Config overrides
+NAMES = {"apa": "APA", "apa_paper": "APA (paper form)", "apa_bounded": "APA, bounded (c = 0.5)",
+         "apa_guard": "APA + KL guard (0.2)", "ppo": "PPO", "awr": "AWR", "grpo": "GRPO (k = 4)",
+         "drgrpo": "Dr. GRPO (k = 4)", "rloo": "RLOO (k = 4)"}
+ONLY = {"apa_guard": ("grid",), "drgrpo": ("short",)}  # the settings of these; every other runs in all three
+FIXED_POINT = {                                        # what each converges to, in theory (the tests that check it)
+    "apa": "pi* (test_losses.py: test_token_mdp_apa_converges_to_optimum)",
+    "apa_paper": "not pi*: ignores the KL of later tokens (test_token_mdp_paper_form_misses_optimum)",
+    "apa_bounded": "pi* (test_token_mdp_bounded_apa_converges_to_optimum)",
+    "ppo": "pi* (test_ppo_iterations_approach_optimum)",
+    "awr": "pi* (test_token_mdp_awr_converges_to_optimum_with_kl_reward)",
+    "grpo": "not pi*: pi_init / (1 - W/lambda), W scale-free (test_grpo.py: "
+            "test_bandit_grpo_fixed_point_ignores_the_scale_of_the_reward)",
+    "drgrpo": "not pi*: pi_init / (1 - (1 - 1/k)(Q_R - V_R)/lambda) per state "
+              "(test_token_mdp_dr_grpo_fixed_point_is_the_per_state_tilt_by_the_score_advantage)",
+    "rloo": "pi* (test_token_mdp_rloo_converges_to_optimum)"}
+
+
+def algos(setting):
+    """The algorithms run in a setting: main, grid (the stability map) or short."""
+    return [a for a in ALGOS if setting in ONLY.get(a, ("main", "grid", "short"))]
 QUICK = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, sft_steps=60, sft_lr=3e-3, batch_size=16,
              minibatch_size=8, epochs=2, jstar_samples=8, max_new_tokens=8, device="cpu")  # train.Config overrides of --quick
 
@@ -99,17 +120,17 @@ def plan(cfg):
     lrs = [cfg.lr, 3 * cfg.lr] if cfg.quick else [float(x) for x in cfg.lrs.split(",")]
     runs = {}
     for seed in seeds:                                   # main first: the table is done before the map
-        for algo in ALGOS:
+        for algo in algos("main"):
             runs["main", algo, cfg.lr, seed] = main_iters
     def grid(lrs):
         for lr in lrs:
             for seed in seeds:
-                for algo in ALGOS:
+                for algo in algos("grid"):
                     key = ("main", algo, lr, seed)
                     runs[key] = max(runs.get(key, 0), grid_iters)
     grid(sorted(lr for lr in lrs if lr >= cfg.lr))     # the unstable end of the map first,
     for seed in seeds if short_iters else []:          # then the short responses (cheap),
-        for algo in ALGOS:
+        for algo in algos("short"):
             runs["short", algo, cfg.lr, seed] = short_iters
     grid(sorted(lr for lr in lrs if lr < cfg.lr))      # then the slow end
     return runs, main_iters, grid_iters, short_iters, lrs
@@ -178,7 +199,7 @@ _jstar = {}
 NOT_JSTAR = {"algo", "apa_form", "gamma", "gae_lambda", "cliprange", "cliprange_value", "vf_coef", "awr_lam",
              "awr_max_weight", "seed", "iters", "batch_size", "minibatch_size", "epochs", "lr", "max_grad_norm",
              "max_bad_steps", "out_dir", "resume", "sample_every", "ckpt_every", "exact_every", "target_kl",
-             "eval_prompts", "eval_every", "eval_samples"}          # fields J* ignores
+             "eval_prompts", "eval_every", "eval_samples", "apa_clip", "group_size", "grpo_std"}  # fields J* ignores
 
 
 def cached_jstar(estimate):
@@ -227,8 +248,8 @@ def run_all(cfg, runs):
     print(f"{len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run, {cfg.workers} at a time")
     jobs = []
     for k, ((setting, algo, lr, seed), iters) in enumerate(todo):
-        overrides = dict(ALGOS[algo], lr=lr, seed=seed, sft_dir=cfg.sft_dir, target_kl=0.0,  # the algorithms as the
-                         **(QUICK if cfg.quick else {}))                # paper has them: no KL guard
+        overrides = dict(dict(lr=lr, seed=seed, sft_dir=cfg.sft_dir, target_kl=0.0,  # the algorithms as their
+                              **(QUICK if cfg.quick else {})), **ALGOS[algo])    # papers have them: no KL guard
         if setting == "short":
             overrides["max_new_tokens"] = cfg.short_tokens
         tag = f"[{k + 1}/{len(todo)}] {setting} {algo} lr {lr:g} seed {seed}"
@@ -319,7 +340,7 @@ def table(cfg, setting, lr, iters, seeds):
             ("samples_to_quarter_gap", ".0f")]
     lines = ["| algorithm | reward | KL | gap J* - J | distinct-2 | largest KL (10-iteration mean) "
              "| samples to a quarter of the first gap |", "|---" * (len(cols) + 1) + "|"]
-    for algo in ALGOS:
+    for algo in algos(setting):
         done = finished(cfg, setting, algo, lr, seeds, iters)
         s = [summary(rows) for rows, _ in done]
         cells = [stat([x[c] for x in s], f) if s else "not run" for c, f in cols]
@@ -327,15 +348,27 @@ def table(cfg, setting, lr, iters, seeds):
     return "\n".join(lines)
 
 
+def fixed_point_table(cfg, lr, iters, seeds):
+    """Which algorithms reach pi*: the fixed point in theory beside the measured (exact, where logged) final gap."""
+    lines = ["| algorithm | fixed point, in theory (the test) | gap J* - J after training |", "|---|---|---|"]
+    for algo in algos("short"):
+        s = [summary(rows) for rows, _ in finished(cfg, "short", algo, lr, seeds, iters)]
+        lines.append(f"| {NAMES[algo]} | {FIXED_POINT[algo]} | "
+                     f"{stat([x['gap'] for x in s], '.3f') if s else 'not run'} |")
+    return "\n".join(lines)
+
+
 def grid_table(cfg, lrs, iters, seeds):
     lines = ["| algorithm | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---" * (len(lrs) + 1) + "|"]
-    for algo in ALGOS:
+    for algo in algos("grid"):
         cells = []
         for lr in lrs:
             done = finished(cfg, "main", algo, lr, seeds, iters)
             s = [summary(rows) for rows, _ in done]
-            cells.append(f"{stat([x['gap'] for x in s], '.3f')} (KL max {max(x['kl_max'] for x in s):.1f})"
-                         f"{count_note(done, len(seeds))}" if s else "not run")
+            stops = sum("kl_stop" in r for rows, _ in done for r in rows)  # updates the KL guard cut short
+            cells.append(f"{stat([x['gap'] for x in s], '.3f')} (KL max {max(x['kl_max'] for x in s):.1f}"
+                         + (f"; guard fired in {stops} of {sum(len(rows) for rows, _ in done)} updates" if
+                            "target_kl" in ALGOS[algo] else "") + f"){count_note(done, len(seeds))}" if s else "not run")
         lines.append(f"| {NAMES[algo]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -373,10 +406,17 @@ def load_run(path):
         except ValueError as e:                         # the plot's labels would be wrong: refuse
             raise ValueError(f"{conf_path} is damaged ({e}): remove it to plot without the run's settings") from None
     settings = {k: conf.get(k, "?") for k in SETTINGS}
-    settings["algorithm"] = NAMES.get("apa_paper" if conf.get("apa_form") == "paper" and conf.get("algo") == "apa"
-                                      else conf.get("algo"), "?")
+    settings["algorithm"] = algo_name(conf)
     settings["iters"] = len(rows)                       # the iterations it ran
     return settings, rows
+
+
+def algo_name(conf):
+    """The name of a run's algorithm: the most specific entry of ALGOS that its config.json matches."""
+    import train
+    defaults = dataclasses.asdict(train.Config())
+    match = [a for a in ALGOS if all(conf.get(k, defaults[k]) == v for k, v in ALGOS[a].items())]
+    return NAMES[max(match, key=lambda a: len(ALGOS[a]))] if match else "?"
 
 
 def plot_curves(runs, path, what=""):
@@ -438,10 +478,12 @@ def plot_stability(cfg, lrs, iters, seeds, path):
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, algo in enumerate(ALGOS):
+    for i, algo in enumerate(algos("grid")):
         points = [(lr, [summary(rows)["gap"] for rows, _ in finished(cfg, "main", algo, lr, seeds, iters)])
                   for lr in sorted(lrs)]
-        x = np.array([lr for lr, g in points if g]) * (1.06 ** (i - 1.5))  # side by side: bars do not overlap
+        if not any(g for _, g in points):
+            continue
+        x = np.array([lr for lr, g in points if g]) * (1.03 ** (i - 3.5))  # side by side: bars do not overlap
         gaps = [np.array(g) for _, g in points if g]   # final gaps of the seeds at each lr
         mean = np.array([g.mean() for g in gaps])
         ax.errorbar(x, mean, yerr=[mean - [g.min() for g in gaps], [g.max() for g in gaps] - mean], marker="o",
@@ -473,7 +515,7 @@ def compare(cfg):
     if first is None:
         raise ValueError(f"{first_run} holds no results, and the tables start from it"
                          + ("" if cfg.run else ": run without --run=0 first"))
-    text = [f"# APA, PPO and AWR on the embedded task{' (quick)' if cfg.quick else ''}", "",
+    text = [f"# APA, PPO, AWR, GRPO and RLOO on the embedded task{' (quick)' if cfg.quick else ''}", "",
             f"lambda 0.1 for all; seeds 0-{len(seeds) - 1}; +- is the standard deviation over seeds. "
             f"J* = {first['jstar']:.4f} +- {first['jstar_se']:.4f} (standard error). Final values: means over "
             f"the last 20 iterations. Runs (or their cached results) took {(time.time() - t0) / 60:.1f} min.", "",
@@ -489,13 +531,17 @@ def compare(cfg):
                   f"{marks[-1] - marks[-2]} samples, so the samples to a quarter of the gap come in steps of that size."
                   if len(marks) > 2 else f"The gap is the sampled one, against J* = {short[0]['jstar']:.4f} estimated."),
                  "",
-                 table(cfg, "short", cfg.lr, short_iters, seeds), ""]
+                 table(cfg, "short", cfg.lr, short_iters, seeds), "",
+                 "## Which algorithms reach pi*", "",
+                 "The fixed point each converges to in theory (derived in apa.py and grpo.py, checked by "
+                 "enumeration), and the final gap of the short-response runs above.", "",
+                 fixed_point_table(cfg, cfg.lr, short_iters, seeds), ""]
     text = "\n".join(text)
     print(text)
     with open(os.path.join(cfg.out_dir, "compare.md"), "w") as f:
         f.write(text)
     def curves(setting, iters):                        # the finished runs of a setting at cfg.lr
-        loaded = [load_run(run_dir(cfg, setting, a, cfg.lr, s)) for a in ALGOS for s in seeds]
+        loaded = [load_run(run_dir(cfg, setting, a, cfg.lr, s)) for a in algos(setting) for s in seeds]
         return [(st, rows[:iters]) for st, rows in loaded if len(rows) >= iters]
     main_curves = curves("main", main_iters)           # none yet with --run=0 on a sweep under way
     plots = [plot_curves(main_curves, os.path.join(cfg.out_dir, "compare.png")) if main_curves else None,

@@ -3,14 +3,20 @@ How good a policy is, by sampling: J*, the best KL-regularised objective any pol
 pi_init's samples (the `gap` of the log line), and the held-out evaluation (eval_reward, eval_kl, eval_J) of the
 policy on prompts RL never trains on. exact.py gives J, J* and the gap by enumeration instead, where that is
 feasible. train.py calls both; neither changes a training number (their random streams are their own).
+Also `train.py --sample` (sample_policy): a trained policy's completions of a prompt, with their reward.
 """
+import dataclasses
+import json
 import math
+import os
 import time
 
 import torch
+from transformers import AutoModelForCausalLM
 
+import data
 from common import status
-from model import autocast, lm_forward, sample, token_logprobs
+from model import autocast, check_fits, get_device, lm_forward, load_pretrained, sample, token_logprobs
 
 
 @torch.no_grad()
@@ -50,3 +56,37 @@ def evaluate(cfg, policy, ref_lm, eval_tokens, eval_prompts, reward_fn, enc, dev
     scores, kl = torch.cat(scores), torch.cat(kls)                       # (eval_samples,)
     return {"eval_reward": scores.mean().item(), "eval_kl": kl.mean().item(),
             "eval_J": (scores - cfg.lam * kl).mean().item()}
+
+
+def distinct_n(texts, n):
+    """Unique n-grams / all n-grams of words and full stops over a batch of texts (Li et al. 2016):
+    1.0 when nothing repeats, low under mode collapse."""
+    grams = [tuple(w[i:i + n]) for w in (t.replace(".", " .").split() for t in texts) for i in range(len(w) - n + 1)]
+    return len(set(grams)) / max(1, len(grams))
+
+
+@torch.no_grad()
+def sample_policy(cfg, Config):
+    """`python train.py --sample=out/policy --prompt="the movie was"`: completions of a trained policy with
+    their reward, using the tokenizer and reward of its run (read from apa_config.json beside it, into train.Config)."""
+    config_path = os.path.join(cfg.sample, "apa_config.json")
+    if not os.path.exists(config_path):
+        raise ValueError(f"{cfg.sample} holds no trained policy ({config_path} is missing)")
+    try:
+        with open(config_path) as f:
+            run = Config(**json.load(f))
+    except (ValueError, TypeError) as e:                                 # not JSON, not an object, unknown fields
+        raise ValueError(f"{config_path} is damaged ({e}): it is written by train.py at the end of a run") from None
+    if run.init and not run.tokenizer and data.ships_tokenizer(cfg.sample):  # the tokenizer saved beside it
+        run = dataclasses.replace(run, init=cfg.sample)
+    device = get_device(cfg)
+    enc, _, _, reward_fn = data.load_data(run, device)
+    lm = load_pretrained(AutoModelForCausalLM, cfg.sample, "--sample").to(device).eval()
+    prompts = [cfg.prompt] * cfg.num_samples if cfg.prompt else data.task_prompts()[:cfg.num_samples]
+    prompt_tokens = [enc.encode_ordinary(p) for p in prompts]
+    check_fits(enc, prompt_tokens, run.max_new_tokens, lm.config)
+    torch.manual_seed(cfg.seed)
+    *_, completions, scores = sample(run, lm, range(len(prompts)), prompt_tokens, prompts, reward_fn, enc, device)
+    for prompt, completion, score in zip(prompts, completions, scores.tolist()):
+        print(f"{prompt!r} -> {completion!r} | reward {score:+.2f}")
+    return completions, scores.tolist()

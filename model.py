@@ -305,6 +305,14 @@ def make_policy(cfg, lm, n_vocab, device):
     return policy, ref_lm
 
 
+def get_device(cfg):
+    """auto: cuda if torch sees a GPU, else cpu."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device=cuda, but torch finds no CUDA GPU on this machine (use --device=cpu or auto)")
+    return torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                        "cpu" if cfg.device == "auto" else cfg.device)
+
+
 def bf16(cfg, device):
     """Whether the run is bf16: --precision=bf16, or auto on a GPU."""
     return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")

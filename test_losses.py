@@ -109,6 +109,41 @@ def test_bandit_whitened_advantages_move_fixed_point():
     assert (pi - optimum(log_init, R, lam)).abs().max().item() > 1e-2
 
 
+def test_bounded_apa_batch_minimiser_stays_within_2c_of_the_sampler():
+    # one batch from mu: at pi = mu the loss is E_mu[clip(Adv/lambda)^2] <= c^2, so wherever descent from mu ends,
+    # E_mu[log(pi/mu)^2] <= 4 c^2, whatever the advantages; unbounded, the distance grows with Adv/lambda
+    log_init, R = bandit()
+    lam, c = 0.05, 0.3
+    mu = torch.softmax(log_init, 0)
+    adv = R - (mu * R).sum()
+    def minimise(clip):
+        logits = mu.log().clone().requires_grad_()
+        opt = torch.optim.Adam([logits], lr=0.05)
+        for _ in range(2000):
+            logp = torch.log_softmax(logits, 0)[:, None]
+            loss = apa_loss(logp, mu.log()[:, None], adv[:, None], mu[:, None], lam, clip=clip)[0]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return (mu * (torch.log_softmax(logits.detach(), 0) - mu.log()) ** 2).sum().sqrt().item()  # rms log-ratio
+    assert minimise(c) <= 2 * c
+    assert minimise(0.0) > 3 * 2 * c                                 # unbounded: far past it (measured 2.0)
+    assert (adv / lam).abs().max() > 10 * c
+
+
+@pytest.mark.parametrize("kl_coef, anchor_init", [(0.0, True), (0.5, False)], ids=["paper", "default"])
+def test_bandit_bounded_apa_converges_to_optimum_with_the_default_anchor_only(kl_coef, anchor_init):
+    # pi_old anchor: the fixed point is pi* still; pi_init anchor (the paper's form): the bound clips the whole
+    # distance to pi_init, log pi - log pi_init = clip(Adv/lambda) + const, and pi* is out of its reach
+    log_init, R = bandit()
+    lam, c = 0.5, 0.2
+    ref = log_init[:, None] if anchor_init else None
+    pi = bandit_iterate(log_init, R, kl_coef, lambda logp, old, adv, w: apa_loss(logp, old, adv, w, lam, ref, clip=c)[0])
+    gap = (pi - optimum(log_init, R, lam)).abs().max().item()
+    assert gap > 1e-2 if anchor_init else gap <= 1e-4
+    assert (R - (log_init.exp() * R).sum()).abs().max() / lam > 5 * c  # the bound is active at the start
+
+
 # ----------------------------------------------------------------------------------------------
 # token MDP: vocabulary 3, responses of exactly 3 tokens, tabular softmax policy over all 13 prefixes
 
@@ -180,8 +215,8 @@ def token_optimum(init_logits, R, lam):
     return torch.softmax(token_logprobs(init_logits).sum(1) + R / lam, 0)  # (27,) pi*(y) by enumeration
 
 
-def apa_default(logp, old, ref, adv, w, lam=0.5):
-    return apa_loss(logp, old, adv, w, lam)[0]
+def apa_default(logp, old, ref, adv, w, lam=0.5, clip=0.0):
+    return apa_loss(logp, old, adv, w, lam, clip=clip)[0]
 
 
 def apa_paper(logp, old, ref, adv, w, lam=0.5):
@@ -197,6 +232,20 @@ def test_token_mdp_apa_converges_to_optimum():
     assert tv(logits, pi_star) <= 1e-3
     assert abs(objective(logits, init_logits, R, lam).item() - J_star) <= 1e-5
     assert tv(init_logits, pi_star) > 0.1  # the test starts far from the answer
+
+
+def test_token_mdp_bounded_apa_converges_to_optimum():
+    # Adv/lambda clipped to [-c, c]: stationary iff the clipped value is constant over actions, which with
+    # E_pi[Adv] = 0 means Adv = 0: the fixed point is pi* still (apa.py, point 6)
+    init_logits, R = token_mdp()
+    lam, c = 0.5, 0.2
+    logits = iterate(lambda *a: apa_default(*a[:4], a[4], clip=c), init_logits, R, kl_coef=lam, iters=300)
+    pi_star = token_optimum(init_logits, R, lam)
+    J_star = lam * torch.logsumexp(token_logprobs(init_logits).sum(1) + R / lam, 0).item()
+    assert tv(logits, pi_star) <= 1e-3
+    assert abs(objective(logits, init_logits, R, lam).item() - J_star) <= 1e-5
+    _, _, _, adv = rollout(init_logits, init_logits, R, lam)
+    assert (adv / lam).abs().max() > 5 * c                           # the bound is active at the start
 
 
 def test_token_mdp_paper_form_misses_optimum():

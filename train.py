@@ -1,6 +1,7 @@
 """
-RLHF of a small GPT with APA, PPO or AWR, in one readable loop: sample, score, estimate values and
-advantages, update. The three share everything but the policy loss (apa.py, ppo.py). Beside them:
+RLHF of a small GPT with APA, PPO, AWR, GRPO or RLOO, in one readable loop: sample, score, estimate values
+and advantages, update. They share everything but the advantages and the policy loss (apa.py, ppo.py,
+grpo.py: GRPO and RLOO sample k responses per prompt and take no value head). Beside them:
 model.py (the policy with its value head, the sampler, the tiny GPT, checked loading of a checkpoint, LoRA),
 data.py (tokenizers, prompts, rewards), evaluation.py (J* and the held-out evaluation, by sampling), exact.py
 (the exact evaluator), common.py (command line, one-line errors, checkpoints, data-parallel helpers).
@@ -8,7 +9,7 @@ data.py (tokenizers, prompts, rewards), evaluation.py (J* and the held-out evalu
 Paper: Zhu et al. 2023, "Fine-Tuning Language Models with Advantage-Induced Policy Alignment",
 arXiv 2306.02231. Run: python train.py  (APA on the embedded task, a few minutes on a CPU)
           python train.py --algo=ppo --iters=100 --lam=0.2   (any field of Config as --key=value)
-          python compare.py   (APA, PPO and AWR over seeds and learning rates: compare.py)
+          python compare.py   (all of them over seeds and learning rates: compare.py)
           torchrun --nproc_per_node=N train.py   (data parallel over N GPUs, the same algorithm: README)
 
 Where this departs from the paper and the authors' code:
@@ -40,7 +41,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from transformers import AutoModelForCausalLM
 
 import data
 from apa import apa_loss, awr_loss
@@ -48,10 +48,11 @@ from common import (check_rules, exclusive, gather_all, global_mean, global_toke
                     load_checkpoint, one_line_errors, parse_args, peak_memory_mb, rank, read_checkpoint, save_checkpoint,
                     world_size, write_config)
 from data import load_data
-from evaluation import estimate_jstar, evaluate
+from evaluation import distinct_n, estimate_jstar, evaluate, sample_policy
 from exact import exact_eval, response_space
-from model import (autocast, check_fits, entropy, init_config, lm_forward, load_lm, load_pretrained, make_policy, pretrain,
-                   quiet, sample, token_logprobs)
+from grpo import group_advantages, grpo_loss, rloo_advantages
+from model import (autocast, check_fits, entropy, get_device, init_config, lm_forward, load_lm, make_policy, pretrain, quiet,
+                   sample, token_logprobs)
 from ppo import gae, kl_penalized_rewards, masked_whiten, ppo_policy_loss, value_loss
 
 # ---------------------------------------------------------------------------------------------
@@ -61,9 +62,14 @@ from ppo import gae, kl_penalized_rewards, masked_whiten, ppo_policy_loss, value
 @dataclass
 class Config:
     # --- algorithm
-    algo: Literal["apa", "ppo", "awr"] = "apa"  # the policy loss: APA (apa.py: apa_loss), PPO (ppo.py) or AWR (apa.py: awr_loss)
+    algo: Literal["apa", "ppo", "awr", "grpo", "rloo"] = "apa"  # APA (apa.py: apa_loss), PPO (ppo.py), AWR (apa.py:
+                                   # awr_loss), GRPO or RLOO (grpo.py)
     apa_form: Literal["exact", "paper"] = "exact"  # exact: pi_old anchor, KL in the reward (fixed point pi*);
                                    # paper: pi_init anchor, no KL in the reward (the paper's literal loss)
+    apa_clip: float = 0.0          # bounded APA: Adv/lambda clipped to [-c, c] in APA's target (0: unbounded)
+    group_size: int | None = None  # k, responses per prompt (consecutive in the batch); default 4 for grpo and
+                                   # rloo, which need k >= 2, else 1
+    grpo_std: bool = True          # GRPO divides its advantages by the group's std (0: Dr. GRPO, it does not)
     lam: float = 0.1               # lambda: KL coefficient in the reward, and APA's Adv/lambda
     gamma: float = 1.0             # discount
     gae_lambda: float = 0.95       # GAE's lambda
@@ -132,6 +138,9 @@ def validate(cfg):
     check_rules(cfg, [  # (field, holds, what it must be)
         ("lam", cfg.lam > 0, "> 0"),
         ("awr_lam", cfg.awr_lam > 0, "> 0 (AWR's temperature)"),
+        ("apa_clip", cfg.apa_clip >= 0, ">= 0 (0: unbounded APA)"),
+        ("group_size", cfg.group_size is None or cfg.group_size >= (2 if cfg.algo in CRITIC_FREE else 1),
+         f"{'>= 2 for ' + cfg.algo + ' (a baseline from the other responses)' if cfg.algo in CRITIC_FREE else '>= 1'}"),
         ("seed", cfg.seed >= 0, ">= 0"),
         ("iters", cfg.iters > 0, "> 0"),
         ("batch_size", cfg.batch_size > 0, "> 0"),
@@ -171,6 +180,8 @@ def validate(cfg):
     ])
     if cfg.batch_size % cfg.minibatch_size:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by minibatch_size {cfg.minibatch_size}")
+    if cfg.batch_size % resolve(cfg).group_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by group_size {resolve(cfg).group_size}")
     for path in (cfg.prompts, cfg.eval_prompts):
         if path and not os.path.isfile(path):
             raise ValueError(f"{path} " + ("is a folder, not a prompts file" if os.path.isdir(path) else "does not exist"))
@@ -191,9 +202,13 @@ RESUME_MAY_CHANGE = {"iters", "lr", "out_dir", "sft_dir", "sample_every", "ckpt_
                      "eval_every", "eval_samples", "grad_checkpointing"}  # any other change mixes two runs
 
 
+CRITIC_FREE = ("grpo", "rloo")   # advantages from the group, no value loss
+
+
 def resolve(cfg):
-    """The config with the defaults that depend on other fields filled in: the learning rate (README)."""
-    return cfg if cfg.lr is not None else dataclasses.replace(cfg, lr=1e-6 if cfg.init else 3e-5)
+    """The config with the defaults that depend on other fields filled in: the learning rate (README), k."""
+    return dataclasses.replace(cfg, lr=cfg.lr if cfg.lr is not None else 1e-6 if cfg.init else 3e-5,
+                               group_size=cfg.group_size or (4 if cfg.algo in CRITIC_FREE else 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,8 +217,9 @@ def resolve(cfg):
 
 @torch.no_grad()
 def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device):
-    # 1. sample prompts, responses from pi_old, reward-model scores
-    idx = torch.randint(len(prompts), (cfg.batch_size // world_size(),)).tolist()  # this process's share
+    # 1. sample prompts (this process's share, each k times in a row), responses from pi_old, scores
+    k = cfg.group_size
+    idx = torch.randint(len(prompts), (cfg.batch_size // world_size() // k,)).repeat_interleave(k).tolist()
     prompt_ids, prompt_mask, response, mask, _, completions, scores = sample(
         cfg, policy.lm, idx, prompt_tokens, prompts, reward_fn, enc, device)
     input_ids = torch.cat([prompt_ids, response], 1)                     # (B, P + T)
@@ -223,9 +239,12 @@ def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device)
     kl_coef = 0.0 if cfg.algo == "apa" and cfg.apa_form == "paper" else cfg.lam
     rewards = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)  # (B, T)
     advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.gae_lambda)  # (B, T)
+    kl = ((logprobs - ref_logprobs) * mask).sum(1)                       # (B,) sequence KL estimate
     if cfg.algo == "ppo":
         advantages = masked_whiten(advantages, mask, mean_fn=global_mean)  # mean and variance over all processes
-    kl = ((logprobs - ref_logprobs) * mask).sum(1)                       # (B,) sequence KL estimate
+    elif cfg.algo in CRITIC_FREE:                                        # one advantage per response, from its group:
+        advantages = mask * (group_advantages(scores, k, cfg.grpo_std) if cfg.algo == "grpo"  # the score alone, or
+                             else rloo_advantages(scores - cfg.lam * kl, k))[:, None]  # R - lambda KL (B, T)
     stats = {"reward": global_mean(scores).item(), "kl": global_mean(kl).item(),   # over all processes
              "J": global_mean(scores - cfg.lam * kl).item(),
              "entropy": global_mean(entropies, mask).item(),
@@ -235,13 +254,6 @@ def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device)
                  returns=returns)
     samples = list(zip([prompts[i] for i in idx], completions, scores.tolist(), kl.tolist()))
     return batch, P, stats, samples
-
-
-def distinct_n(texts, n):
-    """Unique n-grams / all n-grams of words and full stops over a batch of texts (Li et al. 2016):
-    1.0 when nothing repeats, low under mode collapse."""
-    grams = [tuple(w[i:i + n]) for w in (t.replace(".", " .").split() for t in texts) for i in range(len(w) - n + 1)]
-    return len(set(grams)) / max(1, len(grams))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,13 +274,19 @@ def update(cfg, policy, opt, batch, P, bad_steps):
             logprobs = token_logprobs(logits, mb["response"])            # (b, T) log pi_theta
             if cfg.algo == "apa":
                 ref = mb["ref_logprobs"] if cfg.apa_form == "paper" else None
-                pg_loss, pg_stats = apa_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg.lam, ref)
+                pg_loss, pg_stats = apa_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg.lam, ref,
+                                             cfg.apa_clip)
             elif cfg.algo == "awr":
                 pg_loss, pg_stats = awr_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg.awr_lam,
                                              cfg.awr_max_weight)
-            else:
+            elif cfg.algo == "grpo":
+                pg_loss, pg_stats = grpo_loss(logprobs, mb["logprobs"], mb["ref_logprobs"], mb["advantages"],
+                                              mb["mask"], cfg.lam, cfg.cliprange)
+            else:                                                        # PPO and RLOO: the clipped surrogate
                 pg_loss, pg_stats = ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg.cliprange)
             vf_loss, vf_stats = value_loss(values, mb["values"], mb["returns"], mb["mask"], cfg.cliprange_value)
+            if cfg.algo in CRITIC_FREE:                                  # no value head to train
+                vf_loss, vf_stats = 0.0 * vf_loss, {}
             loss = pg_loss + cfg.vf_coef * vf_loss
             # the losses are means over this process's n tokens. The mean over all processes' N tokens is
             # sum(loss * n) / N, and DDP averages gradients over processes: scaled by n * world / N, the
@@ -306,14 +324,6 @@ def update(cfg, policy, opt, batch, P, bad_steps):
 LOGGED = [("reward", ".3f"), ("kl", ".3f"), ("J", ".3f"), ("gap", ".3f"), ("entropy", ".2f"), ("distinct2", ".2f"),
           ("approx_kl", ".4f"), ("clipfrac", ".3f"), ("vf_loss", ".4f"), ("gap_exact", ".4f"), ("eval_reward", ".3f"),
           ("eval_kl", ".3f"), ("mem_mb", ".0f")]                         # the log line
-
-
-def get_device(cfg):
-    """auto: cuda if torch sees a GPU, else cpu."""
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device=cuda, but torch finds no CUDA GPU on this machine (use --device=cpu or auto)")
-    return torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                        "cpu" if cfg.device == "auto" else cfg.device)
 
 
 def train(cfg):
@@ -416,33 +426,6 @@ def train(cfg):
     return history
 
 
-@torch.no_grad()
-def sample_policy(cfg):
-    """`python train.py --sample=out/policy --prompt="the movie was"`: completions of a trained policy with
-    their reward, using the tokenizer and reward of its run (read from apa_config.json beside it)."""
-    config_path = os.path.join(cfg.sample, "apa_config.json")
-    if not os.path.exists(config_path):
-        raise ValueError(f"{cfg.sample} holds no trained policy ({config_path} is missing)")
-    try:
-        with open(config_path) as f:
-            run = Config(**json.load(f))
-    except (ValueError, TypeError) as e:                                 # not JSON, not an object, unknown fields
-        raise ValueError(f"{config_path} is damaged ({e}): it is written by train.py at the end of a run") from None
-    if run.init and not run.tokenizer and data.ships_tokenizer(cfg.sample):  # the tokenizer saved beside it
-        run = dataclasses.replace(run, init=cfg.sample)
-    device = get_device(cfg)
-    enc, _, _, reward_fn = load_data(run, device)
-    lm = load_pretrained(AutoModelForCausalLM, cfg.sample, "--sample").to(device).eval()
-    prompts = [cfg.prompt] * cfg.num_samples if cfg.prompt else data.task_prompts()[:cfg.num_samples]
-    prompt_tokens = [enc.encode_ordinary(p) for p in prompts]
-    check_fits(enc, prompt_tokens, run.max_new_tokens, lm.config)
-    torch.manual_seed(cfg.seed)
-    *_, completions, scores = sample(run, lm, range(len(prompts)), prompt_tokens, prompts, reward_fn, enc, device)
-    for prompt, completion, score in zip(prompts, completions, scores.tolist()):
-        print(f"{prompt!r} -> {completion!r} | reward {score:+.2f}")
-    return completions, scores.tolist()
-
-
 def main(argv=None):
     """Every failure ends in one line `error: ...` and exit status 1 (APA_DEBUG=1: the full traceback);
     Ctrl-C ends with status 130 and says how to resume."""
@@ -456,7 +439,7 @@ def main(argv=None):
         cfg = parse_args(Config, sys.argv[1:] if argv is None else argv, __doc__)
         validate(cfg)
         if cfg.sample:
-            return sample_policy(cfg)
+            return sample_policy(cfg, Config)
         with exclusive(cfg.out_dir) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
             return train(cfg)                                            # (torchrun: rank 0 holds the lock)
 

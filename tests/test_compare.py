@@ -17,14 +17,15 @@ from test_cli import one_line_error
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
-    text = compare.main(["--quick=1", f"--out_dir={out}", f"--sft_dir={out / 'sft'}", "--workers=1"])
+    text = compare.main(["--quick=1", f"--out_dir={out}", f"--sft_dir={out / 'sft'}", "--workers=2"])  # as the sweep runs
     return out, text
 
 
 def test_quick_sweep_writes_table_and_plots(quick):
     out, text = quick
-    for name in compare.NAMES.values():
-        assert text.count(f"| {name} |") == 3                       # main table, stability map, short responses
+    for algo, name in compare.NAMES.items():                        # main table, stability map, short responses,
+        settings = compare.ONLY.get(algo, ("main", "grid", "short"))  # and the short ones again in "which reach pi*"
+        assert text.count(f"| {name} |") == len(settings) + ("short" in settings), name
     assert "nan" not in text
     assert open(out / "compare.md").read() == text
     pytest.importorskip("matplotlib")                               # an optional extra: the plots need it
@@ -36,11 +37,23 @@ def test_quick_sweep_writes_table_and_plots(quick):
 def test_finished_runs_are_not_run_again(quick, capsys):
     out, text = quick
     before = {p: os.path.getmtime(p) for p in out.glob("*/*/metrics.jsonl")}
-    assert len(before) == 12                                        # 4 algorithms x (2 lrs + short)
-    again = compare.main(["--quick=1", f"--out_dir={out}", f"--sft_dir={out / 'sft'}", "--workers=1"])
-    assert "12 runs, 12 already done, 0 to run" in capsys.readouterr().out
+    assert len(before) == 24                                        # 7 algorithms x (2 lrs + short), the guard x 2
+    again = compare.main(["--quick=1", f"--out_dir={out}", f"--sft_dir={out / 'sft'}", "--workers=1"])  # lrs, Dr. GRPO
+    assert "24 runs, 24 already done, 0 to run" in capsys.readouterr().out                              # x short
     assert {p: os.path.getmtime(p) for p in before} == before
     assert again.split("\n", 4)[4:] == text.split("\n", 4)[4:]      # the same table (the header has the time)
+
+
+def test_each_run_is_its_algorithm_and_only_the_guard_row_has_the_guard(quick):
+    out, _ = quick
+    runs = [p for setting in ("main", "short") for p in (out / setting).glob("*/config.json")]
+    assert len(runs) == 24
+    for path in runs:
+        algo = path.parent.name.split("_lr")[0]
+        conf = json.loads(path.read_text())
+        assert all(conf[k] == v for k, v in compare.ALGOS[algo].items()), path
+        assert conf["target_kl"] == (0.2 if algo == "apa_guard" else 0.0), path
+        assert compare.algo_name(conf) == compare.NAMES[algo]          # what --plot calls it
 
 
 def test_plot_of_a_run_directory(quick, capsys):

@@ -81,7 +81,7 @@ def worker(rank, tmp):
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2)
     torch.set_num_threads(1)
     result = {}
-    for algo in ("apa", "ppo"):                                      # this rank's half of the fixed batch
+    for algo in ("apa", "ppo", "grpo"):                              # this rank's half of the fixed batch
         policy = tiny_policy(11)
         batch, P = fixed_batch(policy)
         rows = slice(2 * rank, 2 * rank + 2)
@@ -90,7 +90,7 @@ def worker(rank, tmp):
     enc = data.task_encoding()
     policy = tiny_policy(enc.n_vocab)
     prompts = data.task_prompts()
-    cfg = train.Config(algo="ppo", batch_size=8, max_new_tokens=6)
+    cfg = train.resolve(train.Config(algo="ppo", batch_size=8, max_new_tokens=6))
     torch.manual_seed(rank)
     batch, _, stats, samples = train.rollout(cfg, policy, policy.lm, [enc.encode_ordinary(p) for p in prompts],
                                              prompts, length_reward, enc, torch.device("cpu"))
@@ -102,7 +102,7 @@ def worker(rank, tmp):
 def test_two_processes_compute_the_one_process_update_and_global_statistics(tmp_path):
     mp.spawn(worker, args=(str(tmp_path),), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    for algo in ("apa", "ppo"):
+    for algo in ("apa", "ppo", "grpo"):                              # GRPO: its k3 term a global token mean too
         policy = tiny_policy(11)
         grads, stats = one_update(algo, policy, *fixed_batch(policy), masked_mean)  # one process, all rows
         for r in range(2):                                           # DDP: the same gradient in both processes

@@ -122,7 +122,13 @@ def test_too_many_responses_means_no_exact_evaluation(task):
 # ----------------------------------------------------------------------------------------------
 # 2. the pieces of a rollout, each against a slow version
 
-FORMS = [("apa", "exact"), ("apa", "paper"), ("ppo", "exact"), ("awr", "exact")]   # every algorithm and form
+FORMS = [("apa", "exact"), ("apa", "paper"), ("ppo", "exact"), ("awr", "exact"), ("grpo", "exact"),
+         ("grpo", "dr"), ("rloo", "exact")]                            # every algorithm and form (dr: Dr. GRPO)
+
+
+def form_config(algo, form, **kw):
+    return train.Config(**{**TINY, **kw}, algo=algo, apa_form="paper" if form == "paper" else "exact",
+                        grpo_std=form != "dr")
 
 
 def slow_row(lm, prompt, response):
@@ -137,8 +143,7 @@ def slow_row(lm, prompt, response):
 
 @pytest.mark.parametrize("algo,form", FORMS)
 def test_rollout_against_slow_versions(task, algo, form):
-    cfg = train.Config(**{**TINY, "batch_size": 24, "gamma": 0.97, "gae_lambda": 0.8}, algo=algo, apa_form=form,
-                       max_new_tokens=8)
+    cfg = train.resolve(form_config(algo, form, batch_size=24, gamma=0.97, gae_lambda=0.8, max_new_tokens=8))
     policy = moved_policy(task.ref_lm)
     torch.manual_seed(0)
     batch, P, stats, samples = train.rollout(cfg, policy, task.ref_lm, task.prompt_tokens, task.prompts,
@@ -179,6 +184,17 @@ def test_rollout_against_slow_versions(task, algo, form):
     flat = torch.cat(raw_adv)
     if algo == "ppo":                                                    # PPO whitens over real tokens; APA, AWR never
         flat = (flat - flat.mean()) / flat.std(unbiased=False)
+    if algo in ("grpo", "rloo"):                                         # one advantage per response, from its group
+        k = cfg.group_size
+        assert k == 4 and all(len({s[0] for s in samples[g:g + k]}) == 1 for g in range(0, cfg.batch_size, k))
+        per_response = []                                                # of k responses to one prompt
+        for g in range(0, cfg.batch_size, k):
+            R = [s[2] if algo == "grpo" else s[2] - cfg.lam * kl for s, kl in zip(samples[g:g + k], kls[g:g + k])]
+            for i, r in enumerate(R):
+                others = R[:i] + R[i + 1:]
+                per_response.append(r - sum(others) / (k - 1) if algo == "rloo" else
+                                    (r - sum(R) / k) / ((torch.tensor(R).std().item() + 1e-4) if form != "dr" else 1))
+        flat = torch.cat([torch.full((int(m.sum()),), a, dtype=torch.float64) for a, m in zip(per_response, mask)])
     torch.testing.assert_close(batch["advantages"][mask > 0].double(), flat, atol=1e-4, rtol=1e-4)
 
 
@@ -221,8 +237,8 @@ def test_update_calls_the_loss_of_the_readme_table(task, algo, form, monkeypatch
     """| default APA: anchor pi_old (ref None) | paper: anchor pi_init | PPO: clipped surrogate | AWR: awr_lam |, each
     with the rollout's log-probs and advantages, and the value loss clipped around the rollout's values; the steps
     taken are epochs x minibatches."""
-    cfg = train.Config(**{**TINY, "batch_size": 24, "minibatch_size": 24, "epochs": 2}, algo=algo, apa_form=form,
-                       max_new_tokens=8, target_kl=0)                   # the guard: below
+    cfg = train.resolve(form_config(algo, form, batch_size=24, minibatch_size=24, epochs=2, max_new_tokens=8,
+                                    target_kl=0, apa_clip=0.5 if form == "exact" else 0.0))  # the guard: below
     policy = moved_policy(task.ref_lm)
     torch.manual_seed(0)
     batch, P, _, _ = train.rollout(cfg, policy, task.ref_lm, task.prompt_tokens, task.prompts, task.reward_fn,
@@ -233,21 +249,27 @@ def test_update_calls_the_loss_of_the_readme_table(task, algo, form, monkeypatch
             calls.append((name, args))
             return fn(*args)
         monkeypatch.setattr(train, name, wrapped)
-    for name in ("apa_loss", "ppo_policy_loss", "awr_loss", "value_loss"):
+    for name in ("apa_loss", "ppo_policy_loss", "awr_loss", "grpo_loss", "value_loss"):
         spy(name, getattr(train, name))
     monkeypatch.setattr(torch, "randperm", lambda n: torch.arange(n))    # one minibatch an epoch, in order
+    v_head = copy.deepcopy(policy.v_head.state_dict())
     stats, _ = train.update(cfg, policy, torch.optim.SGD(policy.parameters(), lr=0.1), batch, P, 0)
+    critic_free = algo in ("grpo", "rloo")                               # their value head takes no step
+    assert all(torch.equal(v, policy.v_head.state_dict()[k]) == critic_free for k, v in v_head.items())
     assert stats["steps"] == 2 and len(calls) == 4
     (pg_name, pg), (vf_name, vf), _, (_, vf2) = calls                    # epoch 1: pi_theta = pi_old; epoch 2: moved
     assert not torch.allclose(vf2[0], batch["values"]) and torch.equal(vf2[1], batch["values"])  # clip around V_old
     same = lambda a, b: torch.equal(a, b)                                # noqa: E731
     assert same(pg[0], batch["logprobs"]) or torch.allclose(pg[0], batch["logprobs"], atol=1e-5)  # pi_theta = pi_old
-    assert same(pg[1], batch["logprobs"]) and same(pg[2], batch["advantages"]) and same(pg[3], batch["mask"])
-    if algo == "apa":
-        assert pg_name == "apa_loss" and pg[4] == cfg.lam
+    assert same(pg[1], batch["logprobs"]) and (algo == "grpo" or same(pg[2], batch["advantages"]) and same(pg[3], batch["mask"]))
+    if algo == "apa":                                                    # the exact form here is the bounded one
+        assert pg_name == "apa_loss" and pg[4] == cfg.lam and pg[6] == (0.5 if form == "exact" else 0.0)
         assert (pg[5] is None) if form == "exact" else same(pg[5], batch["ref_logprobs"])
     elif algo == "awr":                                                  # its own temperature, not lambda
         assert pg_name == "awr_loss" and pg[4] == cfg.awr_lam != cfg.lam and pg[5] == cfg.awr_max_weight
+    elif algo == "grpo":                                                 # pg: logprobs, old, ref, adv, mask, lam, eps
+        assert pg_name == "grpo_loss" and same(pg[2], batch["ref_logprobs"]) and pg[5] == cfg.lam
+        assert pg[6] == cfg.cliprange and same(pg[3], batch["advantages"]) and same(pg[4], batch["mask"])
     else:
         assert pg_name == "ppo_policy_loss" and pg[4] == cfg.cliprange
     assert vf_name == "value_loss" and same(vf[1], batch["values"]) and same(vf[2], batch["returns"])
@@ -315,7 +337,9 @@ def whitened_gae(rewards, values, mask, gamma, lam):
 VARIANTS = {"apa": dict(algo="apa"), "ppo": dict(algo="ppo"), "paper": dict(algo="apa", apa_form="paper"),
             "mixed": dict(algo="apa", apa_form="paper"), "whitened": dict(algo="apa"),
             "apa_guarded": dict(algo="apa", target_kl=GUARD), "ppo_guarded": dict(algo="ppo", target_kl=GUARD),
-            "apa_lora": dict(algo="apa", lora_r=8, lr=3e-3, iters=120)}    # adapters learn slower: 3x lr, 2x steps
+            "apa_lora": dict(algo="apa", lora_r=8, lr=3e-3, iters=120),    # adapters learn slower: 3x lr, 2x steps
+            "apa_bounded": dict(algo="apa", apa_clip=0.5), "rloo": dict(algo="rloo"), "grpo": dict(algo="grpo"),
+            "dr_grpo": dict(algo="grpo", grpo_std=False)}
 PATCHES = {"mixed": ("kl_penalized_rewards", mixed_rewards), "whitened": ("gae", whitened_gae)}
 
 
@@ -340,10 +364,20 @@ def trained(task):
     return get
 
 
-@pytest.mark.parametrize("name", ["apa", "ppo"])
-def test_default_apa_and_ppo_reach_the_optimum(trained, name):
+@pytest.mark.parametrize("name", ["apa", "ppo", "rloo", "apa_bounded"])
+def test_default_apa_ppo_rloo_and_bounded_apa_reach_the_optimum(trained, name):
     exact, *_ = trained(name)
-    assert exact["gap_exact"] < 0.03      # from 0.421 at pi_init; measured 0.0128 (APA), 0.0155 (PPO)
+    # from 0.421 at pi_init; measured 0.0128 (APA), 0.0155 (PPO), 0.0190 (RLOO), 0.0282 (bounded APA, c = 0.5:
+    # its first updates are clipped, so it is slower)
+    assert exact["gap_exact"] < (0.04 if name == "apa_bounded" else 0.03)
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo"])
+def test_grpo_stays_farther_from_the_optimum(trained, name):
+    """GRPO's fixed point is not pi* (test_grpo.py); here it overshoots: measured gap 0.110 (KL 5.74 nats) and
+    0.087 (Dr. GRPO, KL 3.88) after 60 iterations, where APA ends at 0.0128 (KL 2.30)."""
+    exact, apa = trained(name)[0], trained("apa")[0]
+    assert exact["gap_exact"] > max(0.05, 3 * apa["gap_exact"]) and exact["kl_exact"] > apa["kl_exact"] + 1
 
 
 @pytest.mark.parametrize("name", ["apa_guarded", "ppo_guarded"])

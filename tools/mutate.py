@@ -25,7 +25,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = ["test_losses.py", "tests/test_exact.py"]    # fast enough for one run per mutation, and enough
+TESTS = ["test_losses.py", "test_grpo.py", "tests/test_exact.py"]  # fast enough for one run per mutation, and enough
 
 # the tests that guard a part of the program, for the mutations below that name them
 UPDATE = "tests/test_exact.py::test_update_calls_the_loss_of_the_readme_table"
@@ -96,8 +96,8 @@ MUTATIONS = [
      "running = deltas[:, t] + gamma * lam * running", "running = deltas[:, t] + gamma * running"),
     ("GAE values not zeroed after the last token", "ppo.py",
      "values, rewards = values * valid, rewards * valid", "rewards = rewards * valid"),
-    ("APA target sign", "apa.py", "target = anchor + advantages / lam", "target = anchor - advantages / lam"),
-    ("APA lambda -> 2 lambda", "apa.py", "target = anchor + advantages / lam", "target = anchor + advantages / (2 * lam)"),
+    ("APA target sign", "apa.py", "step = advantages / lam if not clip", "step = -advantages / lam if not clip"),
+    ("APA lambda -> 2 lambda", "apa.py", "step = advantages / lam if not clip", "step = advantages / (2 * lam) if not clip"),
     ("APA abs instead of square", "apa.py",
      "masked_mean((logprobs - target) ** 2, mask)", "masked_mean((logprobs - target).abs(), mask)"),
     ("AWR weight exp(-Adv/lambda')", "apa.py",
@@ -167,9 +167,9 @@ MUTATIONS = [
     ("an encoder with an LM head passes as causal", "model.py",
      '    check_causal(lm, f"{what} {path}")\n', "", [NONSENSE]),
     ("weights missing from a checkpoint pass", "model.py", 'if info["missing_keys"]:', "if False:", [NONSENSE]),
-    ("--sample runs a prompt past the context window", "train.py",
+    ("--sample runs a prompt past the context window", "evaluation.py",
      "check_fits(enc, prompt_tokens, run.max_new_tokens, lm.config)", "pass", [SAMPLE]),
-    ("a damaged apa_config.json passes as a bare JSON error", "train.py",
+    ("a damaged apa_config.json passes as a bare JSON error", "evaluation.py",
      "except (ValueError, TypeError) as e:                                 # not JSON", "except TypeError as e:  #",
      [SAMPLE]),
     ("transformers' reports and bars reach the log", "model.py", "    hf_logging.set_verbosity_error()\n    hf_logging.disable_progress_bar()\n",
@@ -187,7 +187,7 @@ MUTATIONS = [
      "kls.append(((logprobs - token_logprobs(ref_logits, response)) * mask).sum(1))",
      "kls.append(((token_logprobs(ref_logits, response) - logprobs) * mask).sum(1))",
      ["tests/test_exact.py::test_sampled_gap_and_jstar_agree_with_exact_and_exact_eval_uses_no_randomness"]),
-    ("--init trains at the tiny task's lr", "train.py", "lr=1e-6 if cfg.init else 3e-5", "lr=3e-5",
+    ("--init trains at the tiny task's lr", "train.py", "else 1e-6 if cfg.init else 3e-5,", "else 3e-5,",
      ["tests/test_cli.py", "tests/test_models.py::test_init_without_lr_trains_at_the_pretrained_default_and_says_so"]),
     # LoRA and activation checkpointing
     ("pi_init under LoRA keeps its adapters on", "model.py", "with self.lm.disable_adapter():",
@@ -205,6 +205,41 @@ MUTATIONS = [
      ["tests/test_exact.py::test_lora_reaches_the_optimum_too"]),
     ("a hub id goes to transformers' retries", "train.py", "            data.check_source(flag, path, tokenizer)", "            pass",
      ["tests/test_reliability.py::test_a_hub_id_that_cannot_be_had_is_one_line_at_once"]),
+    # GRPO, RLOO and bounded APA (grpo.py, apa.py, their wiring in train.py, compare.py)
+    ("GRPO's std without Bessel's correction", "grpo.py", "groups.std(1, keepdim=True)",
+     "groups.std(1, keepdim=True, unbiased=False)", ["test_grpo.py"]),
+    ("GRPO's advantage: the mean not subtracted", "grpo.py", "adv = groups - groups.mean(1, keepdim=True)",
+     "adv = groups + 0", ["test_grpo.py"]),
+    ("RLOO's baseline includes the response itself", "grpo.py",
+     "others = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)", "others = groups.mean(1, keepdim=True)",
+     ["test_grpo.py"]),
+    ("GRPO's k3 replaced by the plain log-ratio (k1)", "grpo.py", "return log_r.exp() - log_r - 1", "return -log_r",
+     ["test_grpo.py"]),
+    ("GRPO's KL term dropped", "grpo.py", "return pg_loss + lam * kl,", "return pg_loss,", ["test_grpo.py"]),
+    ("GRPO's KL term with its sign flipped", "grpo.py", "return pg_loss + lam * kl,", "return pg_loss - lam * kl,",
+     ["test_grpo.py"]),
+    ("bounded APA: the bound ignored", "apa.py", "(advantages / lam).clamp(-clip, clip)", "(advantages / lam)",
+     ["test_losses.py"]),
+    ("bounded APA: bounded from above only", "apa.py", "(advantages / lam).clamp(-clip, clip)",
+     "(advantages / lam).clamp(max=clip)", ["test_losses.py"]),
+    ("bounded APA: c not passed to the loss", "train.py", "cfg.lam, ref,\n                                             cfg.apa_clip)",
+     "cfg.lam, ref)", [UPDATE]),
+    ("GRPO falls through to PPO's loss (no KL term)", "train.py", 'elif cfg.algo == "grpo":', "elif False:", [UPDATE]),
+    ("the critic-free algorithms train the value head", "train.py",
+     "if cfg.algo in CRITIC_FREE:                                  # no value head", "if False:  #", [UPDATE]),
+    ("RLOO's reward without the KL", "train.py", "rloo_advantages(scores - cfg.lam * kl, k)", "rloo_advantages(scores, k)",
+     [ROLLOUT]),
+    ("GRPO's advantages from the KL-penalised reward", "train.py", "group_advantages(scores, k, cfg.grpo_std)",
+     "group_advantages(scores - cfg.lam * kl, k, cfg.grpo_std)", [ROLLOUT]),
+    ("Dr. GRPO's flag ignored", "train.py", "group_advantages(scores, k, cfg.grpo_std)", "group_advantages(scores, k)",
+     [ROLLOUT]),
+    ("a group's prompts not consecutive", "train.py", ".repeat_interleave(k).tolist()", ".repeat(k).tolist()", [ROLLOUT]),
+    ("k times the batch", "train.py", "(cfg.batch_size // world_size() // k,)", "(cfg.batch_size // world_size(),)",
+     [ROLLOUT]),
+    ("GRPO's default group of 1", "train.py", "(4 if cfg.algo in CRITIC_FREE else 1)", "1", [ROLLOUT]),
+    ("compare.py: the guard row without its guard", "compare.py", "**(QUICK if cfg.quick else {})), **ALGOS[algo])",
+     "**(QUICK if cfg.quick else {}), **{k: v for k, v in ALGOS[algo].items() if k != 'target_kl'}))",
+     ["tests/test_compare.py::test_each_run_is_its_algorithm_and_only_the_guard_row_has_the_guard"]),
 ]
 
 

@@ -1,0 +1,225 @@
+"""
+GRPO, Dr. GRPO and RLOO against theory (grpo.py derives each fixed point). As in test_losses.py,
+expectations are exact: every k-tuple of responses that a group can draw is k consecutive rows of the
+batch, weighted by the tuple's probability, so a masked mean is the large-batch limit of the loss.
+Run: pytest -q test_grpo.py   (a few seconds on a CPU)
+"""
+import itertools
+import statistics
+
+import pytest
+import torch
+
+from grpo import group_advantages, grpo_loss, k3, rloo_advantages
+from ppo import masked_mean, ppo_policy_loss
+from test_losses import (PREFIXES, SEQS, STATES, T_, bandit, exact_values, float64, objective, optimum,  # noqa: F401
+                         token_logprobs, token_mdp, token_optimum, tv)
+
+
+def group_batch(probs, k):
+    """Every k-tuple of N responses drawn with probs (N,), as k consecutive rows: (rows (N^k k,), weights (N^k k,))."""
+    tuples = torch.tensor(list(itertools.product(range(len(probs)), repeat=k)))  # (N^k, k)
+    return tuples.flatten(), probs[tuples].prod(1).repeat_interleave(k)          # each row weighs its tuple's prob
+
+
+def grpo_adv(R, k, std):
+    return lambda rows, old, ref, lam: group_advantages(R[rows], k, std)         # the score alone
+
+
+def rloo_adv(R, k):
+    return lambda rows, old, ref, lam: rloo_advantages(R[rows] - lam * (old - ref).sum(1), k)  # R - lambda KL(y)
+
+
+def grpo_surrogate(logp, old, ref, adv, w, lam):
+    return grpo_loss(logp, old, ref, adv, w, lam)[0]
+
+
+def rloo_surrogate(logp, old, ref, adv, w, lam):
+    return ppo_policy_loss(logp, old, adv, w)[0]
+
+
+def group_iterate(logits, log_init_fn, advantage_fn, loss_fn, k, lam, iters, epochs=1, lr=0.5):
+    """On-policy training as train.py runs it, with exact group expectations: each iteration enumerates
+    the k-tuples under pi_old, takes the group advantages, and makes `epochs` gradient steps.
+    log_init_fn(logits) -> (N, T) log-probs of every response's tokens; the same under pi_init."""
+    logits = logits.clone().requires_grad_()
+    opt = torch.optim.SGD([logits], lr=lr)
+    for _ in range(iters):
+        old_all = log_init_fn(logits).detach()                   # (N, T) log pi_old
+        rows, w = group_batch(old_all.sum(1).exp(), k)           # (M,), (M,)
+        old, ref = old_all[rows], log_init_fn(None)[rows]        # (M, T)
+        adv = advantage_fn(rows, old, ref, lam)[:, None].expand_as(old)  # (M, T) the response's on every token
+        for _ in range(epochs):
+            loss = loss_fn(log_init_fn(logits)[rows], old, ref, adv, w[:, None].expand_as(old), lam)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return logits.detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# the advantages and the k3 term against slow versions
+
+def test_group_advantages_match_a_python_loop():
+    scores = torch.randn(12, generator=torch.Generator().manual_seed(0))
+    for k in (2, 3, 4):
+        for std in (True, False):
+            slow = []
+            for g in range(0, 12, k):
+                group = scores[g:g + k].tolist()
+                mean, sd = statistics.mean(group), statistics.stdev(group)
+                slow += [(x - mean) / (sd + 1e-4) if std else x - mean for x in group]
+            torch.testing.assert_close(group_advantages(scores, k, std), torch.tensor(slow), rtol=1e-12, atol=1e-12)
+        loo = [x - statistics.mean(scores[g:g + k].tolist()[:i] + scores[g:g + k].tolist()[i + 1:])
+               for g in range(0, 12, k) for i, x in enumerate(scores[g:g + k].tolist())]
+        torch.testing.assert_close(rloo_advantages(scores, k), torch.tensor(loo), rtol=1e-12, atol=1e-12)
+
+
+def test_k3_gradient_on_own_samples_is_the_forward_kl_gradient():
+    log_init, _ = bandit()
+    logits = (log_init + torch.randn(len(log_init), generator=torch.Generator().manual_seed(3))).requires_grad_()
+    logp = torch.log_softmax(logits, 0)                           # (K,)
+    w = logp.detach().exp()[:, None]                              # (K, 1) sampled from pi itself
+    assert k3(logp, log_init).min().item() >= 0                   # an estimate of a KL: never negative
+    (g_k3,) = torch.autograd.grad(masked_mean(k3(logp[:, None], log_init[:, None]), w), logits)
+    pi, init = torch.softmax(logits, 0), log_init.exp()
+    (g_forward,) = torch.autograd.grad((init * (log_init - torch.log_softmax(logits, 0))).sum(), logits)
+    (g_reverse,) = torch.autograd.grad((pi * (torch.log_softmax(logits, 0) - log_init)).sum(), logits)
+    torch.testing.assert_close(g_k3, g_forward, rtol=1e-10, atol=1e-12)  # KL(pi_init || pi) ...
+    assert (g_k3 - g_reverse).abs().max().item() > 1e-2              # ... not KL(pi || pi_init), J's
+
+
+# ----------------------------------------------------------------------------------------------
+# bandit: K actions, groups of k = 3 (216 tuples)
+
+KB = 3
+
+
+def bandit_log_probs(log_init):
+    return lambda logits: (log_init if logits is None else torch.log_softmax(logits, 0))[:, None]  # (K, 1)
+
+
+def bandit_run(R, advantage_fn, loss_fn, lam, steps=3000):
+    log_init, _ = bandit()
+    logits = group_iterate(log_init, bandit_log_probs(log_init), advantage_fn, loss_fn, KB, lam, steps)
+    return torch.softmax(logits, 0)
+
+
+def test_bandit_rloo_converges_to_optimum_where_every_advantage_is_zero():
+    log_init, R = bandit()
+    lam = 0.5
+    pi = bandit_run(R, rloo_adv(R, KB), rloo_surrogate, lam)
+    pi_star = optimum(log_init, R, lam)
+    assert (pi - pi_star).abs().max().item() <= 1e-6
+    rows, _ = group_batch(pi_star, KB)                               # at pi*, R - lambda log(pi*/pi_init) = lambda log Z
+    log_star = pi_star.log()[rows, None]                             # for every response: every advantage is 0
+    assert rloo_adv(R, KB)(rows, log_star, log_init[rows, None], lam).abs().max().item() < 1e-12
+    assert (optimum(log_init, R, lam) - log_init.exp()).abs().max().item() > 0.1  # far from the start
+
+
+def test_bandit_dr_grpo_fixed_point_is_a_hyperbolic_tilt_not_pi_star():
+    # pi(y) (1 - (1 - 1/k)(R(y) - E_pi[R]) / lambda) = pi_init(y): agrees with pi* for lambda k/(k-1) to first order only
+    log_init, R = bandit()
+    lam = 0.5
+    pi = bandit_run(R, grpo_adv(R, KB, std=False), grpo_surrogate, lam)
+    c = (1 - 1 / KB) / lam
+    torch.testing.assert_close(pi * (1 - c * (R - (pi * R).sum())), log_init.exp(), rtol=0, atol=1e-6)
+    for lam_pi_star in (lam, lam * KB / (KB - 1)):
+        assert (pi - optimum(log_init, R, lam_pi_star)).abs().max().item() > 1e-2
+
+
+def slow_expected_grpo_advantage(pi, R, k):
+    """w(y) = E[A_1 | y_1 = y] for GRPO (std), by a Python loop over every k-tuple."""
+    w, p = [0.0] * len(R), [0.0] * len(R)
+    for t in itertools.product(range(len(R)), repeat=k):
+        prob = 1.0
+        for y in t:
+            prob *= pi[y].item()
+        scores = [R[y].item() for y in t]
+        a1 = (scores[0] - statistics.mean(scores)) / (statistics.stdev(scores) + 1e-4)
+        w[t[0]] += prob * a1
+        p[t[0]] += prob
+    return torch.tensor([wi / pi_i for wi, pi_i in zip(w, p)])
+
+
+def test_bandit_grpo_fixed_point_ignores_the_scale_of_the_reward():
+    # GRPO divides by the group's std: pi(y) (1 - w(y)/lambda) = pi_init(y) with w scale-free, so R and 3R
+    # train to the same policy (up to the 1e-4 in the std), while pi* moves
+    log_init, R = bandit()
+    lam = 0.5
+    pi = bandit_run(R, grpo_adv(R, KB, std=True), grpo_surrogate, lam)
+    w = slow_expected_grpo_advantage(pi, R, KB)
+    assert abs((pi * w).sum().item()) < 1e-10                         # E_pi[w] = 0: the advantages sum to 0 in a group
+    torch.testing.assert_close(pi * (1 - w / lam), log_init.exp(), rtol=0, atol=1e-7)
+    pi3 = bandit_run(3 * R, grpo_adv(3 * R, KB, std=True), grpo_surrogate, lam)
+    assert (pi3 - pi).abs().max().item() < 1e-3
+    assert (optimum(log_init, 3 * R, lam) - optimum(log_init, R, lam)).abs().max().item() > 0.1
+    assert (pi - optimum(log_init, R, lam)).abs().max().item() > 1e-2
+
+
+# ----------------------------------------------------------------------------------------------
+# token MDP of test_losses.py: 27 responses of 3 tokens, groups of k = 2 (729 tuples)
+
+KT = 2
+
+
+def token_log_probs(init_logits):
+    return lambda logits: token_logprobs(init_logits if logits is None else logits)  # (27, 3)
+
+
+def token_run(R, advantage_fn, loss_fn, lam, iters=300, lr=2.0):
+    init_logits, _ = token_mdp()
+    return group_iterate(init_logits, token_log_probs(init_logits), advantage_fn, loss_fn, KT, lam, iters,
+                         epochs=10, lr=lr)
+
+
+def test_token_mdp_rloo_converges_to_optimum():
+    init_logits, R = token_mdp()
+    lam = 0.5
+    logits = token_run(R, rloo_adv(R, KT), rloo_surrogate, lam, iters=600)  # the masked mean halves its step: k = 2 rows
+    J_star = lam * torch.logsumexp(token_logprobs(init_logits).sum(1) + R / lam, 0).item()
+    assert tv(logits, token_optimum(init_logits, R, lam)) <= 1e-3
+    assert abs(objective(logits, init_logits, R, lam).item() - J_star) <= 1e-5
+
+
+def test_token_mdp_dr_grpo_fixed_point_is_the_per_state_tilt_by_the_score_advantage():
+    # at every state: pi(a|s) (1 - (1 - 1/k)(Q_R(s,a) - V_R(s)) / lambda) = pi_init(a|s), Q and V of the score
+    # alone (no KL of later tokens): not pi*
+    init_logits, R = token_mdp()
+    lam = 0.5
+    logits = token_run(R, grpo_adv(R, KT, std=False), grpo_surrogate, lam, lr=6.0)
+    logp = token_logprobs(logits)                                     # (27, 3)
+    score = torch.zeros(len(SEQS), T_)
+    score[:, -1] = R                                                  # (27, 3) the score on the last token
+    V = exact_values(score, logp.sum(1).exp())                        # (27, 3) V_R(s_t)
+    Q = torch.cat([V[:, 1:], R[:, None]], 1)                          # (27, 3) Q_R(s_t, a_t) = V_R(s_{t+1}), R at the end
+    c = (1 - 1 / KT) / lam
+    torch.testing.assert_close(logp.exp() * (1 - c * (Q - V)), token_logprobs(init_logits).exp(), rtol=0, atol=1e-6)
+    J_star = lam * torch.logsumexp(token_logprobs(init_logits).sum(1) + R / lam, 0).item()
+    gap = J_star - objective(logits, init_logits, R, lam).item()
+    print(f"Dr. GRPO on the token MDP: TV to pi* {tv(logits, token_optimum(init_logits, R, lam)):.4f}, J* - J {gap:.4f}")
+    assert gap > 1e-3
+
+
+@pytest.mark.parametrize("name", ["rloo", "grpo", "dr_grpo"])
+def test_token_mdp_expected_gradient_at_pi_star_vanishes_only_for_rloo(name):
+    init_logits, R = token_mdp()
+    lam = 0.5
+    log_star = torch.log(token_optimum(init_logits, R, lam))          # (27,) pi*(y), by enumeration
+    # pi* as a token policy: pi*(a|s) = pi*(s.a) / pi*(s), from the probabilities of the prefixes
+    seqs = [tuple(y) for y in SEQS.tolist()]
+    prefix_logp = {y[:t]: torch.logsumexp(log_star[[z[:t] == y[:t] for z in seqs]], 0) for y in seqs for t in range(T_ + 1)}
+    star_logits = torch.zeros(len(PREFIXES), 3)
+    for p, i in PREFIXES.items():
+        star_logits[i] = torch.stack([prefix_logp[p + (a,)] - prefix_logp[p] for a in range(3)])
+    assert tv(star_logits, log_star.exp()) < 1e-12
+    adv_fn, loss_fn = {"rloo": (rloo_adv(R, KT), rloo_surrogate), "grpo": (grpo_adv(R, KT, True), grpo_surrogate),
+                       "dr_grpo": (grpo_adv(R, KT, False), grpo_surrogate)}[name]
+    logits = star_logits.clone().requires_grad_()
+    old = token_logprobs(logits).detach()
+    rows, w = group_batch(old.sum(1).exp(), KT)
+    ref = token_logprobs(init_logits)[rows]
+    adv = adv_fn(rows, old[rows], ref, lam)[:, None].expand(-1, T_)
+    loss_fn(token_logprobs(logits)[rows], old[rows], ref, adv, w[:, None].expand(-1, T_), lam).backward()
+    grad = logits.grad.abs().max().item()
+    assert grad < 1e-12 if name == "rloo" else grad > 1e-3
