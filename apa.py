@@ -27,7 +27,8 @@ computed from the per-token KL-penalised reward r_t = -lambda log(pi_old/pi_init
 5. Do not whiten APA's advantages: rescaling Adv rescales the effective lambda.
 6. Bounded APA (`clip` = c > 0, not in the paper): the target is anchor + clip(Adv/lambda, -c, c). A batch from
    mu asks no sampled log-probability to move more than c from pi_old: at pi = mu its loss is at most c^2, so
-   wherever descent ends, E_mu[log(pi/mu)^2] <= 4 c^2, however large the advantages. With the default anchor
+   any pi with no larger loss on the batch (its minimiser among them) has E_mu[log(pi/mu)^2] <= 4 c^2, however
+   large the advantages (a step of Adam need not lower the loss; the bound is on the target). With the default anchor
    the fixed point is still exactly pi*: on-policy the gradient vanishes iff clip(Adv(s, .)/lambda, -c, c) is
    constant over actions at every state; since E_pi[Adv(s, .)] = 0 and pi has full support, Adv cannot be
    >= c lambda (or <= -c lambda) at every action, so the constant lies inside (-c, c), where the clip is the

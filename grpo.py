@@ -26,12 +26,17 @@ logits to 0 gives, in a bandit,
     pi(y) = pi_init(y) / (1 - (w(y) - E_pi[w]) / lambda)        (a hyperbolic tilt, not exp(R/lambda))
 - Dr. GRPO (A_i = R_i - mean_j R_j): w(y) - E_pi[w] = (1 - 1/k)(R(y) - E_pi[R]), so the fixed point agrees
   with pi* for lambda k/(k-1) only to first order in R/lambda (1/(1 - x) against e^x).
-- GRPO (divided by the group's std): w depends on pi and not on the scale of R: the fixed point is the
-  same for R and 3R, while pi* moves.
+- GRPO (divided by the group's std): w depends on pi and not on the scale of R (up to the eps in the std):
+  the fixed point is the same for R and 3R, while pi* moves; reward differences far below lambda become
+  advantages of order 1.
 - Responses of several tokens: the same holds at each state s, pi(a|s) = pi_init(a|s) / (1 - (W(s, a) -
   E_pi[W(s, .)]) / lambda) with W(s, a) = E[A_i | y_i passes s, then a]; for Dr. GRPO W(s, a) - E_pi[W(s, .)]
   = (1 - 1/k)(Q_R(s, a) - V_R(s)), the score's advantage: no KL of later tokens enters (the paper's
   literal APA has the same blind spot).
+Three things keep GRPO off pi*: the forward KL in place of the reverse one, an advantage that is not the
+score's own scale (Dr. GRPO: scaled by 1 - 1/k; GRPO: divided by the std), and no KL of later tokens in it.
+The fixed points hold in the large-batch limit; train.py's token mean over one minibatch of responses of
+varying length adds a finite-sample bias, as it does for APA and PPO.
 Where this departs from the papers: means are over the batch's tokens, as for APA and PPO here (GRPO
 averages each response's tokens first; Dr. GRPO divides by a constant); the std is the group's sample
 std (Bessel's correction, as TRL), with 1e-4 added; several epochs of minibatches reuse each batch (the

@@ -148,8 +148,7 @@ def test_bandit_grpo_fixed_point_ignores_the_scale_of_the_reward():
     log_init, R = bandit()
     lam = 0.5
     pi = bandit_run(R, grpo_adv(R, KB, std=True), grpo_surrogate, lam)
-    w = slow_expected_grpo_advantage(pi, R, KB)
-    assert abs((pi * w).sum().item()) < 1e-10                         # E_pi[w] = 0: the advantages sum to 0 in a group
+    w = slow_expected_grpo_advantage(pi, R, KB)                       # E_pi[w] = 0: a group's advantages sum to 0
     torch.testing.assert_close(pi * (1 - w / lam), log_init.exp(), rtol=0, atol=1e-7)
     pi3 = bandit_run(3 * R, grpo_adv(3 * R, KB, std=True), grpo_surrogate, lam)
     assert (pi3 - pi).abs().max().item() < 1e-3
@@ -199,6 +198,29 @@ def test_token_mdp_dr_grpo_fixed_point_is_the_per_state_tilt_by_the_score_advant
     gap = J_star - objective(logits, init_logits, R, lam).item()
     print(f"Dr. GRPO on the token MDP: TV to pi* {tv(logits, token_optimum(init_logits, R, lam)):.4f}, J* - J {gap:.4f}")
     assert gap > 1e-3
+
+
+def test_token_mdp_grpo_fixed_point_is_the_per_state_tilt_by_the_expected_group_advantage():
+    # at every state: pi(a|s) (1 - (W(s,a) - W(s)) / lambda) = pi_init(a|s), W(s,a) = E[A_1 | y_1 passes s, then a],
+    # W(s) = E[A_1 | y_1 passes s], by enumerating the groups of the converged policy
+    init_logits, R = token_mdp()
+    lam = 0.5
+    logits = token_run(R, grpo_adv(R, KT, std=True), grpo_surrogate, lam, iters=450, lr=6.0)
+    logp = token_logprobs(logits)                                     # (27, 3)
+    rows, w = group_batch(logp.sum(1).exp(), KT)
+    first, p = rows.view(-1, KT)[:, 0].tolist(), w.view(-1, KT)[:, 0]  # (M/k,) member 1 of each group, the group's prob
+    A = group_advantages(R[rows], KT, std=True).view(-1, KT)[:, 0]     # (M/k,) its advantage
+    seqs = [tuple(y) for y in SEQS.tolist()]
+    def W(length):                                                    # (27, 3) E[A_1 | y_1 starts with y[:t + length]]
+        out = torch.zeros(len(seqs), T_)
+        for i, y in enumerate(seqs):
+            for t in range(T_):
+                sel = torch.tensor([seqs[j][:t + length] == y[:t + length] for j in first])
+                out[i, t] = (p[sel] * A[sel]).sum() / p[sel].sum()
+        return out
+    tilt = 1 - (W(1) - W(0)) / lam                                    # (27, 3)
+    torch.testing.assert_close(logp.exp() * tilt, token_logprobs(init_logits).exp(), rtol=0, atol=1e-6)
+    assert tv(logits, token_optimum(init_logits, R, lam)) > 1e-2
 
 
 @pytest.mark.parametrize("name", ["rloo", "grpo", "dr_grpo"])
