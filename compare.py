@@ -1,28 +1,30 @@
 """
-The paper's experiment on the embedded task: APA (this project's exact form and the paper's literal
-form), PPO and AWR with the same lambda, reward and sample budget, over seeds and learning rates.
+The paper's experiment on the embedded task, and the comparison people make today: APA (this project's
+exact form, the paper's literal form, bounded, and with the KL guard), PPO, AWR, GRPO, Dr. GRPO and RLOO
+with the same lambda, reward and sample budget, over seeds and learning rates.
 
 Paper: Zhu et al. 2023, arXiv 2306.02231, Sec. 5 (APA vs PPO vs AWR on HH and StackExchange).
-Run:  python compare.py            the README's tables and plots (60 runs: 36 minutes on an idle 2-core CPU)
-      python compare.py --quick=1  a smoke test of the whole pipeline on a tiny model (about 25 s)
+Run:  python compare.py            the README's tables and plots (96 runs: 47 minutes on a 2-core CPU)
+      python compare.py --quick=1  a smoke test of the whole pipeline on a tiny model (about 30 s)
       python compare.py --plot=out/metrics.jsonl   reward, KL and gap against samples for any runs
                                    (metrics files or run directories, comma-separated; a last line cut
                                    short by a stopped run is skipped with a note)
 
 What it runs (every run is train.train with a Config; nothing of training is written here):
-1. main: the four algorithms at lr `lr` for `iters` iterations, `seeds` seeds: the table and the
+1. main: the algorithms at lr `lr` for `iters` iterations, `seeds` seeds: the table and the
    learning curves;
-2. grid: the four algorithms at each lr of `lrs` for `grid_iters` iterations: the stability map
+2. grid: the algorithms at each lr of `lrs` for `grid_iters` iterations: the stability map
    (final gap against lr). A grid run at `lr` is the first `grid_iters` iterations of the main run;
-3. short: the four algorithms with responses of `short_tokens` tokens, where the gap is exact when
-   train.py logs `gap_exact` (else the sampled `gap`).
+3. short: the algorithms with responses of `short_tokens` tokens, where the gap is exact when
+   train.py logs `gap_exact` (else the sampled `gap`), and the table "which algorithms reach pi*".
+ALGOS lists them (ONLY: the two that run in one setting alone).
 Each run lives in out_dir/<setting>/<algo>_lr<lr>_seed<seed>/; a run whose metrics.jsonl already
 holds the iterations asked for is not run again, and an interrupted one resumes from its checkpoint,
 so a long sweep can be stopped (Ctrl-C) and continued by the same command. Runs go `workers` at a
 time, one thread each (their numbers are those of train.py at one thread). As in train.py, every
 failure ends in one line `error: ...` and exit status 1 (APA_DEBUG=1: the traceback).
 Where this departs from the paper: a 0.44M-parameter GPT pre-trained here, a lexicon reward, 40
-prompts, Adam at 1e-5 to 3e-4 (the authors: 125M-6B models, a learned reward model, HH data, AdamW
+prompts, Adam at 3e-5 to 3e-4 (the authors: 125M-6B models, a learned reward model, HH data, AdamW
 at 1e-6 with betas 0.9/0.95); README "The paper's claims, one by one" lists the rest.
 """
 import contextlib

@@ -12,7 +12,7 @@ import torch
 
 from grpo import group_advantages, grpo_loss, k3, rloo_advantages
 from ppo import masked_mean, ppo_policy_loss
-from test_losses import (PREFIXES, SEQS, STATES, T_, bandit, exact_values, float64, objective, optimum,  # noqa: F401
+from test_losses import (PREFIXES, SEQS, T_, bandit, exact_values, float64, objective, optimum,  # noqa: F401
                          token_logprobs, token_mdp, token_optimum, tv)
 
 

@@ -6,9 +6,9 @@ subset of the tests there (stopping at the first failure). A mutation is "caught
 "SURVIVED" when all pass. A snippet that is no longer found (exactly once) stops the script before
 anything runs, so the list cannot rot silently: update it with the code.
 
-Run:   python tools/mutate.py             (all mutations, 2 at a time; a caught mutant takes 20-100 s on
-                                           2 busy cores, one that survives the fast tests also runs the
-                                           end-to-end ones, several minutes)
+Run:   python tools/mutate.py             (all mutations, 2 at a time, one thread each; a caught mutant
+                                           takes 5-40 s, one that survives the fast tests also runs the
+                                           end-to-end ones, a few minutes; all of them: 7 minutes on 2 cores)
        python tools/mutate.py -k gae       (those whose name contains 'gae')
        python tools/mutate.py --list       (print the list)
        python tools/mutate.py --tests="rollout or update"   (only the tests matching this pytest -k)
@@ -295,6 +295,8 @@ def main():
             print(f"{name}  ({path}): {old!r} -> {new!r}")
         return
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    env.setdefault("OMP_NUM_THREADS", "1")     # one thread per mutant, as the jobs share the cores (with torch's
+                                               # default of one per core, measured 5 to 10 times slower)
     shared = env.setdefault("APA_TEST_SFT_DIR", os.path.join(tempfile.gettempdir(), "apa_mutate_sft"))
     print(f"{len(chosen)} mutations, {args.jobs} at a time; tests: {' '.join(TESTS)}; pi_init cached in {shared}")
     t0, survived = time.time(), []
