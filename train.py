@@ -257,7 +257,7 @@ def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device)
 
 
 # ---------------------------------------------------------------------------------------------
-# update: several epochs of minibatches; APA, PPO and AWR differ only in the policy loss; the KL guard
+# update: several epochs of minibatches; the algorithms differ only in the policy loss; the KL guard
 # (target_kl) stops it once a minibatch has moved too far from pi_old
 
 
