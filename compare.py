@@ -367,10 +367,14 @@ def grid_table(cfg, lrs, iters, seeds):
         for lr in lrs:
             done = finished(cfg, "main", algo, lr, seeds, iters)
             s = [summary(rows) for rows, _ in done]
-            stops = sum("kl_stop" in r for rows, _ in done for r in rows)  # updates the KL guard cut short
-            cells.append(f"{stat([x['gap'] for x in s], '.3f')} (KL max {max(x['kl_max'] for x in s):.1f}"
-                         + (f"; guard fired in {stops} of {sum(len(rows) for rows, _ in done)} updates" if
-                            "target_kl" in ALGOS[algo] else "") + f"){count_note(done, len(seeds))}" if s else "not run")
+            if not s:
+                cells.append("not run")
+                continue
+            note = f"KL max {max(x['kl_max'] for x in s):.1f}"
+            if "target_kl" in ALGOS[algo]:                             # the updates the KL guard cut short
+                stops = sum("kl_stop" in r for rows, _ in done for r in rows)
+                note += f"; guard fired in {stops} of {sum(len(rows) for rows, _ in done)} updates"
+            cells.append(f"{stat([x['gap'] for x in s], '.3f')} ({note}){count_note(done, len(seeds))}")
         lines.append(f"| {NAMES[algo]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -180,8 +180,9 @@ def validate(cfg):
     ])
     if cfg.batch_size % cfg.minibatch_size:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by minibatch_size {cfg.minibatch_size}")
-    if cfg.batch_size % resolve(cfg).group_size:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by group_size {resolve(cfg).group_size}")
+    k = resolve(cfg).group_size
+    if cfg.batch_size % k:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by group_size {k}")
     for path in (cfg.prompts, cfg.eval_prompts):
         if path and not os.path.isfile(path):
             raise ValueError(f"{path} " + ("is a folder, not a prompts file" if os.path.isdir(path) else "does not exist"))
