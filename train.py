@@ -51,8 +51,8 @@ from data import load_data
 from evaluation import distinct_n, estimate_jstar, evaluate, sample_policy
 from exact import exact_eval, response_space
 from grpo import group_advantages, grpo_loss, rloo_advantages
-from model import (autocast, check_fits, entropy, get_device, init_config, lm_forward, load_lm, make_policy, pretrain, quiet,
-                   sample, token_logprobs)
+from model import (autocast, check_fits, entropy, get_device, init_config, lm_forward, load_lm, make_optimizer, make_policy,
+                   pretrain, quiet, sample, token_logprobs)
 from ppo import gae, kl_penalized_rewards, masked_whiten, ppo_policy_loss, value_loss
 
 # ---------------------------------------------------------------------------------------------
@@ -92,6 +92,8 @@ class Config:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if present
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # bf16 autocast for the forward passes (logits, log-probs,
                                    # values and losses stay fp32); auto: bf16 on cuda, fp32 on cpu
+    cuda_graph: bool = True        # on a GPU, sample with a static KV cache, each token one CUDA graph replay (0: the
+                                   # eager loop, as on a CPU)
     # --- data and models
     prompts: str = ""              # prompts file (.txt, one a line; .jsonl, {"prompt": ...}); empty: the embedded task
     eval_prompts: str = ""         # held-out prompts file (as --prompts), never trained on; empty: the embedded
@@ -200,7 +202,7 @@ def validate(cfg):
 
 RESUME_MAY_CHANGE = {"iters", "lr", "out_dir", "sft_dir", "sample_every", "ckpt_every", "max_bad_steps", "resume",
                      "device", "precision", "sample", "prompt", "num_samples", "exact_every", "eval_prompts",
-                     "eval_every", "eval_samples", "grad_checkpointing"}  # any other change mixes two runs
+                     "eval_every", "eval_samples", "grad_checkpointing", "cuda_graph"}  # any other change mixes two runs
 
 
 CRITIC_FREE = ("grpo", "rloo")   # advantages from the group, no value loss
@@ -356,7 +358,7 @@ def train(cfg):
     torch.manual_seed(cfg.seed + rank())                                 # each process its own stream
     policy, ref_lm = make_policy(cfg, lm, enc.n_vocab, device)         # with LoRA: pi_init = adapters off
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(trainable, lr=cfg.lr)
+    opt = make_optimizer(policy, cfg.lr, device)
 
     os.makedirs(cfg.out_dir, exist_ok=True)
     start = 0

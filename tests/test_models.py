@@ -88,6 +88,73 @@ def test_sampler_logprobs_equal_full_forward_pass(arch, tmp_path):
     torch.testing.assert_close(sampler_logprobs, full, atol=1e-5, rtol=1e-5)
 
 
+def test_sample_token_draws_what_multinomial_draws():
+    """The sampler's draw (argmax of probs / Exp(1) noise) is torch.multinomial's, to the token under one seed, and
+    its frequencies are the probabilities."""
+    probs = torch.softmax(3 * torch.randn(64, 50, generator=torch.Generator().manual_seed(0)), -1)  # (64, V)
+    torch.manual_seed(3)
+    ours = model.sample_token(probs)                                  # (64,)
+    torch.manual_seed(3)
+    assert torch.equal(ours, torch.multinomial(probs, 1).squeeze(-1))
+    draws = model.sample_token(probs[:1].expand(200_000, -1))         # (200000,) from one distribution
+    freq = torch.bincount(draws, minlength=50) / len(draws)
+    assert (freq - probs[0]).abs().sum() / 2 < 0.01                   # total variation (sampling noise ~0.003)
+
+
+def likely_eot(lm, eot, logit=4.0):
+    """lm with end-of-text's logit raised, so that every row of a batch ends within some 30 tokens."""
+    bias = torch.zeros(lm.config.vocab_size)
+    bias[eot] = logit
+    lm.get_output_embeddings().register_forward_hook(lambda module, inputs, out: out + bias)
+    return lm
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_static_cache_sampler_draws_generates_tokens_and_its_logprobs_are_a_full_forward_pass(arch, tmp_path):
+    """generate_static, the GPU sampler's path without the CUDA graph (which needs CUDA), against generate under
+    one seed: the same tokens and masks, and log-probs equal to a full forward pass; also when every row ends
+    before max_new_tokens (end-of-text made likely): the same, shorter, length; and in a second call with other
+    prompts, which reuses the first call's decoder (its cache and buffers)."""
+    lm, tok = save_checkpoint(arch, tmp_path)
+    n_vocab, eot = len(tok), tok.eos_token_id
+    prompts = [tok.encode(p) for p in ["the plot", "the music was very", "the", "the acting felt quite dull and"]]
+    ids, mask = model.left_pad(prompts * 4, eot, torch.device("cpu"))   # (16, P) left padding, P not a multiple of 16
+    other = model.left_pad(prompts[::-1] * 3 + [prompts[0]] * 4, eot, torch.device("cpu"))
+    model.DECODERS.clear()
+    for lm, T, (ids, mask) in ((lm, 12, (ids, mask)), (lm, 12, other), (likely_eot(copy.deepcopy(lm), eot), 40, other)):
+        torch.manual_seed(1)
+        eager = model.generate(lm, ids, mask, T, eot, n_vocab)
+        torch.manual_seed(1)
+        response, resp_mask, logprobs = model.generate_static(lm, ids, mask, T, eot, n_vocab, graph=False)
+        assert torch.equal(response, eager[0]) and torch.equal(resp_mask, eager[1])
+        assert (response.shape[1] == T) == (T == 12)                  # with likely end-of-text: every row ended early
+        with torch.no_grad():
+            logits, _ = model.lm_forward(lm, torch.cat([ids, response], 1),
+                                         torch.cat([mask, torch.ones_like(response)], 1), ids.shape[1], n_vocab)
+        torch.testing.assert_close(logprobs, model.token_logprobs(logits, response) * resp_mask, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logprobs, eager[2], atol=1e-5, rtol=1e-5)
+    assert len(model.DECODERS) == 2                                   # one per model: the second call reused the first's
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decode_step_never_waits_for_the_device(arch, tmp_path):
+    """A CUDA graph holds only a step that never reads a tensor's value on the host (.item(), `if tensor`, a shape
+    that depends on data): dynamo, with fullgraph=True, refuses any such read, and traces the step whole."""
+    lm, tok = save_checkpoint(arch, tmp_path)
+    eot = tok.eos_token_id
+    ids, mask = model.left_pad([tok.encode("the plot"), tok.encode("the music was very")], eot, torch.device("cpu"))
+    dec = model.StaticDecoder(lm, 2, ids.shape[1], 4, eot, len(tok), torch.device("cpu"))
+    dec.prefill(ids, mask)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            torch.compile(dec.step, fullgraph=True, backend="eager")()
+            torch.compile(dec.step, fullgraph=True, backend="eager")()  # a second step: the step counter is a tensor
+    finally:
+        torch._dynamo.reset()
+    assert dec.t.item() == 2 and dec.tokens[:, :2].max() < len(tok)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_left_padding_changes_no_logprob(arch, tmp_path):
     """A sequence alone and the same sequence left-padded in a batch: the same log-probs (position ids)."""
@@ -268,3 +335,22 @@ def test_activation_checkpointing_recomputes_and_changes_no_gradient(tmp_path):
     assert calls == [False, True, True]                               # the layer ran again in the backward pass
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_activation_checkpointing_changes_no_sampled_token(arch, tmp_path):
+    """transformers drops a checkpointing layer's KV cache; the sampler runs those layers in eval mode, so that
+    it draws the tokens it draws without checkpointing (GPT-2 did not), and leaves them in training mode for the
+    update to recompute."""
+    lm, tok = save_checkpoint(arch, tmp_path)
+    ids, mask = model.left_pad([tok.encode("the plot"), tok.encode("the music was very")] * 4, tok.eos_token_id,
+                               torch.device("cpu"))
+    draws = []
+    for checkpointing in (False, True):
+        policy = copy.deepcopy(lm)
+        if checkpointing:
+            model.checkpoint_activations(policy)
+        torch.manual_seed(0)
+        draws.append(model.generate(policy, ids, mask, 8, tok.eos_token_id, len(tok)))
+    assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][2], draws[1][2])
+    assert any(getattr(m, "gradient_checkpointing", False) and m.training for m in policy.modules())

@@ -38,6 +38,9 @@ REWARD_MODULE = "tests/test_reliability.py::test_a_reward_module_whose_import_fa
 NONSENSE = "tests/test_reliability.py::test_nonsense_is_refused_before_pre_training"
 SAMPLE = "tests/test_reliability.py::test_sample_refuses_a_damaged_config_a_damaged_model_and_a_prompt_too_long"
 LORA = "tests/test_models.py::test_lora_pi_init_is_the_untouched_model_and_training_starts_at_it"
+STATIC = "tests/test_models.py::test_static_cache_sampler_draws_generates_tokens_and_its_logprobs_are_a_full_forward_pass"
+NO_SYNC = "tests/test_models.py::test_decode_step_never_waits_for_the_device"
+DRAW = "tests/test_models.py::test_sample_token_draws_what_multinomial_draws"
 
 # (name, file, original snippet, replacement[, tests]): each a bug someone could plausibly write; without
 # tests of its own, a mutation runs TESTS
@@ -67,7 +70,7 @@ MUTATIONS = [
      '"J": global_mean(scores - cfg.lam * kl)', '"J": global_mean(scores + cfg.lam * kl)',
      ["test_train.py::test_training_runs_and_reward_improves"]),
     ("response mask stops before end-of-text", "model.py",
-     "mask = (is_eot.cumsum(1) - is_eot == 0).float()", "mask = (is_eot.cumsum(1) == 0).float()"),
+     "return (is_eot.cumsum(1) - is_eot == 0).float()", "return (is_eot.cumsum(1) == 0).float()"),
     ("position ids ignore left padding", "model.py",
      "position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)",
      "position_ids = torch.arange(attention_mask.shape[1]).expand_as(attention_mask)"),
@@ -197,7 +200,9 @@ MUTATIONS = [
     ("checkpoints hold the frozen weights, not the adapters", "common.py",
      "policy.state_dict().items() if k not in frozen(policy)}", "policy.state_dict().items() if k in frozen(policy)}",
      ["test_train.py::test_resume_after_sigkill_matches_uninterrupted_run"]),
-    ("activation checkpointing left off in eval mode", "model.py", "            m.training = True", "            pass",
+    ("activation checkpointing left off in eval mode", "model.py",
+     'if getattr(m, "gradient_checkpointing", False):\n            m.training = True',
+     'if getattr(m, "gradient_checkpointing", False):\n            pass',
      ["tests/test_models.py::test_activation_checkpointing_recomputes_and_changes_no_gradient"]),
     ("LoRA leaves the LM head out (peft's all-linear)", "model.py",
      "(sorted({name.split(\".\")[-1] for name, m in lm.named_modules() if isinstance(m, (nn.Linear, Conv1D))})",
@@ -237,6 +242,31 @@ MUTATIONS = [
     ("k times the batch", "train.py", "(cfg.batch_size // world_size() // k,)", "(cfg.batch_size // world_size(),)",
      [ROLLOUT]),
     ("GRPO's default group of 1", "train.py", "(4 if cfg.algo in CRITIC_FREE else 1)", "1", [ROLLOUT]),
+    # the sampler: its draw, the static cache's decoder (model.py); the CUDA graph itself is tested where CUDA is
+    ("the draw from uniform noise, not exponential", "model.py", "torch.empty_like(probs).exponential_()",
+     "torch.empty_like(probs).uniform_()", [DRAW]),
+    ("activation checkpointing on while sampling", "model.py", "    with checkpointing_off(lm):",
+     "    with contextlib.nullcontext():",
+     ["tests/test_models.py::test_activation_checkpointing_changes_no_sampled_token"]),
+    ("static decoder: greedy instead of a draw", "model.py",
+     "tok = torch.where(self.done, self.eot, sample_token(logp.exp()))", "tok = torch.where(self.done, self.eot, logp.argmax(-1))",
+     [STATIC]),
+    ("static decoder: finished rows not padded", "model.py",
+     "tok = torch.where(self.done, self.eot, sample_token(logp.exp()))", "tok = sample_token(logp.exp())", [STATIC]),
+    ("static decoder: position ids not advanced", "model.py", "        self.pos += 1\n", "        self.pos += 0\n",
+     [STATIC]),
+    ("static decoder: the first response position is the last prompt's", "model.py",
+     "self.pos.copy_(pos[:, -1:] + 1)", "self.pos.copy_(pos[:, -1:])", [STATIC]),
+    ("static decoder: prompts padded on the right", "model.py",
+     "F.pad(prompt_ids, (pad, 0), value=eot), F.pad(prompt_mask, (pad, 0))",
+     "F.pad(prompt_ids, (0, pad), value=eot), F.pad(prompt_mask, (0, pad))", [STATIC]),
+    ("static decoder: the cache not reset for the next call", "model.py", "        self.cache.reset()", "        pass",
+     [STATIC]),
+    ("static decoder: stops once any row has ended", "model.py", "and dec.done.all():", "and dec.done.any():", [STATIC]),
+    ("static decoder: the length of the steps run, not of the longest response", "model.py",
+     "n = int(mask.sum(1).max())", "n = t + 1", [STATIC]),
+    ("static decoder: the step counter advanced on the host", "model.py", "        self.t += 1\n",
+     "        self.t.fill_(self.t.item() + 1)\n", [NO_SYNC]),
     ("compare.py: the guard row without its guard", "compare.py", "**(QUICK if cfg.quick else {})), **ALGOS[algo])",
      "**(QUICK if cfg.quick else {}), **{k: v for k, v in ALGOS[algo].items() if k != 'target_kl'}))",
      ["tests/test_compare.py::test_each_run_is_its_algorithm_and_only_the_guard_row_has_the_guard"]),
