@@ -1,18 +1,25 @@
 """
-Measurements of train.py's pieces, for the default tiny model (0.44M parameters, the task's vocabulary)
-and a GPT-2-small-shaped model (124M, vocabulary 50,257), both with random weights (nothing to download):
+Measurements of train.py's pieces, with random weights (nothing to download): the default tiny model (0.44M
+parameters, the task's vocabulary), a GPT-2-small-shaped model (124M, vocabulary 50,257) and the Pythia-1B
+shape (GPT-NeoX 16 x 2048, vocabulary 50,304):
 
-1. our sampler (model.generate: KV cache, log-probs of the sampled tokens) against transformers'
-   `generate` with the same batch, the same left-padded prompts and log-probs too (output_scores and
-   compute_transition_scores), at temperature 1 without top-k. The two run interleaved (A B B A ...),
-   since on a shared machine absolute times drift; the ratio is the median of the rounds' ratios.
+1. three samplers on one batch of left-padded prompts, at temperature 1, each returning log-probs too:
+   the static sampler (model.generate_static: a static KV cache, each token one CUDA graph replay on a GPU;
+   on a CPU the same cache without a graph), generate()'s eager loop (the CPU's sampler), and transformers'
+   `generate` (output_scores and compute_transition_scores). They run interleaved, the order rotating each
+   round, since on a shared machine absolute times drift; the ratios are medians of the rounds' ratios.
 2. seconds per RL iteration, split into generation, scoring forwards (log-probs of pi_old and pi_init,
-   values, rewards) and the update, and the peak memory (cuda: max_memory_allocated; cpu: the process's
-   peak resident set size, which only grows, so the larger model runs second).
+   values, rewards) and the update; the update's TFLOP/s (the FLOPs of its matrix products and attention,
+   counted by torch's FlopCounterMode) against a large matrix product's in the same precision; and the peak
+   memory (cuda: max_memory_allocated; cpu: the process's peak resident set size, which only grows, so the
+   larger model runs second). The KL guard is off, so that every update takes all its steps.
+3. --profile: torch.profiler's table of one more update, the operations that take the most time.
 
-Run: python bench.py   (a few minutes on 2 CPU cores)   python bench.py --device=cuda --batch_size=64
+Run: python bench.py   (a few minutes on 2 CPU cores)
+     python bench.py --device=cuda --models=gpt2-small --batch_size=64 --max_new_tokens=128 --epochs=4
 As in train.py, every failure ends in one line `error: ...` and exit status 1 (APA_DEBUG=1: the traceback).
 """
+import contextlib
 import math
 import resource
 import statistics
@@ -22,19 +29,23 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 from transformers.utils import logging as hf_logging
 
 import common
 import data
 import model
 import train
+from tools.gpu_models import ROWS, SHAPES
 
 
 @dataclass
 class Bench:
-    models: Literal["both", "tiny", "gpt2-small"] = "both"  # which models to measure
+    models: Literal["both", "tiny", "gpt2-small", "pythia-1b"] = "both"  # which models to measure (both: the
+                                   # first two)
     batch_size: int = 8            # prompts per batch (sampler and RL iteration)
+    minibatch_size: int = 0        # responses per gradient step (0: batch_size // 2)
     prompt_len: int = 16           # longest prompt; the others are shorter, so the batch is left-padded
     max_new_tokens: int = 32       # tokens sampled per prompt
     rounds: int = 3                # interleaved sampler rounds (each: ours and generate, order alternating)
@@ -44,16 +55,21 @@ class Bench:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # as train.py's: auto is bf16 on cuda, fp32 on a CPU
     lora_r: int = 0                # LoRA's rank, as train.py's --lora_r (0: a full fine-tune)
     grad_checkpointing: bool = False  # as train.py's
+    cuda_graph: bool = True        # as train.py's: the RL iteration's sampler on a GPU
+    profile: bool = False          # print torch.profiler's table of one more update
     seed: int = 0                  # seeds weights, prompts and sampling
 
 
-CONTEXT = {"tiny": train.Config().block_size, "gpt2-small": GPT2Config().n_positions}  # positions of each model
+CONTEXT = {"tiny": train.Config().block_size, "gpt2-small": GPT2Config().n_positions, "pythia-1b": 2048}  # positions
 
 
 def validate(args):
     """Refuse flags that mean nothing, saying why, before a model is built."""
     common.check_rules(args, [  # (flag, holds, what it must be)
         ("batch_size", args.batch_size > 0, "> 0"),
+        ("minibatch_size", 0 <= args.minibatch_size <= args.batch_size and (args.minibatch_size == 0 or
+                                                                           args.batch_size % args.minibatch_size == 0),
+         "0 or a divisor of batch_size"),
         ("prompt_len", args.prompt_len >= 2, ">= 2 (prompts have prompt_len // 2 to prompt_len tokens, at least one)"),
         ("max_new_tokens", args.max_new_tokens > 0, "> 0"),
         ("rounds", args.rounds >= 0, ">= 0 (the ratio is a median over rounds; 0: no sampler comparison)"),
@@ -85,10 +101,15 @@ def length_reward(prompts, completions):
     return [len(c.split()) / 32 for c in completions]
 
 
-def make_model(name):
-    if name == "tiny":
-        return model.tiny_gpt(train.Config(), data.task_encoding().n_vocab)
-    return GPT2LMHeadModel(GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))  # GPT-2 small's shape
+def make_model(name, device):
+    """Random weights, built on the device (the 1B shape in seconds on a GPU)."""
+    with torch.device(device):
+        if name == "tiny":
+            return model.tiny_gpt(train.Config(), data.task_encoding().n_vocab)
+        if name == "gpt2-small":
+            return GPT2LMHeadModel(GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))  # GPT-2 small's shape
+        return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=ROWS, max_position_embeddings=2048, rotary_pct=0.25,
+                                                **SHAPES["pythia-1b"]))
 
 
 def sync(device):
@@ -97,12 +118,19 @@ def sync(device):
 
 
 def time_samplers(args, cfg, lm, enc, device):
-    """Tokens/s of model.generate and of transformers' generate, interleaved, and the median ratio."""
+    """Tokens/s of the static sampler (a CUDA graph on a GPU; on a CPU the same static cache without one), of
+    generate()'s eager loop and of transformers' generate, interleaved (the order rotates each round), and the
+    median ratios of the first two to the third."""
     lengths = torch.randint(args.prompt_len // 2, args.prompt_len + 1, (args.batch_size,)).tolist()
     prompts = [torch.randint(enc.n_vocab - 1, (n,)).tolist() for n in lengths]
     ids, mask = model.left_pad(prompts, enc.eot_token, device)          # (B, P)
 
-    def ours():
+    def static():
+        response, _, logprobs = model.generate_static(lm, ids, mask, args.max_new_tokens, enc.eot_token, enc.n_vocab,
+                                                      graph=device.type == "cuda")
+        return response.shape[1]
+
+    def eager():
         response, _, logprobs = model.generate(lm, ids, mask, args.max_new_tokens, enc.eot_token, enc.n_vocab)
         return response.shape[1]
 
@@ -121,23 +149,25 @@ def time_samplers(args, cfg, lm, enc, device):
         sync(device)
         return args.batch_size * steps / (time.perf_counter() - t0)
 
-    tokens_per_s(ours), tokens_per_s(theirs)                            # warm-up
-    a, b = [], []
+    samplers = [static, eager, theirs]
+    for fn in samplers:
+        tokens_per_s(fn)                                                 # warm-up (the graph's capture)
+    rates = {fn: [] for fn in samplers}
     for r in range(args.rounds):
-        pair = (ours, theirs) if r % 2 == 0 else (theirs, ours)
-        first, second = tokens_per_s(pair[0]), tokens_per_s(pair[1])
-        a.append(first if r % 2 == 0 else second)
-        b.append(second if r % 2 == 0 else first)
-    return statistics.median(a), statistics.median(b), statistics.median(x / y for x, y in zip(a, b))
+        for fn in samplers[r % 3:] + samplers[:r % 3]:
+            rates[fn].append(tokens_per_s(fn))
+    return ([statistics.median(rates[fn]) for fn in samplers] +
+            [statistics.median(a / b for a, b in zip(rates[fn], rates[theirs])) for fn in (static, eager)])
 
 
 def time_iterations(args, cfg, lm, enc, device):
-    """Seconds per RL iteration in generation, scoring forwards and update (medians of args.iters)."""
+    """Seconds per RL iteration in generation, scoring forwards and update (medians of args.iters), and the
+    update's FLOPs (matrix products and attention, counted by torch's FlopCounterMode in the untimed first one)."""
     prompts = [" ".join(str(t) for t in torch.randint(enc.n_vocab - 1, (n,)).tolist())
                for n in torch.randint(args.prompt_len // 2, args.prompt_len + 1, (64,)).tolist()]
     prompt_tokens = [enc.encode_ordinary(p) for p in prompts]
     policy, ref_lm = model.make_policy(cfg, lm, enc.n_vocab, device)    # as train.py builds them
-    opt = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
+    opt = model.make_optimizer(policy, cfg.lr, device)
     generate, gen_s = model.generate, []
 
     def timed_generate(*a, **k):                                        # rollout calls it through model.sample()
@@ -148,19 +178,53 @@ def time_iterations(args, cfg, lm, enc, device):
         gen_s.append(time.perf_counter() - t0)
         return out
     model.generate = timed_generate
-    rows = []
+    rows, flops = [], FlopCounterMode(display=False)
     try:
-        for _ in range(args.iters + 1):
+        for it in range(args.iters + 1):
             t0 = time.perf_counter()
             batch, P, _, _ = train.rollout(cfg, policy, ref_lm, prompt_tokens, prompts, length_reward, enc, device)
             sync(device)
             t1 = time.perf_counter()
-            train.update(cfg, policy, opt, batch, P, 0)
+            with flops if it == 0 else contextlib.nullcontext():
+                train.update(cfg, policy, opt, batch, P, 0)
             sync(device)
             rows.append((gen_s[-1], t1 - t0 - gen_s[-1], time.perf_counter() - t1))
+        if args.profile:
+            profile_update(cfg, policy, opt, batch, P, device)
     finally:
         model.generate = generate
-    return [statistics.median(col) for col in zip(*rows[1:])]
+    return [statistics.median(col) for col in zip(*rows[1:])] + [flops.get_total_flops()]
+
+
+def profile_update(cfg, policy, opt, batch, P, device):
+    """torch.profiler over one more update: the operations that take the most time on the device (on a CPU: of
+    the host), and how busy the device was."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda"
+                                                          else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        train.update(cfg, policy, opt, batch, P, 0)
+        sync(device)
+        wall = time.perf_counter() - t0
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60))
+    if device.type == "cuda":
+        busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6   # microseconds -> s
+        print(f"update under the profiler: {wall:.3f} s, device busy {busy:.3f} s ({100 * busy / wall:.0f}%)")
+
+
+def matmul_peak(cfg, device):
+    """TFLOP/s of a large matrix product in the run's precision (bf16 on a GPU): the ceiling the update is held to."""
+    n, dtype = (8192, torch.bfloat16) if model.bf16(cfg, device) and device.type == "cuda" else (1024, torch.float32)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
 
 
 def peak_memory_gb(device):
@@ -171,29 +235,38 @@ def peak_memory_gb(device):
 
 def measure(args):
     device = train.get_device(args)
-    cfg = train.resolve(train.Config(batch_size=args.batch_size, minibatch_size=max(1, args.batch_size // 2), epochs=args.epochs,
-                       max_new_tokens=args.max_new_tokens, device=args.device, precision=args.precision,
-                       lora_r=args.lora_r, grad_checkpointing=args.grad_checkpointing))
+    cfg = train.resolve(train.Config(
+        batch_size=args.batch_size, minibatch_size=args.minibatch_size or max(1, args.batch_size // 2),
+        epochs=args.epochs, max_new_tokens=args.max_new_tokens, device=args.device, precision=args.precision,
+        lora_r=args.lora_r, grad_checkpointing=args.grad_checkpointing, cuda_graph=args.cuda_graph,
+        target_kl=0.0))                                                  # no guard: every update takes all its steps
     names = ["tiny", "gpt2-small"] if args.models == "both" else [args.models]
+    peak = matmul_peak(cfg, device)
     print(f"device {device} | batch {args.batch_size} | prompts <= {args.prompt_len} tokens | {args.max_new_tokens} "
-          f"new tokens | RL iteration: {cfg.epochs} epoch(s) of minibatches of {cfg.minibatch_size} | "
+          f"new tokens | RL iteration: {cfg.epochs} epoch(s) of minibatches of {cfg.minibatch_size}, sampled with "
+          f"{'the CUDA graph' if cfg.cuda_graph and device.type == 'cuda' else 'the eager loop'} | "
           f"bf16 autocast: {model.bf16(cfg, device)}" + (f" | LoRA r {cfg.lora_r}" if cfg.lora_r else " | full fine-tune")
-          + (" | activation checkpointing" if cfg.grad_checkpointing else ""))
-    lines = ["| model | params | sampler tok/s | generate tok/s | ratio | generation s/iter | scoring s/iter "
-             "| update s/iter | peak memory GB |", "|---" * 9 + "|"]
+          + (" | activation checkpointing" if cfg.grad_checkpointing else "") + f" | matmul peak {peak:.1f} TFLOP/s")
+    lines = ["| model | params | static tok/s | eager tok/s | generate tok/s | static / generate | eager / generate "
+             "| generation s/iter | scoring s/iter | update s/iter | update TFLOP/s | of peak | peak memory GB |",
+             "|---" * 13 + "|"]
     for name in names:
         torch.manual_seed(args.seed)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        lm = make_model(name).to(device).eval()
+        lm = make_model(name, device).eval()
         enc = IdsTokenizer(lm.config.vocab_size)
         t0 = time.time()
-        ours, theirs, ratio = time_samplers(args, cfg, lm, enc, device) if args.rounds else (math.nan,) * 3
-        gen, score, upd = time_iterations(args, cfg, lm, enc, device)
+        static, eager, theirs, static_ratio, eager_ratio = (time_samplers(args, cfg, lm, enc, device) if args.rounds
+                                                             else (math.nan,) * 5)
+        gen, score, upd, flops = time_iterations(args, cfg, lm, enc, device)
         params = sum(p.numel() for p in lm.parameters()) / 1e6
-        lines.append(f"| {name} | {params:.2f}M | {ours:,.0f} | {theirs:,.0f} | {ratio:.2f}x | {gen:.3f} | {score:.3f} "
-                     f"| {upd:.3f} | {peak_memory_gb(device):.2f} |")
+        tflops = flops / upd / 1e12
+        lines.append(f"| {name} | {params:.2f}M | {static:,.0f} | {eager:,.0f} | {theirs:,.0f} | {static_ratio:.2f}x "
+                     f"| {eager_ratio:.2f}x | {gen:.3f} | {score:.3f} | {upd:.3f} | {tflops:.3g} | {100 * tflops / peak:.0f}% "
+                     f"| {peak_memory_gb(device):.2f} |")
         print(lines[-1], f"({time.time() - t0:.0f}s)", flush=True)
+        del lm
     print("\n".join(lines))
     return lines
 

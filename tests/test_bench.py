@@ -39,5 +39,5 @@ def test_cuda_without_a_gpu_is_one_line():
 
 def test_a_small_measurement_prints_the_table(capsys):
     lines = bench.main(SMALL + ["--device=cpu"])
-    assert lines[2].startswith("| tiny | 0.44M | ") and lines[2].count("|") == 10
+    assert lines[2].startswith("| tiny | 0.44M | ") and lines[2].count("|") == 14
     assert capsys.readouterr().out.endswith("\n".join(lines) + "\n")
