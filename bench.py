@@ -4,7 +4,7 @@ parameters, the task's vocabulary), a GPT-2-small-shaped model (124M, vocabulary
 shape (GPT-NeoX 16 x 2048, vocabulary 50,304):
 
 1. three samplers on one batch of left-padded prompts, at temperature 1, each returning log-probs too:
-   the static sampler (model.generate_static: a static KV cache, each token one CUDA graph replay on a GPU;
+   the static sampler (sampler.generate_static: a static KV cache, each token one CUDA graph replay on a GPU;
    on a CPU the same cache without a graph), generate()'s eager loop (the CPU's sampler), and transformers'
    `generate` (output_scores and compute_transition_scores). They run interleaved, the order rotating each
    round, since on a shared machine absolute times drift; the ratios are medians of the rounds' ratios.
@@ -36,6 +36,7 @@ from transformers.utils import logging as hf_logging
 import common
 import data
 import model
+import sampler
 import train
 from tools.gpu_models import ROWS, SHAPES
 
@@ -123,15 +124,15 @@ def time_samplers(args, cfg, lm, enc, device):
     median ratios of the first two to the third."""
     lengths = torch.randint(args.prompt_len // 2, args.prompt_len + 1, (args.batch_size,)).tolist()
     prompts = [torch.randint(enc.n_vocab - 1, (n,)).tolist() for n in lengths]
-    ids, mask = model.left_pad(prompts, enc.eot_token, device)          # (B, P)
+    ids, mask = sampler.left_pad(prompts, enc.eot_token, device)          # (B, P)
 
     def static():
-        response, _, logprobs = model.generate_static(lm, ids, mask, args.max_new_tokens, enc.eot_token, enc.n_vocab,
+        response, _, logprobs = sampler.generate_static(lm, ids, mask, args.max_new_tokens, enc.eot_token, enc.n_vocab,
                                                       graph=device.type == "cuda")
         return response.shape[1]
 
     def eager():
-        response, _, logprobs = model.generate(lm, ids, mask, args.max_new_tokens, enc.eot_token, enc.n_vocab)
+        response, _, logprobs = sampler.generate(lm, ids, mask, args.max_new_tokens, enc.eot_token, enc.n_vocab)
         return response.shape[1]
 
     def theirs():
@@ -168,16 +169,16 @@ def time_iterations(args, cfg, lm, enc, device):
     prompt_tokens = [enc.encode_ordinary(p) for p in prompts]
     policy, ref_lm = model.make_policy(cfg, lm, enc.n_vocab, device)    # as train.py builds them
     opt = model.make_optimizer(policy, cfg.lr, device)
-    generate, gen_s = model.generate, []
+    generate, gen_s = sampler.generate, []
 
-    def timed_generate(*a, **k):                                        # rollout calls it through model.sample()
+    def timed_generate(*a, **k):                                        # rollout calls it through sampler.sample()
         sync(device)
         t0 = time.perf_counter()
         out = generate(*a, **k)
         sync(device)
         gen_s.append(time.perf_counter() - t0)
         return out
-    model.generate = timed_generate
+    sampler.generate = timed_generate
     rows, flops = [], FlopCounterMode(display=False)
     try:
         for it in range(args.iters + 1):
@@ -192,7 +193,7 @@ def time_iterations(args, cfg, lm, enc, device):
         if args.profile:
             profile_update(cfg, policy, opt, batch, P, device)
     finally:
-        model.generate = generate
+        sampler.generate = generate
     return [statistics.median(col) for col in zip(*rows[1:])] + [flops.get_total_flops()]
 
 
@@ -214,8 +215,8 @@ def profile_update(cfg, policy, opt, batch, P, device):
 
 
 def matmul_peak(cfg, device):
-    """TFLOP/s of a large matrix product in the run's precision (bf16 on a GPU): the ceiling the update is held to."""
-    n, dtype = (8192, torch.bfloat16) if model.bf16(cfg, device) and device.type == "cuda" else (1024, torch.float32)
+    """TFLOP/s of a large matrix product in the run's precision (bf16 or fp32): the ceiling the update is held to."""
+    n, dtype = 8192 if device.type == "cuda" else 1024, torch.bfloat16 if model.bf16(cfg, device) else torch.float32
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     for _ in range(3):
         a @ b
@@ -246,7 +247,7 @@ def measure(args):
           f"new tokens | RL iteration: {cfg.epochs} epoch(s) of minibatches of {cfg.minibatch_size}, sampled with "
           f"{'the CUDA graph' if cfg.cuda_graph and device.type == 'cuda' else 'the eager loop'} | "
           f"bf16 autocast: {model.bf16(cfg, device)}" + (f" | LoRA r {cfg.lora_r}" if cfg.lora_r else " | full fine-tune")
-          + (" | activation checkpointing" if cfg.grad_checkpointing else "") + f" | matmul peak {peak:.1f} TFLOP/s")
+          + (" | activation checkpointing" if cfg.grad_checkpointing else "") + f" | matmul peak {peak:.3g} TFLOP/s")
     lines = ["| model | params | static tok/s | eager tok/s | generate tok/s | static / generate | eager / generate "
              "| generation s/iter | scoring s/iter | update s/iter | update TFLOP/s | of peak | peak memory GB |",
              "|---" * 13 + "|"]

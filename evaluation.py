@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM
 
 import data
 from common import status
-from model import autocast, check_fits, get_device, lm_forward, load_pretrained, sample, token_logprobs
+from model import autocast, check_fits, get_device, lm_forward, load_pretrained, token_logprobs
+from sampler import sample
 
 
 @torch.no_grad()

@@ -10,7 +10,8 @@ import torch
 
 from common import status
 from data import call_reward
-from model import autocast, left_pad, lm_forward
+from model import autocast, lm_forward
+from sampler import left_pad
 
 
 EXACT_LIMIT = 5_000_000   # the most responses (over all prompts) the exact evaluator enumerates

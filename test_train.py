@@ -17,6 +17,7 @@ from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadMo
 
 import data
 import model
+import sampler
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -77,8 +78,8 @@ def test_sampler_logprobs_equal_full_forward_pass():
     lm = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=32, n_embd=16, n_layer=2, n_head=2,
                                     bos_token_id=eot, eos_token_id=eot)).eval()
     prompts = [[0, 1, 2], [3], [1, 1, 0, 2, 3], [2, 0]]             # different lengths: left padding
-    ids, mask = model.left_pad(prompts * 4, eot, torch.device("cpu"))
-    response, resp_mask, sampler_logprobs = model.generate(lm, ids, mask, 12, eot)
+    ids, mask = sampler.left_pad(prompts * 4, eot, torch.device("cpu"))
+    response, resp_mask, sampler_logprobs = sampler.generate(lm, ids, mask, 12, eot)
     with torch.no_grad():
         logits, _ = model.lm_forward(lm, torch.cat([ids, response], 1),
                                      torch.cat([mask, torch.ones_like(response)], 1), ids.shape[1])

@@ -52,8 +52,9 @@ from evaluation import distinct_n, estimate_jstar, evaluate, sample_policy
 from exact import exact_eval, response_space
 from grpo import group_advantages, grpo_loss, rloo_advantages
 from model import (autocast, check_fits, entropy, get_device, init_config, lm_forward, load_lm, make_optimizer, make_policy,
-                   pretrain, quiet, sample, token_logprobs)
+                   pretrain, quiet, token_logprobs)
 from ppo import gae, kl_penalized_rewards, masked_whiten, ppo_policy_loss, value_loss
+from sampler import sample
 
 # ---------------------------------------------------------------------------------------------
 # config

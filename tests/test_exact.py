@@ -25,6 +25,7 @@ import data  # noqa: E402
 import ppo  # noqa: E402
 import exact  # noqa: E402
 import model  # noqa: E402
+import sampler  # noqa: E402
 import train  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
@@ -105,8 +106,8 @@ def test_exact_eval_matches_brute_force_enumeration():
     assert got["gap_exact"] == pytest.approx(lam * got["klstar_exact"], abs=1e-6) and got["gap_exact"] > 0
     # and the sampler draws from exactly these probabilities: its mean reward agrees within 4 standard errors
     torch.manual_seed(0)
-    ids, mask = model.left_pad([prompt_tokens[1]] * 4000, eot, torch.device("cpu"))
-    response, _, _ = model.generate(lm, ids, mask, T, eot)
+    ids, mask = sampler.left_pad([prompt_tokens[1]] * 4000, eot, torch.device("cpu"))
+    response, _, _ = sampler.generate(lm, ids, mask, T, eot)
     R = torch.tensor(reward_fn([prompts[1]] * 4000, enc.decode_batch([[a for a in r if a != eot]
                                                                         for r in response.tolist()])))
     p = exact.response_logprobs(cfg, lm, [prompt_tokens[1]], T, eot, V)[0].exp()
@@ -203,8 +204,8 @@ def test_sampler_pads_finished_rows_with_end_of_text():
     V, eot = 5, 4
     lm = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=32, n_embd=16, n_layer=1, n_head=2,
                                     bos_token_id=eot, eos_token_id=eot)).eval()
-    ids, mask = model.left_pad([[0, 1], [2]] * 32, eot, torch.device("cpu"))
-    response, resp_mask, logprobs = model.generate(lm, ids, mask, 10, eot)
+    ids, mask = sampler.left_pad([[0, 1], [2]] * 32, eot, torch.device("cpu"))
+    response, resp_mask, logprobs = sampler.generate(lm, ids, mask, 10, eot)
     ended = 0
     for row, m, lp in zip(response.tolist(), resp_mask.tolist(), logprobs.tolist()):
         if eot in row:

@@ -20,6 +20,7 @@ from transformers.utils import logging as hf_logging
 
 import data
 import model
+import sampler
 import train
 
 hf_logging.disable_progress_bar()
@@ -76,9 +77,9 @@ def test_sampler_logprobs_equal_full_forward_pass(arch, tmp_path):
     lm, tok = save_checkpoint(arch, tmp_path)
     n_vocab, eot = len(tok), tok.eos_token_id
     prompts = [tok.encode(p) for p in ["the plot", "the music was very", "the", "the acting felt quite dull and"]]
-    ids, mask = model.left_pad(prompts * 4, eot, torch.device("cpu"))         # (16, P) left padding
+    ids, mask = sampler.left_pad(prompts * 4, eot, torch.device("cpu"))         # (16, P) left padding
     torch.manual_seed(1)
-    response, resp_mask, sampler_logprobs = model.generate(lm, ids, mask, 12, eot, n_vocab)  # (16, T)
+    response, resp_mask, sampler_logprobs = sampler.generate(lm, ids, mask, 12, eot, n_vocab)  # (16, T)
     assert response.max() < n_vocab                                   # no padding row of the embedding sampled
     with torch.no_grad():
         logits, _ = model.lm_forward(lm, torch.cat([ids, response], 1), torch.cat([mask, torch.ones_like(response)], 1),
@@ -93,10 +94,10 @@ def test_sample_token_draws_what_multinomial_draws():
     its frequencies are the probabilities."""
     probs = torch.softmax(3 * torch.randn(64, 50, generator=torch.Generator().manual_seed(0)), -1)  # (64, V)
     torch.manual_seed(3)
-    ours = model.sample_token(probs)                                  # (64,)
+    ours = sampler.sample_token(probs)                                  # (64,)
     torch.manual_seed(3)
     assert torch.equal(ours, torch.multinomial(probs, 1).squeeze(-1))
-    draws = model.sample_token(probs[:1].expand(200_000, -1))         # (200000,) from one distribution
+    draws = sampler.sample_token(probs[:1].expand(200_000, -1))         # (200000,) from one distribution
     freq = torch.bincount(draws, minlength=50) / len(draws)
     assert (freq - probs[0]).abs().sum() / 2 < 0.01                   # total variation (sampling noise ~0.003)
 
@@ -118,14 +119,14 @@ def test_static_cache_sampler_draws_generates_tokens_and_its_logprobs_are_a_full
     lm, tok = save_checkpoint(arch, tmp_path)
     n_vocab, eot = len(tok), tok.eos_token_id
     prompts = [tok.encode(p) for p in ["the plot", "the music was very", "the", "the acting felt quite dull and"]]
-    ids, mask = model.left_pad(prompts * 4, eot, torch.device("cpu"))   # (16, P) left padding, P not a multiple of 16
-    other = model.left_pad(prompts[::-1] * 3 + [prompts[0]] * 4, eot, torch.device("cpu"))
-    model.DECODERS.clear()
+    ids, mask = sampler.left_pad(prompts * 4, eot, torch.device("cpu"))   # (16, P) left padding, P not a multiple of 16
+    other = sampler.left_pad(prompts[::-1] * 3 + [prompts[0]] * 4, eot, torch.device("cpu"))
+    sampler.DECODERS.clear()
     for lm, T, (ids, mask) in ((lm, 12, (ids, mask)), (lm, 12, other), (likely_eot(copy.deepcopy(lm), eot), 40, other)):
         torch.manual_seed(1)
-        eager = model.generate(lm, ids, mask, T, eot, n_vocab)
+        eager = sampler.generate(lm, ids, mask, T, eot, n_vocab)
         torch.manual_seed(1)
-        response, resp_mask, logprobs = model.generate_static(lm, ids, mask, T, eot, n_vocab, graph=False)
+        response, resp_mask, logprobs = sampler.generate_static(lm, ids, mask, T, eot, n_vocab, graph=False)
         assert torch.equal(response, eager[0]) and torch.equal(resp_mask, eager[1])
         assert (response.shape[1] == T) == (T == 12)                  # with likely end-of-text: every row ended early
         with torch.no_grad():
@@ -133,7 +134,7 @@ def test_static_cache_sampler_draws_generates_tokens_and_its_logprobs_are_a_full
                                          torch.cat([mask, torch.ones_like(response)], 1), ids.shape[1], n_vocab)
         torch.testing.assert_close(logprobs, model.token_logprobs(logits, response) * resp_mask, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(logprobs, eager[2], atol=1e-5, rtol=1e-5)
-    assert len(model.DECODERS) == 2                                   # one per model: the second call reused the first's
+    assert len(sampler.DECODERS) == 2                                   # one per model: the second call reused the first's
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -142,8 +143,8 @@ def test_decode_step_never_waits_for_the_device(arch, tmp_path):
     that depends on data): dynamo, with fullgraph=True, refuses any such read, and traces the step whole."""
     lm, tok = save_checkpoint(arch, tmp_path)
     eot = tok.eos_token_id
-    ids, mask = model.left_pad([tok.encode("the plot"), tok.encode("the music was very")], eot, torch.device("cpu"))
-    dec = model.StaticDecoder(lm, 2, ids.shape[1], 4, eot, len(tok), torch.device("cpu"))
+    ids, mask = sampler.left_pad([tok.encode("the plot"), tok.encode("the music was very")], eot, torch.device("cpu"))
+    dec = sampler.StaticDecoder(lm, 2, ids.shape[1], 4, eot, len(tok), torch.device("cpu"))
     dec.prefill(ids, mask)
     torch._dynamo.reset()
     try:
@@ -161,7 +162,7 @@ def test_left_padding_changes_no_logprob(arch, tmp_path):
     lm, tok = save_checkpoint(arch, tmp_path)
     short, long = tok.encode("the plot was"), tok.encode("the acting felt quite dull and the music")
     response = torch.tensor([tok.encode(" great and the cast was charming.")] * 2)  # (2, T)
-    ids, mask = model.left_pad([short, long], tok.eos_token_id, torch.device("cpu"))
+    ids, mask = sampler.left_pad([short, long], tok.eos_token_id, torch.device("cpu"))
     assert mask[0, 0] == 0                                            # the short one is padded
     with torch.no_grad():
         batched, _ = model.lm_forward(lm, torch.cat([ids, response], 1), torch.cat([mask, torch.ones_like(response)], 1),
@@ -343,7 +344,7 @@ def test_activation_checkpointing_changes_no_sampled_token(arch, tmp_path):
     it draws the tokens it draws without checkpointing (GPT-2 did not), and leaves them in training mode for the
     update to recompute."""
     lm, tok = save_checkpoint(arch, tmp_path)
-    ids, mask = model.left_pad([tok.encode("the plot"), tok.encode("the music was very")] * 4, tok.eos_token_id,
+    ids, mask = sampler.left_pad([tok.encode("the plot"), tok.encode("the music was very")] * 4, tok.eos_token_id,
                                torch.device("cpu"))
     draws = []
     for checkpointing in (False, True):
@@ -351,6 +352,6 @@ def test_activation_checkpointing_changes_no_sampled_token(arch, tmp_path):
         if checkpointing:
             model.checkpoint_activations(policy)
         torch.manual_seed(0)
-        draws.append(model.generate(policy, ids, mask, 8, tok.eos_token_id, len(tok)))
+        draws.append(sampler.generate(policy, ids, mask, 8, tok.eos_token_id, len(tok)))
     assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][2], draws[1][2])
     assert any(getattr(m, "gradient_checkpointing", False) and m.training for m in policy.modules())

@@ -22,19 +22,19 @@ step tests python -m pytest -q -p no:cacheprovider tests/test_gpu.py
 step same_tokens python - <<'PY'
 import sys, tempfile, torch
 sys.path.insert(0, "tests")
-import model
+import sampler
 from test_models import ARCHS, save_checkpoint
 for arch in ARCHS:
     lm, tok = save_checkpoint(arch, tempfile.mkdtemp())
     lm, eot = lm.cuda(), tok.eos_token_id
-    ids, mask = model.left_pad([tok.encode(t) for t in ["the plot", "the music was very"]] * 8, eot, torch.device("cuda"))
-    model.DECODERS.clear()
+    ids, mask = sampler.left_pad([tok.encode(t) for t in ["the plot", "the music was very"]] * 8, eot, torch.device("cuda"))
+    sampler.DECODERS.clear()
     same = []
     for call in range(2):                                    # the capture's call, then one of replays alone
         torch.manual_seed(call)
-        eager = model.generate(lm, ids, mask, 12, eot, len(tok))[0]
+        eager = sampler.generate(lm, ids, mask, 12, eot, len(tok))[0]
         torch.manual_seed(call)
-        graph = model.generate(lm, ids, mask, 12, eot, len(tok), cuda_graph=True)[0]
+        graph = sampler.generate(lm, ids, mask, 12, eot, len(tok), cuda_graph=True)[0]
         same.append(f"{(eager == graph).float().mean().item():.3f}")
     print(f"{arch}: share of tokens equal to the eager loop's under one seed, capture call / replay call: {same}")
 PY

@@ -1,0 +1,211 @@
+"""
+The sampler: responses to left-padded prompts at temperature 1, with the log-probs of what it drew, stopping
+at end-of-text. On a CPU, generate_eager's loop with a growing KV cache; on a GPU, generate_static: a static
+KV cache and fixed-shape buffers, so that each token is one replay of a CUDA graph. `sample` decodes and
+scores the responses for the RL loop.
+"""
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+import data
+from model import autocast, vocab_logits
+
+
+def left_pad(token_lists, pad_id, device):
+    """Token lists -> ids, attention mask, both (B, P), padded on the left."""
+    width = max(map(len, token_lists))
+    ids = [[pad_id] * (width - len(t)) + t for t in token_lists]
+    mask = [[0] * (width - len(t)) + [1] * len(t) for t in token_lists]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+
+def sample_token(probs):
+    """One token from each row of probs (B, V) -> (B,): the argmax of probs / E with E_i ~ Exp(1) independent.
+    E_i / probs_i ~ Exp(probs_i), and the smallest of independent exponentials is the i-th with probability
+    probs_i / sum(probs). torch.multinomial(probs, 1) draws this way too (the same tokens under one seed);
+    written out, it is a few tensor ops that never wait for the GPU, so a CUDA graph can hold it."""
+    noise = torch.empty_like(probs).exponential_()                       # (B, V) E
+    return torch.div(probs, noise, out=noise).argmax(-1)                 # (B,) in place, as multinomial divides
+
+
+@torch.no_grad()
+def generate(lm, prompt_ids, prompt_mask, max_new_tokens, eot, n_vocab=None, cuda_graph=False):
+    """Sample responses at temperature 1 (no top-k/top-p) with a KV cache, stopping at end-of-text.
+    prompt_ids, prompt_mask (B, P), left-padded. Returns response (B, T), mask (B, T) that is 1 up to
+    and including the first end-of-text, and the sampler's log-probs (B, T) (0 on padding).
+    n_vocab: the tokenizer's vocabulary size; ids beyond it are never sampled (None: all of the model's).
+    cuda_graph: on a GPU, generate_static draws them (a static cache, each token one CUDA graph replay); else
+    generate_eager's loop."""
+    with checkpointing_off(lm):
+        if cuda_graph and prompt_ids.is_cuda:
+            return generate_static(lm, prompt_ids, prompt_mask, max_new_tokens, eot, n_vocab)
+        return generate_eager(lm, prompt_ids, prompt_mask, max_new_tokens, eot, n_vocab)
+
+
+@contextlib.contextmanager
+def checkpointing_off(lm):
+    """The layers that checkpoint_activations put in training mode, in eval mode while sampling: transformers
+    drops the KV cache of a checkpointing layer, and GPT-2's then sees only the newest token, silently."""
+    layers = [m for m in lm.modules() if getattr(m, "gradient_checkpointing", False) and m.training]
+    for m in layers:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.training = True
+
+
+@torch.no_grad()
+def generate_eager(lm, prompt_ids, prompt_mask, max_new_tokens, eot, n_vocab=None):
+    """generate()'s loop: a cache that grows by one position per token, and one wait for the device per token
+    (whether every row has ended)."""
+    attn = prompt_mask
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)                             # (B, P)
+    out = lm(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device)  # (B,)
+    tokens, logprobs = [], []
+    for _ in range(max_new_tokens):
+        logp = torch.log_softmax(vocab_logits(out.logits[:, -1], n_vocab), -1)  # (B, V)
+        tok = sample_token(logp.exp())                                   # (B,)
+        tok = torch.where(done, eot, tok)                                # finished rows: padding
+        tokens.append(tok)
+        logprobs.append(logp.gather(1, tok[:, None]).squeeze(1))         # (B,)
+        done |= tok == eot
+        if done.all():
+            break
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)        # (B, P + t)
+        pos = pos[:, -1:] + 1                                            # (B, 1)
+        out = lm(input_ids=tok[:, None], attention_mask=attn, position_ids=pos, cache=out.cache, use_cache=True)
+    response = torch.stack(tokens, 1)                                    # (B, T)
+    mask = response_mask(response, eot)                                  # (B, T)
+    return response, mask, torch.stack(logprobs, 1) * mask
+
+
+def response_mask(response, eot):
+    """1 up to and including each row's first end-of-text: response (B, T) -> (B, T)."""
+    is_eot = (response == eot).int()                                     # (B, T)
+    return (is_eot.cumsum(1) - is_eot == 0).float()                      # (B, T) no end-of-text before t
+
+
+# ---------------------------------------------------------------------------------------------
+# the sampler on a GPU: generate()'s loop costs one kernel launch per operation per token, some 100 times
+# more than the GPU needs to read the weights at batch 64. Here every buffer has a fixed shape and address (a
+# static KV cache of P + T positions, transformers' StaticCache), so one decode step is the same kernels on the
+# same memory at every token, captured once as a CUDA graph and replayed, with no wait for the GPU per token.
+
+
+class StaticDecoder:
+    """The state of one batch shape (B prompts left-padded to P, T new tokens): the cache, the decode step's
+    inputs and outputs, and the step's CUDA graph. It is kept between calls, so the graph is captured once."""
+
+    def __init__(self, lm, B, P, T, eot, n_vocab, device):
+        from transformers import StaticCache
+        self.lm, self.P, self.eot, self.n_vocab = lm, P, eot, n_vocab
+        self.cache = StaticCache(config=lm.config, max_cache_len=P + T)  # keys and values of P + T positions
+        self.attn = torch.ones(B, P + T, dtype=torch.long, device=device)  # (B, P + T) the prompts' mask, then 1s
+        self.tok = torch.zeros(B, 1, dtype=torch.long, device=device)   # (B, 1) the token fed to the next step
+        self.pos = torch.zeros(B, 1, dtype=torch.long, device=device)   # (B, 1) its position id
+        self.t = torch.zeros(1, dtype=torch.long, device=device)        # (1,) the step
+        self.logits = torch.zeros(B, n_vocab or lm.config.vocab_size, device=device)  # (B, V) next-token logits
+        self.done = torch.zeros(B, dtype=torch.bool, device=device)     # (B,)
+        self.tokens = torch.zeros(B, T, dtype=torch.long, device=device)  # (B, T) sampled so far
+        self.logprobs = torch.zeros(B, T, device=device)                # (B, T)
+        self.graph = None
+
+    def prefill(self, prompt_ids, prompt_mask):
+        """The prompts' keys and values into the cache, and the first token's logits (eager: one call)."""
+        self.cache.reset()                                               # in place: the graph's addresses stay
+        self.attn[:, :self.P].copy_(prompt_mask)
+        pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)                  # (B, P)
+        out = self.lm(input_ids=prompt_ids, attention_mask=self.attn, position_ids=pos, cache=self.cache,
+                      use_cache=True, logits_to_keep=1)
+        self.logits.copy_(vocab_logits(out.logits[:, -1], self.n_vocab))
+        self.pos.copy_(pos[:, -1:] + 1)
+        self.done.zero_()
+        self.t.zero_()
+
+    def step(self):
+        """generate()'s loop body on the fixed buffers: sample token t, then the forward pass that predicts t + 1."""
+        logp = torch.log_softmax(self.logits, -1)                        # (B, V)
+        tok = torch.where(self.done, self.eot, sample_token(logp.exp()))  # (B,) finished rows: padding
+        self.tokens.index_copy_(1, self.t, tok[:, None])
+        self.logprobs.index_copy_(1, self.t, logp.gather(1, tok[:, None]))
+        self.done |= tok == self.eot
+        self.tok.copy_(tok[:, None])
+        out = self.lm(input_ids=self.tok, attention_mask=self.attn, position_ids=self.pos, cache=self.cache,
+                      use_cache=True)                                    # the cache's slot P + t, in place
+        self.logits.copy_(vocab_logits(out.logits[:, -1], self.n_vocab))
+        self.pos += 1
+        self.t += 1
+
+    def capture(self):
+        """Run one step on a side stream (the warm-up a capture needs), then capture the next one as a graph.
+        Autocast's cache of bf16 weights dies with the caller's autocast block, and the weights change between
+        calls: the graph casts them itself (cache_enabled=False)."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.step()
+        torch.cuda.current_stream().wait_stream(stream)
+        dev = self.attn.device.type
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, stream=stream), torch.autocast(
+                dev, dtype=torch.get_autocast_dtype(dev), enabled=torch.is_autocast_enabled(dev), cache_enabled=False):
+            self.step()                                                  # recorded, not run
+
+
+DECODERS = {}                                                            # the two latest StaticDecoders, by shape
+
+
+def static_decoder(lm, B, P, T, eot, n_vocab, device):
+    """The StaticDecoder of this model and shape, built once. The key holds the weights' addresses: a graph
+    reads them there, so a model whose weights were replaced (moved, cast) gets a new one."""
+    key = (id(lm), B, P, T, eot, n_vocab, torch.is_autocast_enabled(device.type),
+           tuple(t.data_ptr() for t in (*lm.parameters(), *lm.buffers())))
+    if key not in DECODERS:
+        while len(DECODERS) >= 2:
+            DECODERS.pop(next(iter(DECODERS)))                           # the oldest, with its cache and graph
+        DECODERS[key] = StaticDecoder(lm, B, P, T, eot, n_vocab, device)
+    return DECODERS[key]
+
+
+@torch.no_grad()
+def generate_static(lm, prompt_ids, prompt_mask, max_new_tokens, eot, n_vocab=None, graph=True, check_every=8):
+    """generate() with a static KV cache and fixed-shape buffers: the same tokens under one seed (the same random
+    numbers, drawn in the same order) and the same log-probs up to rounding (attention over masked cache slots).
+    graph=True (CUDA only): each step after the first is a replay of one CUDA graph. Prompts are left-padded to a
+    multiple of 16 tokens, so that batches of one size share a graph; the host asks whether every row has
+    finished once every check_every tokens, not at each."""
+    B, T = len(prompt_ids), max_new_tokens
+    pad = -prompt_ids.shape[1] % 16
+    prompt_ids, prompt_mask = F.pad(prompt_ids, (pad, 0), value=eot), F.pad(prompt_mask, (pad, 0))  # (B, P)
+    dec = static_decoder(lm, B, prompt_ids.shape[1], T, eot, n_vocab, prompt_ids.device)
+    dec.prefill(prompt_ids, prompt_mask)
+    for t in range(T):
+        if graph and dec.graph is None:
+            dec.capture()                                                # this step runs, the next is recorded
+        elif graph:
+            dec.graph.replay()
+        else:
+            dec.step()
+        if (t + 1) % check_every == 0 and dec.done.all():                # one wait for the GPU per check_every
+            break
+    mask = response_mask(dec.tokens[:, :t + 1], eot)                     # (B, t + 1)
+    n = int(mask.sum(1).max())                                           # generate()'s length: the longest response
+    return dec.tokens[:, :n].clone(), mask[:, :n], dec.logprobs[:, :n] * mask[:, :n]
+
+
+@torch.no_grad()
+def sample(cfg, lm, idx, prompt_tokens, prompts, reward_fn, enc, device):
+    """Responses of lm to the prompts numbered idx, decoded and scored by the reward function. Returns prompt ids and mask (B, P), response,
+    its mask and the sampler's log-probs (B, T), the decoded completions (end-of-text dropped) and the scores (B,)."""
+    prompt_ids, prompt_mask = left_pad([prompt_tokens[i] for i in idx], enc.eot_token, device)  # (B, P)
+    with autocast(cfg, device):
+        response, mask, logprobs = generate(lm, prompt_ids, prompt_mask, cfg.max_new_tokens, enc.eot_token, enc.n_vocab,
+                                            cfg.cuda_graph)
+    completions = [enc.decode([t for t in r if t != enc.eot_token]) for r in response.tolist()]
+    scores = data.call_reward(cfg, reward_fn, [prompts[i] for i in idx], completions).to(device)  # (B,)
+    return prompt_ids, prompt_mask, response, mask, logprobs, completions, scores
