@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
@@ -119,8 +120,9 @@ def test_static_cache_sampler_draws_generates_tokens_and_its_logprobs_are_a_full
     lm, tok = save_checkpoint(arch, tmp_path)
     n_vocab, eot = len(tok), tok.eos_token_id
     prompts = [tok.encode(p) for p in ["the plot", "the music was very", "the", "the acting felt quite dull and"]]
-    ids, mask = sampler.left_pad(prompts * 4, eot, torch.device("cpu"))   # (16, P) left padding, P not a multiple of 16
-    other = sampler.left_pad(prompts[::-1] * 3 + [prompts[0]] * 4, eot, torch.device("cpu"))
+    ids, mask = sampler.left_pad(prompts * 4, eot, torch.device("cpu"))   # (16, 16) left padding
+    other = sampler.left_pad(prompts[2::-1] * 5 + prompts[:1], eot, torch.device("cpu"))  # (16, 11): padded to 16 more
+    assert mask.shape[1] == 16 and other[1].shape[1] == 11
     sampler.DECODERS.clear()
     for lm, T, (ids, mask) in ((lm, 12, (ids, mask)), (lm, 12, other), (likely_eot(copy.deepcopy(lm), eot), 40, other)):
         torch.manual_seed(1)
@@ -137,23 +139,42 @@ def test_static_cache_sampler_draws_generates_tokens_and_its_logprobs_are_a_full
     assert len(sampler.DECODERS) == 2                                   # one per model: the second call reused the first's
 
 
+class HostReads(TorchDispatchMode):
+    """Counts the operators that run, and records those that read tensor values on the host (`.item()`, `if
+    tensor`: _local_scalar_dense) or whose output's shape depends on them (nonzero, masked_select, indexing by
+    a boolean mask, unique): on a GPU each waits for the device, and a CUDA graph cannot hold one."""
+    DATA_DEPENDENT = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2",
+                      "aten::unique_dim", "aten::unique_consecutive"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.reads = 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        self.ops += 1
+        if name in self.DATA_DEPENDENT or (name == "aten::index" and any(i is not None and i.dtype == torch.bool
+                                                                         for i in args[1])):
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-def test_decode_step_never_waits_for_the_device(arch, tmp_path):
-    """A CUDA graph holds only a step that never reads a tensor's value on the host (.item(), `if tensor`, a shape
-    that depends on data): dynamo, with fullgraph=True, refuses any such read, and traces the step whole."""
+def test_decode_step_never_reads_a_tensor_on_the_host(arch, tmp_path):
+    """The decode step that the GPU captures as a CUDA graph, operator by operator: none reads a value on the
+    host or makes a shape from one (HostReads), over two steps of the model's whole forward pass."""
     lm, tok = save_checkpoint(arch, tmp_path)
     eot = tok.eos_token_id
     ids, mask = sampler.left_pad([tok.encode("the plot"), tok.encode("the music was very")], eot, torch.device("cpu"))
     dec = sampler.StaticDecoder(lm, 2, ids.shape[1], 4, eot, len(tok), torch.device("cpu"))
     dec.prefill(ids, mask)
-    torch._dynamo.reset()
-    try:
-        with torch.no_grad():
-            torch.compile(dec.step, fullgraph=True, backend="eager")()
-            torch.compile(dec.step, fullgraph=True, backend="eager")()  # a second step: the step counter is a tensor
-    finally:
-        torch._dynamo.reset()
-    assert dec.t.item() == 2 and dec.tokens[:, :2].max() < len(tok)
+    with torch.no_grad(), HostReads() as step:
+        dec.step()
+        dec.step()
+    assert step.reads == [] and step.ops > 100 and dec.t.item() == 2  # the forward passes ran, under the mode
+    with HostReads() as host:                                         # what it flags: a step that asks the host
+        bool(dec.done.all()), dec.tokens[dec.tokens > 3]
+    assert host.reads == ["aten::_local_scalar_dense", "aten::index"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -298,6 +319,30 @@ def test_lora_pi_init_is_the_untouched_model_and_training_starts_at_it(arch, tmp
     assert any(not torch.equal(v, merged.state_dict()[k]) for k, v in lm.state_dict().items())
     completions, _ = train.main([f"--sample={out / 'policy'}", "--prompt=hello", "--num_samples=2"])
     assert len(completions) == 2
+
+
+def test_static_sampler_under_lora_draws_what_the_eager_loop_draws(tmp_path):
+    """The GPU's sampler path (without its graph) through peft's model, and through pi_init as the same network
+    with its adapters off: the eager loop's tokens under one seed, and its log-probs."""
+    pytest.importorskip("peft")                                       # an optional extra
+    lm, tok = save_checkpoint("gpt_neox", tmp_path)
+    policy, ref_lm = model.make_policy(train.Config(lora_r=4), lm, len(tok), torch.device("cpu"))
+    with torch.no_grad():
+        for name, p in policy.lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)                                     # adapters that change what the policy draws
+    ids, mask = sampler.left_pad([tok.encode("the plot"), tok.encode("the music was very")] * 4, tok.eos_token_id,
+                                 torch.device("cpu"))
+    draws = []
+    for lm in (policy.lm, ref_lm):
+        torch.manual_seed(0)
+        eager = sampler.generate(lm, ids, mask, 10, tok.eos_token_id, len(tok))
+        torch.manual_seed(0)
+        static = sampler.generate_static(lm, ids, mask, 10, tok.eos_token_id, len(tok), graph=False)
+        assert torch.equal(static[0], eager[0])
+        torch.testing.assert_close(static[2], eager[2], atol=1e-5, rtol=1e-5)
+        draws.append(static[0])
+    assert not torch.equal(draws[0], draws[1])                        # the adapters were on, then off
 
 
 def test_lora_in_bf16_keeps_its_frozen_weights_in_bf16_and_starts_at_ratio_one(tmp_path):

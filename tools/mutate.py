@@ -39,7 +39,7 @@ NONSENSE = "tests/test_reliability.py::test_nonsense_is_refused_before_pre_train
 SAMPLE = "tests/test_reliability.py::test_sample_refuses_a_damaged_config_a_damaged_model_and_a_prompt_too_long"
 LORA = "tests/test_models.py::test_lora_pi_init_is_the_untouched_model_and_training_starts_at_it"
 STATIC = "tests/test_models.py::test_static_cache_sampler_draws_generates_tokens_and_its_logprobs_are_a_full_forward_pass"
-NO_SYNC = "tests/test_models.py::test_decode_step_never_waits_for_the_device"
+NO_SYNC = "tests/test_models.py::test_decode_step_never_reads_a_tensor_on_the_host"
 DRAW = "tests/test_models.py::test_sample_token_draws_what_multinomial_draws"
 
 # (name, file, original snippet, replacement[, tests]): each a bug someone could plausibly write; without
