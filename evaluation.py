@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 import data
 from common import status
 from model import autocast, check_fits, get_device, lm_forward, load_pretrained, token_logprobs
-from sampler import sample
+from sampler import DECODERS, sample
 
 
 @torch.no_grad()
@@ -31,6 +31,7 @@ def estimate_jstar(cfg, lm, prompt_tokens, prompts, reward_fn, enc, device):
         scores.append(sample(cfg, lm, chunk.tolist(), prompt_tokens, prompts, reward_fn, enc, device)[-1])
         k = sum(map(len, scores))
         status(f"estimating J* from pi_init: {k}/{len(rows)} samples | {time.time() - t0:.0f}s", done=k == len(rows))
+    DECODERS.clear()                                                     # a GPU's decoders of 512 rows: not needed again
     scores = torch.cat(scores)                                           # (prompts * n,)
     w = torch.exp(scores.double().cpu() / cfg.lam).view(len(prompts), n)  # (prompts, n) exp(R / lambda)
     jstar_x = cfg.lam * w.mean(1).log()                                  # (prompts,) J*(x)

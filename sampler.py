@@ -103,8 +103,13 @@ class StaticDecoder:
 
     def __init__(self, lm, B, P, T, eot, n_vocab, device):
         from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
         self.lm, self.P, self.eot, self.n_vocab = lm, P, eot, n_vocab
         self.cache = StaticCache(config=lm.config, max_cache_len=P + T)  # keys and values of P + T positions
+        # a graph replays kernels, not Python: layers that keep state in Python (a sliding window's length) or
+        # read the GPU from the host (dynamic RoPE) take the same steps without one
+        self.graphable = (all(type(layer) is StaticLayer for layer in self.cache.layers) and
+                          not any("dynamic" in str(getattr(m, "rope_type", "")) for m in lm.modules()))
         self.attn = torch.ones(B, P + T, dtype=torch.long, device=device)  # (B, P + T) the prompts' mask, then 1s
         self.tok = torch.zeros(B, 1, dtype=torch.long, device=device)   # (B, 1) the token fed to the next step
         self.pos = torch.zeros(B, 1, dtype=torch.long, device=device)   # (B, 1) its position id
@@ -142,57 +147,67 @@ class StaticDecoder:
         self.t += 1
 
     def capture(self):
-        """Run one step on a side stream (the warm-up a capture needs), then capture the next one as a graph.
-        Autocast's cache of bf16 weights dies with the caller's autocast block, and the weights change between
-        calls: the graph casts them itself (cache_enabled=False)."""
+        """Run one step on a side stream (the warm-up a capture needs), then capture the next one as a graph."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             self.step()
         torch.cuda.current_stream().wait_stream(stream)
-        dev = self.attn.device.type
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=stream), torch.autocast(
-                dev, dtype=torch.get_autocast_dtype(dev), enabled=torch.is_autocast_enabled(dev), cache_enabled=False):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
             self.step()                                                  # recorded, not run
+        self.graph = graph
 
 
-DECODERS = {}                                                            # the two latest StaticDecoders, by shape
+def uncached_autocast(device_type):
+    """The caller's autocast, if any, without its cache of cast weights. That cache lives as long as the
+    caller's autocast block and never sees a weight change, while a graph replays across blocks and optimizer
+    steps: so the graph casts the weights itself, and the prefill and the eager steps read them as it does."""
+    return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type),
+                          enabled=torch.is_autocast_enabled(device_type), cache_enabled=False)
+
+
+DECODERS = {}                                                            # the two last used StaticDecoders, by shape
 
 
 def static_decoder(lm, B, P, T, eot, n_vocab, device):
     """The StaticDecoder of this model and shape, built once. The key holds the weights' addresses: a graph
-    reads them there, so a model whose weights were replaced (moved, cast) gets a new one."""
+    reads them there, so a model whose weights were replaced (moved, cast) gets a new one. Python-side switches
+    (a peft adapter turned off in place, a hook) are part of what a graph recorded: after changing one, clear
+    DECODERS (AdaptersOff is another model, with a key of its own)."""
     key = (id(lm), B, P, T, eot, n_vocab, torch.is_autocast_enabled(device.type),
-           tuple(t.data_ptr() for t in (*lm.parameters(), *lm.buffers())))
-    if key not in DECODERS:
-        while len(DECODERS) >= 2:
-            DECODERS.pop(next(iter(DECODERS)))                           # the oldest, with its cache and graph
-        DECODERS[key] = StaticDecoder(lm, B, P, T, eot, n_vocab, device)
-    return DECODERS[key]
+           tuple((t.data_ptr(), t.dtype, t.shape) for t in (*lm.parameters(), *lm.buffers())))
+    dec = DECODERS.pop(key, None) or StaticDecoder(lm, B, P, T, eot, n_vocab, device)
+    while len(DECODERS) >= 2:
+        DECODERS.pop(next(iter(DECODERS)))                               # the least recently used, cache and graph
+    DECODERS[key] = dec                                                  # the most recently used, last
+    return dec
 
 
 @torch.no_grad()
 def generate_static(lm, prompt_ids, prompt_mask, max_new_tokens, eot, n_vocab=None, graph=True, check_every=8):
     """generate() with a static KV cache and fixed-shape buffers: the same tokens under one seed (the same random
     numbers, drawn in the same order) and the same log-probs up to rounding (attention over masked cache slots).
-    graph=True (CUDA only): each step after the first is a replay of one CUDA graph. Prompts are left-padded to a
-    multiple of 16 tokens, so that batches of one size share a graph; the host asks whether every row has
-    finished once every check_every tokens, not at each."""
+    graph=True (CUDA only): each step is a replay of one CUDA graph (captured by the shape's first call, whose
+    first step runs eagerly), unless the model's layers keep state in Python (StaticDecoder.graphable). Prompts
+    are left-padded to a multiple of 16 tokens, so that batches of one size share a graph; the host asks whether
+    every row has finished once every check_every tokens, not at each."""
     B, T = len(prompt_ids), max_new_tokens
     pad = -prompt_ids.shape[1] % 16
     prompt_ids, prompt_mask = F.pad(prompt_ids, (pad, 0), value=eot), F.pad(prompt_mask, (pad, 0))  # (B, P)
     dec = static_decoder(lm, B, prompt_ids.shape[1], T, eot, n_vocab, prompt_ids.device)
-    dec.prefill(prompt_ids, prompt_mask)
-    for t in range(T):
-        if graph and dec.graph is None:
-            dec.capture()                                                # this step runs, the next is recorded
-        elif graph:
-            dec.graph.replay()
-        else:
-            dec.step()
-        if (t + 1) % check_every == 0 and dec.done.all():                # one wait for the GPU per check_every
-            break
+    graph = graph and dec.graphable
+    with uncached_autocast(prompt_ids.device.type):
+        dec.prefill(prompt_ids, prompt_mask)
+        for t in range(T):
+            if graph and dec.graph is None:
+                dec.capture()                                            # this step runs, the next is recorded
+            elif graph:
+                dec.graph.replay()
+            else:
+                dec.step()
+            if (t + 1) % check_every == 0 and dec.done.all():            # one wait for the GPU per check_every
+                break
     mask = response_mask(dec.tokens[:, :t + 1], eot)                     # (B, t + 1)
     n = int(mask.sum(1).max())                                           # generate()'s length: the longest response
     return dec.tokens[:, :n].clone(), mask[:, :n], dec.logprobs[:, :n] * mask[:, :n]

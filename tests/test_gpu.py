@@ -115,11 +115,12 @@ def test_cuda_graph_samples_with_the_weights_of_now_in_bf16(tmp_path):
     ids, mask = prompts_of(tok, 16)
     cfg = train.Config(precision="bf16")
     sampler.DECODERS.clear()
-    with model.autocast(cfg, ids.device):
+    with model.autocast(cfg, ids.device):                             # a rollout's block, as sampler.sample opens
         sampler.generate(lm, ids, mask, 12, eot, n_vocab, cuda_graph=True)  # captured with the old weights
-        old = copy.deepcopy(lm)
-        with torch.no_grad():
-            lm.get_output_embeddings().weight.mul_(5)
+    old = copy.deepcopy(lm)
+    with torch.no_grad():
+        lm.get_output_embeddings().weight.mul_(5)                     # an optimizer step, between two rollouts
+    with model.autocast(cfg, ids.device):
         response, resp_mask, logprobs = sampler.generate(lm, ids, mask, 12, eot, n_vocab, cuda_graph=True)
         new_err = (logprobs - full_forward_logprobs(lm, ids, mask, response, resp_mask, n_vocab)).abs().max()
         old_err = (logprobs - full_forward_logprobs(old, ids, mask, response, resp_mask, n_vocab)).abs().max()

@@ -104,10 +104,12 @@ def test_sample_token_draws_what_multinomial_draws():
 
 
 def likely_eot(lm, eot, logit=4.0):
-    """lm with end-of-text's logit raised, so that every row of a batch ends within some 30 tokens."""
-    bias = torch.zeros(lm.config.vocab_size)
-    bias[eot] = logit
-    lm.get_output_embeddings().register_forward_hook(lambda module, inputs, out: out + bias)
+    """lm with end-of-text's logit raised, so that every row of a batch ends within some 30 tokens (the bias a
+    buffer of the LM head, so that it moves with the model)."""
+    head = lm.get_output_embeddings()
+    head.register_buffer("eot_bias", torch.zeros(lm.config.vocab_size))
+    head.eot_bias[eot] = logit
+    head.register_forward_hook(lambda module, inputs, out: out + module.eot_bias)
     return lm
 
 
@@ -137,6 +139,47 @@ def test_static_cache_sampler_draws_generates_tokens_and_its_logprobs_are_a_full
         torch.testing.assert_close(logprobs, model.token_logprobs(logits, response) * resp_mask, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(logprobs, eager[2], atol=1e-5, rtol=1e-5)
     assert len(sampler.DECODERS) == 2                                   # one per model: the second call reused the first's
+
+
+def test_static_decoders_keep_the_two_last_used_and_a_graph_only_where_layers_keep_no_python_state(tmp_path):
+    """Decoders are kept per model and shape, the two last used (a hit counts as a use); and the graph is only
+    for models whose cache layers and rotary embeddings keep no state in Python: a sliding window (Mistral) and
+    dynamic RoPE take the static steps without one."""
+    from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    lm, tok = save_checkpoint("llama", tmp_path)
+    eot = tok.eos_token_id
+    sampler.DECODERS.clear()
+    shapes = {}
+    for name, rows in (("A", 2), ("B", 4), ("A", 2), ("C", 6)):                 # A is used again before C comes
+        ids, mask = sampler.left_pad([tok.encode("the plot")] * rows, eot, torch.device("cpu"))
+        sampler.generate_static(lm, ids, mask, 3, eot, len(tok), graph=False)
+        shapes.setdefault(name, next(reversed(sampler.DECODERS.values())))  # each shape's, when it was built
+    assert list(sampler.DECODERS.values()) == [shapes["A"], shapes["C"]]      # B, the least recently used, left
+    small = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=64, max_position_embeddings=64, bos_token_id=eot, eos_token_id=eot)
+    dynamic = dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    for lm, graphable in ((lm, True), (MistralForCausalLM(MistralConfig(sliding_window=8, **small)), False),
+                          (LlamaForCausalLM(LlamaConfig(**small, **dynamic)), False)):
+        assert sampler.StaticDecoder(lm, 2, 16, 4, eot, len(tok), torch.device("cpu")).graphable == graphable
+
+
+def test_static_sampler_reads_the_weights_of_now_inside_one_autocast_block(tmp_path):
+    """bf16 autocast caches its bf16 copies of weights that train until its block ends; the static path reads the
+    weights as a CUDA graph does, uncached: changed in place within one block, the new weights' log-probs."""
+    lm, tok = save_checkpoint("gpt_neox", tmp_path)
+    lm.requires_grad_(True)
+    ids, mask = sampler.left_pad([tok.encode("the plot"), tok.encode("the music was very")], tok.eos_token_id,
+                                 torch.device("cpu"))
+    cfg = train.Config(precision="bf16")
+    with torch.no_grad(), model.autocast(cfg, ids.device):
+        lm(input_ids=ids)                                                 # the block's cache: the old weights
+        lm.get_output_embeddings().weight.mul_(5)
+        response, resp_mask, logprobs = sampler.generate_static(lm, ids, mask, 8, tok.eos_token_id, len(tok),
+                                                                graph=False)
+    with torch.no_grad(), model.autocast(cfg, ids.device):                # a fresh block: the new weights
+        logits, _ = model.lm_forward(lm, torch.cat([ids, response], 1), torch.cat([mask, torch.ones_like(response)], 1),
+                                     ids.shape[1], len(tok))
+    torch.testing.assert_close(logprobs, model.token_logprobs(logits, response) * resp_mask, atol=1e-3, rtol=1e-3)
 
 
 class HostReads(TorchDispatchMode):

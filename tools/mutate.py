@@ -41,6 +41,8 @@ LORA = "tests/test_models.py::test_lora_pi_init_is_the_untouched_model_and_train
 STATIC = "tests/test_models.py::test_static_cache_sampler_draws_generates_tokens_and_its_logprobs_are_a_full_forward_pass"
 NO_SYNC = "tests/test_models.py::test_decode_step_never_reads_a_tensor_on_the_host"
 DRAW = "tests/test_models.py::test_sample_token_draws_what_multinomial_draws"
+DECODERS_TEST = ("tests/test_models.py::test_static_decoders_keep_the_two_last_used_and_a_graph_only_where_layers_keep_"
+                 "no_python_state")
 
 # (name, file, original snippet, replacement[, tests]): each a bug someone could plausibly write; without
 # tests of its own, a mutation runs TESTS
@@ -265,6 +267,15 @@ MUTATIONS = [
     ("static decoder: stops once any row has ended", "sampler.py", "and dec.done.all():", "and dec.done.any():", [STATIC]),
     ("static decoder: the length of the steps run, not of the longest response", "sampler.py",
      "n = int(mask.sum(1).max())", "n = t + 1", [STATIC]),
+    ("static decoder: the caller's autocast cache read (stale weights)", "sampler.py",
+     "    with uncached_autocast(prompt_ids.device.type):", "    with contextlib.nullcontext():",
+     ["tests/test_models.py::test_static_sampler_reads_the_weights_of_now_inside_one_autocast_block"]),
+    ("static decoder: a graph for every model", "sampler.py", "self.graphable = (all(", "self.graphable = True or (all(",
+     [DECODERS_TEST]),
+    ("static decoders: the first built, not the least recently used, leaves", "sampler.py",
+     "    dec = DECODERS.pop(key, None) or StaticDecoder(lm, B, P, T, eot, n_vocab, device)\n",
+     "    dec = DECODERS.get(key) or StaticDecoder(lm, B, P, T, eot, n_vocab, device)\n    if key in DECODERS:\n"
+     "        return dec\n", [DECODERS_TEST]),
     ("static decoder: the step counter advanced on the host", "sampler.py", "        self.t += 1\n",
      "        self.t.fill_(self.t.item() + 1)\n", [NO_SYNC]),
     ("compare.py: the guard row without its guard", "compare.py", "**(QUICK if cfg.quick else {})), **ALGOS[algo])",
