@@ -49,7 +49,7 @@ class Bench:
     minibatch_size: int = 0        # responses per gradient step (0: batch_size // 2)
     prompt_len: int = 16           # longest prompt; the others are shorter, so the batch is left-padded
     max_new_tokens: int = 32       # tokens sampled per prompt
-    rounds: int = 3                # interleaved sampler rounds (each: ours and generate, order alternating)
+    rounds: int = 3                # interleaved sampler rounds (each: the three samplers, the order rotating)
     iters: int = 2                 # timed RL iterations, after one untimed
     epochs: int = 1                # update epochs per RL iteration (train.py's default is 4)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if present

@@ -1,7 +1,8 @@
 """
 The model side of the RLHF loop: a causal LM with a scalar value head, its forward pass over prompt and
-response, bf16 autocast, the optimizer, and the tiny GPT that the embedded task pre-trains as pi_init. Any Hugging Face causal LM fits (train.py --init):
-loading one checks that it is whole, causal, and fits the prompts and the tokenizer, in one line if not.
+response, bf16 autocast, the optimizer, and the tiny GPT that the embedded task pre-trains as pi_init (the
+sampler is sampler.py). Any Hugging Face causal LM fits (train.py --init): loading one checks that it is
+whole, causal, and fits the prompts and the tokenizer, in one line if not.
 """
 import contextlib
 import copy
