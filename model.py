@@ -143,13 +143,17 @@ def vocab_logits(logits, n_vocab):
     return logits[..., :n_vocab].float()
 
 
+def position_ids(mask):
+    """Position ids that skip left padding, for the scoring forward and the sampler alike: mask (B, L) -> (B, L)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)                            # (B, L) padding at 0, then 0, 1, 2, ...
+
+
 def lm_forward(lm, input_ids, attention_mask, prompt_len, n_vocab=None):
     """input_ids, attention_mask (B, P + T), prompts left-padded to P. Returns the logits (B, T, V)
     that predict the T response tokens and the last hidden states (B, T, H) at the same positions.
     n_vocab: the tokenizer's vocabulary size (None: all of the model's logits)."""
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)         # (B, P + T) skip left padding
-    out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True,
-             use_cache=False)                                            # no KV cache to keep
+    out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+             output_hidden_states=True, use_cache=False)                 # no KV cache to keep
     response_states = slice(prompt_len - 1, -1)                         # position t predicts token t + 1
     return vocab_logits(out.logits[:, response_states], n_vocab), out.hidden_states[-1][:, response_states]
 

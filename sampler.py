@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from model import autocast, vocab_logits
+from model import autocast, position_ids, vocab_logits
 
 
 def left_pad(token_lists, pad_id, device):
@@ -63,7 +63,7 @@ def generate_eager(lm, prompt_ids, prompt_mask, max_new_tokens, eot, n_vocab=Non
     """generate()'s loop: a cache that grows by one position per token, and one wait for the device per token
     (whether every row has ended)."""
     attn = prompt_mask
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)                             # (B, P)
+    pos = position_ids(attn)                                             # (B, P)
     out = lm(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
     done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device)  # (B,)
     tokens, logprobs = [], []
@@ -124,7 +124,7 @@ class StaticDecoder:
         """The prompts' keys and values into the cache, and the first token's logits (eager: one call)."""
         self.cache.reset()                                               # in place: the graph's addresses stay
         self.attn[:, :self.P].copy_(prompt_mask)
-        pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)                  # (B, P)
+        pos = position_ids(prompt_mask)                                  # (B, P)
         out = self.lm(input_ids=prompt_ids, attention_mask=self.attn, position_ids=pos, cache=self.cache,
                       use_cache=True, logits_to_keep=1)
         self.logits.copy_(vocab_logits(out.logits[:, -1], self.n_vocab))
@@ -215,8 +215,9 @@ def generate_static(lm, prompt_ids, prompt_mask, max_new_tokens, eot, n_vocab=No
 
 @torch.no_grad()
 def sample(cfg, lm, idx, prompt_tokens, prompts, reward_fn, enc, device):
-    """Responses of lm to the prompts numbered idx, decoded and scored by the reward function. Returns prompt ids and mask (B, P), response,
-    its mask and the sampler's log-probs (B, T), the decoded completions (end-of-text dropped) and the scores (B,)."""
+    """Responses of lm to the prompts numbered idx, decoded and scored by the reward function. Returns prompt ids
+    and mask (B, P), response, its mask and the sampler's log-probs (B, T), the decoded completions (end-of-text
+    dropped) and the scores (B,)."""
     prompt_ids, prompt_mask = left_pad([prompt_tokens[i] for i in idx], enc.eot_token, device)  # (B, P)
     with autocast(cfg, device):
         response, mask, logprobs = generate(lm, prompt_ids, prompt_mask, cfg.max_new_tokens, enc.eot_token, enc.n_vocab,

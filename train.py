@@ -2,7 +2,7 @@
 RLHF of a small GPT with APA, PPO, AWR, GRPO or RLOO, in one readable loop: sample, score, estimate values
 and advantages, update. They share everything but the advantages and the policy loss (apa.py, ppo.py,
 grpo.py: GRPO and RLOO sample k responses per prompt and take no value head). Beside them:
-model.py (the policy with its value head, the sampler, the tiny GPT, checked loading of a checkpoint, LoRA),
+model.py (the policy with its value head, the tiny GPT, checked loading of a checkpoint, LoRA), sampler.py,
 data.py (tokenizers, prompts, rewards), evaluation.py (J* and the held-out evaluation, by sampling), exact.py
 (the exact evaluator), common.py (command line, one-line errors, checkpoints, data-parallel helpers).
 
@@ -93,8 +93,7 @@ class Config:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if present
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # bf16 autocast for the forward passes (logits, log-probs,
                                    # values and losses stay fp32); auto: bf16 on cuda, fp32 on cpu
-    cuda_graph: bool = True        # on a GPU, sample with a static KV cache, each token one CUDA graph replay (0: the
-                                   # eager loop, as on a CPU)
+    cuda_graph: bool = True        # on a GPU, sample each token by one CUDA graph replay (0: the eager loop, a CPU's)
     # --- data and models
     prompts: str = ""              # prompts file (.txt, one a line; .jsonl, {"prompt": ...}); empty: the embedded task
     eval_prompts: str = ""         # held-out prompts file (as --prompts), never trained on; empty: the embedded
@@ -358,7 +357,6 @@ def train(cfg):
     space = (response_space(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc) if cfg.exact_every else None)
     torch.manual_seed(cfg.seed + rank())                                 # each process its own stream
     policy, ref_lm = make_policy(cfg, lm, enc.n_vocab, device)         # with LoRA: pi_init = adapters off
-    trainable = [p for p in policy.parameters() if p.requires_grad]
     opt = make_optimizer(policy, cfg.lr, device)
 
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -372,8 +370,9 @@ def train(cfg):
     model = DDP(policy) if dist.is_initialized() else policy             # DDP averages gradients over processes
     if master:
         size = sum(p.numel() for p in policy.parameters()) / 1e6
+        trains = sum(p.numel() for group in opt.param_groups for p in group["params"]) / 1e6  # what Adam steps
         print(f"{cfg.algo} | lambda {cfg.lam} | lr {cfg.lr:g} | " + (f"{size:.2f}M parameters" if not cfg.lora_r else
-              f"LoRA r {cfg.lora_r}: {sum(p.numel() for p in trainable) / 1e6:.2f}M of {size:.2f}M parameters train")
+              f"LoRA r {cfg.lora_r}: {trains:.2f}M of {size:.2f}M parameters train")
               + f" | {len(prompts)} prompts" + (f" ({len(eval_prompts)} held out)" if eval_prompts else "")
               + f" | device {device}" + (f" x {world_size()} processes" if dist.is_initialized() else "")
               + (f" | J* {jstar:.4f} +- {jstar_se:.4f}" if cfg.jstar_samples else "")

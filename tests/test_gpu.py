@@ -18,7 +18,7 @@ import torch
 import model
 import sampler
 import train
-from test_models import ARCHS, likely_eot, run_args, save_checkpoint
+from test_models import ARCHS, full_forward_logprobs, likely_eot, run_args, save_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,13 +60,6 @@ def prompts_of(tok, rows):
     texts = ["the plot", "the music was very", "the", "the acting felt quite dull and"]
     ids, mask = sampler.left_pad([tok.encode(t) for t in texts] * (rows // 4), tok.eos_token_id, torch.device("cuda"))
     return ids, mask                                                 # (rows, P) left padding
-
-
-def full_forward_logprobs(lm, ids, mask, response, resp_mask, n_vocab):
-    with torch.no_grad():
-        logits, _ = model.lm_forward(lm, torch.cat([ids, response], 1), torch.cat([mask, torch.ones_like(response)], 1),
-                                     ids.shape[1], n_vocab)
-    return model.token_logprobs(logits, response) * resp_mask
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -73,6 +73,15 @@ def save_checkpoint(arch, path):
 ARCHS = ["gpt2", "gpt_neox", "llama"]
 
 
+def full_forward_logprobs(lm, ids, mask, response, resp_mask, n_vocab):
+    """The log-probs (B, T) of response after the left-padded prompts ids, by one forward pass of the whole
+    sequence: what a sampler's log-probs must equal."""
+    with torch.no_grad():
+        logits, _ = model.lm_forward(lm, torch.cat([ids, response], 1), torch.cat([mask, torch.ones_like(response)], 1),
+                                     ids.shape[1], n_vocab)
+    return model.token_logprobs(logits, response) * resp_mask
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_sampler_logprobs_equal_full_forward_pass(arch, tmp_path):
     lm, tok = save_checkpoint(arch, tmp_path)
@@ -133,10 +142,8 @@ def test_static_cache_sampler_draws_generates_tokens_and_its_logprobs_are_a_full
         response, resp_mask, logprobs = sampler.generate_static(lm, ids, mask, T, eot, n_vocab, graph=False)
         assert torch.equal(response, eager[0]) and torch.equal(resp_mask, eager[1])
         assert (response.shape[1] == T) == (T == 12)                  # with likely end-of-text: every row ended early
-        with torch.no_grad():
-            logits, _ = model.lm_forward(lm, torch.cat([ids, response], 1),
-                                         torch.cat([mask, torch.ones_like(response)], 1), ids.shape[1], n_vocab)
-        torch.testing.assert_close(logprobs, model.token_logprobs(logits, response) * resp_mask, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logprobs, full_forward_logprobs(lm, ids, mask, response, resp_mask, n_vocab),
+                                   atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(logprobs, eager[2], atol=1e-5, rtol=1e-5)
     assert len(sampler.DECODERS) == 2                                   # one per model: the second call reused the first's
 
@@ -176,10 +183,9 @@ def test_static_sampler_reads_the_weights_of_now_inside_one_autocast_block(tmp_p
         lm.get_output_embeddings().weight.mul_(5)
         response, resp_mask, logprobs = sampler.generate_static(lm, ids, mask, 8, tok.eos_token_id, len(tok),
                                                                 graph=False)
-    with torch.no_grad(), model.autocast(cfg, ids.device):                # a fresh block: the new weights
-        logits, _ = model.lm_forward(lm, torch.cat([ids, response], 1), torch.cat([mask, torch.ones_like(response)], 1),
-                                     ids.shape[1], len(tok))
-    torch.testing.assert_close(logprobs, model.token_logprobs(logits, response) * resp_mask, atol=1e-3, rtol=1e-3)
+    with model.autocast(cfg, ids.device):                                 # a fresh block: the new weights
+        full = full_forward_logprobs(lm, ids, mask, response, resp_mask, len(tok))
+    torch.testing.assert_close(logprobs, full, atol=1e-3, rtol=1e-3)
 
 
 class HostReads(TorchDispatchMode):
