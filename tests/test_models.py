@@ -16,6 +16,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
@@ -252,6 +253,44 @@ def run_args(init, out, *extra):
     return [f"--init={init}", f"--out_dir={out}", "--algo=ppo", "--iters=2", "--batch_size=8", "--minibatch_size=8",
             "--epochs=1", "--lr=1e-3", "--max_new_tokens=8", "--jstar_samples=0", "--sample_every=0", "--eval_every=0",
             "--reward_fn=test_models:length_reward", "--device=cpu", *extra]  # CPU numbers unless extra says cuda
+
+
+def head_flops_and_grads(lm, ids, mask, P, n_vocab, **kwargs):
+    """lm_forward's logits and hidden states, then one backward pass of their sum: the matrix-product FLOPs of both
+    passes, the outputs, and the gradient of every weight that trains."""
+    lm.zero_grad(set_to_none=True)
+    flops = FlopCounterMode(display=False)
+    with flops:
+        logits, hidden = model.lm_forward(lm, ids, mask, P, n_vocab, **kwargs)  # (B, T, V), (B, T, H)
+        (model.token_logprobs(logits, ids[:, P:]).sum() + hidden.sum()).backward()
+    return flops.get_total_flops(), logits, hidden, [p.grad for p in lm.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("arch", ARCHS + ["lora"])
+def test_lm_head_on_the_response_alone_changes_no_logprob_and_skips_the_prompts_positions(arch, tmp_path):
+    """The LM head at the response's positions alone (the default on a GPU): the same logits, hidden states and
+    gradients as a head over every position (the CPU's default, to the bit), with 6 H V FLOPs fewer for each of
+    the B (P - 1) positions whose logits are dropped (a forward and two backward products of the head)."""
+    lm, tok = save_checkpoint("gpt2" if arch == "lora" else arch, tmp_path)
+    if arch == "lora":                                                # peft passes logits_to_keep on
+        pytest.importorskip("peft")
+        lm = model.with_lora(lm, train.Config(lora_r=4))
+    prompts = [tok.encode(p) for p in ["the plot", "the acting felt quite dull and"]]
+    ids, mask = sampler.left_pad(prompts, tok.eos_token_id, torch.device("cpu"))  # (2, P)
+    response = torch.tensor([tok.encode(" great and the cast was charming.")] * 2)  # (2, T)
+    ids, mask, P = torch.cat([ids, response], 1), torch.cat([mask, torch.ones_like(response)], 1), ids.shape[1]
+    default, full, cut = (head_flops_and_grads(lm, ids, mask, P, len(tok), **kw)
+                          for kw in ({}, {"prompt_logits": True}, {"prompt_logits": False}))
+    outputs = [[*run[1:3], *run[3]] for run in (default, full, cut)]  # logits, hidden states, gradients
+    assert all(torch.equal(a, b) for a, b in zip(outputs[0], outputs[1]))
+    for a, b in zip(outputs[1], outputs[2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert default[0] == full[0]
+    head = lm.get_output_embeddings()
+    if arch == "lora":                                                # the adapters' products at those positions too
+        assert cut[0] < full[0]
+    else:
+        assert full[0] - cut[0] == 6 * ids.shape[0] * (P - 1) * head.in_features * head.out_features
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -41,6 +41,7 @@ LORA = "tests/test_models.py::test_lora_pi_init_is_the_untouched_model_and_train
 STATIC = "tests/test_models.py::test_static_cache_sampler_draws_generates_tokens_and_its_logprobs_are_a_full_forward_pass"
 NO_SYNC = "tests/test_models.py::test_decode_step_never_reads_a_tensor_on_the_host"
 DRAW = "tests/test_models.py::test_sample_token_draws_what_multinomial_draws"
+HEAD = "tests/test_models.py::test_lm_head_on_the_response_alone_changes_no_logprob_and_skips_the_prompts_positions"
 DECODERS_TEST = ("tests/test_models.py::test_static_decoders_keep_the_two_last_used_and_a_graph_only_where_layers_keep_"
                  "no_python_state")
 
@@ -243,6 +244,13 @@ MUTATIONS = [
     ("k times the batch", "train.py", "(cfg.batch_size // world_size() // k,)", "(cfg.batch_size // world_size(),)",
      [ROLLOUT]),
     ("GRPO's default group of 1", "train.py", "(4 if cfg.algo in CRITIC_FREE else 1)", "1", [ROLLOUT]),
+    # the LM head at the response's positions alone (model.py), the default on a GPU
+    ("the head cut on a CPU too", "model.py", 'input_ids.device.type == "cpu" or not', 'input_ids.device.type == "cuda" or not',
+     [HEAD]),
+    ("the head keeps one position too few", "model.py", '{"logits_to_keep": T + 1}', '{"logits_to_keep": T}', [HEAD]),
+    ("the head cut never taken", "model.py", "**({} if prompt_logits else", "**({} if True else", [HEAD]),
+    ("the response's states from the prompt's end", "model.py", "response_states = slice(-T - 1, -1)",
+     "response_states = slice(-T, None)"),
     # the sampler: its draw, the static cache's decoder (sampler.py); the CUDA graph itself is tested where CUDA is
     ("the draw from uniform noise, not exponential", "sampler.py", "torch.empty_like(probs).exponential_()",
      "torch.empty_like(probs).uniform_()", [DRAW]),
