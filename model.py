@@ -157,11 +157,11 @@ def lm_forward(lm, input_ids, attention_mask, prompt_len, n_vocab=None, prompt_l
     fifth of a 124M model's update with 256-token prompts, but sums the head's weight gradient in another order:
     on a CPU, fp32 runs keep their rounding, and so this README's numbers, to the last digit."""
     T = input_ids.shape[1] - prompt_len
-    if prompt_logits is None:                                            # every transformers causal LM takes it
-        prompt_logits = input_ids.device.type == "cpu" or not getattr(lm, "_supports_logits_to_keep", lambda: False)()
+    if prompt_logits is None:
+        prompt_logits = input_ids.device.type == "cpu"
     out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
              output_hidden_states=True, use_cache=False,                 # no KV cache to keep
-             **({} if prompt_logits else {"logits_to_keep": T + 1}))    # logits (B, P + T or T + 1, V)
+             logits_to_keep=0 if prompt_logits else T + 1)              # logits (B, P + T or T + 1, V); 0: all
     response_states = slice(-T - 1, -1)                                  # position t predicts token t + 1
     return vocab_logits(out.logits[:, response_states], n_vocab), out.hidden_states[-1][:, response_states]
 
