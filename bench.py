@@ -4,7 +4,7 @@ parameters, the task's vocabulary), a GPT-2-small-shaped model (124M, vocabulary
 shape (GPT-NeoX 16 x 2048, vocabulary 50,304):
 
 1. three samplers on one batch of left-padded prompts, at temperature 1, each returning log-probs too:
-   the static sampler (sampler.generate_static: a static KV cache, each token one CUDA graph replay on a GPU;
+   the static sampler (sampler.generate_static: a static KV cache, 8 tokens per CUDA graph replay on a GPU;
    on a CPU the same cache without a graph), generate()'s eager loop (the CPU's sampler), and transformers'
    `generate` (output_scores and compute_transition_scores). They run interleaved, the order rotating each
    round, since on a shared machine absolute times drift; the ratios are medians of the rounds' ratios.

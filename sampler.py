@@ -1,7 +1,7 @@
 """
 The sampler: responses to left-padded prompts at temperature 1, with the log-probs of what it drew, stopping
 at end-of-text. On a CPU, generate_eager's loop with a growing KV cache; on a GPU, generate_static: a static
-KV cache and fixed-shape buffers, so that each token is one replay of a CUDA graph. `sample` decodes and
+KV cache and fixed-shape buffers, so that every 8 tokens are one replay of a CUDA graph. `sample` decodes and
 scores the responses for the RL loop.
 """
 import contextlib
@@ -36,7 +36,7 @@ def generate(lm, prompt_ids, prompt_mask, max_new_tokens, eot, n_vocab=None, cud
     prompt_ids, prompt_mask (B, P), left-padded. Returns response (B, T), mask (B, T) that is 1 up to
     and including the first end-of-text, and the sampler's log-probs (B, T) (0 on padding).
     n_vocab: the tokenizer's vocabulary size; ids beyond it are never sampled (None: all of the model's).
-    cuda_graph: on a GPU, generate_static draws them (a static cache, each token one CUDA graph replay); else
+    cuda_graph: on a GPU, generate_static draws them (a static cache, 8 tokens per CUDA graph replay); else
     generate_eager's loop."""
     with checkpointing_off(lm):
         if cuda_graph and prompt_ids.is_cuda:
@@ -94,7 +94,8 @@ def response_mask(response, eot):
 # the sampler on a GPU: generate()'s loop costs one kernel launch per operation per token, some 100 times
 # more than the GPU needs to read the weights at batch 64. Here every buffer has a fixed shape and address (a
 # static KV cache of P + T positions, transformers' StaticCache), so one decode step is the same kernels on the
-# same memory at every token, captured once as a CUDA graph and replayed, with no wait for the GPU per token.
+# same memory at every token: 8 steps are captured once as a CUDA graph and replayed, with one wait for the GPU
+# per replay, and under autocast the weights are cast once per replay, not at every token.
 
 
 class StaticDecoder:
@@ -146,38 +147,52 @@ class StaticDecoder:
         self.pos += 1
         self.t += 1
 
-    def capture(self):
-        """Run one step on a side stream (the warm-up a capture needs), then capture the next one as a graph."""
+    def steps(self, k):
+        """k steps; under autocast, each weight cast once for all k (in a graph: once per replay)."""
+        with fresh_autocast(self.tok.device.type):
+            for _ in range(k):
+                self.step()
+
+    def capture(self, k):
+        """Run k steps on a side stream (the warm-up a capture needs), then capture the next k as one graph."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self.step()
+            self.steps(k)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
-            self.step()                                                  # recorded, not run
+            self.steps(k)                                                # recorded, not run
         self.graph = graph
 
 
-def uncached_autocast(device_type):
-    """The caller's autocast, if any, without its cache of cast weights. That cache lives as long as the
-    caller's autocast block and never sees a weight change, while a graph replays across blocks and optimizer
-    steps: so the graph casts the weights itself, and the prefill and the eager steps read them as it does."""
-    return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type),
-                          enabled=torch.is_autocast_enabled(device_type), cache_enabled=False)
+@contextlib.contextmanager
+def fresh_autocast(device_type):
+    """The caller's autocast, if any, with a cache of cast weights that starts and ends empty: inside, each weight
+    is cast once, as it is now. The caller's block may hold copies cast before an optimizer step (autocast's cache
+    lasts as long as its block and never sees a weight change); in a graph the copies live in the graph's memory,
+    and every replay casts the weights again."""
+    torch.clear_autocast_cache()
+    try:
+        with torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type),
+                            enabled=torch.is_autocast_enabled(device_type), cache_enabled=True):
+            yield
+    finally:
+        torch.clear_autocast_cache()
 
 
 DECODERS = {}                                                            # the two last used StaticDecoders, by shape
 
 
-def static_decoder(lm, B, P, T, eot, n_vocab, device):
-    """The StaticDecoder of this model and shape, built once. The key holds the weights' addresses: a graph
+def static_decoder(lm, B, P, T, k, eot, n_vocab, device):
+    """The StaticDecoder of this model and shape, for k steps per replay (its buffers: T rounded up to a multiple of
+    k), built once. The key holds the weights' addresses: a graph
     reads them there, so a model whose weights were replaced (moved, cast) gets a new one. Python-side switches
     (a peft adapter turned off in place, a hook) are part of what a graph recorded: after changing one, clear
     DECODERS (AdaptersOff is another model, with a key of its own)."""
-    key = (id(lm), B, P, T, eot, n_vocab, torch.is_autocast_enabled(device.type),
+    key = (id(lm), B, P, T, k, eot, n_vocab, torch.is_autocast_enabled(device.type),
            tuple((t.data_ptr(), t.dtype, t.shape) for t in (*lm.parameters(), *lm.buffers())))
-    dec = DECODERS.pop(key, None) or StaticDecoder(lm, B, P, T, eot, n_vocab, device)
+    dec = DECODERS.pop(key, None) or StaticDecoder(lm, B, P, -(-T // k) * k, eot, n_vocab, device)
     while len(DECODERS) >= 2:
         DECODERS.pop(next(iter(DECODERS)))                               # the least recently used, cache and graph
     DECODERS[key] = dec                                                  # the most recently used, last
@@ -185,30 +200,31 @@ def static_decoder(lm, B, P, T, eot, n_vocab, device):
 
 
 @torch.no_grad()
-def generate_static(lm, prompt_ids, prompt_mask, max_new_tokens, eot, n_vocab=None, graph=True, check_every=8):
+def generate_static(lm, prompt_ids, prompt_mask, max_new_tokens, eot, n_vocab=None, graph=True, steps_per_replay=8):
     """generate() with a static KV cache and fixed-shape buffers: the same tokens under one seed (the same random
     numbers, drawn in the same order) and the same log-probs up to rounding (attention over masked cache slots).
-    graph=True (CUDA only): each step is a replay of one CUDA graph (captured by the shape's first call, whose
-    first step runs eagerly), unless the model's layers keep state in Python (StaticDecoder.graphable). Prompts
-    are left-padded to a multiple of 16 tokens, so that batches of one size share a graph; the host asks whether
-    every row has finished once every check_every tokens, not at each."""
-    B, T = len(prompt_ids), max_new_tokens
+    graph=True (CUDA only): steps_per_replay steps are one CUDA graph (captured by the shape's first call, whose
+    first steps run eagerly), replayed, unless the model's layers keep state in Python (StaticDecoder.graphable).
+    The host asks whether every row has finished once per replay, not at each token; the last replay may run
+    past max_new_tokens, and what it draws there is dropped. Prompts are left-padded to a multiple of 16 tokens,
+    so that batches of one size share a graph."""
+    B, T, k = len(prompt_ids), max_new_tokens, min(steps_per_replay, max_new_tokens)
     pad = -prompt_ids.shape[1] % 16
     prompt_ids, prompt_mask = F.pad(prompt_ids, (pad, 0), value=eot), F.pad(prompt_mask, (pad, 0))  # (B, P)
-    dec = static_decoder(lm, B, prompt_ids.shape[1], T, eot, n_vocab, prompt_ids.device)
+    dec = static_decoder(lm, B, prompt_ids.shape[1], T, k, eot, n_vocab, prompt_ids.device)
     graph = graph and dec.graphable
-    with uncached_autocast(prompt_ids.device.type):
+    with fresh_autocast(prompt_ids.device.type):
         dec.prefill(prompt_ids, prompt_mask)
-        for t in range(T):
-            if graph and dec.graph is None:
-                dec.capture()                                            # this step runs, the next is recorded
-            elif graph:
-                dec.graph.replay()
-            else:
-                dec.step()
-            if (t + 1) % check_every == 0 and dec.done.all():            # one wait for the GPU per check_every
-                break
-    mask = response_mask(dec.tokens[:, :t + 1], eot)                     # (B, t + 1)
+    for t in range(k, T + k, k):                                         # t: tokens drawn once these k are
+        if graph and dec.graph is None:
+            dec.capture(k)                                               # these k steps run, the next k are recorded
+        elif graph:
+            dec.graph.replay()
+        else:
+            dec.steps(k)
+        if dec.done.all():                                               # one wait for the GPU per k tokens
+            break
+    mask = response_mask(dec.tokens[:, :min(t, T)], eot)                 # (B, min(t, T))
     n = int(mask.sum(1).max())                                           # generate()'s length: the longest response
     return dec.tokens[:, :n].clone(), mask[:, :n], dec.logprobs[:, :n] * mask[:, :n]
 

@@ -93,7 +93,7 @@ class Config:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if present
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # bf16 autocast for the forward passes (logits, log-probs,
                                    # values and losses stay fp32); auto: bf16 on cuda, fp32 on cpu
-    cuda_graph: bool = True        # on a GPU, sample each token by one CUDA graph replay (0: the eager loop, a CPU's)
+    cuda_graph: bool = True        # on a GPU, sample 8 tokens per CUDA graph replay (0: the eager loop, a CPU's)
     # --- data and models
     prompts: str = ""              # prompts file (.txt, one a line; .jsonl, {"prompt": ...}); empty: the embedded task
     eval_prompts: str = ""         # held-out prompts file (as --prompts), never trained on; empty: the embedded

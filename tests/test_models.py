@@ -173,7 +173,8 @@ def test_static_decoders_keep_the_two_last_used_and_a_graph_only_where_layers_ke
 
 def test_static_sampler_reads_the_weights_of_now_inside_one_autocast_block(tmp_path):
     """bf16 autocast caches its bf16 copies of weights that train until its block ends; the static path reads the
-    weights as a CUDA graph does, uncached: changed in place within one block, the new weights' log-probs."""
+    weights as a CUDA graph does, cast as they are now: changed in place within one block, the new weights'
+    log-probs; and it leaves no copies of its own in the caller's block (on a GPU they would be the graph's)."""
     lm, tok = save_checkpoint("gpt_neox", tmp_path)
     lm.requires_grad_(True)
     ids, mask = sampler.left_pad([tok.encode("the plot"), tok.encode("the music was very")], tok.eos_token_id,
@@ -184,9 +185,47 @@ def test_static_sampler_reads_the_weights_of_now_inside_one_autocast_block(tmp_p
         lm.get_output_embeddings().weight.mul_(5)
         response, resp_mask, logprobs = sampler.generate_static(lm, ids, mask, 8, tok.eos_token_id, len(tok),
                                                                 graph=False)
-    with model.autocast(cfg, ids.device):                                 # a fresh block: the new weights
+        lm.get_output_embeddings().weight.mul_(2)
+        after = full_forward_logprobs(lm, ids, mask, response, resp_mask, len(tok))  # in the same block
+    with model.autocast(cfg, ids.device):                                 # a fresh block: the weights of now
+        torch.testing.assert_close(after, full_forward_logprobs(lm, ids, mask, response, resp_mask, len(tok)))
+    with torch.no_grad():
+        lm.get_output_embeddings().weight.div_(2)                         # back to the weights that sampled
+    with model.autocast(cfg, ids.device):
         full = full_forward_logprobs(lm, ids, mask, response, resp_mask, len(tok))
     torch.testing.assert_close(logprobs, full, atol=1e-3, rtol=1e-3)
+
+
+class WeightCasts(TorchDispatchMode):
+    """The casts to another dtype of the tensors whose storage is one of weights (data pointers): how often each."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.weights, self.casts = weights, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name == "aten::_to_copy" and args[0].data_ptr() in self.weights:
+            self.casts[args[0].data_ptr()] = self.casts.get(args[0].data_ptr(), 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_static_steps_cast_each_weight_once_under_autocast(arch, tmp_path):
+    """bf16 autocast: the k steps of one call (on a GPU, one graph replay) cast each weight that trains once, not
+    at every step, operator by operator: one step and four cast the same weights, each once."""
+    lm, tok = save_checkpoint(arch, tmp_path)
+    eot = tok.eos_token_id
+    ids, mask = sampler.left_pad([tok.encode("the plot"), tok.encode("the music was very")], eot, torch.device("cpu"))
+    dec = sampler.StaticDecoder(lm, 2, ids.shape[1], 8, eot, len(tok), torch.device("cpu"))
+    weights = {p.data_ptr() for p in lm.parameters()}
+    with torch.no_grad(), model.autocast(train.Config(precision="bf16"), ids.device):
+        dec.prefill(ids, mask)
+        with WeightCasts(weights) as one:
+            dec.steps(1)
+        with WeightCasts(weights) as four:
+            dec.steps(4)
+    assert len(one.casts) >= 4 * lm.config.num_hidden_layers and one.casts == four.casts  # attention and MLP weights
+    assert set(four.casts.values()) == {1} and dec.t.item() == 5
 
 
 class HostReads(TorchDispatchMode):
@@ -219,8 +258,7 @@ def test_decode_step_never_reads_a_tensor_on_the_host(arch, tmp_path):
     dec = sampler.StaticDecoder(lm, 2, ids.shape[1], 4, eot, len(tok), torch.device("cpu"))
     dec.prefill(ids, mask)
     with torch.no_grad(), HostReads() as step:
-        dec.step()
-        dec.step()
+        dec.steps(2)
     assert step.reads == [] and step.ops > 100 and dec.t.item() == 2  # the forward passes ran, under the mode
     with HostReads() as host:                                         # what it flags: a step that asks the host
         bool(dec.done.all()), dec.tokens[dec.tokens > 3]

@@ -41,6 +41,7 @@ LORA = "tests/test_models.py::test_lora_pi_init_is_the_untouched_model_and_train
 STATIC = "tests/test_models.py::test_static_cache_sampler_draws_generates_tokens_and_its_logprobs_are_a_full_forward_pass"
 NO_SYNC = "tests/test_models.py::test_decode_step_never_reads_a_tensor_on_the_host"
 DRAW = "tests/test_models.py::test_sample_token_draws_what_multinomial_draws"
+CASTS = "tests/test_models.py::test_static_steps_cast_each_weight_once_under_autocast"
 HEAD = "tests/test_models.py::test_lm_head_on_the_response_alone_changes_no_logprob_and_skips_the_prompts_positions"
 DECODERS_TEST = ("tests/test_models.py::test_static_decoders_keep_the_two_last_used_and_a_graph_only_where_layers_keep_"
                  "no_python_state")
@@ -271,17 +272,26 @@ MUTATIONS = [
      "F.pad(prompt_ids, (0, pad), value=eot), F.pad(prompt_mask, (0, pad))", [STATIC]),
     ("static decoder: the cache not reset for the next call", "sampler.py", "        self.cache.reset()", "        pass",
      [STATIC]),
-    ("static decoder: stops once any row has ended", "sampler.py", "and dec.done.all():", "and dec.done.any():", [STATIC]),
+    ("static decoder: stops once any row has ended", "sampler.py", "if dec.done.all():", "if dec.done.any():", [STATIC]),
     ("static decoder: the length of the steps run, not of the longest response", "sampler.py",
      "n = int(mask.sum(1).max())", "n = t + 1", [STATIC]),
     ("static decoder: the caller's autocast cache read (stale weights)", "sampler.py",
-     "    with uncached_autocast(prompt_ids.device.type):", "    with contextlib.nullcontext():",
+     "    torch.clear_autocast_cache()\n    try:", "    try:",
      ["tests/test_models.py::test_static_sampler_reads_the_weights_of_now_inside_one_autocast_block"]),
+    ("static decoder: its cast copies left in the caller's autocast block", "sampler.py",
+     "    finally:\n        torch.clear_autocast_cache()", "    finally:\n        pass",
+     ["tests/test_models.py::test_static_sampler_reads_the_weights_of_now_inside_one_autocast_block"]),
+    ("static decoder: each weight cast at every step", "sampler.py", "cache_enabled=True):", "cache_enabled=False):",
+     [CASTS]),
+    ("static decoder: the last replay's tokens past max_new_tokens kept", "sampler.py",
+     "response_mask(dec.tokens[:, :min(t, T)], eot)", "response_mask(dec.tokens[:, :t], eot)", [STATIC]),
+    ("static decoder: buffers of max_new_tokens, not a multiple of the steps per replay", "sampler.py",
+     "StaticDecoder(lm, B, P, -(-T // k) * k,", "StaticDecoder(lm, B, P, T,", [STATIC]),
     ("static decoder: a graph for every model", "sampler.py", "self.graphable = (all(", "self.graphable = True or (all(",
      [DECODERS_TEST]),
     ("static decoders: the first built, not the least recently used, leaves", "sampler.py",
-     "    dec = DECODERS.pop(key, None) or StaticDecoder(lm, B, P, T, eot, n_vocab, device)\n",
-     "    dec = DECODERS.get(key) or StaticDecoder(lm, B, P, T, eot, n_vocab, device)\n    if key in DECODERS:\n"
+     "    dec = DECODERS.pop(key, None) or StaticDecoder(lm, B, P, -(-T // k) * k, eot, n_vocab, device)\n",
+     "    dec = DECODERS.get(key) or StaticDecoder(lm, B, P, -(-T // k) * k, eot, n_vocab, device)\n    if key in DECODERS:\n"
      "        return dec\n", [DECODERS_TEST]),
     ("static decoder: the step counter advanced on the host", "sampler.py", "        self.t += 1\n",
      "        self.t.fill_(self.t.item() + 1)\n", [NO_SYNC]),
