@@ -95,7 +95,7 @@ def response_mask(response, eot):
 # more than the GPU needs to read the weights at batch 64. Here every buffer has a fixed shape and address (a
 # static KV cache of P + T positions, transformers' StaticCache), so one decode step is the same kernels on the
 # same memory at every token: 8 steps are captured once as a CUDA graph and replayed, with one wait for the GPU
-# per replay, and under autocast the weights are cast once per replay, not at every token.
+# per replay, and under autocast the weights that train are cast once per replay, not at every token.
 
 
 class StaticDecoder:
@@ -114,6 +114,7 @@ class StaticDecoder:
         self.attn = torch.ones(B, P + T, dtype=torch.long, device=device)  # (B, P + T) the prompts' mask, then 1s
         self.tok = torch.zeros(B, 1, dtype=torch.long, device=device)   # (B, 1) the token fed to the next step
         self.pos = torch.zeros(B, 1, dtype=torch.long, device=device)   # (B, 1) its position id
+        self.last_pos = (getattr(lm.config, "max_position_embeddings", None) or 2 ** 62) - 1  # the model's last
         self.t = torch.zeros(1, dtype=torch.long, device=device)        # (1,) the step
         self.logits = torch.zeros(B, n_vocab or lm.config.vocab_size, device=device)  # (B, V) next-token logits
         self.done = torch.zeros(B, dtype=torch.bool, device=device)     # (B,)
@@ -144,11 +145,11 @@ class StaticDecoder:
         out = self.lm(input_ids=self.tok, attention_mask=self.attn, position_ids=self.pos, cache=self.cache,
                       use_cache=True)                                    # the cache's slot P + t, in place
         self.logits.copy_(vocab_logits(out.logits[:, -1], self.n_vocab))
-        self.pos += 1
+        self.pos.add_(1).clamp_(max=self.last_pos)                       # past it only in steps that are dropped
         self.t += 1
 
     def steps(self, k):
-        """k steps; under autocast, each weight cast once for all k (in a graph: once per replay)."""
+        """k steps; under autocast, each weight that trains cast once for all k (in a graph: once per replay)."""
         with fresh_autocast(self.tok.device.type):
             for _ in range(k):
                 self.step()

@@ -64,8 +64,9 @@ def prompts_of(tok, rows):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cuda_graph_sampler_logprobs_equal_a_full_forward_pass(arch, tmp_path):
-    """fp32: a first call captures the step, a second replays it at every token; both return the log-probs of a
-    full forward pass, one decoder serves both, and with end-of-text likely the rows end early, as in generate."""
+    """fp32: a first call captures 8 steps as a graph, a second replays it for every 8 tokens; both return the
+    log-probs of a full forward pass, one decoder serves both, and with end-of-text likely the rows end early, as
+    in generate."""
     lm, tok = save_checkpoint(arch, tmp_path)
     n_vocab, eot = len(tok), tok.eos_token_id
     ids, mask = prompts_of(tok, 16)

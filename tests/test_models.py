@@ -149,6 +149,22 @@ def test_static_cache_sampler_draws_generates_tokens_and_its_logprobs_are_a_full
     assert len(sampler.DECODERS) == 2                                   # one per model: the second call reused the first's
 
 
+def test_static_sampler_reaches_the_end_of_the_context_window(tmp_path):
+    """A prompt and its response that fill GPT-2's context window (learned positions, 64), with 9 new tokens: the
+    static path runs 16 steps (two of 8) and drops the last 7, which must not ask for a position past the window."""
+    lm, tok = save_checkpoint("gpt2", tmp_path)
+    eot, T = tok.eos_token_id, 9
+    text = tok.encode("the plot was very dull but the cast was charming and the music was great. " * 10)
+    ids = torch.tensor([text[:lm.config.n_positions - T]])             # (1, 55)
+    mask = torch.ones_like(ids)
+    assert ids.shape[1] + T == lm.config.n_positions                   # as much as model.check_fits lets through
+    torch.manual_seed(0)
+    eager = sampler.generate(lm, ids, mask, T, eot, len(tok))
+    torch.manual_seed(0)
+    static = sampler.generate_static(lm, ids, mask, T, eot, len(tok), graph=False)
+    assert all(torch.equal(a, b) for a, b in zip(eager[:2], static[:2])) and static[0].shape[1] == T
+
+
 def test_static_decoders_keep_the_two_last_used_and_a_graph_only_where_layers_keep_no_python_state(tmp_path):
     """Decoders are kept per model and shape, the two last used (a hit counts as a use); and the graph is only
     for models whose cache layers and rotary embeddings keep no state in Python: a sliding window (Mistral) and
