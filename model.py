@@ -153,9 +153,9 @@ def lm_forward(lm, input_ids, attention_mask, prompt_len, n_vocab=None, prompt_l
     that predict the T response tokens and the last hidden states (B, T, H) at the same positions.
     n_vocab: the tokenizer's vocabulary size (None: all of the model's logits).
     prompt_logits: whether the LM head also runs at the prompt's positions, whose logits are dropped (None: on a
-    CPU only). Skipping them (transformers' logits_to_keep) saves (P - 1) / (P + T) of the head's work and memory, a
-    fifth of a 124M model's update with 256-token prompts, but sums the head's weight gradient in another order:
-    on a CPU, fp32 runs keep their rounding, and so this README's numbers, to the last digit."""
+    CPU only). Skipping them (transformers' logits_to_keep) saves (P - 1) / (P + T) of the head's work and
+    memory, a fifth of a 124M model's update with 256-token prompts, but sums the head's weight gradient in
+    another order: on a CPU, fp32 runs keep their rounding, and so this README's numbers, to the last digit."""
     T = input_ids.shape[1] - prompt_len
     if prompt_logits is None:
         prompt_logits = input_ids.device.type == "cpu"

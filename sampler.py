@@ -114,7 +114,7 @@ class StaticDecoder:
         self.attn = torch.ones(B, P + T, dtype=torch.long, device=device)  # (B, P + T) the prompts' mask, then 1s
         self.tok = torch.zeros(B, 1, dtype=torch.long, device=device)   # (B, 1) the token fed to the next step
         self.pos = torch.zeros(B, 1, dtype=torch.long, device=device)   # (B, 1) its position id
-        self.last_pos = (getattr(lm.config, "max_position_embeddings", None) or 2 ** 62) - 1  # the model's last
+        self.last_pos = (getattr(lm.config, "max_position_embeddings", None) or 2 ** 62) - 1  # its last id
         self.t = torch.zeros(1, dtype=torch.long, device=device)        # (1,) the step
         self.logits = torch.zeros(B, n_vocab or lm.config.vocab_size, device=device)  # (B, V) next-token logits
         self.done = torch.zeros(B, dtype=torch.bool, device=device)     # (B,)
@@ -186,11 +186,11 @@ DECODERS = {}                                                            # the t
 
 
 def static_decoder(lm, B, P, T, k, eot, n_vocab, device):
-    """The StaticDecoder of this model and shape, for k steps per replay (its buffers: T rounded up to a multiple of
-    k), built once. The key holds the weights' addresses: a graph
-    reads them there, so a model whose weights were replaced (moved, cast) gets a new one. Python-side switches
-    (a peft adapter turned off in place, a hook) are part of what a graph recorded: after changing one, clear
-    DECODERS (AdaptersOff is another model, with a key of its own)."""
+    """The StaticDecoder of this model and shape, for k steps per replay (its buffers: T rounded up to a multiple
+    of k), built once. The key holds the weights' addresses: a graph reads them there, so a model whose weights
+    were replaced (moved, cast) gets a new one. Python-side switches (a peft adapter turned off in place, a hook)
+    are part of what a graph recorded: after changing one, clear DECODERS (AdaptersOff is another model, with a
+    key of its own)."""
     key = (id(lm), B, P, T, k, eot, n_vocab, torch.is_autocast_enabled(device.type),
            tuple((t.data_ptr(), t.dtype, t.shape) for t in (*lm.parameters(), *lm.buffers())))
     dec = DECODERS.pop(key, None) or StaticDecoder(lm, B, P, -(-T // k) * k, eot, n_vocab, device)

@@ -246,10 +246,11 @@ MUTATIONS = [
      [ROLLOUT]),
     ("GRPO's default group of 1", "train.py", "(4 if cfg.algo in CRITIC_FREE else 1)", "1", [ROLLOUT]),
     # the LM head at the response's positions alone (model.py), the default on a GPU
-    ("the head cut on a CPU too", "model.py", 'prompt_logits = input_ids.device.type == "cpu"', 'prompt_logits = input_ids.device.type == "cuda"',
-     [HEAD]),
+    ("the head cut on a CPU too", "model.py", 'prompt_logits = input_ids.device.type == "cpu"',
+     'prompt_logits = input_ids.device.type == "cuda"', [HEAD]),
     ("the head keeps one position too few", "model.py", 'else T + 1)', 'else T)', [HEAD]),
-    ("the head cut never taken", "model.py", "logits_to_keep=0 if prompt_logits else", "logits_to_keep=0 if True else", [HEAD]),
+    ("the head cut never taken", "model.py", "logits_to_keep=0 if prompt_logits else", "logits_to_keep=0 if True else",
+     [HEAD]),
     ("the response's states from the prompt's end", "model.py", "response_states = slice(-T - 1, -1)",
      "response_states = slice(-T, None)"),
     # the sampler: its draw, the static cache's decoder (sampler.py); the CUDA graph itself is tested where CUDA is
