@@ -30,6 +30,14 @@ def sample_token(probs):
     return torch.div(probs, noise, out=noise).argmax(-1)                 # (B,) in place, as multinomial divides
 
 
+def draw(logits, done, eot):
+    """The next token of each row from its logits (B, V), end-of-text in rows that have ended, and the token's
+    log-prob: (B,), (B,). The eager loop and the static decoder's step both draw here."""
+    logp = torch.log_softmax(logits, -1)                                 # (B, V)
+    tok = torch.where(done, eot, sample_token(logp.exp()))               # (B,) finished rows: padding
+    return tok, logp.gather(1, tok[:, None]).squeeze(1)                  # (B,), (B,)
+
+
 @torch.no_grad()
 def generate(lm, prompt_ids, prompt_mask, max_new_tokens, eot, n_vocab=None, cuda_graph=False):
     """Sample responses at temperature 1 (no top-k/top-p) with a KV cache, stopping at end-of-text.
@@ -68,11 +76,9 @@ def generate_eager(lm, prompt_ids, prompt_mask, max_new_tokens, eot, n_vocab=Non
     done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device)  # (B,)
     tokens, logprobs = [], []
     for _ in range(max_new_tokens):
-        logp = torch.log_softmax(vocab_logits(out.logits[:, -1], n_vocab), -1)  # (B, V)
-        tok = sample_token(logp.exp())                                   # (B,)
-        tok = torch.where(done, eot, tok)                                # finished rows: padding
+        tok, logp = draw(vocab_logits(out.logits[:, -1], n_vocab), done, eot)  # (B,), (B,)
         tokens.append(tok)
-        logprobs.append(logp.gather(1, tok[:, None]).squeeze(1))         # (B,)
+        logprobs.append(logp)
         done |= tok == eot
         if done.all():
             break
@@ -136,10 +142,9 @@ class StaticDecoder:
 
     def step(self):
         """generate()'s loop body on the fixed buffers: sample token t, then the forward pass that predicts t + 1."""
-        logp = torch.log_softmax(self.logits, -1)                        # (B, V)
-        tok = torch.where(self.done, self.eot, sample_token(logp.exp()))  # (B,) finished rows: padding
+        tok, logp = draw(self.logits, self.done, self.eot)               # (B,), (B,)
         self.tokens.index_copy_(1, self.t, tok[:, None])
-        self.logprobs.index_copy_(1, self.t, logp.gather(1, tok[:, None]))
+        self.logprobs.index_copy_(1, self.t, logp[:, None])
         self.done |= tok == self.eot
         self.tok.copy_(tok[:, None])
         out = self.lm(input_ids=self.tok, attention_mask=self.attn, position_ids=self.pos, cache=self.cache,

@@ -41,6 +41,7 @@ LORA = "tests/test_models.py::test_lora_pi_init_is_the_untouched_model_and_train
 STATIC = "tests/test_models.py::test_static_cache_sampler_draws_generates_tokens_and_its_logprobs_are_a_full_forward_pass"
 NO_SYNC = "tests/test_models.py::test_decode_step_never_reads_a_tensor_on_the_host"
 DRAW = "tests/test_models.py::test_sample_token_draws_what_multinomial_draws"
+NOW = "tests/test_models.py::test_static_sampler_reads_the_weights_of_now_inside_one_autocast_block"
 CASTS = "tests/test_models.py::test_static_steps_cast_each_weight_once_under_autocast"
 HEAD = "tests/test_models.py::test_lm_head_on_the_response_alone_changes_no_logprob_and_skips_the_prompts_positions"
 DECODERS_TEST = ("tests/test_models.py::test_static_decoders_keep_the_two_last_used_and_a_graph_only_where_layers_keep_"
@@ -66,8 +67,6 @@ MUTATIONS = [
      'value_loss(values, mb["values"], mb["returns"]', 'value_loss(values, mb["returns"], mb["values"]'),
     ("value clip around the current values", "train.py",
      'value_loss(values, mb["values"], mb["returns"]', 'value_loss(values, values.detach(), mb["returns"]'),
-    ("finished rows not padded with end-of-text", "sampler.py",
-     "tok = torch.where(done, eot, tok)", "tok = tok"),
     ("logged kl counts padding", "train.py",
      "kl = ((logprobs - ref_logprobs) * mask).sum(1)", "kl = (logprobs - ref_logprobs).sum(1)"),
     ("logged J adds the KL", "train.py",
@@ -116,8 +115,8 @@ MUTATIONS = [
     ("data parallel: whitening per process", "train.py",
      "masked_whiten(advantages, mask, mean_fn=global_mean)", "masked_whiten(advantages, mask)", ["tests/test_ddp.py"]),
     ("padded vocabulary not cut in the sampler", "sampler.py",
-     "logp = torch.log_softmax(vocab_logits(out.logits[:, -1], n_vocab), -1)",
-     "logp = torch.log_softmax(out.logits[:, -1].float(), -1)", ["tests/test_models.py"]),
+     "tok, logp = draw(vocab_logits(out.logits[:, -1], n_vocab), done, eot)",
+     "tok, logp = draw(out.logits[:, -1].float(), done, eot)", ["tests/test_models.py"]),
     ("any boolean spelling read as true", "common.py",
      'if text.lower() in ("true", "1"):', 'if text.lower() not in ("false", "0"):', ["tests/test_cli.py"]),
     ("resume accepts a changed config", "common.py", "    if changed:\n", "    if False:\n",
@@ -259,11 +258,10 @@ MUTATIONS = [
     ("activation checkpointing on while sampling", "sampler.py", "    with checkpointing_off(lm):",
      "    with contextlib.nullcontext():",
      ["tests/test_models.py::test_activation_checkpointing_changes_no_sampled_token"]),
-    ("static decoder: greedy instead of a draw", "sampler.py",
-     "tok = torch.where(self.done, self.eot, sample_token(logp.exp()))", "tok = torch.where(self.done, self.eot, logp.argmax(-1))",
-     [STATIC]),
-    ("static decoder: finished rows not padded", "sampler.py",
-     "tok = torch.where(self.done, self.eot, sample_token(logp.exp()))", "tok = sample_token(logp.exp())", [STATIC]),
+    ("the sampler: greedy instead of a draw", "sampler.py",
+     "tok = torch.where(done, eot, sample_token(logp.exp()))", "tok = torch.where(done, eot, logp.argmax(-1))"),
+    ("the sampler: finished rows not padded", "sampler.py",
+     "tok = torch.where(done, eot, sample_token(logp.exp()))", "tok = sample_token(logp.exp())"),
     ("static decoder: position ids not advanced", "sampler.py", "self.pos.add_(1).clamp_(", "self.pos.add_(0).clamp_(",
      [STATIC]),
     ("static decoder: the first response position is the last prompt's", "sampler.py",
@@ -278,10 +276,10 @@ MUTATIONS = [
      "n = int(mask.sum(1).max())", "n = t + 1", [STATIC]),
     ("static decoder: the caller's autocast cache read (stale weights)", "sampler.py",
      "    torch.clear_autocast_cache()\n    try:", "    try:",
-     ["tests/test_models.py::test_static_sampler_reads_the_weights_of_now_inside_one_autocast_block"]),
+     [NOW]),
     ("static decoder: its cast copies left in the caller's autocast block", "sampler.py",
      "    finally:\n        torch.clear_autocast_cache()", "    finally:\n        pass",
-     ["tests/test_models.py::test_static_sampler_reads_the_weights_of_now_inside_one_autocast_block"]),
+     [NOW]),
     ("static decoder: each weight cast at every step", "sampler.py", "cache_enabled=True):", "cache_enabled=False):",
      [CASTS]),
     ("static decoder: the last replay's tokens past max_new_tokens kept", "sampler.py",
