@@ -1,33 +1,28 @@
 """
-Data for the RLHF runs: tokenizers (tiktoken), the embedded movie-review task (a corpus to pre-train
-pi_init, prompts, a sentiment reward), and loaders for your own prompts and reward models.
+The data of the RLHF loop: the embedded movie-review task (a corpus to pre-train pi_init, prompts, held-out
+prompts, a sentiment reward), its tokenizer, and loaders for your own prompts and reward functions.
 
-The embedded task needs no download. A small grammar writes one-to-three-clause movie reviews,
-"the plot was very dull but the cast was charming." Its adjectives are positive, negative or
-neutral in equal measure, so pi_init (pre-trained on the grammar) is neutral on average. Prompts are
-the opening "the <subject> <verb>"; the policy completes the review. The reward counts positive
-minus negative adjectives in the completion and saturates: score = clip(pos - neg, -2, 2) / 2 in
-[-1, 1]. Thousands of different completions reach the top score, so the KL-regularised optimum
-pi* = pi_init exp(R/lambda)/Z stays diverse instead of collapsing onto one string.
+The embedded task needs no download. A small grammar writes reviews of one to three clauses, "the plot was very
+dull but the cast was charming." Its adjectives are positive, negative or neutral in equal measure, so pi_init
+(pre-trained on the grammar) is neutral on average. A prompt is an opening "the <subject> <verb>", and the policy
+completes the review. The reward counts positive minus negative adjectives and saturates:
+score = clip(pos - neg, -2, 2) / 2, in [-1, 1]. Thousands of completions reach the top score, so the optimum
+pi* = pi_init exp(R/lambda) / Z stays diverse instead of collapsing onto one string.
 
-Tokenizers: `task_encoding()` is a tiktoken Encoding over the 256 bytes, the task's words as whole
-tokens, and <|endoftext|>: any text encodes, and the task's reviews take one token per word.
-`get_encoding("gpt2")` gives GPT-2's BPE for GPT-2 checkpoints; it is tiktoken's `r50k_base` (the
-same ids), downloaded once by tiktoken or read from TIKTOKEN_CACHE_DIR. A checkpoint's own tokenizer
-(Pythia's, Llama's, ...) is read from its folder by `transformers.AutoTokenizer` and wrapped in
-`HFTokenizer`, which answers to the same five names as a tiktoken Encoding: encode_ordinary, decode,
-eot_token, n_vocab, name.
+Tokenizers answer to five names of tiktoken's Encoding: encode_ordinary, decode, eot_token, n_vocab, name. The
+task's is a tiktoken Encoding over the 256 bytes plus one token per word of the grammar; "gpt2" is GPT-2's BPE
+(tiktoken's r50k_base, read from TIKTOKEN_CACHE_DIR offline); a checkpoint's own comes from lab/hf.py.
 """
 import importlib
 import json
-import os
 import random
 
 import numpy as np
 import tiktoken
 import torch
 
-from common import one_line
+from lab.cli import one_line
+from lab.hf import HFTokenizer, reward_model_fn, ships_tokenizer
 
 # ---------------------------------------------------------------------------------------------
 # the embedded task
@@ -60,66 +55,6 @@ def get_encoding(name):
     if name == "gpt2":
         return tiktoken.get_encoding("r50k_base")
     return HFTokenizer(name)
-
-
-def check_source(flag, name, tokenizer=False):
-    """A model or tokenizer that is no local path is a Hugging Face hub id. Refuse at once, in one line, one that
-    cannot be had (not in the local Hugging Face cache, and the hub says no or cannot be reached), instead of
-    transformers' minute of retries and a message that blames the network for a typo."""
-    import huggingface_hub
-    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
-    if os.path.exists(name):
-        return
-    kinds = "'task', 'gpt2', a folder with a tokenizer or a Hugging Face hub id" if tokenizer else \
-        "a model folder or a Hugging Face hub id"
-    try:
-        files = ("tokenizer_config.json", "tokenizer.json") if tokenizer else ("config.json",)
-        if any(isinstance(huggingface_hub.try_to_load_from_cache(name, f), str) for f in files):
-            return                                                       # downloaded before
-        huggingface_hub.model_info(name, timeout=10)                    # one request, no retries
-    except HFValidationError:
-        raise ValueError(f"{flag}={name} is no folder here and no hub id: {flag} takes {kinds}") from None
-    except RepositoryNotFoundError:
-        raise ValueError(f"{flag}={name} is no folder here, and the Hugging Face hub has no such model (or it is "
-                         f"private or gated: log in); {flag} takes {kinds}") from None
-    except Exception as e:                                               # no network, HF_HUB_OFFLINE, a timeout
-        raise ValueError(f"{flag}={name} is no folder here nor in the Hugging Face cache, and the hub cannot be "
-                         f"reached to look it up ({type(e).__name__}: {one_line(e, 120)}); "
-                         f"{flag} takes {kinds}") from None
-
-
-def ships_tokenizer(path):
-    """Whether a Hugging Face model folder (or hub id: assumed yes) holds a tokenizer of its own."""
-    return not os.path.isdir(path) or any(os.path.exists(os.path.join(path, f)) for f in
-                                          ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-
-
-class HFTokenizer:
-    """A transformers tokenizer behind the part of tiktoken's Encoding that training uses. Its
-    end-of-text is the tokenizer's eos token; n_vocab counts added tokens too (ids 0 .. n_vocab - 1)."""
-
-    def __init__(self, path):
-        from transformers import AutoTokenizer
-        from model import quiet
-        if os.path.isdir(path) and not ships_tokenizer(path):
-            raise ValueError(f"{path} holds no tokenizer (tokenizer.json, tokenizer_config.json or tokenizer.model)")
-        try:
-            with quiet():
-                self.tok = AutoTokenizer.from_pretrained(path)
-        except Exception as e:                                           # a damaged tokenizer.json raises anything
-            raise ValueError(f"cannot load a tokenizer from {path}: {one_line(e, 300)}") from None
-        if self.tok.eos_token_id is None:
-            raise ValueError(f"the tokenizer of {path} has no end-of-text (eos) token")
-        self.name, self.eot_token, self.n_vocab = os.path.basename(os.path.normpath(path)), self.tok.eos_token_id, len(self.tok)
-
-    def encode_ordinary(self, text):
-        return self.tok.encode(text, add_special_tokens=False)
-
-    def decode(self, ids):
-        return self.tok.decode(ids)
-
-    def decode_batch(self, batch):
-        return self.tok.batch_decode(batch)
 
 
 def review(rng):
@@ -160,6 +95,13 @@ def sentiment_reward(prompts, completions):
         net = sum(w in positive for w in words) - sum(w in negative for w in words)
         scores.append(max(-2, min(2, net)) / 2)
     return scores
+
+
+def distinct_n(texts, n):
+    """Unique n-grams / all n-grams of words and full stops over a batch of texts (Li et al. 2016):
+    1.0 when nothing repeats, low under mode collapse."""
+    grams = [tuple(w[i:i + n]) for w in (t.replace(".", " .").split() for t in texts) for i in range(len(w) - n + 1)]
+    return len(set(grams)) / max(1, len(grams))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,35 +154,6 @@ def load_reward_fn(spec):
     return fn
 
 
-def reward_model_fn(path, enc, device):
-    """A Hugging Face sequence-classification model as reward: the last logit of prompt + completion
-    (a single-logit reward model's score, or the 'positive' class of a two-class sentiment model).
-    Text is tokenized by the model's own tokenizer when it has one, else by `enc` (the policy's)."""
-    from transformers import AutoModelForSequenceClassification
-    from model import load_pretrained
-    model = load_pretrained(AutoModelForSequenceClassification, path, "reward model",  # a causal LM's score
-                            ": not a sequence-classification model (a causal LM? that goes in --init)").to(device).eval()
-    tokenizer = HFTokenizer(path).tok if ships_tokenizer(path) else None
-    if tokenizer is not None:
-        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    if model.config.pad_token_id is None:                               # it finds each text's last token by it
-        model.config.pad_token_id = tokenizer.pad_token_id if tokenizer else enc.eot_token
-    pad_id = model.config.pad_token_id
-
-    @torch.no_grad()
-    def score(prompts, completions):
-        texts = [p + c for p, c in zip(prompts, completions)]
-        if tokenizer is not None:
-            batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(device)
-        else:
-            ids = [enc.encode_ordinary(t)[-model.config.max_position_embeddings:] or [pad_id] for t in texts]
-            width = max(map(len, ids))
-            batch = {"input_ids": torch.tensor([x + [pad_id] * (width - len(x)) for x in ids], device=device),
-                     "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)}
-        return model(**batch).logits[:, -1].float().tolist()
-    return score
-
-
 def load_data(cfg, device):
     """The run's tokenizer (with --init: the checkpoint's own), prompts (text and tokens) and reward function."""
     enc = get_encoding(cfg.tokenizer or ("task" if not cfg.init else cfg.init if ships_tokenizer(cfg.init)
@@ -250,6 +163,14 @@ def load_data(cfg, device):
     reward_fn = (reward_model_fn(cfg.reward_model, enc, device) if cfg.reward_model
                  else load_reward_fn(cfg.reward_fn))
     return enc, prompts, prompt_tokens, reward_fn
+
+
+def load_eval_prompts(cfg, enc):
+    """The held-out prompts (text and tokens), never trained on: --eval_prompts, else the task's held-out openings
+    (none with --prompts, or with eval_every 0)."""
+    prompts = ((load_prompts(cfg.eval_prompts) if cfg.eval_prompts else [] if cfg.prompts else task_eval_prompts())
+               if cfg.eval_every else [])
+    return prompts, [enc.encode_ordinary(p) for p in prompts]
 
 
 def call_reward(cfg, reward_fn, prompts, completions):

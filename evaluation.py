@@ -1,9 +1,9 @@
 """
 How good a policy is, by sampling: J*, the best KL-regularised objective any policy can reach, estimated from
-pi_init's samples (the `gap` of the log line), and the held-out evaluation (eval_reward, eval_kl, eval_J) of the
-policy on prompts RL never trains on. exact.py gives J, J* and the gap by enumeration instead, where that is
-feasible. train.py calls both; neither changes a training number (their random streams are their own).
-Also `train.py --sample` (sample_policy): a trained policy's completions of a prompt, with their reward.
+pi_init's samples (the `gap` of the log line), and the held-out evaluation (eval_reward, eval_kl, eval_J) on
+prompts that RL never trains on. lab/exact.py computes J, J* and the gap exactly instead, where the responses are
+few enough to list. Neither changes a training number: each draws from a random stream of its own.
+Also `python train.py --sample=out/policy`: a trained policy's completions of a prompt, with their reward.
 """
 import dataclasses
 import json
@@ -15,9 +15,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import data
-from common import status
-from model import autocast, check_fits, get_device, lm_forward, load_pretrained, token_logprobs
-from sampler import DECODERS, sample
+from lab.cli import status
+from lab.hf import load_pretrained
+from lab.static_sampler import DECODERS, choose_sampler
+from model import autocast, check_fits, get_device, lm_forward, sample, token_logprobs
 
 
 @torch.no_grad()
@@ -28,7 +29,8 @@ def estimate_jstar(cfg, lm, prompt_tokens, prompts, reward_fn, enc, device):
     rows, n, t0 = torch.arange(len(prompts)).repeat_interleave(cfg.jstar_samples), cfg.jstar_samples, time.time()
     scores = []
     for chunk in rows.split(512):
-        scores.append(sample(cfg, lm, chunk.tolist(), prompt_tokens, prompts, reward_fn, enc, device)[-1])
+        scores.append(sample(cfg, lm, chunk.tolist(), prompt_tokens, prompts, reward_fn, enc, device,
+                             choose_sampler(cfg, device))[-1])
         k = sum(map(len, scores))
         status(f"estimating J* from pi_init: {k}/{len(rows)} samples | {time.time() - t0:.0f}s", done=k == len(rows))
     DECODERS.clear()                                                     # a GPU's decoders of 512 rows: not needed again
@@ -49,7 +51,8 @@ def evaluate(cfg, policy, ref_lm, eval_tokens, eval_prompts, reward_fn, enc, dev
         torch.manual_seed(1_000_003 * (cfg.seed + 1) + it)
         for k in range(0, len(rows), cfg.batch_size):
             prompt_ids, prompt_mask, response, mask, logprobs, _, s = sample(
-                cfg, policy.lm, rows[k:k + cfg.batch_size], eval_tokens, eval_prompts, reward_fn, enc, device)
+                cfg, policy.lm, rows[k:k + cfg.batch_size], eval_tokens, eval_prompts, reward_fn, enc, device,
+                choose_sampler(cfg, device))
             with autocast(cfg, device):
                 ref_logits, _ = lm_forward(ref_lm, torch.cat([prompt_ids, response], 1), torch.cat(
                     [prompt_mask, torch.ones_like(response)], 1), prompt_ids.shape[1], enc.n_vocab)  # (B, T, V)
@@ -58,13 +61,6 @@ def evaluate(cfg, policy, ref_lm, eval_tokens, eval_prompts, reward_fn, enc, dev
     scores, kl = torch.cat(scores), torch.cat(kls)                       # (eval_samples,)
     return {"eval_reward": scores.mean().item(), "eval_kl": kl.mean().item(),
             "eval_J": (scores - cfg.lam * kl).mean().item()}
-
-
-def distinct_n(texts, n):
-    """Unique n-grams / all n-grams of words and full stops over a batch of texts (Li et al. 2016):
-    1.0 when nothing repeats, low under mode collapse."""
-    grams = [tuple(w[i:i + n]) for w in (t.replace(".", " .").split() for t in texts) for i in range(len(w) - n + 1)]
-    return len(set(grams)) / max(1, len(grams))
 
 
 @torch.no_grad()
@@ -88,7 +84,8 @@ def sample_policy(cfg, Config):
     prompt_tokens = [enc.encode_ordinary(p) for p in prompts]
     check_fits(enc, prompt_tokens, run.max_new_tokens, lm.config)
     torch.manual_seed(cfg.seed)
-    *_, completions, scores = sample(run, lm, range(len(prompts)), prompt_tokens, prompts, reward_fn, enc, device)
+    *_, completions, scores = sample(run, lm, range(len(prompts)), prompt_tokens, prompts, reward_fn, enc, device,
+                                     choose_sampler(run, device))
     for prompt, completion, score in zip(prompts, completions, scores.tolist()):
         print(f"{prompt!r} -> {completion!r} | reward {score:+.2f}")
     return completions, scores.tolist()

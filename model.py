@@ -1,126 +1,30 @@
 """
-The model side of the RLHF loop: a causal LM with a scalar value head, its forward pass over prompt and
-response, bf16 autocast, the optimizer, and the tiny GPT that the embedded task pre-trains as pi_init (the
-sampler is sampler.py). Any Hugging Face causal LM fits (train.py --init): loading one checks that it is
-whole, causal, and fits the prompts and the tokenizer, in one line if not.
+The policy side of the RLHF loop: a causal LM with a scalar value head, its forward pass over prompt and response,
+the sampler (temperature 1, with the log-probs of what it draws), the device and precision, the optimizer, and
+pi_init: the tiny GPT that the embedded task pre-trains, or any Hugging Face causal LM (--init, loaded and checked
+by lab/hf.py). What fits a large model on one GPU (LoRA, frozen weights in bf16, activation checkpointing) is in
+lab/lora.py, and the GPU's faster sampler in lab/static_sampler.py.
 """
 import contextlib
 import copy
 import os
+import resource
 import shutil
 import time
-import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
-from transformers.utils import logging as hf_logging
+from transformers import GPT2Config, GPT2LMHeadModel
 
 import data
-from common import one_line, status, write_atomically
-
-
-# ---------------------------------------------------------------------------------------------
-# loading a Hugging Face checkpoint: one line that says what is wrong, not transformers' reports
-
-
-@contextlib.contextmanager
-def quiet():
-    """transformers and peft without their load reports, warnings and progress bars while loading, wrapping or
-    saving: what matters is checked here and said in one line."""
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():                                  # and peft's (fan_in_fan_out, deprecations)
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def load_pretrained(cls, path, what, lacking=""):
-    """cls.from_pretrained(path) with fp32 weights, or a ValueError that names what is wrong: a damaged weights
-    file (by name), or weights that lack part of the model, which would then be random (lacking: the likely cause)."""
-    try:
-        with quiet():
-            lm, info = cls.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
-    except Exception as e:
-        raise ValueError(f"{what} {path} does not load: {damaged_file(path) or one_line(e, 300)}") from e
-    if info["missing_keys"]:
-        raise ValueError(f"{what} {path} lacks weights of a {type(lm).__name__}: "
-                         f"{', '.join(sorted(info['missing_keys'])[:3])}, which would be random{lacking}")
-    return lm
-
-
-def damaged_file(folder):
-    """'<file> is damaged (...)' for the first weights file in folder whose header does not read, else ''."""
-    from safetensors import safe_open
-    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    for name in (n for n in names if n.endswith(".safetensors")):
-        try:
-            with safe_open(os.path.join(folder, name), "pt"):
-                pass
-        except Exception as e:
-            return f"{os.path.join(folder, name)} is damaged or truncated ({one_line(e, 200)})"
-    return ""
-
-
-@torch.no_grad()
-def check_causal(lm, what):
-    """Refuse a model whose prediction at a position sees later tokens (an encoder such as BERT loads as a
-    causal LM, silently): the sampler and every log-prob here assume that it does not."""
-    n = min(6, lm.config.max_position_embeddings)
-    ids = torch.randint(lm.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0)).repeat(2, 1)  # (2, n)
-    ids[1, -1] = (ids[0, -1] + 1) % lm.config.vocab_size                 # the two differ in their last token only
-    logits = lm(input_ids=ids.to(lm.device)).logits[:, :-1].float()      # (2, n - 1, V) before that token
-    if (logits[0] - logits[1]).abs().max() > 1e-5 * logits.abs().max().clamp(min=1):
-        raise ValueError(f"{what} is not a causal language model: its predictions depend on later tokens "
-                         f"(an encoder such as BERT?)")
-
-
-def init_config(cfg, enc):
-    """pi_init's config, read before its weights (--init) or its pre-training (the tiny GPT)."""
-    if not cfg.init:
-        return tiny_gpt_config(cfg, enc.n_vocab)
-    try:
-        with quiet():
-            return AutoConfig.from_pretrained(cfg.init)
-    except Exception as e:
-        raise ValueError(f"--init {cfg.init} holds no model: {one_line(e, 200)}") from None
-
-
-def load_lm(path, what):
-    """A causal LM from a Hugging Face folder or hub id, in fp32, refused in one line if it is damaged, lacks
-    weights (its LM head would be random) or is no causal model."""
-    lm = load_pretrained(AutoModelForCausalLM, path, what)
-    check_causal(lm, f"{what} {path}")
-    return lm
-
-
-def check_fits(enc, prompt_tokens, max_new_tokens, config, what="prompt"):
-    """Prompts and tokenizer fit the model (config: its Hugging Face config): no empty prompt, every prompt and
-    its response within the context window, every token id a row of the embedding, the same end-of-text."""
-    lengths = [len(t) for t in prompt_tokens] or [1]
-    if min(lengths) == 0:
-        raise ValueError(f"{what} {lengths.index(0) + 1} encodes to no token")
-    context, longest = getattr(config, "max_position_embeddings", None), max(range(len(lengths)), key=lengths.__getitem__)
-    if context and lengths[longest] + max_new_tokens > context:
-        raise ValueError(f"{what} {longest + 1} has {lengths[longest]} tokens: with max_new_tokens={max_new_tokens} "
-                         f"it exceeds the context window of {context}")
-    if config.vocab_size < enc.n_vocab:                                  # more rows than tokens is fine: masked
-        raise ValueError(f"tokenizer {enc.name} has {enc.n_vocab} tokens but the model only {config.vocab_size}")
-    eos = config.eos_token_id
-    if eos is not None and enc.eot_token not in (eos if isinstance(eos, list) else [eos]):
-        raise ValueError(f"tokenizer {enc.name} ends texts with id {enc.eot_token} but the model with {eos}: "
-                         "not the model's tokenizer (--tokenizer)")
-
+from lab.cli import status
+from lab.hf import load_config, load_lm, load_pretrained, quiet
+from lab.lora import AdaptersOff, checkpoint_activations, exact_in_bf16, frozen_to_bf16, with_lora
+from lab.runs import write_atomically
 
 # ---------------------------------------------------------------------------------------------
-# model: a causal LM with a scalar value head on its last hidden state
+# the policy: a causal LM with a scalar value head on its last hidden state
 
 
 class PolicyWithValue(nn.Module):
@@ -154,8 +58,8 @@ def lm_forward(lm, input_ids, attention_mask, prompt_len, n_vocab=None, prompt_l
     n_vocab: the tokenizer's vocabulary size (None: all of the model's logits).
     prompt_logits: whether the LM head also runs at the prompt's positions, whose logits are dropped (None: on a
     CPU only). Skipping them (transformers' logits_to_keep) saves (P - 1) / (P + T) of the head's work and
-    memory, a fifth of a 124M model's update with 256-token prompts, but sums the head's weight gradient in
-    another order: on a CPU, fp32 runs keep their rounding, and so this README's numbers, to the last digit."""
+    memory, but sums the head's weight gradient in another order: on a CPU, fp32 runs keep their rounding, and so
+    the numbers in the README, to the last digit."""
     T = input_ids.shape[1] - prompt_len
     if prompt_logits is None:
         prompt_logits = input_ids.device.type == "cpu"
@@ -182,67 +86,129 @@ def entropy(logits, rows=8):
 
 
 # ---------------------------------------------------------------------------------------------
-# the paper's larger models on one GPU: LoRA (peft, an optional extra), frozen weights in bf16, activation
-# checkpointing
+# the sampler: responses at temperature 1, with the log-probs of the tokens drawn
 
 
-class AdaptersOff:
-    """pi_init under LoRA: the policy's own network with its adapters switched off, so no second copy of its
-    weights. It is called like the network, and everything else (config, device) is the network's."""
-
-    def __init__(self, lm):
-        self.lm = lm
-
-    def __call__(self, *args, **kwargs):
-        with self.lm.disable_adapter():
-            return self.lm(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.lm, name)
+def left_pad(token_lists, pad_id, device):
+    """Token lists -> ids, attention mask, both (B, P), padded on the left."""
+    width = max(map(len, token_lists))
+    ids = [[pad_id] * (width - len(t)) + t for t in token_lists]
+    mask = [[0] * (width - len(t)) + [1] * len(t) for t in token_lists]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
 
 
-def with_lora(lm, cfg):
-    """lm with LoRA adapters of rank cfg.lora_r (Hu et al. 2021, arXiv 2106.09685) on the modules cfg.lora_targets
-    names, by default every linear layer, the LM head too (peft's "all-linear" leaves it out; without it the tiny
-    GPT cannot make a next-token distribution much sharper than pi_init's: its final LayerNorm bounds the logits,
-    and the exact gap stalls); only they train. Their B matrices start at 0, so the policy starts exactly at
-    pi_init. No dropout in them, so that pi_theta = pi_old at the first step, as everywhere here."""
+def sample_token(probs):
+    """One token from each row of probs (B, V) -> (B,): the argmax of probs / E with E_i ~ Exp(1) independent.
+    E_i / probs_i ~ Exp(probs_i), and the smallest of independent exponentials is the i-th with probability
+    probs_i / sum(probs). torch.multinomial(probs, 1) draws this way too (the same tokens under one seed);
+    written out, it is a few tensor ops that never wait for the GPU, so a CUDA graph can hold it."""
+    noise = torch.empty_like(probs).exponential_()                       # (B, V) E
+    return torch.div(probs, noise, out=noise).argmax(-1)                 # (B,) in place, as multinomial divides
+
+
+def draw(logits, done, eot):
+    """The next token of each row from its logits (B, V), end-of-text in rows that have ended, and the token's
+    log-prob: (B,), (B,). This loop and the GPU's static decoder (lab/static_sampler.py) both draw here."""
+    logp = torch.log_softmax(logits, -1)                                 # (B, V)
+    tok = torch.where(done, eot, sample_token(logp.exp()))               # (B,) finished rows: padding
+    return tok, logp.gather(1, tok[:, None]).squeeze(1)                  # (B,), (B,)
+
+
+@torch.no_grad()
+def generate(lm, prompt_ids, prompt_mask, max_new_tokens, eot, n_vocab=None):
+    """Sample responses at temperature 1 (no top-k/top-p) with a KV cache, stopping at end-of-text.
+    prompt_ids, prompt_mask (B, P), left-padded. Returns response (B, T), mask (B, T) that is 1 up to
+    and including the first end-of-text, and the sampler's log-probs (B, T) (0 on padding).
+    n_vocab: the tokenizer's vocabulary size; ids beyond it are never sampled (None: all of the model's).
+    The cache grows by one position per token, and the host waits for the device once per token (to know whether
+    every row has ended): on a GPU, lab/static_sampler.py's CUDA graph avoids both."""
+    with checkpointing_off(lm):
+        attn = prompt_mask
+        pos = position_ids(attn)                                         # (B, P)
+        out = lm(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+        done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device)  # (B,)
+        tokens, logprobs = [], []
+        for _ in range(max_new_tokens):
+            tok, logp = draw(vocab_logits(out.logits[:, -1], n_vocab), done, eot)  # (B,), (B,)
+            tokens.append(tok)
+            logprobs.append(logp)
+            done |= tok == eot
+            if done.all():
+                break
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)    # (B, P + t)
+            pos = pos[:, -1:] + 1                                        # (B, 1)
+            out = lm(input_ids=tok[:, None], attention_mask=attn, position_ids=pos, cache=out.cache, use_cache=True)
+    response = torch.stack(tokens, 1)                                    # (B, T)
+    mask = response_mask(response, eot)                                  # (B, T)
+    return response, mask, torch.stack(logprobs, 1) * mask
+
+
+@contextlib.contextmanager
+def checkpointing_off(lm):
+    """The layers that lab/lora.py's checkpoint_activations put in training mode, in eval mode while sampling:
+    transformers drops the KV cache of a checkpointing layer, and GPT-2's then sees only the newest token, silently."""
+    layers = [m for m in lm.modules() if getattr(m, "gradient_checkpointing", False) and m.training]
+    for m in layers:
+        m.training = False
     try:
-        import peft
-    except ImportError:
-        raise ValueError("--lora_r needs peft, an optional extra: pip install peft") from None
-    from transformers.pytorch_utils import Conv1D                        # GPT-2's linear layers
-    targets = (sorted({name.split(".")[-1] for name, m in lm.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
-               if cfg.lora_targets == "all" else cfg.lora_targets.split(","))
-    try:
-        with quiet():
-            return peft.get_peft_model(lm, peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                                           target_modules=targets))
-    except ValueError as e:                                              # e.g. no module of that name
-        raise ValueError(f"--lora_targets={cfg.lora_targets}: {one_line(e, 300)}") from None
-
-
-def frozen_to_bf16(module):
-    """The weights that never train, stored in bf16: half their memory. Under bf16 autocast they were read in
-    bf16 anyway, so a run whose frozen weights are all exact in bf16 (a bf16 checkpoint) computes the same."""
-    for p in module.parameters():
-        if not p.requires_grad:
-            p.data = p.data.to(torch.bfloat16)
-
-
-def exact_in_bf16(module):
-    return all(torch.equal(p, p.to(torch.bfloat16).to(p.dtype)) for p in module.parameters())
-
-
-def checkpoint_activations(lm):
-    """Activation (gradient) checkpointing: each layer's activations are recomputed in the backward pass instead
-    of kept. transformers checkpoints a layer only in training mode, so the layers themselves are put in it; their
-    parts (dropout) stay in eval mode."""
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # under LoRA: the transformers model
-    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    for m in base.modules():
-        if getattr(m, "gradient_checkpointing", False):
+        yield
+    finally:
+        for m in layers:
             m.training = True
+
+
+def response_mask(response, eot):
+    """1 up to and including each row's first end-of-text: response (B, T) -> (B, T)."""
+    is_eot = (response == eot).int()                                     # (B, T)
+    return (is_eot.cumsum(1) - is_eot == 0).float()                      # (B, T) no end-of-text before t
+
+
+@torch.no_grad()
+def sample(cfg, lm, idx, prompt_tokens, prompts, reward_fn, enc, device, generate=generate):
+    """Responses of lm to the prompts numbered idx, decoded and scored by the reward function. Returns prompt ids
+    and mask (B, P), response, its mask and the sampler's log-probs (B, T), the decoded completions (end-of-text
+    dropped) and the scores (B,). generate: this file's loop, or lab/static_sampler.generate_static on a GPU."""
+    prompt_ids, prompt_mask = left_pad([prompt_tokens[i] for i in idx], enc.eot_token, device)  # (B, P)
+    with autocast(cfg, device):
+        response, mask, logprobs = generate(lm, prompt_ids, prompt_mask, cfg.max_new_tokens, enc.eot_token, enc.n_vocab)
+    completions = [enc.decode([t for t in r if t != enc.eot_token]) for r in response.tolist()]
+    scores = data.call_reward(cfg, reward_fn, [prompts[i] for i in idx], completions).to(device)  # (B,)
+    return prompt_ids, prompt_mask, response, mask, logprobs, completions, scores
+
+
+# ---------------------------------------------------------------------------------------------
+# device, precision, memory
+
+
+def get_device(cfg):
+    """auto: cuda if torch sees a GPU, else cpu."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device=cuda, but torch finds no CUDA GPU on this machine (use --device=cpu or auto)")
+    return torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                        "cpu" if cfg.device == "auto" else cfg.device)
+
+
+def bf16(cfg, device):
+    """Whether the run is bf16: --precision=bf16, or auto on a GPU."""
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+
+def autocast(cfg, device):
+    """bf16 autocast with --precision=bf16 (the default on a GPU; on a CPU too when asked), else nothing.
+    Logits are cast to fp32 before any log_softmax, and the value head and the losses run in fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16(cfg, device))
+
+
+def peak_memory_mb(device):
+    """cuda: the most memory tensors held since the last reset (max_memory_allocated). cpu: the process's
+    peak resident set size so far (ru_maxrss, in KiB on Linux), which never goes down."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+# ---------------------------------------------------------------------------------------------
+# the policy and its optimizer, from pi_init
 
 
 def make_policy(cfg, lm, n_vocab, device):
@@ -273,23 +239,37 @@ def make_optimizer(policy, lr, device):
     return torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=lr, fused=device.type == "cuda")
 
 
-def get_device(cfg):
-    """auto: cuda if torch sees a GPU, else cpu."""
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device=cuda, but torch finds no CUDA GPU on this machine (use --device=cpu or auto)")
-    return torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                        "cpu" if cfg.device == "auto" else cfg.device)
+# ---------------------------------------------------------------------------------------------
+# pi_init: a Hugging Face causal LM (--init), or the tiny GPT pre-trained on the embedded task
 
 
-def bf16(cfg, device):
-    """Whether the run is bf16: --precision=bf16, or auto on a GPU."""
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+def load_pi_init(cfg, enc, prompt_tokens, eval_tokens, device):
+    """pi_init, frozen: --init's checkpoint, or the tiny GPT pre-trained here (cached in sft_dir). Its config is
+    read first, so that prompts too long for its context window or a tokenizer it does not fit stop the run
+    before any pre-training or download of weights."""
+    config = load_config(cfg.init) if cfg.init else tiny_gpt_config(cfg, enc.n_vocab)
+    check_fits(enc, prompt_tokens, cfg.max_new_tokens, config)
+    check_fits(enc, eval_tokens, cfg.max_new_tokens, config, "held-out prompt")
+    lm = (load_lm(cfg.init, "--init") if cfg.init else pretrain(cfg, enc, device)).to(device)
+    return lm.eval().requires_grad_(False)
 
 
-def autocast(cfg, device):
-    """bf16 autocast with --precision=bf16 (the default on a GPU; on a CPU too when asked), else nothing.
-    Logits are cast to fp32 before any log_softmax, and the value head and the losses run in fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16(cfg, device))
+def check_fits(enc, prompt_tokens, max_new_tokens, config, what="prompt"):
+    """Prompts and tokenizer fit the model (config: its Hugging Face config): no empty prompt, every prompt and
+    its response within the context window, every token id a row of the embedding, the same end-of-text."""
+    lengths = [len(t) for t in prompt_tokens] or [1]
+    if min(lengths) == 0:
+        raise ValueError(f"{what} {lengths.index(0) + 1} encodes to no token")
+    context, longest = getattr(config, "max_position_embeddings", None), max(range(len(lengths)), key=lengths.__getitem__)
+    if context and lengths[longest] + max_new_tokens > context:
+        raise ValueError(f"{what} {longest + 1} has {lengths[longest]} tokens: with max_new_tokens={max_new_tokens} "
+                         f"it exceeds the context window of {context}")
+    if config.vocab_size < enc.n_vocab:                                  # more rows than tokens is fine: masked
+        raise ValueError(f"tokenizer {enc.name} has {enc.n_vocab} tokens but the model only {config.vocab_size}")
+    eos = config.eos_token_id
+    if eos is not None and enc.eot_token not in (eos if isinstance(eos, list) else [eos]):
+        raise ValueError(f"tokenizer {enc.name} ends texts with id {enc.eot_token} but the model with {eos}: "
+                         "not the model's tokenizer (--tokenizer)")
 
 
 def tiny_gpt_config(cfg, vocab_size):

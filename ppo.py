@@ -1,25 +1,19 @@
 """
-PPO for RLHF, and the machinery that APA and PPO share: masked means, whitening, the per-token
-KL-penalised reward, GAE, approximate KL. Every function is pure (tensors in, tensors out) and can
-be copied on its own; only `torch` is needed.
+PPO for RLHF, and the machinery that every algorithm here shares: masked means, whitening, the per-token
+KL-penalised reward, GAE, approximate KL. Every function is pure (tensors in, tensors out) and can be copied on
+its own; only torch is needed.
 
-References
-- PPO: Schulman et al. 2017, arXiv 1707.06347, Eq. (7) (clipped surrogate).
-- GAE: Schulman et al. 2016, arXiv 1506.02438, Eq. (16).
-- KL-penalised reward: Ziegler et al. 2019, arXiv 1909.08593, Eq. (2), spread over tokens.
-- APA paper (Zhu et al. 2023, arXiv 2306.02231), Sec. 3: this PPO is its baseline.
+References: PPO, Schulman et al. 2017, arXiv 1707.06347, Eq. (7) (the clipped surrogate); GAE, Schulman et al.
+2016, arXiv 1506.02438, Eq. (16); the KL-penalised reward, Ziegler et al. 2019, arXiv 1909.08593, Eq. (2), spread
+over tokens. The APA paper (Zhu et al. 2023, Sec. 3) uses this PPO as its baseline.
 
-Shapes: B = responses in the batch, T = response tokens. `mask` (B, T) is 1 on real response tokens
-(everything up to and including the end-of-text token) and 0 on the right padding after it. Masks
-may also hold non-negative weights: then every mean is a weighted mean (the tests use this to take
-exact expectations over all sequences).
+Shapes: B responses in the batch, T response tokens. `mask` (B, T) is 1 on the real response tokens (up to and
+including the end-of-text token) and 0 on the right padding after it; it may also hold non-negative weights,
+and then every mean is a weighted mean (the tests use this to take exact expectations over all sequences).
 
-Where this departs from the papers:
-1. The KL penalty is per token, `-beta * (log pi_old - log pi_init)(a_t|s_t)`, as in every RLHF
-   PPO since Ziegler et al.; its sum over a response is a one-sample estimate of the sequence KL.
-2. Means are over tokens of the whole batch ("token-level" averaging, as in trlx), not per sequence.
-3. The value loss is clipped around the rollout's values (trlx, OpenAI baselines), which the PPO
-   paper does not do.
+Where this departs from the papers: (1) the KL penalty is per token, as in every RLHF PPO since Ziegler et al.;
+(2) means are over the tokens of the whole batch, as in trlx; (3) the value loss is clipped around the rollout's
+values (trlx, OpenAI baselines), which the PPO paper does not do.
 """
 import torch
 

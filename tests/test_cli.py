@@ -9,14 +9,14 @@ from typing import Literal
 
 import pytest
 
-import common
 import train
+from lab import cli
 
 ROOT = train.__file__.rsplit("/", 1)[0]
 
 
 def one_line_error(main, argv):
-    """The one line `error: ...` that a script's main(argv) ends with (train.py, compare.py, bench.py)."""
+    """The one line `error: ...` that a script's main(argv) ends with (train.py, lab/compare.py, lab/bench.py)."""
     with pytest.raises(SystemExit) as e:
         main(argv)
     text = e.value.code
@@ -25,50 +25,50 @@ def one_line_error(main, argv):
 
 
 def test_space_and_equals_forms_give_the_same_config():
-    a = common.parse_args(train.Config, ["--algo", "ppo", "--iters", "60", "--lr", "1e-4", "--prompts", "p.txt"])
-    b = common.parse_args(train.Config, ["--algo=ppo", "--iters=60", "--lr=1e-4", "--prompts=p.txt"])
+    a = cli.parse_args(train.Config, ["--algo", "ppo", "--iters", "60", "--lr", "1e-4", "--prompts", "p.txt"])
+    b = cli.parse_args(train.Config, ["--algo=ppo", "--iters=60", "--lr=1e-4", "--prompts=p.txt"])
     assert a == b and (a.algo, a.iters, a.lr, a.prompts) == ("ppo", 60, 1e-4, "p.txt")
     assert type(a.iters) is int and type(a.lr) is float
 
 
 def test_no_flags_give_the_defaults():
-    assert common.parse_args(train.Config, []) == train.Config()
+    assert cli.parse_args(train.Config, []) == train.Config()
 
 
 @pytest.mark.parametrize("argv, value", [(["--resume"], True), (["--resume=true"], True), (["--resume", "1"], True),
                                          (["--resume=TRUE"], True), (["--resume=false"], False), (["--resume", "0"], False),
                                          ([], False), (["--resume", "--iters=5"], True)])
 def test_booleans_as_bare_flags_and_true_false_1_0(argv, value):
-    assert common.parse_args(train.Config, argv).resume is value
+    assert cli.parse_args(train.Config, argv).resume is value
 
 
 @pytest.mark.parametrize("spelling", ["on", "yes", "maybe", "2", ""])
 def test_other_boolean_spellings_are_refused(spelling):
     with pytest.raises(ValueError, match=f"--resume: expected true, false, 1 or 0, got '{spelling}'"):
-        common.parse_args(train.Config, [f"--resume={spelling}"])
+        cli.parse_args(train.Config, [f"--resume={spelling}"])
 
 
 def test_choices_are_refused_with_the_list():
     with pytest.raises(ValueError, match=r"--algo: invalid choice: 'dpo' \(choose from 'apa', 'ppo'"):
-        common.parse_args(train.Config, ["--algo", "dpo"])
+        cli.parse_args(train.Config, ["--algo", "dpo"])
     with pytest.raises(ValueError, match="--apa_form: invalid choice"):
-        common.parse_args(train.Config, ["--apa_form=literal"])
+        cli.parse_args(train.Config, ["--apa_form=literal"])
 
 
 @pytest.mark.parametrize("flag, suggestion", [("--iter=3", "--iters"), ("--sft-steps=5", "--sft_steps"),
                                               ("--batchsize=8", "--batch_size"), ("--seeds", "--seed")])
 def test_a_typo_suggests_the_close_match(flag, suggestion):
     with pytest.raises(ValueError, match=f"did you mean {suggestion}\\?"):
-        common.parse_args(train.Config, [flag])
+        cli.parse_args(train.Config, [flag])
 
 
 def test_no_abbreviations_and_no_stray_words():
     with pytest.raises(ValueError, match="unknown argument '--max_new'"):
-        common.parse_args(train.Config, ["--max_new", "3"])      # argparse would expand a unique prefix
+        cli.parse_args(train.Config, ["--max_new", "3"])      # argparse would expand a unique prefix
     with pytest.raises(ValueError, match="unknown argument 'ppo'"):
-        common.parse_args(train.Config, ["ppo"])
+        cli.parse_args(train.Config, ["ppo"])
     with pytest.raises(ValueError, match="invalid int value: '1.5'"):
-        common.parse_args(train.Config, ["--iters=1.5"])
+        cli.parse_args(train.Config, ["--iters=1.5"])
 
 
 def test_every_field_has_help_and_the_help_is_grouped():
@@ -94,15 +94,15 @@ def test_any_dataclass_gets_the_same_parser():
         mode: Literal["fast", "slow"] = "fast"  # how to run
         n: int = 3                     # how many
         plot: bool = False             # draw it
-    assert common.parse_args(Small, ["--mode", "slow", "--plot", "--n=5"]) == Small("slow", 5, True)
+    assert cli.parse_args(Small, ["--mode", "slow", "--plot", "--n=5"]) == Small("slow", 5, True)
     with pytest.raises(ValueError, match="did you mean --mode"):
-        common.parse_args(Small, ["--mod=fast"])
+        cli.parse_args(Small, ["--mod=fast"])
 
 
 def test_a_float_or_none_flag_takes_a_float_and_defaults_to_none():
-    assert common.parse_args(train.Config, []).lr is None                       # resolved from --init: train.resolve
-    assert common.parse_args(train.Config, ["--lr=1e-4"]).lr == 1e-4
+    assert cli.parse_args(train.Config, []).lr is None                       # resolved from --init: train.resolve
+    assert cli.parse_args(train.Config, ["--lr=1e-4"]).lr == 1e-4
     with pytest.raises(ValueError, match="--lr: invalid float value: 'fast'"):
-        common.parse_args(train.Config, ["--lr=fast"])
+        cli.parse_args(train.Config, ["--lr=fast"])
     assert train.resolve(train.Config()).lr == 3e-5 and train.resolve(train.Config(init="some/model")).lr == 1e-6
     assert train.resolve(train.Config(init="some/model", lr=1e-4)).lr == 1e-4

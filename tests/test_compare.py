@@ -1,8 +1,9 @@
 """
-Tests of compare.py: the quick sweep end to end (every algorithm, setting and output), its cache,
+Tests of lab/compare.py: the quick sweep end to end (every algorithm, setting and output), its cache,
 --plot on a run directory, with and without matplotlib, and every failure as one line `error: ...`
 (bad settings, damaged or half-written files). Run: pytest -q tests/test_compare.py
 """
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ import sys
 
 import pytest
 
-import compare
+from lab import compare
 from test_cli import one_line_error
 
 
@@ -74,18 +75,32 @@ def test_plot_without_matplotlib_says_how_to_get_it(quick, capsys, monkeypatch):
     assert not os.path.exists(run / "metrics.png")
 
 
-def test_jstar_is_estimated_once_per_pi_init_data_and_lambda(monkeypatch):
-    import dataclasses
+def test_jstar_is_estimated_once_per_pi_init_data_and_lambda():
     import train
-    monkeypatch.setattr(compare, "_jstar", {})
-    calls = []
-    cached = compare.cached_jstar(lambda cfg, *args: calls.append(cfg) or (len(calls), 0.0))
     base = train.Config()
-    for algo, lr, seed in (("apa", 3e-5, 0), ("ppo", 1e-4, 1), ("awr", 3e-4, 2)):  # RL settings: one estimate
-        assert cached(dataclasses.replace(base, algo=algo, lr=lr, seed=seed, out_dir=f"out/{algo}")) == (1, 0.0)
+    same = [dataclasses.replace(base, algo=algo, lr=lr, seed=seed, out_dir=f"out/{algo}")  # RL settings: one estimate
+            for algo, lr, seed in (("apa", 3e-5, 0), ("ppo", 1e-4, 1), ("awr", 3e-4, 2))]
+    assert len({compare.jstar_key(cfg) for cfg in [base] + same}) == 1
     for change in (dict(lam=0.2), dict(max_new_tokens=2), dict(n_head=2), dict(sft_lr=3e-3), dict(prompts="p.txt")):
-        cached(dataclasses.replace(base, **change))                  # pi_init, data or lambda: a new estimate
-    assert len(calls) == 6
+        assert compare.jstar_key(dataclasses.replace(base, **change)) != compare.jstar_key(base)  # a new estimate
+
+
+def test_a_run_handed_jstar_uses_it_and_trains_as_one_that_estimates_it(quick, tmp_path):
+    """lab/compare.py hands a run the J* that an earlier run of the same pi_init, data and lambda estimated. A run
+    handed J* logs it and the gap to it, estimates nothing, and trains exactly as one that estimates J* itself."""
+    import train
+    out, _ = quick
+    cfg = dataclasses.replace(train.Config(), **compare.QUICK, lr=1e-3, iters=2, sft_dir=str(out / "sft"),
+                              sample_every=0, target_kl=0.0)
+    estimated = train.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "a")))
+    handed = train.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "b")), jstar=(1.5, 0.25))  # not J*: seen
+    assert [(r["jstar"], r["jstar_se"]) for r in handed] == [(1.5, 0.25)] * 2
+    assert [r["gap"] for r in handed] == [1.5 - r["J"] for r in handed]
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("ms", "mem_mb", "jstar", "jstar_se", "gap")}  # noqa: E731
+                       for r in h]
+    assert strip(estimated) == strip(handed)                         # J*'s own draws change no training number
+    rows = [json.loads(line) for path in (out / "main").glob("*/metrics.jsonl") for line in open(path)]
+    assert {(r["jstar"], r["jstar_se"]) for r in rows} == {(estimated[0]["jstar"], estimated[0]["jstar_se"])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,8 +137,9 @@ def test_an_empty_out_dir_is_one_line(tmp_path, monkeypatch):
 
 
 def test_a_bad_setting_on_the_command_line_is_one_line_on_stderr_with_exit_status_1(tmp_path):
-    script = os.path.join(os.path.dirname(compare.__file__), "compare.py")
-    out = subprocess.run([sys.executable, script, "--seeds=0"], cwd=tmp_path, capture_output=True, text=True)
+    root = os.path.dirname(os.path.dirname(compare.__file__))
+    out = subprocess.run([sys.executable, "-m", "lab.compare", "--seeds=0"], cwd=tmp_path, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=root))
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr == "error: seeds must be > 0, got 0\n"
 

@@ -20,10 +20,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import common  # noqa: E402
 import data  # noqa: E402
 import model  # noqa: E402
 import train  # noqa: E402
+from lab import ddp  # noqa: E402
 from ppo import masked_mean, masked_whiten  # noqa: E402
 
 LENGTHS = [6, 5, 1, 3]   # real tokens of the 4 responses: rank 0 holds rows 0-1 (11 tokens), rank 1 rows 2-3 (4)
@@ -85,7 +85,7 @@ def worker(rank, tmp):
         policy = tiny_policy(11)
         batch, P = fixed_batch(policy)
         rows = slice(2 * rank, 2 * rank + 2)
-        result[algo] = one_update(algo, policy, {k: v[rows] for k, v in batch.items()}, P, common.global_mean)
+        result[algo] = one_update(algo, policy, {k: v[rows] for k, v in batch.items()}, P, ddp.global_mean)
     # a rollout of this rank's 4 responses (its own random stream)
     enc = data.task_encoding()
     policy = tiny_policy(enc.n_vocab)
@@ -93,7 +93,7 @@ def worker(rank, tmp):
     cfg = train.resolve(train.Config(algo="ppo", batch_size=8, max_new_tokens=6))
     torch.manual_seed(rank)
     batch, _, stats, samples = train.rollout(cfg, policy, policy.lm, [enc.encode_ordinary(p) for p in prompts],
-                                             prompts, length_reward, enc, torch.device("cpu"))
+                                             prompts, length_reward, enc, torch.device("cpu"), model.generate)
     result["rollout"] = dict(advantages=batch["advantages"], mask=batch["mask"], stats=stats, samples=samples)
     torch.save(result, os.path.join(tmp, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -120,7 +120,7 @@ def test_two_processes_compute_the_one_process_update_and_global_statistics(tmp_
     assert max(abs(masked_mean(r["advantages"], r["mask"])) for r in rollouts) > 0.05  # not per-rank whitening
     samples = rollouts[0]["samples"] + rollouts[1]["samples"]
     expected = {"reward": sum(s[2] for s in samples) / 8, "kl": 0.0, "length": mask.sum().item() / 8,
-                "distinct2": train.distinct_n([s[1] for s in samples], 2)}
+                "distinct2": data.distinct_n([s[1] for s in samples], 2)}
     assert rollouts[0]["samples"] != rollouts[1]["samples"]          # each rank its own random stream
     for r in rollouts:
         assert r["stats"] == rollouts[0]["stats"]                    # the same global numbers in both processes

@@ -3,7 +3,7 @@ Tests of train.py's wiring, against slow, obvious versions and against the exact
 
 1. the exact evaluator (exact.exact_eval) against a brute-force enumeration and against the sampler;
 2. the pieces of a rollout (ref log-probs, logged KL, padding, per-token rewards, GAE, whitening) and
-   the loss that `update` calls for each algorithm and form (the README's table);
+   the loss that `update` calls for each algorithm and form (the README's fixed-point table);
 3. end to end: short responses (max_new_tokens=2), so that J* - J of the trained policy is known exactly.
 
 Run: python -m pytest -q tests/test_exact.py. tools/mutate.py shows which one-line bugs these catch.
@@ -22,11 +22,10 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import data  # noqa: E402
-import ppo  # noqa: E402
-import exact  # noqa: E402
 import model  # noqa: E402
-import sampler  # noqa: E402
+import ppo  # noqa: E402
 import train  # noqa: E402
+from lab import exact  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, sft_steps=150, sft_lr=3e-3, batch_size=32,
@@ -106,8 +105,8 @@ def test_exact_eval_matches_brute_force_enumeration():
     assert got["gap_exact"] == pytest.approx(lam * got["klstar_exact"], abs=1e-6) and got["gap_exact"] > 0
     # and the sampler draws from exactly these probabilities: its mean reward agrees within 4 standard errors
     torch.manual_seed(0)
-    ids, mask = sampler.left_pad([prompt_tokens[1]] * 4000, eot, torch.device("cpu"))
-    response, _, _ = sampler.generate(lm, ids, mask, T, eot)
+    ids, mask = model.left_pad([prompt_tokens[1]] * 4000, eot, torch.device("cpu"))
+    response, _, _ = model.generate(lm, ids, mask, T, eot)
     R = torch.tensor(reward_fn([prompts[1]] * 4000, enc.decode_batch([[a for a in r if a != eot]
                                                                         for r in response.tolist()])))
     p = exact.response_logprobs(cfg, lm, [prompt_tokens[1]], T, eot, V)[0].exp()
@@ -148,7 +147,7 @@ def test_rollout_against_slow_versions(task, algo, form):
     policy = moved_policy(task.ref_lm)
     torch.manual_seed(0)
     batch, P, stats, samples = train.rollout(cfg, policy, task.ref_lm, task.prompt_tokens, task.prompts,
-                                             task.reward_fn, task.enc, torch.device("cpu"))
+                                             task.reward_fn, task.enc, torch.device("cpu"), model.generate)
     eot, mask = task.enc.eot_token, batch["mask"]
     assert 0 < mask.sum() < mask.numel()                                # some rows ended early
     coef = 0.0 if (algo, form) == ("apa", "paper") else cfg.lam         # AWR too: the KL-penalised reward
@@ -204,8 +203,8 @@ def test_sampler_pads_finished_rows_with_end_of_text():
     V, eot = 5, 4
     lm = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=32, n_embd=16, n_layer=1, n_head=2,
                                     bos_token_id=eot, eos_token_id=eot)).eval()
-    ids, mask = sampler.left_pad([[0, 1], [2]] * 32, eot, torch.device("cpu"))
-    response, resp_mask, logprobs = sampler.generate(lm, ids, mask, 10, eot)
+    ids, mask = model.left_pad([[0, 1], [2]] * 32, eot, torch.device("cpu"))
+    response, resp_mask, logprobs = model.generate(lm, ids, mask, 10, eot)
     ended = 0
     for row, m, lp in zip(response.tolist(), resp_mask.tolist(), logprobs.tolist()):
         if eot in row:
@@ -243,7 +242,7 @@ def test_update_calls_the_loss_of_the_readme_table(task, algo, form, monkeypatch
     policy = moved_policy(task.ref_lm)
     torch.manual_seed(0)
     batch, P, _, _ = train.rollout(cfg, policy, task.ref_lm, task.prompt_tokens, task.prompts, task.reward_fn,
-                                   task.enc, torch.device("cpu"))
+                                   task.enc, torch.device("cpu"), model.generate)
     calls = []
     def spy(name, fn):
         def wrapped(*args):
@@ -278,7 +277,7 @@ def test_update_calls_the_loss_of_the_readme_table(task, algo, form, monkeypatch
     torch.testing.assert_close(vf[0].detach(), batch["values"], atol=1e-5, rtol=0)
     # the KL guard: the second minibatch sees approx_kl > target_kl after the first step, and takes no step
     batch, P, _, _ = train.rollout(cfg, policy, task.ref_lm, task.prompt_tokens, task.prompts, task.reward_fn,
-                                   task.enc, torch.device("cpu"))              # pi_old: the policy as it is now
+                                   task.enc, torch.device("cpu"), model.generate)              # pi_old: the policy as it is now
     calls.clear()
     opt, steps = torch.optim.SGD(policy.parameters(), lr=0.1), []
     step = opt.step
@@ -375,7 +374,7 @@ def test_default_apa_ppo_rloo_and_bounded_apa_reach_the_optimum(trained, name):
 
 @pytest.mark.parametrize("name", ["grpo", "dr_grpo"])
 def test_grpo_stays_farther_from_the_optimum(trained, name):
-    """GRPO's fixed point is not pi* (test_grpo.py); here it overshoots: measured gap 0.110 (KL 5.74 nats) and
+    """GRPO's fixed point is not pi* (tests/test_grpo.py); here it overshoots: measured gap 0.110 (KL 5.74 nats) and
     0.087 (Dr. GRPO, KL 3.88) after 60 iterations, where APA ends at 0.0128 (KL 2.30)."""
     exact, apa = trained(name)[0], trained("apa")[0]
     assert exact["gap_exact"] > max(0.05, 3 * apa["gap_exact"]) and exact["kl_exact"] > apa["kl_exact"] + 1

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import model
-import sampler
 import train
+from lab import static_sampler
 from test_models import ARCHS, full_forward_logprobs, likely_eot, run_args, save_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -27,10 +27,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bf16_run_on_the_gpu_trains_and_starts_at_ratio_one(tmp_path, capsys):
     init, out = tmp_path / "init", tmp_path / "out"
     save_checkpoint("gpt_neox", init)                                # a padded vocabulary, as Pythia's
-    sampler.DECODERS.clear()
+    static_sampler.DECODERS.clear()
     history = train.main(run_args(init, out, "--device=cuda", "--iters=3"))  # precision auto: bf16 on cuda
     assert "device cuda" in capsys.readouterr().out
-    assert any(dec.graph is not None for dec in sampler.DECODERS.values())  # sampled with the CUDA graph
+    assert any(dec.graph is not None for dec in static_sampler.DECODERS.values())  # sampled with the CUDA graph
     assert history[0]["kl"] == 0 and history[0]["approx_kl"] < 1e-6 and history[0]["clipfrac"] == 0
     assert all(torch.isfinite(torch.tensor(v)) for row in history for v in row.values())
     params_mb = sum(p.numel() for p in torch.load(out / "ckpt.pt", weights_only=False)["policy"].values()) * 4 / 2**20
@@ -51,14 +51,14 @@ def test_torchrun_with_one_process_over_nccl(tmp_path):
 def test_without_cuda_graph_the_run_samples_with_the_eager_loop(tmp_path):
     init = tmp_path / "init"
     save_checkpoint("gpt2", init)
-    sampler.DECODERS.clear()
+    static_sampler.DECODERS.clear()
     train.main(run_args(init, tmp_path / "out", "--device=cuda", "--cuda_graph=0"))
-    assert not sampler.DECODERS
+    assert not static_sampler.DECODERS
 
 
 def prompts_of(tok, rows):
     texts = ["the plot", "the music was very", "the", "the acting felt quite dull and"]
-    ids, mask = sampler.left_pad([tok.encode(t) for t in texts] * (rows // 4), tok.eos_token_id, torch.device("cuda"))
+    ids, mask = model.left_pad([tok.encode(t) for t in texts] * (rows // 4), tok.eos_token_id, torch.device("cuda"))
     return ids, mask                                                 # (rows, P) left padding
 
 
@@ -71,13 +71,13 @@ def test_cuda_graph_sampler_logprobs_equal_a_full_forward_pass(arch, tmp_path):
     n_vocab, eot = len(tok), tok.eos_token_id
     ids, mask = prompts_of(tok, 16)
     for lm, T in ((lm.cuda(), 12), (likely_eot(copy.deepcopy(lm), eot).cuda(), 40)):
-        sampler.DECODERS.clear()
+        static_sampler.DECODERS.clear()
         for _ in range(2):
-            response, resp_mask, logprobs = sampler.generate(lm, ids, mask, T, eot, n_vocab, cuda_graph=True)
+            response, resp_mask, logprobs = static_sampler.generate_static(lm, ids, mask, T, eot, n_vocab, graph=True)
             assert response.max() < n_vocab and (response.shape[1] == T) == (T == 12)
             torch.testing.assert_close(logprobs, full_forward_logprobs(lm, ids, mask, response, resp_mask, n_vocab),
                                        atol=1e-4, rtol=1e-4)
-        assert len(sampler.DECODERS) == 1 and next(iter(sampler.DECODERS.values())).graph is not None
+        assert len(static_sampler.DECODERS) == 1 and next(iter(static_sampler.DECODERS.values())).graph is not None
 
 
 def test_cuda_graph_replays_draw_fresh_tokens_from_the_models_distribution(tmp_path):
@@ -90,8 +90,8 @@ def test_cuda_graph_replays_draw_fresh_tokens_from_the_models_distribution(tmp_p
     lm, n_vocab, eot = lm.cuda(), len(tok), tok.eos_token_id
     ids = torch.tensor([tok.encode("the plot")] * 8192, device="cuda")
     mask = torch.ones_like(ids)
-    sampler.DECODERS.clear()
-    calls = [sampler.generate(lm, ids, mask, 2, eot, n_vocab, cuda_graph=True)[0] for _ in range(3)]  # capture, replays
+    static_sampler.DECODERS.clear()
+    calls = [static_sampler.generate_static(lm, ids, mask, 2, eot, n_vocab, graph=True)[0] for _ in range(3)]  # capture, replays
     with torch.no_grad():
         probs = torch.softmax(lm(input_ids=ids[:1]).logits[0, -1, :n_vocab].double(), -1)  # (V,)
     freq = torch.bincount(calls[1][:, 0], minlength=n_vocab).double() / len(ids)
@@ -108,15 +108,15 @@ def test_cuda_graph_samples_with_the_weights_of_now_in_bf16(tmp_path):
     lm, n_vocab, eot = lm.cuda().requires_grad_(True), len(tok), tok.eos_token_id
     ids, mask = prompts_of(tok, 16)
     cfg = train.Config(precision="bf16")
-    sampler.DECODERS.clear()
-    with model.autocast(cfg, ids.device):                             # a rollout's block, as sampler.sample opens
-        sampler.generate(lm, ids, mask, 12, eot, n_vocab, cuda_graph=True)  # captured with the old weights
+    static_sampler.DECODERS.clear()
+    with model.autocast(cfg, ids.device):                             # a rollout's block, as model.sample opens
+        static_sampler.generate_static(lm, ids, mask, 12, eot, n_vocab, graph=True)  # captured with the old weights
     old = copy.deepcopy(lm)
     with torch.no_grad():
         lm.get_output_embeddings().weight.mul_(5)                     # an optimizer step, between two rollouts
     with model.autocast(cfg, ids.device):
-        response, resp_mask, logprobs = sampler.generate(lm, ids, mask, 12, eot, n_vocab, cuda_graph=True)
+        response, resp_mask, logprobs = static_sampler.generate_static(lm, ids, mask, 12, eot, n_vocab, graph=True)
         new_err = (logprobs - full_forward_logprobs(lm, ids, mask, response, resp_mask, n_vocab)).abs().max()
         old_err = (logprobs - full_forward_logprobs(old, ids, mask, response, resp_mask, n_vocab)).abs().max()
-    assert len(sampler.DECODERS) == 1                                   # the same graph, replayed
+    assert len(static_sampler.DECODERS) == 1                                   # the same graph, replayed
     assert new_err < 0.05 and old_err > 10 * new_err

@@ -22,8 +22,8 @@ from transformers.utils import logging as hf_logging
 
 import data
 import model
-import sampler
 import train
+from lab import lora, static_sampler
 
 hf_logging.disable_progress_bar()
 
@@ -88,9 +88,9 @@ def test_sampler_logprobs_equal_full_forward_pass(arch, tmp_path):
     lm, tok = save_checkpoint(arch, tmp_path)
     n_vocab, eot = len(tok), tok.eos_token_id
     prompts = [tok.encode(p) for p in ["the plot", "the music was very", "the", "the acting felt quite dull and"]]
-    ids, mask = sampler.left_pad(prompts * 4, eot, torch.device("cpu"))         # (16, P) left padding
+    ids, mask = model.left_pad(prompts * 4, eot, torch.device("cpu"))         # (16, P) left padding
     torch.manual_seed(1)
-    response, resp_mask, sampler_logprobs = sampler.generate(lm, ids, mask, 12, eot, n_vocab)  # (16, T)
+    response, resp_mask, sampler_logprobs = model.generate(lm, ids, mask, 12, eot, n_vocab)  # (16, T)
     assert response.max() < n_vocab                                   # no padding row of the embedding sampled
     with torch.no_grad():
         logits, _ = model.lm_forward(lm, torch.cat([ids, response], 1), torch.cat([mask, torch.ones_like(response)], 1),
@@ -105,10 +105,10 @@ def test_sample_token_draws_what_multinomial_draws():
     its frequencies are the probabilities."""
     probs = torch.softmax(3 * torch.randn(64, 50, generator=torch.Generator().manual_seed(0)), -1)  # (64, V)
     torch.manual_seed(3)
-    ours = sampler.sample_token(probs)                                  # (64,)
+    ours = model.sample_token(probs)                                  # (64,)
     torch.manual_seed(3)
     assert torch.equal(ours, torch.multinomial(probs, 1).squeeze(-1))
-    draws = sampler.sample_token(probs[:1].expand(200_000, -1))         # (200000,) from one distribution
+    draws = model.sample_token(probs[:1].expand(200_000, -1))         # (200000,) from one distribution
     freq = torch.bincount(draws, minlength=50) / len(draws)
     assert (freq - probs[0]).abs().sum() / 2 < 0.01                   # total variation (sampling noise ~0.003)
 
@@ -132,21 +132,30 @@ def test_static_cache_sampler_draws_generates_tokens_and_its_logprobs_are_a_full
     lm, tok = save_checkpoint(arch, tmp_path)
     n_vocab, eot = len(tok), tok.eos_token_id
     prompts = [tok.encode(p) for p in ["the plot", "the music was very", "the", "the acting felt quite dull and"]]
-    ids, mask = sampler.left_pad(prompts * 4, eot, torch.device("cpu"))   # (16, 16) left padding
-    other = sampler.left_pad(prompts[2::-1] * 5 + prompts[:1], eot, torch.device("cpu"))  # (16, 11): padded to 16 more
+    ids, mask = model.left_pad(prompts * 4, eot, torch.device("cpu"))   # (16, 16) left padding
+    other = model.left_pad(prompts[2::-1] * 5 + prompts[:1], eot, torch.device("cpu"))  # (16, 11): padded to 16 more
     assert mask.shape[1] == 16 and other[1].shape[1] == 11
-    sampler.DECODERS.clear()
+    static_sampler.DECODERS.clear()
     for lm, T, (ids, mask) in ((lm, 12, (ids, mask)), (lm, 12, other), (likely_eot(copy.deepcopy(lm), eot), 40, other)):
         torch.manual_seed(1)
-        eager = sampler.generate(lm, ids, mask, T, eot, n_vocab)
+        eager = model.generate(lm, ids, mask, T, eot, n_vocab)
         torch.manual_seed(1)
-        response, resp_mask, logprobs = sampler.generate_static(lm, ids, mask, T, eot, n_vocab, graph=False)
+        response, resp_mask, logprobs = static_sampler.generate_static(lm, ids, mask, T, eot, n_vocab, graph=False)
         assert torch.equal(response, eager[0]) and torch.equal(resp_mask, eager[1])
         assert (response.shape[1] == T) == (T == 12)                  # with likely end-of-text: every row ended early
         torch.testing.assert_close(logprobs, full_forward_logprobs(lm, ids, mask, response, resp_mask, n_vocab),
                                    atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(logprobs, eager[2], atol=1e-5, rtol=1e-5)
-    assert len(sampler.DECODERS) == 2                                   # one per model: the second call reused the first's
+    assert len(static_sampler.DECODERS) == 2                                   # one per model: the second call reused the first's
+
+
+def test_a_run_samples_with_the_cuda_graph_on_a_gpu_unless_cuda_graph_0():
+    """The choice of sampler, which a CPU can check: the static decoder and its CUDA graph on a GPU, unless
+    --cuda_graph=0; the eager loop on a CPU."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert static_sampler.choose_sampler(train.Config(), cuda) is static_sampler.generate_static
+    assert static_sampler.choose_sampler(train.Config(cuda_graph=False), cuda) is model.generate
+    assert static_sampler.choose_sampler(train.Config(), cpu) is model.generate
 
 
 def test_static_sampler_reaches_the_end_of_the_context_window(tmp_path):
@@ -159,9 +168,9 @@ def test_static_sampler_reaches_the_end_of_the_context_window(tmp_path):
     mask = torch.ones_like(ids)
     assert ids.shape[1] + T == lm.config.n_positions                   # as much as model.check_fits lets through
     torch.manual_seed(0)
-    eager = sampler.generate(lm, ids, mask, T, eot, len(tok))
+    eager = model.generate(lm, ids, mask, T, eot, len(tok))
     torch.manual_seed(0)
-    static = sampler.generate_static(lm, ids, mask, T, eot, len(tok), graph=False)
+    static = static_sampler.generate_static(lm, ids, mask, T, eot, len(tok), graph=False)
     assert all(torch.equal(a, b) for a, b in zip(eager[:2], static[:2])) and static[0].shape[1] == T
 
 
@@ -172,19 +181,19 @@ def test_static_decoders_keep_the_two_last_used_and_a_graph_only_where_layers_ke
     from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
     lm, tok = save_checkpoint("llama", tmp_path)
     eot = tok.eos_token_id
-    sampler.DECODERS.clear()
+    static_sampler.DECODERS.clear()
     shapes = {}
     for name, rows in (("A", 2), ("B", 4), ("A", 2), ("C", 6)):                 # A is used again before C comes
-        ids, mask = sampler.left_pad([tok.encode("the plot")] * rows, eot, torch.device("cpu"))
-        sampler.generate_static(lm, ids, mask, 3, eot, len(tok), graph=False)
-        shapes.setdefault(name, next(reversed(sampler.DECODERS.values())))  # each shape's, when it was built
-    assert list(sampler.DECODERS.values()) == [shapes["A"], shapes["C"]]      # B, the least recently used, left
+        ids, mask = model.left_pad([tok.encode("the plot")] * rows, eot, torch.device("cpu"))
+        static_sampler.generate_static(lm, ids, mask, 3, eot, len(tok), graph=False)
+        shapes.setdefault(name, next(reversed(static_sampler.DECODERS.values())))  # each shape's, when it was built
+    assert list(static_sampler.DECODERS.values()) == [shapes["A"], shapes["C"]]      # B, the least recently used, left
     small = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=64, max_position_embeddings=64, bos_token_id=eot, eos_token_id=eot)
     dynamic = dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
     for lm, graphable in ((lm, True), (MistralForCausalLM(MistralConfig(sliding_window=8, **small)), False),
                           (LlamaForCausalLM(LlamaConfig(**small, **dynamic)), False)):
-        assert sampler.StaticDecoder(lm, 2, 16, 4, eot, len(tok), torch.device("cpu")).graphable == graphable
+        assert static_sampler.StaticDecoder(lm, 2, 16, 4, eot, len(tok), torch.device("cpu")).graphable == graphable
 
 
 def test_static_sampler_reads_the_weights_of_now_inside_one_autocast_block(tmp_path):
@@ -193,13 +202,13 @@ def test_static_sampler_reads_the_weights_of_now_inside_one_autocast_block(tmp_p
     log-probs; and it leaves no copies of its own in the caller's block (on a GPU they would be the graph's)."""
     lm, tok = save_checkpoint("gpt_neox", tmp_path)
     lm.requires_grad_(True)
-    ids, mask = sampler.left_pad([tok.encode("the plot"), tok.encode("the music was very")], tok.eos_token_id,
+    ids, mask = model.left_pad([tok.encode("the plot"), tok.encode("the music was very")], tok.eos_token_id,
                                  torch.device("cpu"))
     cfg = train.Config(precision="bf16")
     with torch.no_grad(), model.autocast(cfg, ids.device):
         lm(input_ids=ids)                                                 # the block's cache: the old weights
         lm.get_output_embeddings().weight.mul_(5)
-        response, resp_mask, logprobs = sampler.generate_static(lm, ids, mask, 8, tok.eos_token_id, len(tok),
+        response, resp_mask, logprobs = static_sampler.generate_static(lm, ids, mask, 8, tok.eos_token_id, len(tok),
                                                                 graph=False)
         lm.get_output_embeddings().weight.mul_(2)
         after = full_forward_logprobs(lm, ids, mask, response, resp_mask, len(tok))  # in the same block
@@ -232,8 +241,8 @@ def test_static_steps_cast_each_weight_once_under_autocast(arch, tmp_path):
     at every step, operator by operator: one step and four cast the same weights, each once."""
     lm, tok = save_checkpoint(arch, tmp_path)
     eot = tok.eos_token_id
-    ids, mask = sampler.left_pad([tok.encode("the plot"), tok.encode("the music was very")], eot, torch.device("cpu"))
-    dec = sampler.StaticDecoder(lm, 2, ids.shape[1], 8, eot, len(tok), torch.device("cpu"))
+    ids, mask = model.left_pad([tok.encode("the plot"), tok.encode("the music was very")], eot, torch.device("cpu"))
+    dec = static_sampler.StaticDecoder(lm, 2, ids.shape[1], 8, eot, len(tok), torch.device("cpu"))
     weights = {p.data_ptr() for p in lm.parameters()}
     with torch.no_grad(), model.autocast(train.Config(precision="bf16"), ids.device):
         dec.prefill(ids, mask)
@@ -272,8 +281,8 @@ def test_decode_step_never_reads_a_tensor_on_the_host(arch, tmp_path):
     host or makes a shape from one (HostReads), over two steps of the model's whole forward pass."""
     lm, tok = save_checkpoint(arch, tmp_path)
     eot = tok.eos_token_id
-    ids, mask = sampler.left_pad([tok.encode("the plot"), tok.encode("the music was very")], eot, torch.device("cpu"))
-    dec = sampler.StaticDecoder(lm, 2, ids.shape[1], 4, eot, len(tok), torch.device("cpu"))
+    ids, mask = model.left_pad([tok.encode("the plot"), tok.encode("the music was very")], eot, torch.device("cpu"))
+    dec = static_sampler.StaticDecoder(lm, 2, ids.shape[1], 4, eot, len(tok), torch.device("cpu"))
     dec.prefill(ids, mask)
     with torch.no_grad(), HostReads() as step:
         dec.steps(2)
@@ -289,7 +298,7 @@ def test_left_padding_changes_no_logprob(arch, tmp_path):
     lm, tok = save_checkpoint(arch, tmp_path)
     short, long = tok.encode("the plot was"), tok.encode("the acting felt quite dull and the music")
     response = torch.tensor([tok.encode(" great and the cast was charming.")] * 2)  # (2, T)
-    ids, mask = sampler.left_pad([short, long], tok.eos_token_id, torch.device("cpu"))
+    ids, mask = model.left_pad([short, long], tok.eos_token_id, torch.device("cpu"))
     assert mask[0, 0] == 0                                            # the short one is padded
     with torch.no_grad():
         batched, _ = model.lm_forward(lm, torch.cat([ids, response], 1), torch.cat([mask, torch.ones_like(response)], 1),
@@ -331,9 +340,9 @@ def test_lm_head_on_the_response_alone_changes_no_logprob_and_skips_the_prompts_
     lm, tok = save_checkpoint("gpt2" if arch == "lora" else arch, tmp_path)
     if arch == "lora":                                                # peft passes logits_to_keep on
         pytest.importorskip("peft")
-        lm = model.with_lora(lm, train.Config(lora_r=4))
+        lm = lora.with_lora(lm, train.Config(lora_r=4))
     prompts = [tok.encode(p) for p in ["the plot", "the acting felt quite dull and"]]
-    ids, mask = sampler.left_pad(prompts, tok.eos_token_id, torch.device("cpu"))  # (2, P)
+    ids, mask = model.left_pad(prompts, tok.eos_token_id, torch.device("cpu"))  # (2, P)
     response = torch.tensor([tok.encode(" great and the cast was charming.")] * 2)  # (2, T)
     ids, mask, P = torch.cat([ids, response], 1), torch.cat([mask, torch.ones_like(response)], 1), ids.shape[1]
     default, full, cut = (head_flops_and_grads(lm, ids, mask, P, len(tok), **kw)
@@ -442,8 +451,8 @@ def test_lora_pi_init_is_the_untouched_model_and_training_starts_at_it(arch, tmp
     init, out = tmp_path / "init", tmp_path / "out"
     lm, tok = save_checkpoint(arch, init)
     cfg = train.Config(lora_r=4)
-    policy = model.PolicyWithValue(model.with_lora(copy.deepcopy(lm), cfg), len(tok)).eval()
-    ref = model.AdaptersOff(policy.lm)
+    policy = model.PolicyWithValue(lora.with_lora(copy.deepcopy(lm), cfg), len(tok)).eval()
+    ref = lora.AdaptersOff(policy.lm)
     with torch.no_grad():
         for name, p in policy.lm.named_parameters():                 # adapters that moved
             if "lora_B" in name:
@@ -476,14 +485,14 @@ def test_static_sampler_under_lora_draws_what_the_eager_loop_draws(tmp_path):
         for name, p in policy.lm.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)                                     # adapters that change what the policy draws
-    ids, mask = sampler.left_pad([tok.encode("the plot"), tok.encode("the music was very")] * 4, tok.eos_token_id,
+    ids, mask = model.left_pad([tok.encode("the plot"), tok.encode("the music was very")] * 4, tok.eos_token_id,
                                  torch.device("cpu"))
     draws = []
     for lm in (policy.lm, ref_lm):
         torch.manual_seed(0)
-        eager = sampler.generate(lm, ids, mask, 10, tok.eos_token_id, len(tok))
+        eager = model.generate(lm, ids, mask, 10, tok.eos_token_id, len(tok))
         torch.manual_seed(0)
-        static = sampler.generate_static(lm, ids, mask, 10, tok.eos_token_id, len(tok), graph=False)
+        static = static_sampler.generate_static(lm, ids, mask, 10, tok.eos_token_id, len(tok), graph=False)
         assert torch.equal(static[0], eager[0])
         torch.testing.assert_close(static[2], eager[2], atol=1e-5, rtol=1e-5)
         draws.append(static[0])
@@ -517,7 +526,7 @@ def test_activation_checkpointing_recomputes_and_changes_no_gradient(tmp_path):
         torch.manual_seed(0)                                          # the same value head
         policy = model.PolicyWithValue(copy.deepcopy(lm), len(tok)).eval()
         if checkpointing:
-            model.checkpoint_activations(policy.lm)
+            lora.checkpoint_activations(policy.lm)
         policy.lm.model.layers[0].mlp.register_forward_pre_hook(lambda *args: calls.append(checkpointing))  # (the
         # recomputation stops once it has what the backward pass needs: the hook after it may not run)
         logits, values = policy(ids, torch.ones_like(ids), 3)
@@ -534,14 +543,14 @@ def test_activation_checkpointing_changes_no_sampled_token(arch, tmp_path):
     it draws the tokens it draws without checkpointing (GPT-2 did not), and leaves them in training mode for the
     update to recompute."""
     lm, tok = save_checkpoint(arch, tmp_path)
-    ids, mask = sampler.left_pad([tok.encode("the plot"), tok.encode("the music was very")] * 4, tok.eos_token_id,
+    ids, mask = model.left_pad([tok.encode("the plot"), tok.encode("the music was very")] * 4, tok.eos_token_id,
                                torch.device("cpu"))
     draws = []
     for checkpointing in (False, True):
         policy = copy.deepcopy(lm)
         if checkpointing:
-            model.checkpoint_activations(policy)
+            lora.checkpoint_activations(policy)
         torch.manual_seed(0)
-        draws.append(sampler.generate(policy, ids, mask, 8, tok.eos_token_id, len(tok)))
+        draws.append(model.generate(policy, ids, mask, 8, tok.eos_token_id, len(tok)))
     assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][2], draws[1][2])
     assert any(getattr(m, "gradient_checkpointing", False) and m.training for m in policy.modules())

@@ -18,10 +18,10 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, BertModel, GPT2Config, GPT2LMHeadModel
 
-import common
 import data
 import model
 import train
+from lab import cli, runs
 from test_cli import one_line_error
 from test_train import read_metrics, run_script, tiny_args, write
 
@@ -320,7 +320,7 @@ def test_resume_drops_lines_after_the_checkpoint_and_may_change_the_lr(finished_
 # one run at a time in an out_dir
 
 def test_a_second_run_in_the_same_out_dir_is_refused(sft_dir, tmp_path):
-    with common.exclusive(str(tmp_path)):                            # as a run in another process would hold it
+    with runs.exclusive(str(tmp_path)):                            # as a run in another process would hold it
         fails(tiny_args(sft_dir, tmp_path, iters=1), f"another run is using {tmp_path}")
     assert os.listdir(tmp_path) == []
     train.main(tiny_args(sft_dir, tmp_path, iters=1))               # free again once that run ends
@@ -450,14 +450,14 @@ def test_offline_init_of_a_hub_id_prints_one_line(tmp_path):
 
 def test_loading_reports_and_progress_bars_stay_out_of_the_log(tmp_path, capfd):
     """transformers' load report (a causal LM as reward model) and its progress bars (loading --init, saving the
-    policy, train.train called directly as compare.py does) never reach the output."""
+    policy, train.train called directly as lab/compare.py does) never reach the output."""
     from transformers.utils import logging as hf_logging
     lm = causal_lm(tmp_path)
     hf_logging.enable_progress_bar()                                   # as in a fresh process
     capfd.readouterr()
     fails(tiny_args(str(tmp_path / "sft"), tmp_path / "out", reward_model=lm), "not a sequence-classification model")
     assert capfd.readouterr() == ("", "")
-    train.train(common.parse_args(train.Config, tiny_args(str(tmp_path / "sft"), tmp_path / "run", iters=1, init=lm,
+    train.train(cli.parse_args(train.Config, tiny_args(str(tmp_path / "sft"), tmp_path / "run", iters=1, init=lm,
                                                           tokenizer="task")))
     out, err = capfd.readouterr()
     assert "Loading weights" not in out + err and "Writing model shards" not in out + err
@@ -470,7 +470,7 @@ def trained_policy(tmp_path, **config):
     path = tmp_path / "policy"
     causal_lm(tmp_path)
     shutil.move(tmp_path / "lm", path)
-    common.write_config(path / "apa_config.json", train.Config(**config))
+    runs.write_config(path / "apa_config.json", train.Config(**config))
     return path
 
 
@@ -512,8 +512,7 @@ def test_each_field_may_change_on_resume_or_is_refused(field, tmp_path):
     write(tmp_path / "metrics.jsonl", line + "\n")
     f = next(f for f in dataclasses.fields(train.Config) if f.name == field)
     new = dataclasses.replace(cfg, **{field: changed(getattr(cfg, field), f)})
-    read = lambda: common.read_checkpoint(str(tmp_path / "ckpt.pt"), str(tmp_path / "metrics.jsonl"), new,  # noqa: E731
-                                          train.RESUME_MAY_CHANGE)
+    read = lambda: runs.read_checkpoint(str(tmp_path / "ckpt.pt"), str(tmp_path / "metrics.jsonl"), new)  # noqa: E731
     if field in MAY_CHANGE:
         assert read()["iter"] == 1
     else:
@@ -528,5 +527,5 @@ def test_an_interrupted_atomic_write_leaves_no_temporary_file(tmp_path):
         write(tmp, "half")
         raise KeyboardInterrupt                                         # Ctrl-C mid-write
     with pytest.raises(KeyboardInterrupt):
-        common.write_atomically(str(tmp_path / "ckpt.pt"), interrupted)
+        runs.write_atomically(str(tmp_path / "ckpt.pt"), interrupted)
     assert os.listdir(tmp_path) == ["ckpt.pt"] and (tmp_path / "ckpt.pt").read_text() == "old"

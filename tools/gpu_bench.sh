@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The GPU measurements behind the README's "Speed on a GPU", in one go, each step's log in $out:
+# The GPU measurements behind docs/gpu.md, in one go, each step's log in $out:
 #   1. tests/test_gpu.py (the CUDA graph sampler's tests among them);
 #   2. whether the CUDA graph draws the very tokens of the eager loop under one seed (fp32, printed);
-#   3. bench.py at the 124M shape (batch 64, 128 new tokens, 4 epochs of minibatches of 32), with the profile;
-#   4. bench.py at the Pythia-1B shape, the same batch, minibatches of 16, with the profile; then minibatches
+#   3. lab/bench.py at the 124M shape (batch 64, 128 new tokens, 4 epochs of minibatches of 32), with the profile;
+#   4. lab/bench.py at the Pythia-1B shape, the same batch, minibatches of 16, with the profile; then minibatches
 #      of 32 and 64, the update alone.
 # Run: bash tools/gpu_bench.sh [out_dir]
 set -uo pipefail
@@ -22,23 +22,24 @@ step tests python -m pytest -q -p no:cacheprovider tests/test_gpu.py
 step same_tokens python - <<'PY'
 import sys, tempfile, torch
 sys.path.insert(0, "tests")
-import sampler
+import model
+from lab import static_sampler
 from test_models import ARCHS, save_checkpoint
 for arch in ARCHS:
     lm, tok = save_checkpoint(arch, tempfile.mkdtemp())
     lm, eot = lm.cuda(), tok.eos_token_id
-    ids, mask = sampler.left_pad([tok.encode(t) for t in ["the plot", "the music was very"]] * 8, eot, torch.device("cuda"))
-    sampler.DECODERS.clear()
+    ids, mask = model.left_pad([tok.encode(t) for t in ["the plot", "the music was very"]] * 8, eot, torch.device("cuda"))
+    static_sampler.DECODERS.clear()
     same = []
     for call in range(2):                                    # the capture's call, then one of replays alone
         torch.manual_seed(call)
-        eager = sampler.generate(lm, ids, mask, 12, eot, len(tok))[0]
+        eager = model.generate(lm, ids, mask, 12, eot, len(tok))[0]
         torch.manual_seed(call)
-        graph = sampler.generate(lm, ids, mask, 12, eot, len(tok), cuda_graph=True)[0]
+        graph = static_sampler.generate_static(lm, ids, mask, 12, eot, len(tok))[0]
         same.append(f"{(eager == graph).float().mean().item():.3f}")
     print(f"{arch}: share of tokens equal to the eager loop's under one seed, capture call / replay call: {same}")
 PY
-bench=(python bench.py --device=cuda --batch_size=64 --max_new_tokens=128 --epochs=4)
+bench=(python -m lab.bench --device=cuda --batch_size=64 --max_new_tokens=128 --epochs=4)
 step bench_124m "${bench[@]}" --models=gpt2-small --profile
 step bench_1b "${bench[@]}" --models=pythia-1b --minibatch_size=16 --profile
 step bench_1b_mb32 "${bench[@]}" --models=pythia-1b --minibatch_size=32 --rounds=0 --iters=2

@@ -1,31 +1,26 @@
 """
-The paper's experiment on the embedded task, and the comparison people make today: APA (this project's
-exact form, the paper's literal form, bounded, and with the KL guard), PPO, AWR, GRPO, Dr. GRPO and RLOO
-with the same lambda, reward and sample budget, over seeds and learning rates.
+The paper's experiment on the embedded task, and the comparison people make today: APA (this project's exact
+form, the paper's literal form, bounded, and with the KL guard), PPO, AWR, GRPO, Dr. GRPO and RLOO, with the same
+lambda, reward and sample budget, over seeds and learning rates. Results and their reading: docs/experiments.md.
 
-Paper: Zhu et al. 2023, arXiv 2306.02231, Sec. 5 (APA vs PPO vs AWR on HH and StackExchange).
-Run:  python compare.py            the README's tables and plots (96 runs: 47 minutes on a 2-core CPU)
-      python compare.py --quick=1  a smoke test of the whole pipeline on a tiny model (about 30 s)
-      python compare.py --plot=out/metrics.jsonl   reward, KL and gap against samples for any runs
-                                   (metrics files or run directories, comma-separated; a last line cut
-                                   short by a stopped run is skipped with a note)
+Paper: Zhu et al. 2023, arXiv 2306.02231, Sec. 5 (APA against PPO and AWR on HH and StackExchange).
+Run:  python -m lab.compare            the tables and plots of docs/experiments.md (96 runs: 47 minutes on 2 cores)
+      python -m lab.compare --quick=1  a smoke test of the whole pipeline on a tiny model (about 30 s)
+      python -m lab.compare --plot=out/metrics.jsonl   reward, KL and gap against samples for any runs (metrics
+                                       files or run folders, comma-separated; a half-written last line is skipped)
 
-What it runs (every run is train.train with a Config; nothing of training is written here):
-1. main: the algorithms at lr `lr` for `iters` iterations, `seeds` seeds: the table and the
-   learning curves;
-2. grid: the algorithms at each lr of `lrs` for `grid_iters` iterations: the stability map
-   (final gap against lr). A grid run at `lr` is the first `grid_iters` iterations of the main run;
-3. short: the algorithms with responses of `short_tokens` tokens, where the gap is exact when
-   train.py logs `gap_exact` (else the sampled `gap`), and the table "which algorithms reach pi*".
-ALGOS lists them (ONLY: the two that run in one setting alone).
-Each run lives in out_dir/<setting>/<algo>_lr<lr>_seed<seed>/; a run whose metrics.jsonl already
-holds the iterations asked for is not run again, and an interrupted one resumes from its checkpoint,
-so a long sweep can be stopped (Ctrl-C) and continued by the same command. Runs go `workers` at a
-time, one thread each (their numbers are those of train.py at one thread). As in train.py, every
-failure ends in one line `error: ...` and exit status 1 (APA_DEBUG=1: the traceback).
-Where this departs from the paper: a 0.44M-parameter GPT pre-trained here, a lexicon reward, 40
-prompts, Adam at 3e-5 to 3e-4 (the authors: 125M-6B models, a learned reward model, HH data, AdamW
-at 1e-6 with betas 0.9/0.95); README "The paper's claims, one by one" lists the rest.
+What it runs. Every run is train.train with a Config; nothing of training is written here.
+1. main: the algorithms at lr `lr` for `iters` iterations, `seeds` seeds: the table and the learning curves.
+2. grid: the algorithms at each lr of `lrs` for `grid_iters` iterations: the stability map (final gap against lr).
+   A grid run at `lr` is the first `grid_iters` iterations of the main run.
+3. short: responses of `short_tokens` tokens, where train.py logs the exact gap, and the table "which
+   algorithms reach pi*".
+ALGOS lists the algorithms (ONLY: the two that run in one setting alone). Each run lives in
+out_dir/<setting>/<algo>_lr<lr>_seed<seed>/. A run whose metrics.jsonl holds the iterations asked for is not run
+again, and an interrupted one resumes from its checkpoint, so the same command continues a stopped sweep. Runs go
+`workers` at a time, one thread each. Every failure ends in one line `error: ...` (APA_DEBUG=1: the traceback).
+Where this departs from the paper: a 0.44M-parameter GPT, a word-list reward, 40 prompts, Adam at 3e-5 to 3e-4
+(the authors: 125M-6B models, a learned reward model, HH data, AdamW at 1e-6); docs/experiments.md lists the rest.
 """
 import contextlib
 import dataclasses
@@ -75,7 +70,7 @@ FIXED_POINT = {                                        # what each converges to,
     "apa_bounded": "pi* (test_token_mdp_bounded_apa_converges_to_optimum)",
     "ppo": "pi* (test_ppo_iterations_approach_optimum)",
     "awr": "pi* (test_token_mdp_awr_converges_to_optimum_with_kl_reward)",
-    "grpo": "not pi*: pi_init / (1 - W/lambda), W scale-free (test_grpo.py: "
+    "grpo": "not pi*: pi_init / (1 - W/lambda), W scale-free (tests/test_grpo.py: "
             "test_bandit_grpo_fixed_point_ignores_the_scale_of_the_reward)",
     "drgrpo": "not pi*: pi_init / (1 - (1 - 1/k)(Q_R - V_R)/lambda) per state "
               "(test_token_mdp_dr_grpo_fixed_point_is_the_per_state_tilt_by_the_score_advantage)",
@@ -91,8 +86,8 @@ QUICK = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, sft_steps=60, sft_lr
 
 def validate(cfg):
     """Refuse settings that mean nothing, saying why, before any run starts."""
-    import common
-    common.check_rules(cfg, [  # (field, holds, what it must be)
+    from lab.cli import check_rules
+    check_rules(cfg, [  # (field, holds, what it must be)
         ("seeds", cfg.seeds > 0, "> 0"),
         ("lr", 0 < cfg.lr <= 0.1, "in (0, 0.1] (train.py allows at most 0.1; at 0 nothing is learnt)"),
         ("iters", cfg.iters > 0, "> 0"),
@@ -177,72 +172,49 @@ def is_done(path, iters):
 # running: each run is train.train in a worker process, its printout in the run's log.txt
 
 
-class Progress:
-    """The run's printout goes to its log.txt; every 25th iteration line also to the console."""
-    def __init__(self, log, tag):
-        self.log, self.tag = log, tag
-
-    def write(self, text):
-        self.log.write(text)
-        for line in text.splitlines():
-            if line.startswith("iter ") and int(line.split()[1].split("/")[0]) % 25 == 0:
-                print(f"{self.tag}: {line[:line.index(' | J ')]}", file=sys.__stdout__, flush=True)
-
-    def flush(self):
-        self.log.flush()
-
-    def isatty(self):                                   # a log: progress as plain lines
-        return False
-
-
-_jstar = {}
-
-
 NOT_JSTAR = {"algo", "apa_form", "gamma", "gae_lambda", "cliprange", "cliprange_value", "vf_coef", "awr_lam",
              "awr_max_weight", "seed", "iters", "batch_size", "minibatch_size", "epochs", "lr", "max_grad_norm",
              "max_bad_steps", "out_dir", "resume", "sample_every", "ckpt_every", "exact_every", "target_kl",
              "eval_prompts", "eval_every", "eval_samples", "apa_clip", "group_size", "grpo_std"}  # fields J* ignores
+JSTAR = {}                                              # this worker's J* estimates, by jstar_key
 
 
-def cached_jstar(estimate):
+def jstar_key(cfg):
     """J* depends on pi_init, the data, lambda and the response length, not on the RL settings (NOT_JSTAR):
-    estimate it once per worker for each setting of the rest of the config."""
-    def wrapper(cfg, *args):
-        key = tuple((k, v) for k, v in dataclasses.asdict(cfg).items() if k not in NOT_JSTAR)
-        if key not in _jstar:
-            _jstar[key] = estimate(cfg, *args)
-        return _jstar[key]
-    return wrapper
+    runs that agree on the rest share one estimate."""
+    return tuple((k, v) for k, v in dataclasses.asdict(cfg).items() if k not in NOT_JSTAR)
 
 
 def init_worker(pool=False):
     import torch
-    import train
     from transformers.utils import logging as hf_logging
     if pool:                                            # Ctrl-C: the main process ends the pool, no traceback
         signal.signal(signal.SIGINT, signal.SIG_IGN)    # from each worker
     torch.set_num_threads(1)
     hf_logging.disable_progress_bar()
-    train.estimate_jstar = cached_jstar(train.estimate_jstar)
 
 
 def run_one(job):
-    """One (setting, algo, lr, seed) run to `iters` iterations, resumed from its checkpoint if any."""
+    """One (setting, algo, lr, seed) run to `iters` iterations, resumed from its checkpoint if any. Its printout goes
+    to its log.txt; the console gets a line when it starts and one when it ends."""
     import train
     overrides, path, iters, tag = job
     cfg = dataclasses.replace(train.Config(), **overrides, iters=iters, out_dir=path, sample_every=0,
                               resume=os.path.exists(os.path.join(path, "ckpt.pt")))
     os.makedirs(path, exist_ok=True)
-    t0 = time.time()
+    t0, history, key = time.time(), [], jstar_key(cfg)
     print(f"{tag}: started", flush=True)
-    with open(os.path.join(path, "log.txt"), "a") as log, contextlib.redirect_stdout(Progress(log, tag)):
+    with open(os.path.join(path, "log.txt"), "a") as log, contextlib.redirect_stdout(log):
         try:
-            train.train(cfg)
+            history = train.train(cfg, jstar=JSTAR.get(key))             # J* estimated once per worker and key
         except FloatingPointError as e:                  # a diverged run is a result, not a crash
             with open(os.path.join(path, "failed.txt"), "w") as f:
                 f.write(str(e) + "\n")
             print(f"{tag}: stopped: {e}", file=sys.__stdout__, flush=True)
-    print(f"{tag}: done in {time.time() - t0:.0f}s", flush=True)
+    if history and "jstar" in history[0]:
+        JSTAR[key] = (history[0]["jstar"], history[0]["jstar_se"])
+    last = f" | reward {history[-1]['reward']:.3f}, kl {history[-1]['kl']:.3f} at the end" if history else ""
+    print(f"{tag}: done in {time.time() - t0:.0f}s{last}", flush=True)
 
 
 def run_all(cfg, runs):
@@ -468,9 +440,9 @@ def plot_curves(runs, path, what=""):
             ax.set_ylabel(ax.get_ylabel() + ", log scale above " + f"{linthresh:g}")
     axes[2].axhline(0, color="black", lw=0.8)
     axes[0].legend(fontsize=8)
-    common = ", ".join(f"{SETTINGS[k]}{runs[0][0][k]}" for k in same if runs[0][0][k] != "?")
+    shared = ", ".join(f"{SETTINGS[k]}{runs[0][0][k]}" for k in same if runs[0][0][k] != "?")
     exact = any(gap_key(rows) == "gap_exact" for _, rows in runs)
-    fig.suptitle(f"{what}{common}: 10-iteration moving means" + (" (the gap: exact, not smoothed)" if exact else "")
+    fig.suptitle(f"{what}{shared}: 10-iteration moving means" + (" (the gap: exact, not smoothed)" if exact else "")
                  + ("; band: min to max over seeds" if any(len(g) > 1 for g in groups.values()) else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=70)
@@ -581,13 +553,13 @@ def plot_runs(paths):
 def main(argv=None):
     """Every failure ends in one line `error: ...` and exit status 1 (APA_DEBUG=1: the full traceback);
     Ctrl-C ends with status 130 and says how to continue."""
-    import common
+    from lab import cli
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     cfg = None
-    with common.one_line_errors(lambda: "interrupted" + ("" if cfg is None or cfg.plot else ": the same command "
+    with cli.one_line_errors(lambda: "interrupted" + ("" if cfg is None or cfg.plot else ": the same command "
                                 "continues the sweep (the runs done are kept, the others resume from their last checkpoint)")):
-        cfg = common.parse_args(CompareConfig, sys.argv[1:] if argv is None else argv, __doc__)
+        cfg = cli.parse_args(CompareConfig, sys.argv[1:] if argv is None else argv, __doc__)
         validate(cfg)
         if cfg.plot:
             return plot_runs(cfg.plot.split(","))

@@ -1,6 +1,6 @@
 """
 Tests of the training script: the sampler, end-to-end runs of APA and PPO, resume after SIGKILL,
-clear errors for bad input, non-finite updates, Hugging Face models. Run: pytest -q test_train.py
+clear errors for bad input, non-finite updates, Hugging Face models. Run: pytest -q tests/test_train.py
 (test_losses.py holds the tests of the losses themselves.)
 """
 import ast
@@ -16,11 +16,12 @@ import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
 import data
+import evaluation
 import model
-import sampler
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 
 
 @pytest.fixture(scope="session")
@@ -78,8 +79,8 @@ def test_sampler_logprobs_equal_full_forward_pass():
     lm = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=32, n_embd=16, n_layer=2, n_head=2,
                                     bos_token_id=eot, eos_token_id=eot)).eval()
     prompts = [[0, 1, 2], [3], [1, 1, 0, 2, 3], [2, 0]]             # different lengths: left padding
-    ids, mask = sampler.left_pad(prompts * 4, eot, torch.device("cpu"))
-    response, resp_mask, sampler_logprobs = sampler.generate(lm, ids, mask, 12, eot)
+    ids, mask = model.left_pad(prompts * 4, eot, torch.device("cpu"))
+    response, resp_mask, sampler_logprobs = model.generate(lm, ids, mask, 12, eot)
     with torch.no_grad():
         logits, _ = model.lm_forward(lm, torch.cat([ids, response], 1),
                                      torch.cat([mask, torch.ones_like(response)], 1), ids.shape[1])
@@ -125,6 +126,20 @@ def test_the_kl_guard_stops_a_runaway_update_and_says_so(sft_dir, tmp_path, caps
     assert read_metrics(tmp_path) == history
 
 
+def test_every_draw_of_a_run_uses_the_sampler_the_run_chose(sft_dir, tmp_path, monkeypatch):
+    """On a GPU a run samples with lab/static_sampler.py's CUDA graph: J*'s estimate, each rollout and each held-out
+    evaluation must all draw with the sampler that choose_sampler picks. Checked on a CPU with a recording one."""
+    rows = []
+
+    def recording(lm, prompt_ids, *args):
+        rows.append(len(prompt_ids))
+        return model.generate(lm, prompt_ids, *args)
+    for module in (train, evaluation):
+        monkeypatch.setattr(module, "choose_sampler", lambda cfg, device: recording)
+    train.main(tiny_args(sft_dir, tmp_path, iters=2, jstar_samples=2, eval_every=1, eval_samples=8))
+    assert rows == [40 * 2, 8, 16, 8, 16]                           # J*; then per iteration: evaluation, rollout
+
+
 def test_held_out_evaluation_is_logged_and_changes_no_training_number(sft_dir, tmp_path, capsys):
     args = dict(iters=4, eval_samples=24)
     plain = train.main(tiny_args(sft_dir, tmp_path / "plain", **args))
@@ -144,8 +159,8 @@ def test_held_out_evaluation_is_logged_and_changes_no_training_number(sft_dir, t
 def run_script(args, **kwargs):
     """train.py in a subprocess, with SIGINT at its default: Ctrl-C reaches it even when the tests run as a
     background job, which starts with SIGINT ignored (and Python keeps it ignored)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *args], cwd=HERE, env=env,
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=HERE)      # the tests' reward functions live here
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
 
@@ -315,7 +330,7 @@ def test_fresh_run_keeps_an_older_run_aside(sft_dir, tmp_path):
 def test_sample_from_a_trained_policy_in_a_fresh_shell(sft_dir, tmp_path):
     """--sample loads out/policy with its run's tokenizer and reward, from any working directory."""
     train.main(tiny_args(sft_dir, tmp_path / "out", iters=1))
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), f"--sample={tmp_path / 'out' / 'policy'}",
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--sample={tmp_path / 'out' / 'policy'}",
                            "--prompt=the movie was", "--num_samples=3"], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -325,6 +340,6 @@ def test_sample_from_a_trained_policy_in_a_fresh_shell(sft_dir, tmp_path):
         completion, reward = rest.rsplit(" | reward ", 1)
         assert prompt == "'the movie was'"
         assert float(reward) == data.sentiment_reward(["the movie was"], [ast.literal_eval(completion)])[0]
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), f"--sample={tmp_path}"], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--sample={tmp_path}"], cwd=tmp_path,
                           capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "apa_config.json is missing" in proc.stderr

@@ -4,8 +4,8 @@ parameters, the task's vocabulary), a GPT-2-small-shaped model (124M, vocabulary
 shape (GPT-NeoX 16 x 2048, vocabulary 50,304):
 
 1. three samplers on one batch of left-padded prompts, at temperature 1, each returning log-probs too:
-   the static sampler (sampler.generate_static: a static KV cache, 8 tokens per CUDA graph replay on a GPU;
-   on a CPU the same cache without a graph), generate()'s eager loop (the CPU's sampler), and transformers'
+   the static sampler (lab/static_sampler.py: a static KV cache, 8 tokens per CUDA graph replay on a GPU;
+   on a CPU the same cache without a graph), model.generate's eager loop (the CPU's sampler), and transformers'
    `generate` (output_scores and compute_transition_scores). They run interleaved, the order rotating each
    round, since on a shared machine absolute times drift; the ratios are medians of the rounds' ratios.
 2. seconds per RL iteration, split into generation, scoring forwards (log-probs of pi_old and pi_init,
@@ -15,8 +15,8 @@ shape (GPT-NeoX 16 x 2048, vocabulary 50,304):
    larger model runs second). The KL guard is off, so that every update takes all its steps.
 3. --profile: torch.profiler's table of one more update, the operations that take the most time.
 
-Run: python bench.py   (a few minutes on 2 CPU cores)
-     python bench.py --device=cuda --models=gpt2-small --batch_size=64 --max_new_tokens=128 --epochs=4
+Run: python -m lab.bench   (a few minutes on 2 CPU cores)
+     python -m lab.bench --device=cuda --models=gpt2-small --batch_size=64 --max_new_tokens=128 --epochs=4
 As in train.py, every failure ends in one line `error: ...` and exit status 1 (APA_DEBUG=1: the traceback).
 """
 import contextlib
@@ -33,11 +33,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 from transformers.utils import logging as hf_logging
 
-import common
 import data
 import model
-import sampler
 import train
+from lab import cli
+from lab.static_sampler import choose_sampler, generate_static
 from tools.gpu_models import ROWS, SHAPES
 
 
@@ -66,7 +66,7 @@ CONTEXT = {"tiny": train.Config().block_size, "gpt2-small": GPT2Config().n_posit
 
 def validate(args):
     """Refuse flags that mean nothing, saying why, before a model is built."""
-    common.check_rules(args, [  # (flag, holds, what it must be)
+    cli.check_rules(args, [  # (flag, holds, what it must be)
         ("batch_size", args.batch_size > 0, "> 0"),
         ("minibatch_size", 0 <= args.minibatch_size <= args.batch_size and (args.minibatch_size == 0 or
                                                                            args.batch_size % args.minibatch_size == 0),
@@ -124,15 +124,15 @@ def time_samplers(args, cfg, lm, enc, device):
     median ratios of the first two to the third."""
     lengths = torch.randint(args.prompt_len // 2, args.prompt_len + 1, (args.batch_size,)).tolist()
     prompts = [torch.randint(enc.n_vocab - 1, (n,)).tolist() for n in lengths]
-    ids, mask = sampler.left_pad(prompts, enc.eot_token, device)          # (B, P)
+    ids, mask = model.left_pad(prompts, enc.eot_token, device)            # (B, P)
 
     def static():
-        response, _, logprobs = sampler.generate_static(lm, ids, mask, args.max_new_tokens, enc.eot_token, enc.n_vocab,
-                                                      graph=device.type == "cuda")
+        response, _, logprobs = generate_static(lm, ids, mask, args.max_new_tokens, enc.eot_token, enc.n_vocab,
+                                              graph=device.type == "cuda")
         return response.shape[1]
 
     def eager():
-        response, _, logprobs = sampler.generate(lm, ids, mask, args.max_new_tokens, enc.eot_token, enc.n_vocab)
+        response, _, logprobs = model.generate(lm, ids, mask, args.max_new_tokens, enc.eot_token, enc.n_vocab)
         return response.shape[1]
 
     def theirs():
@@ -169,31 +169,28 @@ def time_iterations(args, cfg, lm, enc, device):
     prompt_tokens = [enc.encode_ordinary(p) for p in prompts]
     policy, ref_lm = model.make_policy(cfg, lm, enc.n_vocab, device)    # as train.py builds them
     opt = model.make_optimizer(policy, cfg.lr, device)
-    generate, gen_s = sampler.generate, []
+    generate, gen_s = choose_sampler(cfg, device), []
 
-    def timed_generate(*a, **k):                                        # rollout calls it through sampler.sample()
+    def timed_generate(*a, **k):                                        # the rollout's sampler, timed
         sync(device)
         t0 = time.perf_counter()
         out = generate(*a, **k)
         sync(device)
         gen_s.append(time.perf_counter() - t0)
         return out
-    sampler.generate = timed_generate
     rows, flops = [], FlopCounterMode(display=False)
-    try:
-        for it in range(args.iters + 1):
-            t0 = time.perf_counter()
-            batch, P, _, _ = train.rollout(cfg, policy, ref_lm, prompt_tokens, prompts, length_reward, enc, device)
-            sync(device)
-            t1 = time.perf_counter()
-            with flops if it == 0 else contextlib.nullcontext():
-                train.update(cfg, policy, opt, batch, P, 0)
-            sync(device)
-            rows.append((gen_s[-1], t1 - t0 - gen_s[-1], time.perf_counter() - t1))
-        if args.profile:
-            profile_update(cfg, policy, opt, batch, P, device)
-    finally:
-        sampler.generate = generate
+    for it in range(args.iters + 1):
+        t0 = time.perf_counter()
+        batch, P, _, _ = train.rollout(cfg, policy, ref_lm, prompt_tokens, prompts, length_reward, enc, device,
+                                       timed_generate)
+        sync(device)
+        t1 = time.perf_counter()
+        with flops if it == 0 else contextlib.nullcontext():
+            train.update(cfg, policy, opt, batch, P, 0)
+        sync(device)
+        rows.append((gen_s[-1], t1 - t0 - gen_s[-1], time.perf_counter() - t1))
+    if args.profile:
+        profile_update(cfg, policy, opt, batch, P, device)
     return [statistics.median(col) for col in zip(*rows[1:])] + [flops.get_total_flops()]
 
 
@@ -235,7 +232,7 @@ def peak_memory_gb(device):
 
 
 def measure(args):
-    device = train.get_device(args)
+    device = model.get_device(args)
     cfg = train.resolve(train.Config(
         batch_size=args.batch_size, minibatch_size=args.minibatch_size or max(1, args.batch_size // 2),
         epochs=args.epochs, max_new_tokens=args.max_new_tokens, device=args.device, precision=args.precision,
@@ -276,8 +273,8 @@ def main(argv=None):
     """Every failure ends in one line `error: ...` and exit status 1 (APA_DEBUG=1: the full traceback)."""
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    with common.one_line_errors():
-        args = common.parse_args(Bench, sys.argv[1:] if argv is None else argv, __doc__)
+    with cli.one_line_errors():
+        args = cli.parse_args(Bench, sys.argv[1:] if argv is None else argv, __doc__)
         validate(args)
         return measure(args)
 

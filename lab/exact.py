@@ -2,23 +2,23 @@
 The exact evaluator: E[R], KL(pi || pi_init), J = E[R] - lambda KL, J* and the gap J* - J = lambda KL(pi || pi*)
 of a policy, by enumerating every response the sampler can return: no sampling, no estimate. It is feasible
 for short responses only (--max_new_tokens=2 on the embedded task: 91,507 responses per prompt). train.py logs
-it every exact_every iterations (gap_exact, ...), and the tests use it to prove that training reaches pi*.
+it every exact_every iterations (gap_exact, ...), and the tests use it to prove that training reaches pi*
+(docs/exact.md).
 """
 import time
 
 import torch
 
-from common import status
 from data import call_reward
-from model import autocast, lm_forward
-from sampler import left_pad
+from lab.cli import status
+from model import autocast, left_pad, lm_forward
 
 
 EXACT_LIMIT = 5_000_000   # the most responses (over all prompts) the exact evaluator enumerates
 
 
 def n_responses(V, T):
-    """How many responses `generate` can return with V tokens and max_new_tokens = T: those ending in
+    """How many responses model.generate can return with V tokens and max_new_tokens = T: those ending in
     end-of-text at step t < T (no end-of-text before), plus every sequence of T tokens without one before."""
     return sum((V - 1) ** t for t in range(T - 1)) + (V - 1) ** (T - 1) * V
 

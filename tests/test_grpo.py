@@ -2,7 +2,7 @@
 GRPO, Dr. GRPO and RLOO against theory (grpo.py derives each fixed point). As in test_losses.py,
 expectations are exact: every k-tuple of responses that a group can draw is k consecutive rows of the
 batch, weighted by the tuple's probability, so a masked mean is the large-batch limit of the loss.
-Run: pytest -q test_grpo.py   (a few seconds on a CPU)
+Run: pytest -q tests/test_grpo.py   (a few seconds on a CPU)
 """
 import itertools
 import statistics

@@ -1,0 +1,74 @@
+"""
+The checks of train.py's config: settings that mean nothing are refused, in one line that says why, before
+anything is read or written (docs/runs.md). Files, models and reward functions are checked where they are loaded.
+"""
+import os
+
+from grpo import CRITIC_FREE
+from lab.cli import check_rules
+from lab.hf import check_source
+from model import get_device
+
+
+def validate(cfg):
+    """Refuse a config (its defaults resolved: train.resolve) whose settings mean nothing, saying why."""
+    check_rules(cfg, [  # (field, holds, what it must be)
+        ("lam", cfg.lam > 0, "> 0"),
+        ("awr_lam", cfg.awr_lam > 0, "> 0 (AWR's temperature)"),
+        ("apa_clip", cfg.apa_clip >= 0, ">= 0 (0: unbounded APA)"),
+        ("group_size", cfg.group_size >= (2 if cfg.algo in CRITIC_FREE else 1),
+         f"{'>= 2 for ' + cfg.algo + ' (a baseline from the other responses)' if cfg.algo in CRITIC_FREE else '>= 1'}"),
+        ("seed", cfg.seed >= 0, ">= 0"),
+        ("iters", cfg.iters > 0, "> 0"),
+        ("batch_size", cfg.batch_size > 0, "> 0"),
+        ("minibatch_size", cfg.minibatch_size > 0, "> 0"),
+        ("epochs", cfg.epochs > 0, "> 0 (passes over each rollout)"),
+        ("max_new_tokens", cfg.max_new_tokens > 0, "> 0 (a response has at least one token)"),
+        ("lr", 0 <= cfg.lr <= 0.1, "in [0, 0.1]: Adam moves every weight by about lr a step, so more wrecks a "
+                                   "language model in a few steps (1e-6 to 1e-3 are usual)"),
+        ("target_kl", cfg.target_kl >= 0, ">= 0 (0: no KL guard)"),
+        ("eval_every", cfg.eval_every >= 0, ">= 0 (0: never)"),
+        ("eval_samples", cfg.eval_samples > 0, "> 0"),
+        ("max_grad_norm", cfg.max_grad_norm > 0, "> 0 (gradients are clipped to this norm)"),
+        ("gamma", 0 <= cfg.gamma <= 1, "in [0, 1] (a discount)"),
+        ("gae_lambda", 0 <= cfg.gae_lambda <= 1, "in [0, 1] (GAE's bias-variance trade-off)"),
+        ("vf_coef", cfg.vf_coef >= 0, ">= 0 (the weight of the value loss)"),
+        ("cliprange", cfg.cliprange > 0, "> 0 (PPO keeps the ratio in [1 - cliprange, 1 + cliprange])"),
+        ("cliprange_value", cfg.cliprange_value > 0, "> 0 (values move at most this far from the rollout's)"),
+        ("max_bad_steps", cfg.max_bad_steps > 0, "> 0 (non-finite steps in a row before stopping)"),
+        ("n_layer", cfg.n_layer > 0, "> 0"),
+        ("n_head", cfg.n_head > 0, "> 0"),
+        ("n_embd", cfg.n_embd > 0 and cfg.n_embd % max(cfg.n_head, 1) == 0,
+         f"> 0 and divisible by n_head={cfg.n_head} (each head gets n_embd / n_head dimensions)"),
+        ("block_size", cfg.block_size > 0, "> 0"),
+        ("sft_steps", cfg.sft_steps > 0, "> 0 (pre-training steps)"),
+        ("sft_lr", 0 < cfg.sft_lr <= 0.1, "in (0, 0.1]"),
+        ("sample_every", cfg.sample_every >= 0, ">= 0 (0: never)"),
+        ("ckpt_every", cfg.ckpt_every >= 0, ">= 0 (0: only at the end)"),
+        ("jstar_samples", cfg.jstar_samples == 0 or cfg.jstar_samples >= 2,
+         "0 (no J*) or >= 2 (its standard error needs two samples per prompt)"),
+        ("awr_max_weight", cfg.awr_max_weight > 0, "> 0 (AWR's clip of its weights)"),
+        ("out_dir", cfg.out_dir != "", "a folder"),
+        ("sft_dir", cfg.sft_dir != "", "a folder (the cache of the pre-trained tiny GPT)"),
+        ("num_samples", cfg.num_samples > 0, "> 0"),
+        ("lora_r", cfg.lora_r >= 0, ">= 0 (0: no LoRA)"),
+        ("lora_alpha", cfg.lora_alpha > 0, "> 0"),
+        ("lora_targets", cfg.lora_targets != "", "all or module names"),
+    ])
+    if cfg.batch_size % cfg.minibatch_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by minibatch_size {cfg.minibatch_size}")
+    if cfg.batch_size % cfg.group_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by group_size {cfg.group_size}")
+    for path in (cfg.prompts, cfg.eval_prompts):
+        if path and not os.path.isfile(path):
+            raise ValueError(f"{path} " + ("is a folder, not a prompts file" if os.path.isdir(path) else "does not exist"))
+    sources = [("--init", cfg.init, False), ("--reward_model", cfg.reward_model, False),
+               ("--tokenizer", "" if cfg.tokenizer in ("task", "gpt2") else cfg.tokenizer, True)]
+    for flag, path, tokenizer in sources:                               # a local path, or a hub id ("gpt2", "org/name")
+        if path and not os.path.exists(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+            raise ValueError(f"{path} does not exist")
+        if path and not cfg.sample:
+            check_source(flag, path, tokenizer)
+    if cfg.sample and not os.path.isdir(cfg.sample):
+        raise ValueError(f"--sample={cfg.sample} is no folder (a trained policy is a folder: out/policy)")
+    get_device(cfg)

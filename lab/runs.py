@@ -1,0 +1,234 @@
+"""
+The run folder (out_dir): metrics.jsonl, config.json, checkpoints that resume a run exactly, the trained policy,
+an earlier run kept aside, and a lock so that one run at a time uses a folder. Every file is written under a
+temporary name and then renamed, so a crash, Ctrl-C or a full disk never leaves half a file. docs/runs.md lists
+what this guarantees and the tests that hold it.
+"""
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+
+from lab.ddp import gather_all, rank, world_size
+from lab.hf import HFTokenizer, quiet
+
+RESUME_MAY_CHANGE = {"iters", "lr", "out_dir", "sft_dir", "sample_every", "ckpt_every", "max_bad_steps", "resume",
+                     "device", "precision", "sample", "prompt", "num_samples", "exact_every", "eval_prompts",
+                     "eval_every", "eval_samples", "grad_checkpointing", "cuda_graph"}  # any other change mixes two runs
+
+
+def write_atomically(path, write):
+    """write(tmp) to a temporary file or folder of this process, then rename it to path: path is whole or as it
+    was, never half-written, even if the process dies midway. On any failure the temporary is removed."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_config(path, cfg):
+    """The run's config as JSON: beside metrics.jsonl (lab/compare.py --plot reads it) and in policy/ (--sample)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+    write_atomically(path, write)
+
+
+def append_metrics(cfg, stats):
+    """One iteration's line of out_dir/metrics.jsonl. The first iteration of a fresh run first moves an earlier run's
+    results aside and starts the file afresh, then writes config.json beside it (what made these metrics)."""
+    first = stats["iter"] == 1
+    if first:
+        keep_previous_run(cfg.out_dir)
+    with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w" if first else "a") as f:
+        f.write(json.dumps(stats) + "\n")
+    if first:
+        write_config(os.path.join(cfg.out_dir, "config.json"), cfg)
+
+
+def keep_previous_run(out_dir):
+    """A fresh run moves an earlier run's results into out_dir/previous/N (N = 1, 2, ...) before it writes
+    its first results, so that no result is lost and --resume never mixes two runs."""
+    found = [name for name in ("metrics.jsonl", "config.json", "ckpt.pt", "policy") if os.path.exists(os.path.join(out_dir, name))]
+    if not found:
+        return
+    previous = os.path.join(out_dir, "previous")
+    n = 1 + max((int(d) for d in os.listdir(previous) if d.isdigit()), default=0) if os.path.isdir(previous) else 1
+    os.makedirs(os.path.join(previous, str(n)))
+    for name in found:
+        os.replace(os.path.join(out_dir, name), os.path.join(previous, str(n), name))
+    print(f"the earlier run's {', '.join(found)} moved to {os.path.join(previous, str(n))}")
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints: --resume continues a run exactly
+
+
+def frozen(policy):
+    """The names of the weights that do not train (LoRA's base): checkpoints leave them out."""
+    return {n for n, p in policy.named_parameters() if not p.requires_grad}
+
+
+def save_checkpoint(cfg, policy, opt, iteration, metrics_line):
+    """out_dir/ckpt.pt: everything to continue exactly: the weights that train, optimizer, RNG states, iteration (= lines
+    of metrics.jsonl), the config and the last line of metrics.jsonl (to check both on resume). Written to a temporary
+    file, then renamed. Data parallel: every process calls it (its random state), rank 0 writes."""
+    if not all(torch.isfinite(p).all() for p in policy.parameters()):
+        raise FloatingPointError("non-finite weights: checkpoint not written")
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    rng = {"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    state = {"policy": {k: v for k, v in policy.state_dict().items() if k not in frozen(policy)}, "opt": opt.state_dict(),
+             "iter": iteration, **rng,
+             "config": dataclasses.asdict(cfg), "metrics_line": metrics_line}
+    if dist.is_initialized():
+        state["ranks_rng"] = gather_all([rng])                           # every process's, in rank order
+    if rank() != 0:
+        return
+    try:
+        write_atomically(path, lambda tmp: torch.save(state, tmp))
+    except OSError as e:
+        kept = "the previous checkpoint is intact" if os.path.exists(path) else "there is no earlier checkpoint"
+        raise OSError(f"could not write checkpoint {path} at iteration {iteration} ({e.strerror or e}): {kept}") from e
+
+
+def checkpoint_to_resume(cfg):
+    """With --resume, the checkpoint of out_dir, checked (read_checkpoint); None for a fresh run."""
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if not (cfg.resume and os.path.exists(path)):
+        return None
+    return read_checkpoint(path, os.path.join(cfg.out_dir, "metrics.jsonl"), cfg)
+
+
+def read_checkpoint(path, metrics_path, cfg):
+    """The checkpoint to resume from, after checking that it is whole, that the config keeps what the run
+    depends on (only RESUME_MAY_CHANGE may change), and that metrics.jsonl holds exactly the checkpoint's
+    iterations (later lines are dropped)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        iteration, saved, last_line = state["iter"], state["config"], state["metrics_line"]
+    except Exception as e:
+        raise ValueError(f"{path} is damaged or not a checkpoint of this train.py ({type(e).__name__}: {e}); "
+                         "a run without --resume starts afresh and keeps it in previous/") from None
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+               if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != v]
+    if changed:
+        raise ValueError(f"--resume would mix two runs: {', '.join(changed)} (a resumed run may change only "
+                         f"{', '.join(sorted(RESUME_MAY_CHANGE))})")
+    if iteration > cfg.iters:
+        raise ValueError(f"{path} is at iteration {iteration}, past --iters={cfg.iters}")
+    try:
+        with open(metrics_path) as f:
+            lines = [line.rstrip("\n") for line in f][:iteration]
+    except FileNotFoundError:
+        lines = []
+    for i, line in enumerate(lines, 1):
+        try:
+            ok = json.loads(line)["iter"] == i
+        except (ValueError, TypeError, KeyError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{metrics_path} line {i} is not the metrics of iteration {i}: it does not match {path}")
+    if len(lines) < iteration or lines[-1] != last_line:
+        raise ValueError(f"{metrics_path} does not match {path} (iteration {iteration}): " +
+                         (f"it has {len(lines)} lines" if len(lines) < iteration else f"line {iteration} differs"))
+    state["metrics_lines"] = lines
+    return state
+
+
+def resume(state, policy, opt, cfg):
+    """The iteration the run starts from: 0 for a fresh run (state None), else the checkpoint's, after loading its
+    weights, optimizer and random state and cutting metrics.jsonl back to its iteration."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if state is None:
+        if cfg.resume and rank() == 0:
+            print(f"no checkpoint in {cfg.out_dir}: starting afresh")
+        return 0
+    try:
+        missing, unexpected = policy.load_state_dict(state["policy"], strict=False)
+    except RuntimeError as e:
+        problem = next((l.strip() for l in str(e).splitlines()[1:] if l.strip()), str(e))
+        raise ValueError(f"the checkpoint does not fit this model: {problem}") from None
+    missing = set(missing) - frozen(policy)                             # not saved: read again from --init
+    if missing or unexpected:
+        raise ValueError(f"the checkpoint does not fit this model: it lacks {sorted(missing)[:2]} and has "
+                         f"{sorted(unexpected)[:2]} (another --lora_r?)")
+    opt.load_state_dict(state["opt"])
+    if state["config"]["lr"] != cfg.lr:                                  # allowed: the new lr applies from here on
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr
+        if rank() == 0:
+            print(f"lr changed from {state['config']['lr']:g} to {cfg.lr:g}")
+    rngs = state.get("ranks_rng", [state])                               # each process continues its own stream
+    if len(rngs) != world_size():
+        raise ValueError(f"the checkpoint was written by {len(rngs)} processes: resume with as many")
+    torch.set_rng_state(rngs[rank()]["rng"])
+    if rngs[rank()]["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rngs[rank()]["cuda_rng"])
+    if rank() == 0:
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.writelines(line + "\n" for line in state["metrics_lines"])
+        write_atomically(os.path.join(cfg.out_dir, "metrics.jsonl"), write)
+        print(f"resumed from {os.path.join(cfg.out_dir, 'ckpt.pt')} at iteration {state['iter']}")
+    return state["iter"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the end of a run, and runs side by side
+
+
+def save_policy(cfg, policy, enc):
+    """out_dir/policy: the trained policy as a Hugging Face folder that from_pretrained and --sample load (with LoRA:
+    the adapters merged in, and the adapters alone in policy/adapter), its tokenizer if it has its own, the value
+    head, and the run's config (its tokenizer and reward, for --sample)."""
+    folder, lm = os.path.join(cfg.out_dir, "policy"), policy.lm
+    with quiet():                                                        # no progress bar in the log
+        if cfg.lora_r:
+            lm.save_pretrained(os.path.join(folder, "adapter"))
+            lm = lm.merge_and_unload()                                   # into a plain model: from_pretrained loads it
+        lm.save_pretrained(folder)
+        if isinstance(enc, HFTokenizer):                                 # from_pretrained finds the tokenizer too
+            enc.tok.save_pretrained(folder)
+    torch.save(policy.v_head.state_dict(), os.path.join(folder, "value_head.pt"))
+    write_config(os.path.join(folder, "apa_config.json"), cfg)
+
+
+def interrupted(cfg):
+    """What Ctrl-C prints: whether a checkpoint is there to resume from."""
+    path = cfg and os.path.join(cfg.out_dir, "ckpt.pt")
+    return "interrupted: " + (f"{path} is intact; the same command with --resume=1 continues from it"
+                              if path and os.path.exists(path) else "no checkpoint yet, nothing to resume")
+
+
+@contextlib.contextmanager
+def exclusive(out_dir):
+    """One run at a time in out_dir: a lock on the folder, which the system releases when the process ends,
+    however it ends (even by SIGKILL), so no lock is ever left behind. Under torchrun, rank 0 holds it."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    created = not os.path.exists(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"another run is using {out_dir}: wait for it to end, or choose another --out_dir") from None
+    try:
+        yield
+    finally:
+        os.close(fd)
+        if created and not os.listdir(out_dir):                          # a run that failed before writing
+            os.rmdir(out_dir)                                            # leaves no trace
