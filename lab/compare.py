@@ -66,14 +66,16 @@ NAMES = {"apa": "APA", "apa_paper": "APA (paper form)", "apa_bounded": "APA, bou
 ONLY = {"apa_guard": ("grid",), "drgrpo": ("short",)}  # the settings of these; every other runs in all three
 FIXED_POINT = {                                        # what each converges to, in theory (the tests that check it)
     "apa": "pi* (test_losses.py: test_token_mdp_apa_converges_to_optimum)",
-    "apa_paper": "not pi*: ignores the KL of later tokens (test_token_mdp_paper_form_misses_optimum)",
+    "apa_paper": "not pi*: pi_init exp(Q_R/lambda) per state, no KL of later tokens "
+                 "(test_token_mdp_paper_form_misses_optimum)",
     "apa_bounded": "pi* (test_token_mdp_bounded_apa_converges_to_optimum)",
     "ppo": "pi* (test_ppo_iterations_approach_optimum)",
     "awr": "pi* (test_token_mdp_awr_converges_to_optimum_with_kl_reward)",
     "grpo": "not pi*: pi_init / (1 - W/lambda), W scale-free (tests/test_grpo.py: "
-            "test_bandit_grpo_fixed_point_ignores_the_scale_of_the_reward)",
+            "test_bandit_grpo_fixed_point_ignores_the_scale_of_the_reward, k = 4)",
     "drgrpo": "not pi*: pi_init / (1 - (1 - 1/k)(Q_R - V_R)/lambda) per state "
-              "(test_token_mdp_dr_grpo_fixed_point_is_the_per_state_tilt_by_the_score_advantage)",
+              "(test_bandit_dr_grpo_fixed_point_is_a_hyperbolic_tilt_not_pi_star, k = 4; "
+              "test_token_mdp_dr_grpo_fixed_point_is_the_per_state_tilt_by_the_score_advantage, k = 2)",
     "rloo": "pi* (test_token_mdp_rloo_converges_to_optimum)"}
 
 
@@ -511,7 +513,7 @@ def compare(cfg):
                  "",
                  table(cfg, "short", cfg.lr, short_iters, seeds), "",
                  "## Which algorithms reach pi*", "",
-                 "The fixed point each converges to in theory (derived in apa.py and grpo.py, checked by "
+                 "The fixed point each converges to in theory (derived in docs/theory.md, checked by "
                  "enumeration), and the final gap of the short-response runs above.", "",
                  fixed_point_table(cfg, cfg.lr, short_iters, seeds), ""]
     text = "\n".join(text)

@@ -4,6 +4,7 @@ expectations are exact: every k-tuple of responses that a group can draw is k co
 batch, weighted by the tuple's probability, so a masked mean is the large-batch limit of the loss.
 Run: pytest -q tests/test_grpo.py   (a few seconds on a CPU)
 """
+import functools
 import itertools
 import statistics
 
@@ -13,13 +14,28 @@ import torch
 from grpo import group_advantages, grpo_loss, k3, rloo_advantages
 from ppo import masked_mean, ppo_policy_loss
 from test_losses import (PREFIXES, SEQS, T_, bandit, exact_values, float64, objective, optimum,  # noqa: F401
-                         token_logprobs, token_mdp, token_optimum, tv)
+                         seq_probs, token_logprobs, token_mdp, token_optimum, tv)
+
+
+@functools.cache
+def all_tuples(n, k):
+    return torch.tensor(list(itertools.product(range(n), repeat=k)))            # (n^k, k) every k-tuple of n
 
 
 def group_batch(probs, k):
     """Every k-tuple of N responses drawn with probs (N,), as k consecutive rows: (rows (N^k k,), weights (N^k k,))."""
-    tuples = torch.tensor(list(itertools.product(range(len(probs)), repeat=k)))  # (N^k, k)
+    tuples = all_tuples(len(probs), k)                                           # (N^k, k)
     return tuples.flatten(), probs[tuples].prod(1).repeat_interleave(k)          # each row weighs its tuple's prob
+
+
+def slow_first_advantages(scores, k, std):
+    """GRPO's advantage of the first member of each group, by a Python loop: scores (M,), groups of k rows."""
+    out = []
+    for g in range(0, len(scores), k):
+        group = scores[g:g + k].tolist()
+        centred = group[0] - statistics.mean(group)
+        out.append(centred / (statistics.stdev(group) + 1e-4) if std else centred)
+    return torch.tensor(out)                                                     # (M / k,)
 
 
 def grpo_adv(R, k, std):
@@ -90,9 +106,9 @@ def test_k3_gradient_on_own_samples_is_the_forward_kl_gradient():
 
 
 # ----------------------------------------------------------------------------------------------
-# bandit: K actions, groups of k = 3 (216 tuples)
+# bandit: K actions, groups of k = 4 (1,296 tuples), the k of lab/compare.py's runs
 
-KB = 3
+KB = 4
 
 
 def bandit_log_probs(log_init):
@@ -117,6 +133,37 @@ def test_bandit_rloo_converges_to_optimum_where_every_advantage_is_zero():
     assert (optimum(log_init, R, lam) - log_init.exp()).abs().max().item() > 0.1  # far from the start
 
 
+def self_inclusive_adv(R, k):
+    """RLOO's reward R - lambda KL(y), but a baseline that includes the response itself: the group's mean."""
+    def adv(rows, old, ref, lam):
+        groups = (R[rows] - lam * (old - ref).sum(1)).view(-1, k)   # (M/k, k)
+        return (groups - groups.mean(1, keepdim=True)).flatten()     # (M,)
+    return adv
+
+
+def test_bandit_rloo_gradient_is_grad_j_and_what_matters_is_the_kl_in_its_reward():
+    # on-policy, E[A_i grad log pi(y_i)] with R' = R - lambda log(pi/pi_init) is grad J for the leave-one-out
+    # baseline, and (1 - 1/k) grad J for a baseline that includes the response itself: a smaller step, the same
+    # zero. Both reach pi*; what puts RLOO there is the KL inside R', not the leave-one-out baseline.
+    log_init, R = bandit()
+    lam = 0.5
+    logits = (log_init + torch.randn(len(R), generator=torch.Generator().manual_seed(5))).requires_grad_()
+    old_all = torch.log_softmax(logits, 0).detach()[:, None]         # (K, 1) pi_old = pi_theta
+    rows, w = group_batch(old_all[:, 0].exp(), KB)                   # (M,)
+    old, ref = old_all[rows], log_init[rows, None]                   # (M, 1)
+    def gradient(advantage_fn):
+        adv = advantage_fn(rows, old, ref, lam)[:, None]             # (M, 1)
+        logp = torch.log_softmax(logits, 0)[rows, None]              # (M, 1)
+        return torch.autograd.grad(rloo_surrogate(logp, old, ref, adv, w[:, None], lam), logits)[0]
+    J = lambda l: (torch.softmax(l, 0) * (R - lam * (torch.log_softmax(l, 0) - log_init))).sum()  # noqa: E731
+    (grad_J,) = torch.autograd.grad(J(logits), logits)
+    torch.testing.assert_close(-gradient(rloo_adv(R, KB)), grad_J, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(-gradient(self_inclusive_adv(R, KB)), (1 - 1 / KB) * grad_J, rtol=1e-10, atol=1e-12)
+    assert grad_J.abs().max() > 1e-2
+    pi = bandit_run(R, self_inclusive_adv(R, KB), rloo_surrogate, lam)
+    assert (pi - optimum(log_init, R, lam)).abs().max().item() <= 1e-6
+
+
 def test_bandit_dr_grpo_fixed_point_is_a_hyperbolic_tilt_not_pi_star():
     # pi(y) (1 - (1 - 1/k)(R(y) - E_pi[R]) / lambda) = pi_init(y): agrees with pi* for lambda k/(k-1) to first order only
     log_init, R = bandit()
@@ -126,6 +173,20 @@ def test_bandit_dr_grpo_fixed_point_is_a_hyperbolic_tilt_not_pi_star():
     torch.testing.assert_close(pi * (1 - c * (R - (pi * R).sum())), log_init.exp(), rtol=0, atol=1e-6)
     for lam_pi_star in (lam, lam * KB / (KB - 1)):
         assert (pi - optimum(log_init, R, lam_pi_star)).abs().max().item() > 1e-2
+
+
+def test_bandit_dr_grpo_fixed_point_lies_on_either_side_of_pi_star():
+    # the tilt 1 / (1 - (1 - 1/k)(R - E_pi[R])/lambda) is not pi*, and no law says on which side: measured at k = 4,
+    # its KL to pi_init is 3.49 nats against pi*'s 4.13 at lambda = 0.05 (short of pi*), 0.17 against 0.09 at 0.5
+    log_init, R = bandit()
+    kl = lambda p: (p * (p.log() - log_init)).sum().item()          # noqa: E731 KL(p || pi_init)
+    sides = {}
+    for lam in (0.05, 0.5):
+        pi = bandit_run(R, grpo_adv(R, KB, std=False), grpo_surrogate, lam, steps=6000 if lam < 0.1 else 3000)
+        c = (1 - 1 / KB) / lam
+        torch.testing.assert_close(pi * (1 - c * (R - (pi * R).sum())), log_init.exp(), rtol=0, atol=1e-4)
+        sides[lam] = kl(pi) - kl(optimum(log_init, R, lam))
+    assert sides[0.05] < -0.3 and sides[0.5] > 0.05                  # short of pi*, then past it
 
 
 def slow_expected_grpo_advantage(pi, R, k):
@@ -200,16 +261,12 @@ def test_token_mdp_dr_grpo_fixed_point_is_the_per_state_tilt_by_the_score_advant
     assert gap > 1e-3
 
 
-def test_token_mdp_grpo_fixed_point_is_the_per_state_tilt_by_the_expected_group_advantage():
-    # at every state: pi(a|s) (1 - (W(s,a) - W(s)) / lambda) = pi_init(a|s), W(s,a) = E[A_1 | y_1 passes s, then a],
-    # W(s) = E[A_1 | y_1 passes s], by enumerating the groups of the converged policy
-    init_logits, R = token_mdp()
-    lam = 0.5
-    logits = token_run(R, grpo_adv(R, KT, std=True), grpo_surrogate, lam, iters=450, lr=6.0)
-    logp = token_logprobs(logits)                                     # (27, 3)
-    rows, w = group_batch(logp.sum(1).exp(), KT)
-    first, p = rows.view(-1, KT)[:, 0].tolist(), w.view(-1, KT)[:, 0]  # (M/k,) member 1 of each group, the group's prob
-    A = group_advantages(R[rows], KT, std=True).view(-1, KT)[:, 0]     # (M/k,) its advantage
+def expected_first_advantage(logits, R, k, std):
+    """W(s_t, a_t) and W(s_t) (27, 3): E[A_1 | y_1 passes s_t, then a_t] and E[A_1 | y_1 passes s_t], GRPO's
+    advantage of the first member of a group, by a Python loop over every group that pi (logits) draws."""
+    rows, w = group_batch(seq_probs(logits), k)
+    first, p = rows.view(-1, k)[:, 0].tolist(), w.view(-1, k)[:, 0]  # (M/k,) member 1 of each group, the group's prob
+    A = slow_first_advantages(R[rows], k, std)                      # (M/k,) its advantage
     seqs = [tuple(y) for y in SEQS.tolist()]
     def W(length):                                                    # (27, 3) E[A_1 | y_1 starts with y[:t + length]]
         out = torch.zeros(len(seqs), T_)
@@ -218,13 +275,26 @@ def test_token_mdp_grpo_fixed_point_is_the_per_state_tilt_by_the_expected_group_
                 sel = torch.tensor([seqs[j][:t + length] == y[:t + length] for j in first])
                 out[i, t] = (p[sel] * A[sel]).sum() / p[sel].sum()
         return out
-    tilt = 1 - (W(1) - W(0)) / lam                                    # (27, 3)
-    torch.testing.assert_close(logp.exp() * tilt, token_logprobs(init_logits).exp(), rtol=0, atol=1e-6)
+    return W(1), W(0)
+
+
+def test_token_mdp_grpo_fixed_point_is_the_per_state_tilt_by_the_expected_group_advantage():
+    # at every state: pi(a|s) (1 - (W(s,a) - W(s)) / lambda) = pi_init(a|s), W(s,a) = E[A_1 | y_1 passes s, then a],
+    # W(s) = E[A_1 | y_1 passes s], by enumerating the groups of the converged policy
+    init_logits, R = token_mdp()
+    lam = 0.5
+    logits = token_run(R, grpo_adv(R, KT, std=True), grpo_surrogate, lam, iters=450, lr=6.0)
+    W_sa, W_s = expected_first_advantage(logits, R, KT, std=True)
+    tilt = 1 - (W_sa - W_s) / lam                                     # (27, 3)
+    torch.testing.assert_close(token_logprobs(logits).exp() * tilt, token_logprobs(init_logits).exp(), rtol=0, atol=1e-6)
     assert tv(logits, token_optimum(init_logits, R, lam)) > 1e-2
 
 
 @pytest.mark.parametrize("name", ["rloo", "grpo", "dr_grpo"])
-def test_token_mdp_expected_gradient_at_pi_star_vanishes_only_for_rloo(name):
+def test_token_mdp_expected_gradient_at_pi_star_is_zero_only_for_rloo(name):
+    # the expected gradient on the logits of state s, action b, at pi_theta = pi_old, of GRPO's loss (a token mean
+    # over responses of T tokens) is (1/T) P(s) [-pi(b|s) (W(s,b) - W(s)) + lambda (pi(b|s) - pi_init(b|s))]:
+    # the group advantage's term and k3's forward-KL term (docs/theory.md, section 7). At pi* it is not 0; RLOO's is.
     init_logits, R = token_mdp()
     lam = 0.5
     log_star = torch.log(token_optimum(init_logits, R, lam))          # (27,) pi*(y), by enumeration
@@ -243,5 +313,15 @@ def test_token_mdp_expected_gradient_at_pi_star_vanishes_only_for_rloo(name):
     ref = token_logprobs(init_logits)[rows]
     adv = adv_fn(rows, old[rows], ref, lam)[:, None].expand(-1, T_)
     loss_fn(token_logprobs(logits)[rows], old[rows], ref, adv, w[:, None].expand(-1, T_), lam).backward()
-    grad = logits.grad.abs().max().item()
-    assert grad < 1e-12 if name == "rloo" else grad > 1e-3
+    if name == "rloo":
+        assert logits.grad.abs().max().item() < 1e-12
+        return
+    W_sa, W_s = expected_first_advantage(star_logits, R, KT, std=name == "grpo")  # (27, 3)
+    pi, pi_init = torch.softmax(star_logits, -1), torch.softmax(init_logits, -1)  # (13, 3) pi(a|s), pi_init(a|s)
+    derived = torch.zeros(len(PREFIXES), 3)
+    for p, i in PREFIXES.items():
+        j, t = next((j, len(p)) for j, y in enumerate(seqs) if y[:len(p)] == p)   # a response through s = p
+        W_s_b = torch.stack([W_sa[next(r for r, y in enumerate(seqs) if y[:t + 1] == p + (b,)), t] for b in range(3)])
+        derived[i] = prefix_logp[p].exp() / T_ * (-pi[i] * (W_s_b - W_s[j, t]) + lam * (pi[i] - pi_init[i]))
+    torch.testing.assert_close(logits.grad, derived, rtol=1e-8, atol=1e-12)
+    assert derived.abs().max() > 1e-3                                  # not zero
