@@ -25,7 +25,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = ["test_losses.py", "tests/test_grpo.py", "tests/test_exact.py"]  # fast enough for one run per mutation, and enough
+TESTS = ["test_losses.py", "tests/test_exact.py", "tests/test_grpo.py"]  # fast enough for one run per mutation, and enough
 
 # the tests that guard a part of the program, for the mutations below that name them
 UPDATE = "tests/test_exact.py::test_update_calls_the_loss_of_the_readme_table"
