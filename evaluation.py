@@ -41,13 +41,19 @@ def estimate_jstar(cfg, lm, prompt_tokens, prompts, reward_fn, enc, device):
     return jstar_x.mean().item(), (se_x.pow(2).sum().sqrt() / len(prompts)).item()
 
 
+def stream_devices(device):
+    """The devices whose random streams a block of its own must fork, so that the training stream is as it was after
+    it: the CPU's always (fork_rng's own), and device's where it is a GPU (the sampler draws there)."""
+    return [device] if device.type == "cuda" else []
+
+
 @torch.no_grad()
 def evaluate(cfg, policy, ref_lm, eval_tokens, eval_prompts, reward_fn, enc, device, it):
     """The policy on the held-out prompts: eval_samples fresh responses (the prompts in turn), their mean reward
     (eval_reward), KL to pi_init (eval_kl) and J (eval_J). Its own random stream: a run draws the same training
     numbers with or without it."""
     rows, scores, kls = [i % len(eval_prompts) for i in range(cfg.eval_samples)], [], []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=stream_devices(device)):
         torch.manual_seed(1_000_003 * (cfg.seed + 1) + it)
         for k in range(0, len(rows), cfg.batch_size):
             prompt_ids, prompt_mask, response, mask, logprobs, _, s = sample(

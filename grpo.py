@@ -11,9 +11,14 @@ response's advantage from the others' rewards instead of a value head. Pure func
 
 RLOO's fixed point is pi* = pi_init exp(R/lambda) / Z; GRPO's and Dr. GRPO's are hyperbolic tilts of pi_init,
 not pi* (docs/theory.md, section 7, derives them; tests/test_grpo.py checks them by enumerating every group).
+Where the KL to pi_init goes (train.py --kl) is a choice of its own: in the sequence reward (RLOO's), or in
+the loss by one of four estimators (k1, k2, k3 and k3 x ratio; GRPO's is k3). docs/theory.md, section 8, derives
+the fixed point of each, with each algorithm's advantages.
 Where this departs from the papers: means are over the batch's tokens, as for APA and PPO here; the std is the
 group's sample std (Bessel's correction, as TRL), with 1e-4 added; several epochs of minibatches reuse each batch.
 """
+import torch
+
 from ppo import masked_mean, ppo_policy_loss
 
 CRITIC_FREE = ("grpo", "rloo")   # train.py's --algo values of this file: advantages from the group, no value head
@@ -38,23 +43,47 @@ def rloo_advantages(rewards, group_size):
     return (groups - others).flatten()                           # (B,)
 
 
-def k3(logprobs, ref_logprobs):
-    """Schulman's k3 estimate of KL(pi_theta || pi_init) per token, as GRPO uses it: r - log r - 1 with
-    r = pi_init/pi_theta on the sampled token (B, T). Its gradient on pi_theta's samples is that of the
-    forward KL(pi_init || pi_theta), not the reverse KL that J carries (docs/theory.md, section 7)."""
+# the KL to pi_init as a loss term: four per-token estimates of KL(pi_theta || pi_init) on the sampled tokens, each
+# (logprobs, ref_logprobs, old_logprobs) -> (B, T). Their expected gradients on the policy's own samples differ:
+# docs/theory.md, section 8, derives each, and the fixed point each reaches with each algorithm's advantages.
+
+def k1(logprobs, ref_logprobs, old_logprobs=None):
+    """log pi_theta/pi_init: unbiased for the KL, but its expected gradient on pi_theta's samples is 0."""
+    return logprobs - ref_logprobs                               # (B, T)
+
+
+def k2(logprobs, ref_logprobs, old_logprobs=None):
+    """1/2 (log pi_theta/pi_init)^2: its expected gradient is that of the reverse KL(pi_theta || pi_init) at each
+    state, the KL that J carries (but not the KL of the later tokens)."""
+    return 0.5 * (logprobs - ref_logprobs) ** 2                  # (B, T)
+
+
+def k3(logprobs, ref_logprobs, old_logprobs=None):
+    """Schulman's k3, as GRPO uses it: r - log r - 1 with r = pi_init/pi_theta on the sampled token. Its gradient
+    on pi_theta's samples is that of the forward KL(pi_init || pi_theta), not the reverse KL that J carries."""
     log_r = ref_logprobs - logprobs                              # (B, T) log pi_init/pi_theta
     return log_r.exp() - log_r - 1                               # (B, T)
 
 
-def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, lam, clip_eps=0.2):
+def k3_is(logprobs, ref_logprobs, old_logprobs):
+    """k3 times the ratio pi_theta/pi_old (DeepSeek-V3.2's importance-sampling correction): its expected gradient
+    is that of the reverse KL, as k2's."""
+    return torch.exp(logprobs - old_logprobs) * k3(logprobs, ref_logprobs)  # (B, T)
+
+
+KL_ESTIMATORS = {"k1": k1, "k2": k2, "k3": k3, "k3_is": k3_is}  # train.py's --kl values in the loss
+
+
+def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, lam, clip_eps=0.2, kl_estimator=k3):
     """GRPO's loss (Shao et al. 2024, Eq. 3), negated to be minimised: PPO's clipped surrogate with the
-    response's group advantage on every token, plus lambda times the k3 KL to pi_init.
+    response's group advantage on every token, plus lambda times an estimate of the KL to pi_init (k3 in GRPO).
 
         L = E_t[ max(-A r_t, -A clip(r_t, 1 - eps, 1 + eps)) + lambda k3_t ],  r_t = pi_theta/pi_old(a_t|s_t)
 
     logprobs (B, T) with grad; old_logprobs, ref_logprobs (B, T) under pi_old and pi_init; advantages
-    (B, T), `group_advantages` broadcast over each response's tokens; mask (B, T). Returns (pg_loss, stats).
+    (B, T), the group's advantage broadcast over each response's tokens; mask (B, T); kl_estimator: one of
+    KL_ESTIMATORS. Returns (pg_loss, stats); stats names the KL term by its estimator (k3: ...).
     """
     pg_loss, stats = ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps)  # ()
-    kl = masked_mean(k3(logprobs, ref_logprobs), mask)           # ()     k3 KL to pi_init
-    return pg_loss + lam * kl, dict(stats, k3=kl.item())
+    kl = masked_mean(kl_estimator(logprobs, ref_logprobs, old_logprobs), mask)  # () the KL term
+    return pg_loss + lam * kl, dict(stats, **{kl_estimator.__name__: kl.item()})

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import data
+from grpo import CRITIC_FREE
 from lab.cli import status
 from lab.hf import load_config, load_lm, load_pretrained, quiet
 from lab.lora import AdaptersOff, checkpoint_activations, exact_in_bf16, frozen_to_bf16, with_lora
@@ -33,9 +34,12 @@ class PolicyWithValue(nn.Module):
         self.lm, self.n_vocab = lm, n_vocab
         self.v_head = nn.Linear(lm.config.hidden_size, 1)
 
-    def forward(self, input_ids, attention_mask, prompt_len):
-        """Logits (B, T, V) and values (B, T) at the states before each response token, both fp32."""
-        logits, hidden = lm_forward(self.lm, input_ids, attention_mask, prompt_len, self.n_vocab)
+    def forward(self, input_ids, attention_mask, prompt_len, values=True):
+        """Logits (B, T, V) and values (B, T) at the states before each response token, both fp32. values=False:
+        the logits and None, without the hidden states (GRPO and RLOO have no use for values)."""
+        logits, hidden = lm_forward(self.lm, input_ids, attention_mask, prompt_len, self.n_vocab, hidden=values)
+        if not values:
+            return logits, None
         with torch.autocast(hidden.device.type, enabled=False):          # the value head in fp32, even in bf16 runs
             return logits, self.v_head(hidden.float()).squeeze(-1)
 
@@ -52,10 +56,10 @@ def position_ids(mask):
     return (mask.cumsum(-1) - 1).clamp(min=0)                            # (B, L) padding at 0, then 0, 1, 2, ...
 
 
-def lm_forward(lm, input_ids, attention_mask, prompt_len, n_vocab=None, prompt_logits=None):
+def lm_forward(lm, input_ids, attention_mask, prompt_len, n_vocab=None, prompt_logits=None, hidden=True):
     """input_ids, attention_mask (B, P + T), prompts left-padded to P. Returns the logits (B, T, V)
-    that predict the T response tokens and the last hidden states (B, T, H) at the same positions.
-    n_vocab: the tokenizer's vocabulary size (None: all of the model's logits).
+    that predict the T response tokens and the last hidden states (B, T, H) at the same positions (hidden=False:
+    None). n_vocab: the tokenizer's vocabulary size (None: all of the model's logits).
     prompt_logits: whether the LM head also runs at the prompt's positions, whose logits are dropped (None: on a
     CPU only). Skipping them (transformers' logits_to_keep) saves (P - 1) / (P + T) of the head's work and
     memory, but sums the head's weight gradient in another order: on a CPU, fp32 runs keep their rounding, and so
@@ -64,10 +68,11 @@ def lm_forward(lm, input_ids, attention_mask, prompt_len, n_vocab=None, prompt_l
     if prompt_logits is None:
         prompt_logits = input_ids.device.type == "cpu"
     out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-             output_hidden_states=True, use_cache=False,                 # no KV cache to keep
+             output_hidden_states=hidden, use_cache=False,               # no KV cache to keep
              logits_to_keep=0 if prompt_logits else T + 1)              # logits (B, P + T or T + 1, V); 0: all
     response_states = slice(-T - 1, -1)                                  # position t predicts token t + 1
-    return vocab_logits(out.logits[:, response_states], n_vocab), out.hidden_states[-1][:, response_states]
+    return (vocab_logits(out.logits[:, response_states], n_vocab),
+            out.hidden_states[-1][:, response_states] if hidden else None)
 
 
 def token_logprobs(logits, tokens):
@@ -199,6 +204,15 @@ def autocast(cfg, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16(cfg, device))
 
 
+def set_cpu_threads(cfg, device):
+    """torch's threads on a CPU for what follows: --threads, else one for the tiny GPT of the embedded task, and
+    torch's default (a thread a core) for a model of your own (--init). The tiny GPT's operations are small: a second
+    thread speeds an iteration up 1.5x on an idle machine, and slows it down 2-3x beside other busy processes, whose
+    threads and torch's spin for the same cores (docs/models.md)."""
+    if device.type == "cpu" and (cfg.threads or not cfg.init):
+        torch.set_num_threads(cfg.threads or 1)
+
+
 def peak_memory_mb(device):
     """cuda: the most memory tensors held since the last reset (max_memory_allocated). cpu: the process's
     peak resident set size so far (ru_maxrss, in KiB on Linux), which never goes down."""
@@ -231,6 +245,8 @@ def make_policy(cfg, lm, n_vocab, device):
         checkpoint_activations(policy.lm)
     nn.init.zeros_(policy.v_head.weight)                                 # V = 0 at the start, for every seed
     nn.init.zeros_(policy.v_head.bias)
+    if cfg.algo in CRITIC_FREE:                                          # GRPO and RLOO train no value head
+        policy.v_head.requires_grad_(False)
     return policy, ref_lm
 
 

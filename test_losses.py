@@ -177,16 +177,19 @@ def test_bounded_apa_batch_minimiser_stays_within_2c_of_the_sampler():
 
 def test_bounded_apa_target_moves_each_log_prob_by_the_clipped_advantage():
     # the clip itself: at pi = mu the bounded loss is E_mu[clip(Adv/lambda, -c, c)^2], and its gradient on the
-    # logits is -2 mu(b) (clip(b) - E_mu[clip]) (docs/theory.md, section 2, with the residual -clip)
+    # logits is -2 mu(b) (clip(b) - E_mu[clip]) (docs/theory.md, section 2, with the residual -clip); the logged
+    # clipfrac is the share of targets the bound moved, |Adv/lambda| > c
     log_init, R = bandit()
-    lam, c = 1.0, 0.11
+    lam, c = 0.5, 0.22
     mu = torch.softmax(log_init, 0)
     adv = R - (mu * R).sum()
     clipped = (adv / lam).clamp(-c, c)                               # (K,)
     assert ((adv / lam).abs() < c).any() and (adv / lam > c).any() and (adv / lam < -c).any()  # inside and both sides
     logits = mu.log().clone().requires_grad_()
-    loss = apa_loss(torch.log_softmax(logits, 0)[:, None], mu.log()[:, None], adv[:, None], mu[:, None], lam, clip=c)[0]
+    loss, stats = apa_loss(torch.log_softmax(logits, 0)[:, None], mu.log()[:, None], adv[:, None], mu[:, None], lam,
+                           clip=c)
     assert loss.item() == pytest.approx((mu * clipped ** 2).sum().item(), rel=1e-12)
+    assert stats["clipfrac"] == pytest.approx((mu * ((adv / lam).abs() > c)).sum().item(), rel=1e-12)
     (grad,) = torch.autograd.grad(loss, logits)
     torch.testing.assert_close(grad, -2 * mu * (clipped - (mu * clipped).sum()), rtol=1e-10, atol=1e-12)
 
@@ -479,14 +482,17 @@ def test_ppo_clipping_zeroes_gradient_outside_range():
 
 
 def test_value_loss_clips_around_old_values():
-    returns = torch.tensor([[1.0, 1.0]])                          # (1, 2)
-    old_values = torch.tensor([[0.0, 0.0]])
-    values = torch.tensor([[0.1, 0.5]], requires_grad=True)       # inside the clip range; past it, towards R
-    loss, stats = value_loss(values, old_values, returns, torch.ones(1, 2), clip_eps=0.2)
+    # old values != 0, so that a clip around 0 (or around the returns) would give other numbers: V_old = 0.3,
+    # 0.3, -0.5; V = 0.45 moves 0.15 (inside the range), 0.7 and 0.1 move 0.4 and 0.6 (past it: clipped to 0.5, 0.1)
+    returns = torch.tensor([[1.0, 1.0, -1.0]])                    # (1, 3)
+    old_values = torch.tensor([[0.3, 0.3, -0.5]])
+    values = torch.tensor([[0.45, 0.7, 0.1]], requires_grad=True)
+    loss, stats = value_loss(values, old_values, returns, torch.ones(1, 3), clip_eps=0.2)
     loss.backward()
-    assert loss.item() == pytest.approx(0.5 * (0.9 ** 2 + 0.8 ** 2) / 2)  # (0.2 - 1)^2 for the clipped one
-    assert values.grad[0, 0].item() == pytest.approx(-0.9 / 2) and values.grad[0, 1].item() == 0.0
-    assert stats["vf_clipfrac"] == 0.5
+    # max((V - R)^2, (clip(V) - R)^2): 0.55^2; max(0.3^2, 0.5^2) = 0.5^2, clipped; max(1.1^2, 0.8^2) = 1.1^2, not
+    assert loss.item() == pytest.approx(0.5 * (0.55 ** 2 + 0.5 ** 2 + 1.1 ** 2) / 3)
+    torch.testing.assert_close(values.grad[0], torch.tensor([-0.55, 0.0, 1.1]) / 3)
+    assert stats["vf_clipfrac"] == pytest.approx(1 / 3)
 
 
 # ----------------------------------------------------------------------------------------------

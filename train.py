@@ -35,13 +35,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from apa import apa_loss, awr_loss
 from data import distinct_n, load_data, load_eval_prompts
 from evaluation import estimate_jstar, evaluate, sample_policy
-from grpo import CRITIC_FREE, group_advantages, grpo_loss, rloo_advantages
+from grpo import CRITIC_FREE, KL_ESTIMATORS, group_advantages, grpo_loss, rloo_advantages
 from lab import checks, cli, ddp, runs
 from lab.ddp import gather_all, global_mean, global_token_means, rank, world_size
 from lab.exact import exact_eval, response_space
 from lab.static_sampler import choose_sampler
 from model import (autocast, entropy, get_device, lm_forward, load_pi_init, make_optimizer, make_policy, peak_memory_mb,
-                   sample, token_logprobs)
+                   sample, set_cpu_threads, token_logprobs)
 from ppo import gae, kl_penalized_rewards, masked_whiten, ppo_policy_loss, value_loss
 
 # ---------------------------------------------------------------------------------------------
@@ -57,6 +57,8 @@ class Config:
     apa_clip: float = 0.0          # bounded APA: Adv/lambda clipped to [-c, c] in APA's target (0: unbounded)
     group_size: int | None = None  # k responses per prompt, in a row; default 4 for grpo and rloo (k >= 2), else 1
     grpo_std: bool = True          # GRPO divides its advantages by the group's std (0: Dr. GRPO, it does not)
+    kl: Literal["auto", "reward", "k1", "k2", "k3", "k3_is"] = "auto"  # GRPO and RLOO: the KL to pi_init in the
+                                   # sequence reward, or in the loss by this estimator; auto: k3 (grpo), reward (rloo)
     lam: float = 0.1               # lambda: KL coefficient in the reward, and APA's Adv/lambda
     gamma: float = 1.0             # discount
     gae_lambda: float = 0.95       # GAE's lambda
@@ -76,8 +78,9 @@ class Config:
     max_grad_norm: float = 1.0     # gradient clipping
     max_bad_steps: int = 3         # stop after this many non-finite losses or gradients in a row
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if present
+    threads: int = 0               # torch's threads on a CPU after pre-training; 0: one for the tiny GPT, else torch's
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # bf16 autocast of forward passes; auto: bf16 on cuda only
-    cuda_graph: bool = True        # on a GPU, sample 8 tokens per CUDA graph replay (0: the eager loop, a CPU's)
+    cuda_graph: bool = False       # on a GPU, sample 8 tokens per CUDA graph replay (not yet run on a GPU: opt-in)
     # --- data and models
     prompts: str = ""              # prompts file (.txt, one a line; .jsonl, {"prompt": ...}); empty: the embedded task
     eval_prompts: str = ""         # held-out prompts file, never trained on; empty: the task's held-out openings
@@ -113,9 +116,11 @@ class Config:
 
 
 def resolve(cfg):
-    """The config with the defaults that depend on other fields filled in: the learning rate, and k."""
+    """The config with the defaults that depend on other fields filled in: the learning rate, k, and GRPO's and
+    RLOO's place for the KL."""
     return replace(cfg, lr=cfg.lr if cfg.lr is not None else 1e-6 if cfg.init else 3e-5,
-                   group_size=cfg.group_size if cfg.group_size is not None else 4 if cfg.algo in CRITIC_FREE else 1)
+                   group_size=cfg.group_size if cfg.group_size is not None else 4 if cfg.algo in CRITIC_FREE else 1,
+                   kl={"grpo": "k3", "rloo": "reward"}.get(cfg.algo, "auto") if cfg.kl == "auto" else cfg.kl)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,8 +138,9 @@ def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device,
     attention_mask = torch.cat([prompt_mask, torch.ones_like(response)], 1)  # (B, P + T)
     P = prompt_ids.shape[1]
     # 2. log-probs under pi_old and pi_init, values (one set of (B, T, V) logits alive at a time)
+    critic = cfg.algo not in CRITIC_FREE                                 # GRPO and RLOO have no use for values
     with autocast(cfg, device):
-        logits, values = policy(input_ids, attention_mask, P)            # (B, T, V), (B, T)
+        logits, values = policy(input_ids, attention_mask, P, critic)    # (B, T, V), (B, T) or None
     logprobs = token_logprobs(logits, response)                          # (B, T) log pi_old
     entropies = entropy(logits)                                          # (B, T)
     del logits
@@ -142,23 +148,26 @@ def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device,
         ref_logits, _ = lm_forward(ref_lm, input_ids, attention_mask, P, enc.n_vocab)  # (B, T, V)
     ref_logprobs = token_logprobs(ref_logits, response)                  # (B, T) log pi_init
     del ref_logits
-    # 3. per-token rewards with the KL penalty, then GAE (the paper's literal APA: no KL in the reward)
-    kl_coef = 0.0 if cfg.algo == "apa" and cfg.apa_form == "paper" else cfg.lam
-    rewards = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)  # (B, T)
-    advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.gae_lambda)  # (B, T)
+    # 3. advantages: per-token rewards with the KL penalty, then GAE (the paper's literal APA: no KL in the reward);
+    # GRPO and RLOO: one advantage per response, from its group's sequence rewards
     kl = ((logprobs - ref_logprobs) * mask).sum(1)                       # (B,) sequence KL estimate
-    if cfg.algo == "ppo":
-        advantages = masked_whiten(advantages, mask, mean_fn=global_mean)  # mean and variance over all processes
-    elif cfg.algo in CRITIC_FREE:                                        # one advantage per response, from its group:
-        advantages = mask * (group_advantages(scores, k, cfg.grpo_std) if cfg.algo == "grpo"  # the score alone, or
-                             else rloo_advantages(scores - cfg.lam * kl, k))[:, None]  # R - lambda KL (B, T)
+    if critic:
+        kl_coef = 0.0 if cfg.algo == "apa" and cfg.apa_form == "paper" else cfg.lam
+        rewards = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)  # (B, T)
+        advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.gae_lambda)  # (B, T)
+        if cfg.algo == "ppo":
+            advantages = masked_whiten(advantages, mask, mean_fn=global_mean)  # mean and variance over all processes
+    else:
+        score = scores - cfg.lam * kl if cfg.kl == "reward" else scores  # (B,) R - lambda KL, or R (KL in the loss)
+        advantages = mask * (group_advantages(score, k, cfg.grpo_std) if cfg.algo == "grpo"
+                             else rloo_advantages(score, k))[:, None]   # (B, T)
     stats = {"reward": global_mean(scores).item(), "kl": global_mean(kl).item(),   # over all processes
              "J": global_mean(scores - cfg.lam * kl).item(),
              "entropy": global_mean(entropies, mask).item(),
              "distinct2": distinct_n(gather_all(completions), 2), "length": global_mean(mask.sum(1)).item()}
     batch = dict(input_ids=input_ids, attention_mask=attention_mask, response=response, mask=mask,
-                 logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, advantages=advantages,
-                 returns=returns)
+                 logprobs=logprobs, ref_logprobs=ref_logprobs, advantages=advantages,
+                 **(dict(values=values, returns=returns) if critic else {}))
     samples = list(zip([prompts[i] for i in idx], completions, scores.tolist(), kl.tolist()))
     return batch, P, stats, samples
 
@@ -170,14 +179,14 @@ def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device,
 
 def update(cfg, policy, opt, batch, P, bad_steps):
     stats, world, kls, guard = [], world_size(), [], {}
-    B = cfg.batch_size // world                                          # this process's share
+    B, critic = cfg.batch_size // world, cfg.algo not in CRITIC_FREE     # this process's share; a value head?
     for _ in range(cfg.epochs):
         if guard:
             break
         for mb_inds in torch.randperm(B).split(cfg.minibatch_size // world):
             mb = {k: v[mb_inds.to(v.device)] for k, v in batch.items()}
             with autocast(cfg, mb["response"].device):
-                logits, values = policy(mb["input_ids"], mb["attention_mask"], P)  # (b, T, V), (b, T)
+                logits, values = policy(mb["input_ids"], mb["attention_mask"], P, critic)  # (b, T, V), (b, T)
             logprobs = token_logprobs(logits, mb["response"])            # (b, T) log pi_theta
             if cfg.algo == "apa":
                 ref = mb["ref_logprobs"] if cfg.apa_form == "paper" else None
@@ -186,14 +195,13 @@ def update(cfg, policy, opt, batch, P, bad_steps):
             elif cfg.algo == "awr":
                 pg_loss, pg_stats = awr_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg.awr_lam,
                                              cfg.awr_max_weight)
-            elif cfg.algo == "grpo":
+            elif not critic and cfg.kl != "reward":                      # GRPO's loss: the KL as a loss term
                 pg_loss, pg_stats = grpo_loss(logprobs, mb["logprobs"], mb["ref_logprobs"], mb["advantages"],
-                                              mb["mask"], cfg.lam, cfg.cliprange)
+                                              mb["mask"], cfg.lam, cfg.cliprange, KL_ESTIMATORS[cfg.kl])
             else:                                                        # PPO and RLOO: the clipped surrogate
                 pg_loss, pg_stats = ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg.cliprange)
-            vf_loss, vf_stats = value_loss(values, mb["values"], mb["returns"], mb["mask"], cfg.cliprange_value)
-            if cfg.algo in CRITIC_FREE:                                  # no value head to train
-                vf_loss, vf_stats = 0.0 * vf_loss, {}
+            vf_loss, vf_stats = (value_loss(values, mb["values"], mb["returns"], mb["mask"], cfg.cliprange_value)
+                                 if critic else (torch.zeros(()), {}))  # GRPO and RLOO: no value head to train
             loss = pg_loss + cfg.vf_coef * vf_loss
             # the losses are means over this process's n tokens. The mean over all processes' N tokens is
             # sum(loss * n) / N, and DDP averages gradients over processes: scaled by n * world / N, the
@@ -233,9 +241,10 @@ LOGGED = [("reward", ".3f"), ("kl", ".3f"), ("J", ".3f"), ("gap", ".3f"), ("entr
           ("eval_kl", ".3f"), ("mem_mb", ".0f")]                         # the log line
 
 
-def train(cfg, jstar=None):
-    """The RL loop; returns every iteration's statistics. jstar: (J*, its standard error) when it is known
-    already for this pi_init, data and lambda (lab/compare.py reuses it across runs); None: estimated here."""
+def train(cfg, known=None):
+    """The RL loop; returns every iteration's statistics. known: a dict of what depends only on pi_init, the data and
+    lambda, J* ("jstar": value and standard error) and the exact evaluator's responses ("space"): what it lacks is
+    computed here and added, so that runs which share them compute them once (lab/compare.py)."""
     cfg, device = resolve(cfg), get_device(cfg)
     device = ddp.setup(cfg, device)                                      # under torchrun: join its processes
     master = rank() == 0                                                 # it alone prints and writes files
@@ -244,10 +253,13 @@ def train(cfg, jstar=None):
         enc, prompts, prompt_tokens, reward_fn = load_data(cfg, device)
         eval_prompts, eval_tokens = load_eval_prompts(cfg, enc)          # held out: never trained on
         ref_lm = load_pi_init(cfg, enc, prompt_tokens, eval_tokens, device)  # frozen
-    generate = choose_sampler(cfg, device)                               # the eager loop, or on a GPU a CUDA graph
-    if jstar is None and cfg.jstar_samples:
-        jstar = estimate_jstar(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc, device)
-    space = response_space(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc) if cfg.exact_every else None
+    set_cpu_threads(cfg, device)                                         # the tiny GPT: one thread (docs/models.md)
+    generate, known = choose_sampler(cfg, device), {} if known is None else known  # the eager loop, or a CUDA graph
+    if cfg.jstar_samples and "jstar" not in known:
+        known["jstar"] = estimate_jstar(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc, device)
+    if cfg.exact_every and "space" not in known:
+        known["space"] = response_space(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc)
+    jstar, space = known.get("jstar") if cfg.jstar_samples else None, known.get("space") if cfg.exact_every else None
     torch.manual_seed(cfg.seed + rank())                                 # each process its own stream
     policy, ref_lm = make_policy(cfg, ref_lm, enc.n_vocab, device)       # with LoRA: pi_init = adapters off
     opt = make_optimizer(policy, cfg.lr, device)

@@ -56,7 +56,7 @@ class Bench:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # as train.py's: auto is bf16 on cuda, fp32 on a CPU
     lora_r: int = 0                # LoRA's rank, as train.py's --lora_r (0: a full fine-tune)
     grad_checkpointing: bool = False  # as train.py's
-    cuda_graph: bool = True        # as train.py's: the RL iteration's sampler on a GPU
+    cuda_graph: bool = False       # as train.py's: the RL iteration's sampler on a GPU is the CUDA graph's
     profile: bool = False          # print torch.profiler's table of one more update
     seed: int = 0                  # seeds weights, prompts and sampling
 

@@ -2,6 +2,7 @@
 The checks of train.py's config: settings that mean nothing are refused, in one line that says why, before
 anything is read or written (docs/runs.md). Files, models and reward functions are checked where they are loaded.
 """
+import importlib
 import os
 
 from grpo import CRITIC_FREE
@@ -18,7 +19,10 @@ def validate(cfg):
         ("apa_clip", cfg.apa_clip >= 0, ">= 0 (0: unbounded APA)"),
         ("group_size", cfg.group_size >= (2 if cfg.algo in CRITIC_FREE else 1),
          f"{'>= 2 for ' + cfg.algo + ' (a baseline from the other responses)' if cfg.algo in CRITIC_FREE else '>= 1'}"),
+        ("kl", (cfg.kl != "auto") if cfg.algo in CRITIC_FREE else cfg.kl == "auto",
+         "auto for apa, ppo and awr (their reward carries the KL; --kl places grpo's and rloo's)"),
         ("seed", cfg.seed >= 0, ">= 0"),
+        ("threads", cfg.threads >= 0, ">= 0 (0: one for the tiny GPT, torch's default with --init)"),
         ("iters", cfg.iters > 0, "> 0"),
         ("batch_size", cfg.batch_size > 0, "> 0"),
         ("minibatch_size", cfg.minibatch_size > 0, "> 0"),
@@ -69,6 +73,11 @@ def validate(cfg):
             raise ValueError(f"{path} does not exist")
         if path and not cfg.sample:
             check_source(flag, path, tokenizer)
+    if cfg.lora_r:                                                      # an optional extra: known before any work
+        try:
+            importlib.import_module("peft")
+        except ImportError:
+            raise ValueError("--lora_r needs peft, an optional extra: pip install peft") from None
     if cfg.sample and not os.path.isdir(cfg.sample):
         raise ValueError(f"--sample={cfg.sample} is no folder (a trained policy is a folder: out/policy)")
     get_device(cfg)

@@ -51,6 +51,7 @@ class CompareConfig:
     short_tokens: int = 2              # response length of the short-response setting
     short_iters: int = 150             # its iterations (0: skip it)
     workers: int = 2                   # runs in parallel, one thread each
+    settings: str = "main,grid,short,kl"  # the settings to run and tabulate: main, grid, short, kl (comma-separated)
     quick: bool = False                # tiny model, 1 seed, a few iterations: a smoke test of everything
     plot: str = ""                     # plot these metrics.jsonl files or run directories and exit
     run: bool = True                   # False: only the tables and plots, from the runs already done
@@ -61,9 +62,18 @@ ALGOS = {"apa": dict(algo="apa"), "apa_paper": dict(algo="apa", apa_form="paper"
          "ppo": dict(algo="ppo"), "awr": dict(algo="awr"), "grpo": dict(algo="grpo"),
          "drgrpo": dict(algo="grpo", grpo_std=False), "rloo": dict(algo="rloo")}  # train.Config overrides
 NAMES = {"apa": "APA", "apa_paper": "APA (paper form)", "apa_bounded": "APA, bounded (c = 0.5)",
-         "apa_guard": "APA + KL guard (0.2)", "ppo": "PPO", "awr": "AWR", "grpo": "GRPO (k = 4)",
-         "drgrpo": "Dr. GRPO (k = 4)", "rloo": "RLOO (k = 4)"}
-ONLY = {"apa_guard": ("grid",), "drgrpo": ("short",)}  # the settings of these; every other runs in all three
+         "apa_guard": "APA + KL guard (0.2)", "ppo": "PPO", "awr": "AWR", "grpo": "GRPO (k = {k})",
+         "drgrpo": "Dr. GRPO (k = {k})", "rloo": "RLOO (k = {k})"}  # {k}: the run's group size
+ONLY = {"apa_guard": ("grid",), "drgrpo": ("short",)}  # the settings of these; every other runs in main, grid, short
+KL_PLACES = {"reward": "in the reward", "k1": "k1 in the loss", "k2": "k2 in the loss", "k3": "k3 in the loss",
+             "k3_is": "k3 x ratio in the loss"}        # train.py's --kl: where GRPO's and RLOO's KL goes
+KL_DEFAULT = {"grpo": "k3", "drgrpo": "k3", "rloo": "reward"}  # their own: these runs are the short setting's
+for _base in KL_DEFAULT:                               # the kl setting: every other place for each, 2-token responses
+    for _kl in KL_PLACES:
+        if _kl != KL_DEFAULT[_base]:
+            ALGOS[f"{_base}_{_kl}"] = dict(ALGOS[_base], kl=_kl)
+            NAMES[f"{_base}_{_kl}"] = f"{NAMES[_base]}, KL {KL_PLACES[_kl]}"
+            ONLY[f"{_base}_{_kl}"] = ("kl",)
 FIXED_POINT = {                                        # what each converges to, in theory (the tests that check it)
     "apa": "pi* (test_losses.py: test_token_mdp_apa_converges_to_optimum)",
     "apa_paper": "not pi*: pi_init exp(Q_R/lambda) per state, no KL of later tokens "
@@ -79,9 +89,31 @@ FIXED_POINT = {                                        # what each converges to,
     "rloo": "pi* (test_token_mdp_rloo_converges_to_optimum)"}
 
 
+KL_FIXED_POINT = {                                     # (algo, --kl) -> the fixed point with responses of several
+    ("rloo", "reward"): "pi* (test_token_mdp_rloo_converges_to_optimum)",   # tokens, in theory (the test)
+    ("drgrpo", "reward"): "pi* (test_bandit_fixed_point_of_each_place_for_the_kl)",
+    ("grpo", "reward"): "pi*, reached by decaying steps only (test_bandit_fixed_point_of_each_place_for_the_kl)",
+    ("rloo", "k1"): "no KL at all: the best response (test_kl_estimators_expected_gradients_on_the_policys_own_samples)",
+    ("rloo", "k2"): "pi_init exp(Q_R/lambda) per state, no KL of later tokens "
+                    "(test_token_mdp_rloo_with_the_kl_in_the_loss_settles_where_the_papers_apa_does)",
+    ("drgrpo", "k2"): "pi_init exp((1 - 1/k) Q_R/lambda) per state (test_bandit_fixed_point_of_each_place_for_the_kl)",
+    ("grpo", "k2"): "pi_init exp(W/lambda) per state, W scale-free (test_bandit_fixed_point_of_each_place_for_the_kl)",
+    ("rloo", "k3"): "pi_init / (1 - (Q_R - V_R)/lambda) per state (test_bandit_fixed_point_of_each_place_for_the_kl)",
+    ("drgrpo", "k3"): FIXED_POINT["drgrpo"], ("grpo", "k3"): FIXED_POINT["grpo"]}
+for _base in KL_DEFAULT:                               # k1 regularises nothing; k3 x ratio has k2's expected gradient
+    KL_FIXED_POINT[_base, "k1"] = KL_FIXED_POINT["rloo", "k1"]
+    KL_FIXED_POINT[_base, "k3_is"] = KL_FIXED_POINT[_base, "k2"].replace(
+        "(test_", "(the same expected gradient as k2: test_", 1)
+
+
 def algos(setting):
-    """The algorithms run in a setting: main, grid (the stability map) or short."""
+    """The algorithms run in a setting: main, grid (the stability map), short or kl."""
     return [a for a in ALGOS if setting in ONLY.get(a, ("main", "grid", "short"))]
+
+
+def name(algo, k=4):
+    """What tables and plots call an entry of ALGOS; k: the group size of its runs (train.py's default: 4)."""
+    return NAMES[algo].format(k=k)
 QUICK = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, sft_steps=60, sft_lr=3e-3, batch_size=16,
              minibatch_size=8, epochs=2, jstar_samples=8, max_new_tokens=8, device="cpu")  # train.Config overrides of --quick
 
@@ -99,6 +131,8 @@ def validate(cfg):
         ("workers", cfg.workers > 0, "> 0"),
         ("out_dir", cfg.out_dir != "", "a folder"),
         ("sft_dir", cfg.sft_dir != "", "a folder"),
+        ("settings", cfg.settings != "" and set(cfg.settings.split(",")) <= set(SETTINGS_RUN),
+         f"a comma-separated choice of {', '.join(SETTINGS_RUN)}"),
     ])
     for item in cfg.lrs.split(","):
         try:
@@ -112,25 +146,31 @@ def validate(cfg):
             raise ValueError(f"{path!r} does not exist (--plot takes metrics files or run directories)")
 
 
+SETTINGS_RUN = ("main", "grid", "short", "kl")
+
+
 def plan(cfg):
-    """The runs: {(setting, algo, lr, seed): iterations}, the longest that any table or plot needs."""
-    seeds = range(1 if cfg.quick else cfg.seeds)
+    """The runs: {(setting, algo, lr, seed): iterations}, the longest that any table or plot of the settings chosen
+    needs. The kl setting's table takes GRPO's, Dr. GRPO's and RLOO's own places for the KL from the short setting."""
+    seeds, chosen = range(1 if cfg.quick else cfg.seeds), cfg.settings.split(",")
     main_iters, grid_iters, short_iters = (4, 3, 3) if cfg.quick else (cfg.iters, cfg.grid_iters, cfg.short_iters)
     lrs = [cfg.lr, 3 * cfg.lr] if cfg.quick else [float(x) for x in cfg.lrs.split(",")]
     runs = {}
-    for seed in seeds:                                   # main first: the table is done before the map
+    for seed in seeds if "main" in chosen else []:     # main first: the table is done before the map
         for algo in algos("main"):
             runs["main", algo, cfg.lr, seed] = main_iters
     def grid(lrs):
-        for lr in lrs:
+        for lr in lrs if "grid" in chosen else []:
             for seed in seeds:
                 for algo in algos("grid"):
                     key = ("main", algo, lr, seed)
                     runs[key] = max(runs.get(key, 0), grid_iters)
     grid(sorted(lr for lr in lrs if lr >= cfg.lr))     # the unstable end of the map first,
     for seed in seeds if short_iters else []:          # then the short responses (cheap),
-        for algo in algos("short"):
+        for algo in algos("short") if "short" in chosen else KL_DEFAULT if "kl" in chosen else []:
             runs["short", algo, cfg.lr, seed] = short_iters
+        for algo in algos("kl") if "kl" in chosen else []:
+            runs["kl", algo, cfg.lr, seed] = short_iters
     grid(sorted(lr for lr in lrs if lr < cfg.lr))      # then the slow end
     return runs, main_iters, grid_iters, short_iters, lrs
 
@@ -177,13 +217,13 @@ def is_done(path, iters):
 NOT_JSTAR = {"algo", "apa_form", "gamma", "gae_lambda", "cliprange", "cliprange_value", "vf_coef", "awr_lam",
              "awr_max_weight", "seed", "iters", "batch_size", "minibatch_size", "epochs", "lr", "max_grad_norm",
              "max_bad_steps", "out_dir", "resume", "sample_every", "ckpt_every", "exact_every", "target_kl",
-             "eval_prompts", "eval_every", "eval_samples", "apa_clip", "group_size", "grpo_std"}  # fields J* ignores
-JSTAR = {}                                              # this worker's J* estimates, by jstar_key
+             "eval_prompts", "eval_every", "eval_samples", "apa_clip", "group_size", "grpo_std", "kl", "threads"}  # J* ignores
+KNOWN = {}                                              # this worker's J* and exact responses, by jstar_key
 
 
 def jstar_key(cfg):
-    """J* depends on pi_init, the data, lambda and the response length, not on the RL settings (NOT_JSTAR):
-    runs that agree on the rest share one estimate."""
+    """J* and the exact evaluator's responses depend on pi_init, the data, lambda and the response length, not on the
+    RL settings (NOT_JSTAR): runs that agree on the rest share them (train.train's known)."""
     return tuple((k, v) for k, v in dataclasses.asdict(cfg).items() if k not in NOT_JSTAR)
 
 
@@ -208,13 +248,11 @@ def run_one(job):
     print(f"{tag}: started", flush=True)
     with open(os.path.join(path, "log.txt"), "a") as log, contextlib.redirect_stdout(log):
         try:
-            history = train.train(cfg, jstar=JSTAR.get(key))             # J* estimated once per worker and key
+            history = train.train(cfg, KNOWN.setdefault(key, {}))        # J*, exact responses: once a worker and key
         except FloatingPointError as e:                  # a diverged run is a result, not a crash
             with open(os.path.join(path, "failed.txt"), "w") as f:
                 f.write(str(e) + "\n")
             print(f"{tag}: stopped: {e}", file=sys.__stdout__, flush=True)
-    if history and "jstar" in history[0]:
-        JSTAR[key] = (history[0]["jstar"], history[0]["jstar_se"])
     last = f" | reward {history[-1]['reward']:.3f}, kl {history[-1]['kl']:.3f} at the end" if history else ""
     print(f"{tag}: done in {time.time() - t0:.0f}s{last}", flush=True)
 
@@ -226,7 +264,7 @@ def run_all(cfg, runs):
     for k, ((setting, algo, lr, seed), iters) in enumerate(todo):
         overrides = dict(dict(lr=lr, seed=seed, sft_dir=cfg.sft_dir, target_kl=0.0,  # the algorithms as their
                               **(QUICK if cfg.quick else {})), **ALGOS[algo])    # papers have them: no KL guard
-        if setting == "short":
+        if setting in ("short", "kl"):
             overrides["max_new_tokens"] = cfg.short_tokens
         tag = f"[{k + 1}/{len(todo)}] {setting} {algo} lr {lr:g} seed {seed}"
         jobs.append((overrides, run_dir(cfg, setting, algo, lr, seed), iters, tag))
@@ -320,7 +358,7 @@ def table(cfg, setting, lr, iters, seeds):
         done = finished(cfg, setting, algo, lr, seeds, iters)
         s = [summary(rows) for rows, _ in done]
         cells = [stat([x[c] for x in s], f) if s else "not run" for c, f in cols]
-        lines.append(f"| {NAMES[algo]}{count_note(done, len(seeds))} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name(algo)}{count_note(done, len(seeds))} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -329,8 +367,23 @@ def fixed_point_table(cfg, lr, iters, seeds):
     lines = ["| algorithm | fixed point, in theory (the test) | gap J* - J after training |", "|---|---|---|"]
     for algo in algos("short"):
         s = [summary(rows) for rows, _ in finished(cfg, "short", algo, lr, seeds, iters)]
-        lines.append(f"| {NAMES[algo]} | {FIXED_POINT[algo]} | "
+        lines.append(f"| {name(algo)} | {FIXED_POINT[algo]} | "
                      f"{stat([x['gap'] for x in s], '.3f') if s else 'not run'} |")
+    return "\n".join(lines)
+
+
+def kl_table(cfg, lr, iters, seeds):
+    """Where GRPO's, Dr. GRPO's and RLOO's KL goes: the fixed point of each place in theory, and the final exact gap
+    and KL to pi_init of the runs with 2-token responses (their own place: the short setting's runs)."""
+    lines = ["| algorithm | KL | fixed point, in theory (the test) | gap J* - J after training | KL to pi_init |",
+             "|---|---|---|---|---|"]
+    for base in KL_DEFAULT:
+        for kl in KL_PLACES:
+            setting, algo = ("short", base) if kl == KL_DEFAULT[base] else ("kl", f"{base}_{kl}")
+            s = [summary(rows) for rows, _ in finished(cfg, setting, algo, lr, seeds, iters)]
+            cells = [stat([x[c] for x in s], f) if s else "not run" for c, f in (("gap", ".3f"), ("kl", ".2f"))]
+            lines.append(f"| {name(base)} | {KL_PLACES[kl]}{' (its own)' if kl == KL_DEFAULT[base] else ''} | "
+                         f"{KL_FIXED_POINT[base, kl]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -349,7 +402,7 @@ def grid_table(cfg, lrs, iters, seeds):
                 stops = sum("kl_stop" in r for rows, _ in done for r in rows)
                 note += f"; guard fired in {stops} of {sum(len(rows) for rows, _ in done)} updates"
             cells.append(f"{stat([x['gap'] for x in s], '.3f')} ({note}){count_note(done, len(seeds))}")
-        lines.append(f"| {NAMES[algo]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name(algo)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -392,11 +445,13 @@ def load_run(path):
 
 
 def algo_name(conf):
-    """The name of a run's algorithm: the most specific entry of ALGOS that its config.json matches."""
+    """The name of a run's algorithm: the most specific entry of ALGOS that its config.json matches, with the run's
+    own group size."""
     import train
-    defaults = dataclasses.asdict(train.Config())
+    defaults = dataclasses.asdict(train.resolve(train.Config(**{k: v for k, v in conf.items() if k == "algo"})))
+    conf = {k: v if v is not None else defaults[k] for k, v in conf.items() if k in defaults}
     match = [a for a in ALGOS if all(conf.get(k, defaults[k]) == v for k, v in ALGOS[a].items())]
-    return NAMES[max(match, key=lambda a: len(ALGOS[a]))] if match else "?"
+    return name(max(match, key=lambda a: len(ALGOS[a])), conf.get("group_size", defaults["group_size"])) if match else "?"
 
 
 def plot_curves(runs, path, what=""):
@@ -467,7 +522,7 @@ def plot_stability(cfg, lrs, iters, seeds, path):
         gaps = [np.array(g) for _, g in points if g]   # final gaps of the seeds at each lr
         mean = np.array([g.mean() for g in gaps])
         ax.errorbar(x, mean, yerr=[mean - [g.min() for g in gaps], [g.max() for g in gaps] - mean], marker="o",
-                    capsize=3, color=f"C{i}", label=NAMES[algo])
+                    capsize=3, color=f"C{i}", label=name(algo))
     ax.set(xscale="log", yscale="log", xlabel="learning rate (Adam)",
            ylabel="final gap J* - J (mean of last 20 iterations)",
            title=f"Stability map: {iters} iterations, " + (f"{len(seeds)} seeds (bars: min to max)" if len(seeds) > 1
@@ -489,8 +544,9 @@ def compare(cfg):
     runs, main_iters, grid_iters, short_iters, lrs = plan(cfg)
     if cfg.run:
         run_all(cfg, runs)
-    seeds = range(1 if cfg.quick else cfg.seeds)
-    first_run = run_dir(cfg, "main", "apa", cfg.lr, 0)
+    seeds, chosen = range(1 if cfg.quick else cfg.seeds), cfg.settings.split(",")
+    first_setting = "main" if {"main", "grid"} & set(chosen) else "short"
+    first_run = run_dir(cfg, first_setting, "apa" if "short" in chosen or first_setting == "main" else "rloo", cfg.lr, 0)
     first = (read_rows(first_run) or [None])[0]
     if first is None:
         raise ValueError(f"{first_run} holds no results, and the tables start from it"
@@ -498,24 +554,31 @@ def compare(cfg):
     text = [f"# APA, PPO, AWR, GRPO and RLOO on the embedded task{' (quick)' if cfg.quick else ''}", "",
             f"lambda 0.1 for all; seeds 0-{len(seeds) - 1}; +- is the standard deviation over seeds. "
             f"J* = {first['jstar']:.4f} +- {first['jstar_se']:.4f} (standard error). Final values: means over "
-            f"the last 20 iterations. Runs (or their cached results) took {(time.time() - t0) / 60:.1f} min.", "",
-            f"## Main: lr {cfg.lr:g}, {main_iters} iterations x {first['samples']} samples", "",
-            table(cfg, "main", cfg.lr, main_iters, seeds), "",
-            f"## Stability map: final gap (KL max: largest 10-iteration mean over seeds), {grid_iters} iterations", "",
-            grid_table(cfg, lrs, grid_iters, seeds), ""]
-    short = read_rows(run_dir(cfg, "short", "apa", cfg.lr, 0))
-    if short_iters and short:
-        marks = [r["samples"] for r in short if "gap_exact" in r]    # where train.py computed the exact gap
-        text += [f"## Short responses: {cfg.short_tokens} tokens, lr {cfg.lr:g}, {short_iters} iterations", "",
-                 (f"The gap is exact: J* = {short[0]['jstar_exact']:.4f} by enumeration, and J of the policy every "
+            f"the last 20 iterations. Runs (or their cached results) took {(time.time() - t0) / 60:.1f} min.", ""]
+    if "main" in chosen:
+        text += [f"## Main: lr {cfg.lr:g}, {main_iters} iterations x {first['samples']} samples", "",
+                 table(cfg, "main", cfg.lr, main_iters, seeds), ""]
+    if "grid" in chosen:
+        text += [f"## Stability map: final gap (KL max: largest 10-iteration mean over seeds), {grid_iters} iterations",
+                 "", grid_table(cfg, lrs, grid_iters, seeds), ""]
+    short = read_rows(run_dir(cfg, "short", "apa" if "short" in chosen else "rloo", cfg.lr, 0))
+    marks = [r["samples"] for r in short if "gap_exact" in r]        # where train.py computed the exact gap
+    exact_note = (f"The gap is exact: J* = {short[0]['jstar_exact']:.4f} by enumeration, and J of the policy every "
                   f"{marks[-1] - marks[-2]} samples, so the samples to a quarter of the gap come in steps of that size."
-                  if len(marks) > 2 else f"The gap is the sampled one, against J* = {short[0]['jstar']:.4f} estimated."),
-                 "",
-                 table(cfg, "short", cfg.lr, short_iters, seeds), "",
+                  if len(marks) > 2 else f"The gap is the sampled one, against J* = {short[0]['jstar']:.4f} estimated."
+                  if short else "")
+    if short_iters and short and "short" in chosen:
+        text += [f"## Short responses: {cfg.short_tokens} tokens, lr {cfg.lr:g}, {short_iters} iterations", "",
+                 exact_note, "", table(cfg, "short", cfg.lr, short_iters, seeds), "",
                  "## Which algorithms reach pi*", "",
                  "The fixed point each converges to in theory (derived in docs/theory.md, checked by "
                  "enumeration), and the final gap of the short-response runs above.", "",
                  fixed_point_table(cfg, cfg.lr, short_iters, seeds), ""]
+    if short_iters and short and "kl" in chosen:
+        text += [f"## Where the KL goes: GRPO, Dr. GRPO and RLOO with each place for the KL (--kl), "
+                 f"{cfg.short_tokens}-token responses, lr {cfg.lr:g}, {short_iters} iterations", "",
+                 exact_note, "The fixed points are derived in docs/theory.md, section 8.", "",
+                 kl_table(cfg, cfg.lr, short_iters, seeds), ""]
     text = "\n".join(text)
     print(text)
     with open(os.path.join(cfg.out_dir, "compare.md"), "w") as f:
@@ -523,10 +586,12 @@ def compare(cfg):
     def curves(setting, iters):                        # the finished runs of a setting at cfg.lr
         loaded = [load_run(run_dir(cfg, setting, a, cfg.lr, s)) for a in algos(setting) for s in seeds]
         return [(st, rows[:iters]) for st, rows in loaded if len(rows) >= iters]
-    main_curves = curves("main", main_iters)           # none yet with --run=0 on a sweep under way
-    plots = [plot_curves(main_curves, os.path.join(cfg.out_dir, "compare.png")) if main_curves else None,
-             plot_stability(cfg, lrs, grid_iters, seeds, os.path.join(cfg.out_dir, "stability.png"))]
-    if short_iters and curves("short", short_iters):
+    plots = []
+    if "main" in chosen and curves("main", main_iters):  # none yet with --run=0 on a sweep under way
+        plots.append(plot_curves(curves("main", main_iters), os.path.join(cfg.out_dir, "compare.png")))
+    if "grid" in chosen:
+        plots.append(plot_stability(cfg, lrs, grid_iters, seeds, os.path.join(cfg.out_dir, "stability.png")))
+    if short_iters and "short" in chosen and curves("short", short_iters):
         plots.append(plot_curves(curves("short", short_iters), os.path.join(cfg.out_dir, "compare_short.png"),
                                  "short responses: "))
     print(f"wrote {os.path.join(cfg.out_dir, 'compare.md')}" + "".join(f", {p}" for p in plots if p)

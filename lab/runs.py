@@ -19,7 +19,7 @@ from lab.hf import HFTokenizer, quiet
 
 RESUME_MAY_CHANGE = {"iters", "lr", "out_dir", "sft_dir", "sample_every", "ckpt_every", "max_bad_steps", "resume",
                      "device", "precision", "sample", "prompt", "num_samples", "exact_every", "eval_prompts",
-                     "eval_every", "eval_samples", "grad_checkpointing", "cuda_graph"}  # any other change mixes two runs
+                     "eval_every", "eval_samples", "grad_checkpointing", "cuda_graph", "threads"}  # others mix two runs
 
 
 def write_atomically(path, write):
@@ -76,8 +76,9 @@ def keep_previous_run(out_dir):
 
 
 def frozen(policy):
-    """The names of the weights that do not train (LoRA's base): checkpoints leave them out."""
-    return {n for n, p in policy.named_parameters() if not p.requires_grad}
+    """The names of the weights that do not train (LoRA's base): checkpoints leave them out. A weight tied to another
+    (GPT-2's LM head and token embedding) has two names in state_dict(): both are here."""
+    return {n for n, p in policy.named_parameters(remove_duplicate=False) if not p.requires_grad}
 
 
 def save_checkpoint(cfg, policy, opt, iteration, metrics_line):

@@ -4,8 +4,8 @@ than the GPU needs to read the weights at batch 64. Here every buffer has a fixe
 cache of P + T positions, transformers' StaticCache), so one decode step is the same kernels on the same memory at
 every token: 8 steps are captured once as a CUDA graph and replayed, with one wait for the GPU per replay, and
 under autocast the weights that train are cast once per replay, not at every token. It draws the same tokens as
-model.generate under one seed. train.py uses it on a GPU unless --cuda_graph=0 (choose_sampler); docs/gpu.md
-says what the tests prove and what is not measured.
+model.generate under one seed. train.py uses it on a GPU with --cuda_graph=1 (choose_sampler): opt-in until a GPU
+has run it; docs/gpu.md says what the tests prove and what is not measured.
 """
 import contextlib
 
@@ -17,8 +17,8 @@ from model import checkpointing_off, draw, position_ids, response_mask, vocab_lo
 
 
 def choose_sampler(cfg, device):
-    """The sampler of a run: generate_static, whose decode steps are CUDA graph replays, on a GPU unless
-    --cuda_graph=0; else model.generate, the eager loop (a CPU's)."""
+    """The sampler of a run: generate_static, whose decode steps are CUDA graph replays, on a GPU with
+    --cuda_graph=1; else model.generate, the eager loop (a CPU's always)."""
     return generate_static if cfg.cuda_graph and device.type == "cuda" else model.generate
 
 

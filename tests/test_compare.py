@@ -24,9 +24,13 @@ def quick(tmp_path_factory):
 
 def test_quick_sweep_writes_table_and_plots(quick):
     out, text = quick
-    for algo, name in compare.NAMES.items():                        # main table, stability map, short responses,
-        settings = compare.ONLY.get(algo, ("main", "grid", "short"))  # and the short ones again in "which reach pi*"
-        assert text.count(f"| {name} |") == len(settings) + ("short" in settings), name
+    for algo in compare.NAMES:                                       # main table, stability map, short responses,
+        settings = compare.ONLY.get(algo, ("main", "grid", "short"))  # and the short ones again in "which reach pi*";
+        in_kl_table = 5 * (algo in compare.KL_DEFAULT)                # GRPO's, Dr. GRPO's and RLOO's rows of the kl one
+        expected = 0 if settings == ("kl",) else len(settings) + ("short" in settings) + in_kl_table
+        assert text.count(f"| {compare.name(algo)} |") == expected, algo
+    rows = [line for line in text.split("## Where the KL goes")[1].splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 1 + 15 and all("not run" not in row for row in rows)  # every algorithm x place for the KL
     assert "nan" not in text
     assert open(out / "compare.md").read() == text
     pytest.importorskip("matplotlib")                               # an optional extra: the plots need it
@@ -38,23 +42,34 @@ def test_quick_sweep_writes_table_and_plots(quick):
 def test_finished_runs_are_not_run_again(quick, capsys):
     out, text = quick
     before = {p: os.path.getmtime(p) for p in out.glob("*/*/metrics.jsonl")}
-    assert len(before) == 24                                        # 7 algorithms x (2 lrs + short), the guard x 2
+    assert len(before) == 36                                        # 7 algorithms x (2 lrs + short), the guard x 2
     again = compare.main(["--quick=1", f"--out_dir={out}", f"--sft_dir={out / 'sft'}", "--workers=1"])  # lrs, Dr. GRPO
-    assert "24 runs, 24 already done, 0 to run" in capsys.readouterr().out                              # x short
+    assert "36 runs, 36 already done, 0 to run" in capsys.readouterr().out                              # x short, and
+    # the 12 places for the KL that are not GRPO's, Dr. GRPO's or RLOO's own
     assert {p: os.path.getmtime(p) for p in before} == before
     assert again.split("\n", 4)[4:] == text.split("\n", 4)[4:]      # the same table (the header has the time)
 
 
 def test_each_run_is_its_algorithm_and_only_the_guard_row_has_the_guard(quick):
     out, _ = quick
-    runs = [p for setting in ("main", "short") for p in (out / setting).glob("*/config.json")]
-    assert len(runs) == 24
+    runs = [p for setting in ("main", "short", "kl") for p in (out / setting).glob("*/config.json")]
+    assert len(runs) == 36
     for path in runs:
         algo = path.parent.name.split("_lr")[0]
         conf = json.loads(path.read_text())
         assert all(conf[k] == v for k, v in compare.ALGOS[algo].items()), path
         assert conf["target_kl"] == (0.2 if algo == "apa_guard" else 0.0), path
-        assert compare.algo_name(conf) == compare.NAMES[algo]          # what --plot calls it
+        assert compare.algo_name(conf) == compare.name(algo)            # what --plot calls it
+        assert conf["max_new_tokens"] == (2 if path.parent.parent.name in ("short", "kl") else 8), path
+
+
+def test_plot_labels_a_run_with_its_own_group_size():
+    """--plot names a run from its own config.json: a GRPO run of 8 responses per prompt is GRPO (k = 8)."""
+    assert compare.algo_name({"algo": "grpo", "group_size": 8}) == "GRPO (k = 8)"
+    assert compare.algo_name({"algo": "grpo", "group_size": 8, "grpo_std": False, "kl": "k2"}) == \
+        "Dr. GRPO (k = 8), KL k2 in the loss"
+    assert compare.algo_name({"algo": "rloo"}) == "RLOO (k = 4)"        # an older config.json: the defaults
+    assert compare.algo_name({"algo": "apa", "apa_clip": 0.5}) == "APA, bounded (c = 0.5)"
 
 
 def test_plot_of_a_run_directory(quick, capsys):
@@ -85,22 +100,29 @@ def test_jstar_is_estimated_once_per_pi_init_data_and_lambda():
         assert compare.jstar_key(dataclasses.replace(base, **change)) != compare.jstar_key(base)  # a new estimate
 
 
-def test_a_run_handed_jstar_uses_it_and_trains_as_one_that_estimates_it(quick, tmp_path):
-    """lab/compare.py hands a run the J* that an earlier run of the same pi_init, data and lambda estimated. A run
-    handed J* logs it and the gap to it, estimates nothing, and trains exactly as one that estimates J* itself."""
+def test_a_run_handed_what_is_known_uses_it_and_trains_as_one_that_computes_it(quick, tmp_path):
+    """lab/compare.py hands a run the J* and the exact evaluator's responses that an earlier run of the same pi_init,
+    data and lambda computed (train.train's known). A run uses what it is handed, computes the rest and adds it, and
+    trains exactly as one that computes everything itself."""
     import train
     out, _ = quick
-    cfg = dataclasses.replace(train.Config(), **compare.QUICK, lr=1e-3, iters=2, sft_dir=str(out / "sft"),
-                              sample_every=0, target_kl=0.0)
-    estimated = train.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "a")))
-    handed = train.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "b")), jstar=(1.5, 0.25))  # not J*: seen
+    (tmp_path / "prompts.txt").write_text("the movie was\nthe plot felt\n")  # two prompts: few responses to list
+    cfg = dataclasses.replace(train.Config(), **dict(compare.QUICK, max_new_tokens=2), lr=1e-3, iters=2,
+                              sft_dir=str(out / "sft"), sample_every=0, target_kl=0.0, exact_every=1,
+                              prompts=str(tmp_path / "prompts.txt"))
+    known = {}
+    computed = train.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "a")), known)
+    assert known["jstar"] == (computed[0]["jstar"], computed[0]["jstar_se"]) and known["space"] is not None
+    space = dict(known["space"], rewards=2 * known["space"]["rewards"])  # not the task's: seen in gap_exact
+    handed = train.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "b")), {"jstar": (1.5, 0.25), "space": space})
     assert [(r["jstar"], r["jstar_se"]) for r in handed] == [(1.5, 0.25)] * 2
     assert [r["gap"] for r in handed] == [1.5 - r["J"] for r in handed]
-    strip = lambda h: [{k: v for k, v in r.items() if k not in ("ms", "mem_mb", "jstar", "jstar_se", "gap")}  # noqa: E731
-                       for r in h]
-    assert strip(estimated) == strip(handed)                         # J*'s own draws change no training number
+    assert all(h["reward_exact"] == pytest.approx(2 * c["reward_exact"]) for h, c in zip(handed, computed))
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("ms", "mem_mb", "jstar", "jstar_se", "gap")  # noqa: E731
+                        and not k.endswith("_exact")} for r in h]
+    assert strip(computed) == strip(handed)                          # J*'s own draws change no training number
     rows = [json.loads(line) for path in (out / "main").glob("*/metrics.jsonl") for line in open(path)]
-    assert {(r["jstar"], r["jstar_se"]) for r in rows} == {(estimated[0]["jstar"], estimated[0]["jstar_se"])}
+    assert len({(r["jstar"], r["jstar_se"]) for r in rows}) == 1     # one pi_init, data and lambda: one J*
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,6 +148,8 @@ def error_of(argv):
     ("--workers=0", "workers must be > 0, got 0"),
     ("--sft_dir=", "sft_dir must be a folder, got ''"),
     ("--plot=no/such/metrics.jsonl", "'no/such/metrics.jsonl' does not exist"),
+    ("--settings=main,bogus", "settings must be a comma-separated choice of main, grid, short, kl, got 'main,bogus'"),
+    ("--settings=", "settings must be a comma-separated choice of main, grid, short, kl, got ''"),
 ])
 def test_a_bad_setting_is_one_line(tmp_path, flag, message):
     assert message in error_of([f"--out_dir={tmp_path}", "--run=0", flag])   # --run=0: nothing trains, even unchecked

@@ -5,6 +5,7 @@ the one-process gradient over the whole batch, the rollout's whitening and logge
 global, and `torchrun --nproc_per_node=2 train.py` trains, checkpoints and resumes after a kill.
 Run: pytest -q tests/test_ddp.py
 """
+import datetime
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
 import model  # noqa: E402
+import ppo  # noqa: E402
 import train  # noqa: E402
 from lab import ddp  # noqa: E402
 from ppo import masked_mean, masked_whiten  # noqa: E402
@@ -58,12 +60,14 @@ def fixed_batch(policy):
 
 def one_update(algo, policy, batch, P, mean_fn):
     """The gradient of one update over the whole (local) batch: lr 0, no clipping of the gradient."""
-    cfg = train.Config(algo=algo, batch_size=4, minibatch_size=4, epochs=1, max_grad_norm=1e9)
+    cfg = train.resolve(train.Config(algo=algo, batch_size=4, minibatch_size=4, epochs=1, max_grad_norm=1e9))
     if algo == "ppo":                                                # whitened as rollout whitens
         batch = dict(batch, advantages=masked_whiten(batch["advantages"], batch["mask"], mean_fn=mean_fn))
+    if algo == "grpo":                                               # as model.make_policy: no value head to train
+        policy.v_head.requires_grad_(False)
     wrapped = torch.nn.parallel.DistributedDataParallel(policy) if dist.is_initialized() else policy
     stats, _ = train.update(cfg, wrapped, torch.optim.SGD(policy.parameters(), lr=0.0), batch, P, 0)
-    return [p.grad.clone() for p in policy.parameters()], stats
+    return [p.grad.clone() for p in policy.parameters() if p.requires_grad], stats
 
 
 def length_reward(prompts, completions):
@@ -77,8 +81,18 @@ def recording_reward(prompts, completions):
     return data.sentiment_reward(prompts, completions)
 
 
-def worker(rank, tmp):
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2)
+def approx_kls(policy, batch, P):
+    """approx_kl of the fixed batch at lr 0: over rows 0-1 (rank 0's), rows 2-3 (rank 1's), and all four."""
+    with torch.no_grad():
+        logits, _ = policy(batch["input_ids"], batch["attention_mask"], P)
+    logprobs = model.token_logprobs(logits, batch["response"])
+    return [ppo.approx_kl(logprobs[rows], batch["logprobs"][rows], batch["mask"][rows])
+            for rows in (slice(0, 2), slice(2, 4), slice(0, 4))]
+
+
+def worker(rank, tmp, target_kl):
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))  # a collective one process skips: an error, no hang
     torch.set_num_threads(1)
     result = {}
     for algo in ("apa", "ppo", "grpo"):                              # this rank's half of the fixed batch
@@ -95,13 +109,29 @@ def worker(rank, tmp):
     batch, _, stats, samples = train.rollout(cfg, policy, policy.lm, [enc.encode_ordinary(p) for p in prompts],
                                              prompts, length_reward, enc, torch.device("cpu"), model.generate)
     result["rollout"] = dict(advantages=batch["advantages"], mask=batch["mask"], stats=stats, samples=samples)
+    # the KL guard on the global approx_kl: target_kl lies between this rank's and the other's, so a guard that
+    # looked at its own would stop one process and not the other, whose next step would wait for it
+    policy = tiny_policy(11)
+    batch, P = fixed_batch(policy)
+    cfg = train.resolve(train.Config(algo="apa", batch_size=4, minibatch_size=4, epochs=2, target_kl=target_kl))
+    rows = slice(2 * rank, 2 * rank + 2)
+    result["guard"], _ = train.update(cfg, torch.nn.parallel.DistributedDataParallel(policy),
+                                      torch.optim.SGD(policy.parameters(), lr=0.0),
+                                      {k: v[rows] for k, v in batch.items()}, P, 0)
     torch.save(result, os.path.join(tmp, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
 def test_two_processes_compute_the_one_process_update_and_global_statistics(tmp_path):
-    mp.spawn(worker, args=(str(tmp_path),), nprocs=2)
+    policy = tiny_policy(11)
+    kl_0, kl_1, kl_all = approx_kls(policy, *fixed_batch(policy))      # the approx_kl of each rank's rows, of all
+    assert min(kl_0, kl_1) < kl_all - 1e-3                              # they differ: the guard can tell them apart
+    target_kl = (min(kl_0, kl_1) + kl_all) / 2                          # the global one is past it, one rank's not
+    mp.spawn(worker, args=(str(tmp_path), target_kl), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for r in range(2):                                                 # both stop before the first step, on the
+        guard = ranks[r]["guard"]                                       # approx_kl of all processes' tokens
+        assert guard["steps"] == 0 and guard["kl_stop"] == pytest.approx(kl_all, rel=1e-5)
     for algo in ("apa", "ppo", "grpo"):                              # GRPO: its k3 term a global token mean too
         policy = tiny_policy(11)
         grads, stats = one_update(algo, policy, *fixed_batch(policy), masked_mean)  # one process, all rows

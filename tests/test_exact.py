@@ -22,6 +22,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import data  # noqa: E402
+import grpo  # noqa: E402
 import model  # noqa: E402
 import ppo  # noqa: E402
 import train  # noqa: E402
@@ -123,12 +124,13 @@ def test_too_many_responses_means_no_exact_evaluation(task):
 # 2. the pieces of a rollout, each against a slow version
 
 FORMS = [("apa", "exact"), ("apa", "paper"), ("ppo", "exact"), ("awr", "exact"), ("grpo", "exact"),
-         ("grpo", "dr"), ("rloo", "exact")]                            # every algorithm and form (dr: Dr. GRPO)
+         ("grpo", "dr"), ("rloo", "exact"), ("grpo", "reward"), ("rloo", "k2"), ("rloo", "k3_is")]
+# every algorithm and form (dr: Dr. GRPO; reward, k2, k3_is: where GRPO's or RLOO's KL goes, --kl)
 
 
 def form_config(algo, form, **kw):
     return train.Config(**{**TINY, **kw}, algo=algo, apa_form="paper" if form == "paper" else "exact",
-                        grpo_std=form != "dr")
+                        grpo_std=form != "dr", kl=form if form in ("reward", "k1", "k2", "k3", "k3_is") else "auto")
 
 
 def slow_row(lm, prompt, response):
@@ -165,7 +167,6 @@ def test_rollout_against_slow_versions(task, algo, form):
             values = policy.v_head(hidden).squeeze(-1).double()
             torch.testing.assert_close(batch["ref_logprobs"][i, :n].double(), ref, atol=1e-4, rtol=0)  # pi_init
             torch.testing.assert_close(batch["logprobs"][i, :n].double(), logp, atol=1e-4, rtol=0)
-            torch.testing.assert_close(batch["values"][i, :n].double(), values, atol=1e-4, rtol=0)
             kls.append((logp - ref).sum().item())
             assert samples[i][3] == pytest.approx(kls[-1], abs=1e-4)     # the sample's kl: real tokens only
             assert samples[i][2] == task.reward_fn([samples[i][0]], [task.enc.decode(row[:n - (row[n - 1] == eot)])])[0]
@@ -176,9 +177,13 @@ def test_rollout_against_slow_versions(task, algo, form):
                 next_value = values[t + 1] if t + 1 < n else 0.0
                 next_adv = rewards[t] + cfg.gamma * next_value - values[t] + cfg.gamma * cfg.gae_lambda * next_adv
                 adv[t] = next_adv
-            torch.testing.assert_close(batch["returns"][i, :n].double(), adv + values, atol=1e-4, rtol=0)
             raw_adv.append(adv)
-            assert batch["advantages"][i, n:].abs().sum() == 0 and batch["returns"][i, n:].abs().sum() == 0
+            assert batch["advantages"][i, n:].abs().sum() == 0
+            if algo not in ("grpo", "rloo"):                             # GRPO and RLOO: no values, no returns
+                torch.testing.assert_close(batch["values"][i, :n].double(), values, atol=1e-4, rtol=0)
+                torch.testing.assert_close(batch["returns"][i, :n].double(), adv + values, atol=1e-4, rtol=0)
+                assert batch["returns"][i, n:].abs().sum() == 0
+    assert ("values" in batch) == ("returns" in batch) == (algo not in ("grpo", "rloo"))
     assert stats["kl"] == pytest.approx(sum(kls) / len(kls), abs=1e-5)
     assert stats["entropy"] == pytest.approx(torch.cat(entropies).mean().item(), abs=1e-4)  # over real tokens
     flat = torch.cat(raw_adv)
@@ -188,8 +193,8 @@ def test_rollout_against_slow_versions(task, algo, form):
         k = cfg.group_size
         assert k == 4 and all(len({s[0] for s in samples[g:g + k]}) == 1 for g in range(0, cfg.batch_size, k))
         per_response = []                                                # of k responses to one prompt
-        for g in range(0, cfg.batch_size, k):
-            R = [s[2] if algo == "grpo" else s[2] - cfg.lam * kl for s, kl in zip(samples[g:g + k], kls[g:g + k])]
+        for g in range(0, cfg.batch_size, k):                            # R - lambda KL where the KL is in the reward
+            R = [s[2] - (cfg.kl == "reward") * cfg.lam * kl for s, kl in zip(samples[g:g + k], kls[g:g + k])]
             for i, r in enumerate(R):
                 others = R[:i] + R[i + 1:]
                 per_response.append(r - sum(others) / (k - 1) if algo == "rloo" else
@@ -254,27 +259,31 @@ def test_update_calls_the_loss_of_the_readme_table(task, algo, form, monkeypatch
     monkeypatch.setattr(torch, "randperm", lambda n: torch.arange(n))    # one minibatch an epoch, in order
     v_head = copy.deepcopy(policy.v_head.state_dict())
     stats, _ = train.update(cfg, policy, torch.optim.SGD(policy.parameters(), lr=0.1), batch, P, 0)
-    critic_free = algo in ("grpo", "rloo")                               # their value head takes no step
+    critic_free = algo in ("grpo", "rloo")                               # their value head takes no step, no loss
     assert all(torch.equal(v, policy.v_head.state_dict()[k]) == critic_free for k, v in v_head.items())
-    assert stats["steps"] == 2 and len(calls) == 4
-    (pg_name, pg), (vf_name, vf), _, (_, vf2) = calls                    # epoch 1: pi_theta = pi_old; epoch 2: moved
-    assert not torch.allclose(vf2[0], batch["values"]) and torch.equal(vf2[1], batch["values"])  # clip around V_old
+    assert stats["steps"] == 2 and len(calls) == (2 if critic_free else 4)
+    (pg_name, pg), *rest = calls                                         # epoch 1: pi_theta = pi_old; epoch 2: moved
     same = lambda a, b: torch.equal(a, b)                                # noqa: E731
     assert same(pg[0], batch["logprobs"]) or torch.allclose(pg[0], batch["logprobs"], atol=1e-5)  # pi_theta = pi_old
-    assert same(pg[1], batch["logprobs"]) and (algo == "grpo" or same(pg[2], batch["advantages"]) and same(pg[3], batch["mask"]))
+    in_loss = algo in ("grpo", "rloo") and cfg.kl != "reward"            # the KL in the loss: grpo_loss
+    assert same(pg[1], batch["logprobs"]) and (in_loss or same(pg[2], batch["advantages"]) and same(pg[3], batch["mask"]))
     if algo == "apa":                                                    # the exact form here is the bounded one
         assert pg_name == "apa_loss" and pg[4] == cfg.lam and pg[6] == (0.5 if form == "exact" else 0.0)
         assert (pg[5] is None) if form == "exact" else same(pg[5], batch["ref_logprobs"])
     elif algo == "awr":                                                  # its own temperature, not lambda
         assert pg_name == "awr_loss" and pg[4] == cfg.awr_lam != cfg.lam and pg[5] == cfg.awr_max_weight
-    elif algo == "grpo":                                                 # pg: logprobs, old, ref, adv, mask, lam, eps
+    elif in_loss:                                                        # pg: logprobs, old, ref, adv, mask, lam, eps, kl
         assert pg_name == "grpo_loss" and same(pg[2], batch["ref_logprobs"]) and pg[5] == cfg.lam
         assert pg[6] == cfg.cliprange and same(pg[3], batch["advantages"]) and same(pg[4], batch["mask"])
-    else:
+        assert pg[7] is {"k3": grpo.k3, "k2": grpo.k2, "k3_is": grpo.k3_is}[cfg.kl]
+    else:                                                                # PPO, and GRPO or RLOO with the KL in R
         assert pg_name == "ppo_policy_loss" and pg[4] == cfg.cliprange
-    assert vf_name == "value_loss" and same(vf[1], batch["values"]) and same(vf[2], batch["returns"])
-    assert same(vf[3], batch["mask"]) and vf[4] == cfg.cliprange_value
-    torch.testing.assert_close(vf[0].detach(), batch["values"], atol=1e-5, rtol=0)
+    if not critic_free:
+        (vf_name, vf), _, (_, vf2) = rest
+        assert not torch.allclose(vf2[0], batch["values"]) and torch.equal(vf2[1], batch["values"])  # clip around V_old
+        assert vf_name == "value_loss" and same(vf[1], batch["values"]) and same(vf[2], batch["returns"])
+        assert same(vf[3], batch["mask"]) and vf[4] == cfg.cliprange_value
+        torch.testing.assert_close(vf[0].detach(), batch["values"], atol=1e-5, rtol=0)
     # the KL guard: the second minibatch sees approx_kl > target_kl after the first step, and takes no step
     batch, P, _, _ = train.rollout(cfg, policy, task.ref_lm, task.prompt_tokens, task.prompts, task.reward_fn,
                                    task.enc, torch.device("cpu"), model.generate)              # pi_old: the policy as it is now
@@ -283,7 +292,27 @@ def test_update_calls_the_loss_of_the_readme_table(task, algo, form, monkeypatch
     step = opt.step
     opt.step = lambda: steps.append(1) or step()                        # noqa: E731
     stats, _ = train.update(dataclasses.replace(cfg, target_kl=1e-9), policy, opt, batch, P, 0)
-    assert len(calls) == 4 and len(steps) == stats["steps"] == 1 and stats["kl_stop"] == stats["approx_kl_max"] > 1e-9
+    assert len(calls) == (2 if critic_free else 4) and len(steps) == stats["steps"] == 1
+    assert stats["kl_stop"] == stats["approx_kl_max"] > 1e-9
+
+
+def test_the_kl_guard_ends_the_whole_update(task, monkeypatch):
+    """Once a minibatch's approx_kl passes target_kl, that minibatch takes no step and neither does any later one,
+    in this epoch or the next: the update ends. The loss's approx_kl is scripted, 0 except on the second minibatch."""
+    cfg = train.resolve(form_config("apa", "exact", batch_size=24, minibatch_size=12, epochs=3, max_new_tokens=8,
+                                    target_kl=0.2))
+    policy = moved_policy(task.ref_lm)
+    torch.manual_seed(0)
+    batch, P, _, _ = train.rollout(cfg, policy, task.ref_lm, task.prompt_tokens, task.prompts, task.reward_fn,
+                                   task.enc, torch.device("cpu"), model.generate)
+    script, real = iter([0.0, 0.5] + [0.0] * 4), train.apa_loss
+    monkeypatch.setattr(train, "apa_loss", lambda *a: (real(*a)[0], {"approx_kl": next(script)}))
+    opt, steps = torch.optim.SGD(policy.parameters(), lr=0.1), []
+    step = opt.step
+    opt.step = lambda: steps.append(1) or step()                        # noqa: E731
+    stats, _ = train.update(cfg, policy, opt, batch, P, 0)
+    assert len(steps) == stats["steps"] == 1 and stats["kl_stop"] == stats["approx_kl_max"] == 0.5
+    assert next(script) == 0.0 and len(list(script)) == 3              # no loss taken after the stop
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,13 +24,14 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_bf16_run_on_the_gpu_trains_and_starts_at_ratio_one(tmp_path, capsys):
+@pytest.mark.parametrize("cuda_graph", [0, 1])
+def test_bf16_run_on_the_gpu_trains_and_starts_at_ratio_one(cuda_graph, tmp_path, capsys):
     init, out = tmp_path / "init", tmp_path / "out"
     save_checkpoint("gpt_neox", init)                                # a padded vocabulary, as Pythia's
     static_sampler.DECODERS.clear()
-    history = train.main(run_args(init, out, "--device=cuda", "--iters=3"))  # precision auto: bf16 on cuda
+    history = train.main(run_args(init, out, "--device=cuda", "--iters=3", f"--cuda_graph={cuda_graph}"))  # bf16
     assert "device cuda" in capsys.readouterr().out
-    assert any(dec.graph is not None for dec in static_sampler.DECODERS.values())  # sampled with the CUDA graph
+    assert any(dec.graph is not None for dec in static_sampler.DECODERS.values()) == bool(cuda_graph)  # the graph
     assert history[0]["kl"] == 0 and history[0]["approx_kl"] < 1e-6 and history[0]["clipfrac"] == 0
     assert all(torch.isfinite(torch.tensor(v)) for row in history for v in row.values())
     params_mb = sum(p.numel() for p in torch.load(out / "ckpt.pt", weights_only=False)["policy"].values()) * 4 / 2**20
@@ -48,11 +49,12 @@ def test_torchrun_with_one_process_over_nccl(tmp_path):
     assert "device cuda:0 x 1 processes" in proc.stdout and proc.stdout.count("iter ") == 2
 
 
-def test_without_cuda_graph_the_run_samples_with_the_eager_loop(tmp_path):
+def test_by_default_the_run_samples_with_the_eager_loop(tmp_path):
+    """The CUDA graph is opt-in (--cuda_graph=1) until a GPU has run it; the default draws with model.generate."""
     init = tmp_path / "init"
     save_checkpoint("gpt2", init)
     static_sampler.DECODERS.clear()
-    train.main(run_args(init, tmp_path / "out", "--device=cuda", "--cuda_graph=0"))
+    train.main(run_args(init, tmp_path / "out", "--device=cuda"))
     assert not static_sampler.DECODERS
 
 

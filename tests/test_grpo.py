@@ -11,10 +11,10 @@ import statistics
 import pytest
 import torch
 
-from grpo import group_advantages, grpo_loss, k3, rloo_advantages
+from grpo import group_advantages, grpo_loss, k1, k2, k3, k3_is, rloo_advantages
 from ppo import masked_mean, ppo_policy_loss
 from test_losses import (PREFIXES, SEQS, T_, bandit, exact_values, float64, objective, optimum,  # noqa: F401
-                         seq_probs, token_logprobs, token_mdp, token_optimum, tv)
+                         paper_form_fixed_point, seq_probs, token_logprobs, token_mdp, token_optimum, tv)
 
 
 @functools.cache
@@ -54,13 +54,15 @@ def rloo_surrogate(logp, old, ref, adv, w, lam):
     return ppo_policy_loss(logp, old, adv, w)[0]
 
 
-def group_iterate(logits, log_init_fn, advantage_fn, loss_fn, k, lam, iters, epochs=1, lr=0.5):
+def group_iterate(logits, log_init_fn, advantage_fn, loss_fn, k, lam, iters, epochs=1, lr=0.5, decay=1.0):
     """On-policy training as train.py runs it, with exact group expectations: each iteration enumerates
-    the k-tuples under pi_old, takes the group advantages, and makes `epochs` gradient steps.
-    log_init_fn(logits) -> (N, T) log-probs of every response's tokens; the same under pi_init."""
+    the k-tuples under pi_old, takes the group advantages, and makes `epochs` gradient steps (learning rate
+    lr * decay^iteration). log_init_fn(logits) -> (N, T) log-probs of every response's tokens; the same under
+    pi_init."""
     logits = logits.clone().requires_grad_()
     opt = torch.optim.SGD([logits], lr=lr)
-    for _ in range(iters):
+    for it in range(iters):
+        opt.param_groups[0]["lr"] = lr * decay ** it
         old_all = log_init_fn(logits).detach()                   # (N, T) log pi_old
         rows, w = group_batch(old_all.sum(1).exp(), k)           # (M,), (M,)
         old, ref = old_all[rows], log_init_fn(None)[rows]        # (M, T)
@@ -91,18 +93,30 @@ def test_group_advantages_match_a_python_loop():
         torch.testing.assert_close(rloo_advantages(scores, k), torch.tensor(loo), rtol=1e-12, atol=1e-12)
 
 
-def test_k3_gradient_on_own_samples_is_the_forward_kl_gradient():
+def test_kl_estimators_expected_gradients_on_the_policys_own_samples():
+    # at pi_theta = pi_old, every action a row: E_pi[grad k1] = 0; E_pi[grad k2] = E_pi[grad k3_is] =
+    # grad KL(pi || pi_init), the reverse KL that J carries; E_pi[grad k3] = grad KL(pi_init || pi), the forward KL.
+    # As values: k1 and k3 are unbiased estimates of KL(pi || pi_init), k2 is not.
     log_init, _ = bandit()
     logits = (log_init + torch.randn(len(log_init), generator=torch.Generator().manual_seed(3))).requires_grad_()
     logp = torch.log_softmax(logits, 0)                           # (K,)
-    w = logp.detach().exp()[:, None]                              # (K, 1) sampled from pi itself
-    assert k3(logp, log_init).min().item() >= 0                   # an estimate of a KL: never negative
-    (g_k3,) = torch.autograd.grad(masked_mean(k3(logp[:, None], log_init[:, None]), w), logits)
+    old, w = logp.detach()[:, None], logp.detach().exp()[:, None]  # (K, 1) sampled from pi itself
+    def expected(estimator):
+        return masked_mean(estimator(logp[:, None], log_init[:, None], old), w)
+    def gradient(f):
+        return torch.autograd.grad(f, logits, retain_graph=True)[0]
     pi, init = torch.softmax(logits, 0), log_init.exp()
-    (g_forward,) = torch.autograd.grad((init * (log_init - torch.log_softmax(logits, 0))).sum(), logits)
-    (g_reverse,) = torch.autograd.grad((pi * (torch.log_softmax(logits, 0) - log_init)).sum(), logits)
-    torch.testing.assert_close(g_k3, g_forward, rtol=1e-10, atol=1e-12)  # KL(pi_init || pi) ...
-    assert (g_k3 - g_reverse).abs().max().item() > 1e-2              # ... not KL(pi || pi_init), J's
+    forward = gradient((init * (log_init - logp)).sum())          # grad KL(pi_init || pi)
+    reverse = gradient((pi * (logp - log_init)).sum())            # grad KL(pi || pi_init)
+    assert gradient(expected(k1)).abs().max().item() < 1e-15
+    torch.testing.assert_close(gradient(expected(k2)), reverse, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gradient(expected(k3_is)), reverse, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gradient(expected(k3)), forward, rtol=1e-10, atol=1e-12)
+    assert (forward - reverse).abs().max().item() > 1e-2
+    kl = (pi * (logp - log_init)).sum().item()
+    assert expected(k1).item() == pytest.approx(kl, rel=1e-12) and expected(k3).item() == pytest.approx(kl, rel=1e-12)
+    assert abs(expected(k2).item() - kl) > 1e-2
+    assert k3(logp, log_init).min().item() >= 0                   # k3 is never negative
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,29 +178,33 @@ def test_bandit_rloo_gradient_is_grad_j_and_what_matters_is_the_kl_in_its_reward
     assert (pi - optimum(log_init, R, lam)).abs().max().item() <= 1e-6
 
 
+def dr_grpo_tilt(log_init, R, lam, k):
+    """The policy pi with pi (1 - (1 - 1/k)(R - E_pi[R]) / lambda) = pi_init, Dr. GRPO's fixed point in the bandit:
+    pi(y) = pi_init(y) / (1 - c (R(y) - m)) sums to 1 for one m (the sum falls from infinity to 0 as m grows), found
+    by bisection; then m = E_pi[R]."""
+    c, p0 = (1 - 1 / k) / lam, log_init.exp()
+    lo, hi = R.max().item() - 1 / c, R.max().item() + 10
+    for _ in range(200):
+        m = (lo + hi) / 2
+        lo, hi = (m, hi) if (p0 / (1 - c * (R - m))).sum() > 1 else (lo, m)
+    return p0 / (1 - c * (R - m))
+
+
 def test_bandit_dr_grpo_fixed_point_is_a_hyperbolic_tilt_not_pi_star():
-    # pi(y) (1 - (1 - 1/k)(R(y) - E_pi[R]) / lambda) = pi_init(y): agrees with pi* for lambda k/(k-1) to first order only
+    # pi(y) (1 - (1 - 1/k)(R(y) - E_pi[R]) / lambda) = pi_init(y): agrees with pi* for lambda k/(k-1) to first order
+    # only. And no law says on which side of pi* it lies: at k = 4 its KL to pi_init is 3.49 nats against pi*'s 4.13
+    # at lambda = 0.05 (short of pi*), 0.17 against 0.09 at 0.5 (past it)
     log_init, R = bandit()
     lam = 0.5
     pi = bandit_run(R, grpo_adv(R, KB, std=False), grpo_surrogate, lam)
     c = (1 - 1 / KB) / lam
     torch.testing.assert_close(pi * (1 - c * (R - (pi * R).sum())), log_init.exp(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(pi, dr_grpo_tilt(log_init, R, lam, KB), rtol=0, atol=1e-6)
     for lam_pi_star in (lam, lam * KB / (KB - 1)):
         assert (pi - optimum(log_init, R, lam_pi_star)).abs().max().item() > 1e-2
-
-
-def test_bandit_dr_grpo_fixed_point_lies_on_either_side_of_pi_star():
-    # the tilt 1 / (1 - (1 - 1/k)(R - E_pi[R])/lambda) is not pi*, and no law says on which side: measured at k = 4,
-    # its KL to pi_init is 3.49 nats against pi*'s 4.13 at lambda = 0.05 (short of pi*), 0.17 against 0.09 at 0.5
-    log_init, R = bandit()
     kl = lambda p: (p * (p.log() - log_init)).sum().item()          # noqa: E731 KL(p || pi_init)
-    sides = {}
-    for lam in (0.05, 0.5):
-        pi = bandit_run(R, grpo_adv(R, KB, std=False), grpo_surrogate, lam, steps=6000 if lam < 0.1 else 3000)
-        c = (1 - 1 / KB) / lam
-        torch.testing.assert_close(pi * (1 - c * (R - (pi * R).sum())), log_init.exp(), rtol=0, atol=1e-4)
-        sides[lam] = kl(pi) - kl(optimum(log_init, R, lam))
-    assert sides[0.05] < -0.3 and sides[0.5] > 0.05                  # short of pi*, then past it
+    side = {lam: kl(dr_grpo_tilt(log_init, R, lam, KB)) - kl(optimum(log_init, R, lam)) for lam in (0.05, 0.5)}
+    assert side[0.05] < -0.3 and side[0.5] > 0.05                    # short of pi*, then past it
 
 
 def slow_expected_grpo_advantage(pi, R, k):
@@ -325,3 +343,69 @@ def test_token_mdp_expected_gradient_at_pi_star_is_zero_only_for_rloo(name):
         derived[i] = prefix_logp[p].exp() / T_ * (-pi[i] * (W_s_b - W_s[j, t]) + lam * (pi[i] - pi_init[i]))
     torch.testing.assert_close(logits.grad, derived, rtol=1e-8, atol=1e-12)
     assert derived.abs().max() > 1e-3                                  # not zero
+
+
+# ----------------------------------------------------------------------------------------------
+# where the KL goes (--kl): in the sequence reward, or in the loss by one of the four estimators.
+# docs/theory.md, section 8, derives each fixed point below.
+
+KK = 2                                                                # groups of 2: 36 tuples in the bandit, 729 in the token MDP
+
+
+def placed_kl_adv(R, algo, in_reward):
+    """The group advantage of algo (rloo, dr_grpo, grpo) from R - lambda KL(y) (the KL in the reward) or from R."""
+    def adv(rows, old, ref, lam):
+        score = R[rows] - lam * (old - ref).sum(1) if in_reward else R[rows]
+        return rloo_advantages(score, KK) if algo == "rloo" else group_advantages(score, KK, std=algo == "grpo")
+    return adv
+
+
+def placed_kl_loss(estimator):
+    """The loss: the clipped surrogate alone (estimator None: the KL is in the reward), or with lambda times the
+    estimator's KL term (grpo_loss)."""
+    def loss(logp, old, ref, adv, w, lam):
+        if estimator is None:
+            return ppo_policy_loss(logp, old, adv, w)[0]
+        return grpo_loss(logp, old, ref, adv, w, lam, kl_estimator=estimator)[0]
+    return loss
+
+
+def bandit_claims(log_init, R, lam):
+    """The claimed fixed point of each (algorithm, --kl) in the bandit, as a residual of the policy pi (0 at it)."""
+    c = 1 - 1 / KK                                                    # Dr. GRPO's mean includes the response itself
+    star = lambda l: lambda pi: pi - optimum(log_init, R, l)          # noqa: E731 pi* for temperature l
+    exp_tilt = lambda pi: (lambda d: d - d.mean())(pi.log() - log_init - slow_expected_grpo_advantage(pi, R, KK) / lam)  # noqa: E731
+    hyperbolic = lambda pi: pi * (1 - (R - (pi * R).sum()) / lam) - log_init.exp()  # noqa: E731 RLOO's c = 1
+    return {("rloo", "reward"): star(lam), ("dr_grpo", "reward"): star(lam), ("grpo", "reward"): star(lam),
+            ("rloo", "k2"): star(lam), ("rloo", "k3_is"): star(lam), ("dr_grpo", "k2"): star(lam / c),
+            ("dr_grpo", "k3_is"): star(lam / c), ("grpo", "k2"): exp_tilt, ("rloo", "k3"): hyperbolic}
+
+
+@pytest.mark.parametrize("algo,kl", [("rloo", "reward"), ("dr_grpo", "reward"), ("grpo", "reward"), ("rloo", "k2"),
+                                     ("rloo", "k3_is"), ("dr_grpo", "k2"), ("dr_grpo", "k3_is"), ("grpo", "k2"),
+                                     ("rloo", "k3")])
+def test_bandit_fixed_point_of_each_place_for_the_kl(algo, kl):
+    # reward: pi* for each (GRPO's steps do not shrink near it, as whitened ones: decaying steps); k2 and k3_is:
+    # the reverse KL's gradient, so RLOO reaches pi*, Dr. GRPO pi* for lambda k/(k - 1), GRPO pi_init exp(w/lambda);
+    # k3: the forward KL's, the hyperbolic tilt. A wrong estimator or placement misses its formula.
+    log_init, R = bandit()
+    lam = 0.5
+    estimator = {"reward": None, "k2": k2, "k3": k3, "k3_is": k3_is}[kl]
+    decaying = (algo, kl) == ("grpo", "reward")
+    logits = group_iterate(log_init, bandit_log_probs(log_init), placed_kl_adv(R, algo, kl == "reward"),
+                           placed_kl_loss(estimator), KK, lam, 3000 if decaying else 2000, lr=0.5 if decaying else 1.0,
+                           decay=0.997 if decaying else 1.0)
+    pi = torch.softmax(logits, 0)
+    assert bandit_claims(log_init, R, lam)[algo, kl](pi).abs().max().item() < 1e-5
+    assert (optimum(log_init, R, lam) - log_init.exp()).abs().max().item() > 0.05  # the start is not the answer
+
+
+def test_token_mdp_rloo_with_the_kl_in_the_loss_settles_where_the_papers_apa_does():
+    # k2 (or k3_is) in the loss gives the reverse KL's gradient at each state only: the KL that later tokens pay is
+    # missing, and RLOO then settles at pi_init exp(Q_R/lambda) per state, the paper's APA's fixed point, not pi*
+    init_logits, R = token_mdp()
+    lam = 0.5
+    logits = token_run(R, placed_kl_adv(R, "rloo", False), placed_kl_loss(k2), lam, iters=300, lr=6.0)
+    claimed = paper_form_fixed_point(init_logits, R, lam)
+    assert tv(logits, seq_probs(claimed)) < 1e-4
+    assert tv(claimed, token_optimum(init_logits, R, lam)) > 0.1

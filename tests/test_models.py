@@ -149,13 +149,14 @@ def test_static_cache_sampler_draws_generates_tokens_and_its_logprobs_are_a_full
     assert len(static_sampler.DECODERS) == 2                                   # one per model: the second call reused the first's
 
 
-def test_a_run_samples_with_the_cuda_graph_on_a_gpu_unless_cuda_graph_0():
-    """The choice of sampler, which a CPU can check: the static decoder and its CUDA graph on a GPU, unless
-    --cuda_graph=0; the eager loop on a CPU."""
+def test_a_run_samples_with_the_cuda_graph_on_a_gpu_only_with_cuda_graph_1():
+    """The choice of sampler, which a CPU can check: the static decoder and its CUDA graph on a GPU with
+    --cuda_graph=1 (opt-in until a GPU has run it); else, and always on a CPU, the eager loop."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert static_sampler.choose_sampler(train.Config(), cuda) is static_sampler.generate_static
+    assert static_sampler.choose_sampler(train.Config(cuda_graph=True), cuda) is static_sampler.generate_static
     assert static_sampler.choose_sampler(train.Config(cuda_graph=False), cuda) is model.generate
-    assert static_sampler.choose_sampler(train.Config(), cpu) is model.generate
+    assert static_sampler.choose_sampler(train.Config(), cuda) is model.generate       # the default
+    assert static_sampler.choose_sampler(train.Config(cuda_graph=True), cpu) is model.generate
 
 
 def test_static_sampler_reaches_the_end_of_the_context_window(tmp_path):
@@ -418,6 +419,7 @@ def test_bf16_run_trains_and_starts_at_ratio_one(tmp_path):
     history = train.main(run_args(init, out, "--precision=bf16"))
     print("bf16 first approx_kl", history[0]["approx_kl"])
     assert history[0]["approx_kl"] < 1e-6 and history[0]["clipfrac"] == 0  # bf16: same shapes, same rounding
+    assert history[0]["kl"] == 0                                       # policy and pi_init scored alike
     assert all(torch.isfinite(torch.tensor(v)) for r in history for v in r.values())
     trained = AutoModelForCausalLM.from_pretrained(out / "policy").state_dict()
     assert any(not torch.equal(v, trained[k]) for k, v in lm.state_dict().items())
@@ -473,6 +475,58 @@ def test_lora_pi_init_is_the_untouched_model_and_training_starts_at_it(arch, tmp
     assert any(not torch.equal(v, merged.state_dict()[k]) for k, v in lm.state_dict().items())
     completions, _ = train.main([f"--sample={out / 'policy'}", "--prompt=hello", "--num_samples=2"])
     assert len(completions) == 2
+
+
+def test_lora_adapters_sit_on_every_linear_layer_of_gpt2_and_scale_by_alpha_over_r():
+    """--lora_targets=all on GPT-2, whose layers are transformers' Conv1D, not nn.Linear: an adapter on each of them
+    and on the LM head; each adds B A x scaled by lora_alpha / lora_r."""
+    pytest.importorskip("peft")
+    cfg = train.Config(lora_r=4, lora_alpha=12.0)
+    lm = model.tiny_gpt(cfg, 64)
+    adapted = {name for name, m in lora.with_lora(lm, cfg).named_modules() if hasattr(m, "lora_A")}
+    layers = {f"{p}.{n}" for p in range(cfg.n_layer) for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert {name.split("transformer.h.")[-1] for name in adapted if "transformer.h." in name} == layers
+    assert any(name.endswith("lm_head") for name in adapted) and len(adapted) == len(layers) + 1
+    peft_lm = lora.with_lora(model.tiny_gpt(cfg, 64), cfg)
+    head = next(m for name, m in peft_lm.named_modules() if name.endswith("lm_head"))
+    x = torch.randn(3, cfg.n_embd, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        head.lora_B["default"].weight.normal_()
+        delta = head(x) - head.base_layer(x)                          # the adapter's part
+        expected = 12.0 / 4 * head.lora_B["default"](head.lora_A["default"](x))
+    torch.testing.assert_close(delta, expected)
+
+
+def test_the_cpu_threads_of_a_run():
+    """One thread for the tiny GPT on a CPU (faster beside other busy processes), --threads when given, and torch's
+    own choice for a model of your own (--init) or on a GPU."""
+    before = torch.get_num_threads()
+    try:
+        for cfg, device, expected in ((train.Config(), "cpu", 1), (train.Config(threads=3), "cpu", 3),
+                                      (train.Config(init="m"), "cpu", 7), (train.Config(), "cuda", 7),
+                                      (train.Config(init="m", threads=2), "cpu", 2)):
+            torch.set_num_threads(7)                                  # torch's own choice, say
+            model.set_cpu_threads(cfg, torch.device(device))
+            assert torch.get_num_threads() == expected, (cfg.threads, cfg.init, device)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_frozen_pi_init_is_stored_in_bf16_only_where_that_rounds_nothing():
+    """A bf16 run keeps pi_init's frozen weights in bf16 to halve their memory, but only a checkpoint whose weights
+    bf16 holds exactly (a bf16 checkpoint): an fp32 one would be rounded, and the first KL would not be 0."""
+    cfg, cpu = train.Config(precision="bf16"), torch.device("cpu")
+    fp32 = model.tiny_gpt(train.Config(), 64)
+    exact = copy.deepcopy(fp32)
+    with torch.no_grad():
+        for p in exact.parameters():
+            p.copy_(p.to(torch.bfloat16))                             # values that bf16 holds exactly
+    _, ref_lm = model.make_policy(train.Config(precision="fp32"), copy.deepcopy(exact), 64, cpu)
+    assert {p.dtype for p in ref_lm.parameters()} == {torch.float32}  # an fp32 run keeps fp32
+    for lm, stored in ((fp32, torch.float32), (exact, torch.bfloat16)):
+        policy, ref_lm = model.make_policy(cfg, lm, 64, cpu)
+        assert {p.dtype for p in ref_lm.parameters()} == {stored}
+        assert {p.dtype for p in policy.parameters()} == {torch.float32}  # what trains stays fp32
 
 
 def test_static_sampler_under_lora_draws_what_the_eager_loop_draws(tmp_path):

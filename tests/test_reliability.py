@@ -66,6 +66,7 @@ def truncated(folder):
 
 NONSENSE = {  # name: (flags, given the test's tmp_path; what the error says)
     "iters 0": (lambda tmp: dict(iters=0), "iters must be > 0, got 0"),
+    "a place for the KL for apa": (lambda tmp: dict(kl="k3"), "kl must be auto for apa, ppo and awr"),
     "iters -1": (lambda tmp: dict(iters=-1), "iters must be > 0"),
     "epochs 0": (lambda tmp: dict(epochs=0), "epochs must be > 0"),
     "gamma 2": (lambda tmp: dict(gamma=2), "gamma must be in [0, 1]"),
@@ -142,6 +143,13 @@ def test_nonsense_is_refused_before_pre_training(case, tmp_path):
     write(out / "metrics.jsonl", '{"iter": 1}\n')
     fails(tiny_args(str(sft), out, **make_args(tmp_path)), message)
     assert not sft.exists() and os.listdir(out) == ["metrics.jsonl"] and read_metrics(out) == [{"iter": 1}]
+
+
+def test_lora_without_peft_is_refused_before_pre_training(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)                      # import peft raises ImportError
+    sft = tmp_path / "sft"
+    fails(tiny_args(str(sft), tmp_path / "out", lora_r=4), "--lora_r needs peft, an optional extra: pip install peft")
+    assert not sft.exists()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -493,7 +501,7 @@ def test_sample_refuses_a_damaged_config_a_damaged_model_and_a_prompt_too_long(t
 
 MAY_CHANGE = {"iters", "lr", "out_dir", "sft_dir", "sample_every", "ckpt_every", "max_bad_steps", "resume", "device",
               "precision", "sample", "prompt", "num_samples", "exact_every", "eval_prompts", "eval_every",
-              "eval_samples", "grad_checkpointing", "cuda_graph"}       # nothing the training numbers depend on
+              "eval_samples", "grad_checkpointing", "cuda_graph", "threads"}  # nothing the training numbers depend on
 
 
 def changed(value, f):

@@ -140,6 +140,42 @@ def test_every_draw_of_a_run_uses_the_sampler_the_run_chose(sft_dir, tmp_path, m
     assert rows == [40 * 2, 8, 16, 8, 16]                           # J*; then per iteration: evaluation, rollout
 
 
+SCORED = []                                                             # the prompts recording_reward saw
+
+
+def recording_reward(prompts, completions):
+    SCORED.append(list(prompts))
+    return data.sentiment_reward(prompts, completions)
+
+
+def test_the_held_out_evaluation_samples_the_held_out_prompts(sft_dir, tmp_path):
+    """Per iteration: the evaluation's 8 responses, to the held-out openings, then the rollout's 16, to the training
+    ones; the two sets never meet."""
+    SCORED.clear()
+    train.main(tiny_args(sft_dir, tmp_path, iters=2, eval_every=1, eval_samples=8,
+                         reward_fn="test_train:recording_reward"))
+    assert [len(p) for p in SCORED] == [8, 16, 8, 16]
+    held_out, training = set(data.task_eval_prompts()), set(data.task_prompts())
+    assert not held_out & training
+    assert set(SCORED[0] + SCORED[2]) <= held_out and set(SCORED[1] + SCORED[3]) <= training
+
+
+def test_the_held_out_evaluation_forks_the_random_stream_of_the_gpu_it_samples_on():
+    """The evaluation draws from a stream of its own: on a GPU it must fork that GPU's stream too, or the training
+    numbers would change with eval_every there. Checked on a CPU as the choice of devices to fork."""
+    assert evaluation.stream_devices(torch.device("cuda", 1)) == [torch.device("cuda", 1)]
+    assert evaluation.stream_devices(torch.device("cpu")) == []
+
+
+def test_a_lora_checkpoint_holds_only_what_trains(sft_dir, tmp_path):
+    """GPT-2's LM head shares the token embedding: with LoRA on the head, the frozen embedding has a second name,
+    the head's base layer. The checkpoint holds the adapters and the value head, neither name."""
+    pytest.importorskip("peft")
+    train.main(tiny_args(sft_dir, tmp_path, iters=1, lora_r=4))
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=False)["policy"]
+    assert saved and all("lora_" in name or name.startswith("v_head.") for name in saved), sorted(saved)
+
+
 def test_held_out_evaluation_is_logged_and_changes_no_training_number(sft_dir, tmp_path, capsys):
     args = dict(iters=4, eval_samples=24)
     plain = train.main(tiny_args(sft_dir, tmp_path / "plain", **args))

@@ -39,7 +39,7 @@ for arch in ARCHS:
         same.append(f"{(eager == graph).float().mean().item():.3f}")
     print(f"{arch}: share of tokens equal to the eager loop's under one seed, capture call / replay call: {same}")
 PY
-bench=(python -m lab.bench --device=cuda --batch_size=64 --max_new_tokens=128 --epochs=4)
+bench=(python -m lab.bench --device=cuda --batch_size=64 --max_new_tokens=128 --epochs=4 --cuda_graph=1)
 step bench_124m "${bench[@]}" --models=gpt2-small --profile
 step bench_1b "${bench[@]}" --models=pythia-1b --minibatch_size=16 --profile
 step bench_1b_mb32 "${bench[@]}" --models=pythia-1b --minibatch_size=32 --rounds=0 --iters=2

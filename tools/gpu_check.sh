@@ -16,7 +16,7 @@ if [ "$tiny" = 1 ]; then
   bench=(--models=tiny --batch_size=4 --max_new_tokens=4 --rounds=1 --iters=1)
 else
   small=(--iters=4 --batch_size=64 --minibatch_size=16); tokens=(128 64); default=(--iters=200)
-  bench=(--device=cuda --models=gpt2-small --batch_size=64 --max_new_tokens=128 --epochs=4)
+  bench=(--device=cuda --models=gpt2-small --batch_size=64 --max_new_tokens=128 --epochs=4 --cuda_graph=1)
 fi
 step() {  # step NAME COMMAND...: run it, its output to $out/NAME.log, its time at the end
   echo "== $1: ${*:2}"
@@ -27,7 +27,7 @@ step() {  # step NAME COMMAND...: run it, its output to $out/NAME.log, its time 
   echo "   $((SECONDS - t0)) s"
 }
 hh=(--reward_model="$out/models/reward" --prompts="$out/models/hh.jsonl" --eval_prompts="$out/models/hh_eval.jsonl"
-    --eval_every=2 --eval_samples=64 --jstar_samples=0 --sample_every=0)
+    --eval_every=2 --eval_samples=64 --jstar_samples=0 --sample_every=0 --cuda_graph=1)  # the graph: opt-in
 python tools/gpu_models.py --out="$out/models" $([ "$tiny" = 1 ] && echo --tiny)
 status=0
 step default python train.py --out_dir="$out/default" --sft_dir="$out/sft" "${default[@]}" || status=1
