@@ -80,7 +80,7 @@ class Config:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if present
     threads: int = 0               # torch's threads on a CPU after pre-training; 0: one for the tiny GPT, else torch's
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # bf16 autocast of forward passes; auto: bf16 on cuda only
-    cuda_graph: bool = False       # on a GPU, sample 8 tokens per CUDA graph replay (not yet run on a GPU: opt-in)
+    cuda_graph: bool = False       # on a GPU, sample 8 tokens per CUDA graph replay (opt-in: docs/gpu.md)
     # --- data and models
     prompts: str = ""              # prompts file (.txt, one a line; .jsonl, {"prompt": ...}); empty: the embedded task
     eval_prompts: str = ""         # held-out prompts file, never trained on; empty: the task's held-out openings

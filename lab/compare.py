@@ -4,7 +4,7 @@ form, the paper's literal form, bounded, and with the KL guard), PPO, AWR, GRPO,
 lambda, reward and sample budget, over seeds and learning rates. Results and their reading: docs/experiments.md.
 
 Paper: Zhu et al. 2023, arXiv 2306.02231, Sec. 5 (APA against PPO and AWR on HH and StackExchange).
-Run:  python -m lab.compare            the tables and plots of docs/experiments.md (96 runs: 47 minutes on 2 cores)
+Run:  python -m lab.compare            the tables and plots of docs/experiments.md (132 runs: 73 minutes on 2 cores)
       python -m lab.compare --quick=1  a smoke test of the whole pipeline on a tiny model (about 30 s)
       python -m lab.compare --plot=out/metrics.jsonl   reward, KL and gap against samples for any runs (metrics
                                        files or run folders, comma-separated; a half-written last line is skipped)
@@ -15,7 +15,8 @@ What it runs. Every run is train.train with a Config; nothing of training is wri
    A grid run at `lr` is the first `grid_iters` iterations of the main run.
 3. short: responses of `short_tokens` tokens, where train.py logs the exact gap, and the table "which
    algorithms reach pi*".
-ALGOS lists the algorithms (ONLY: the two that run in one setting alone). Each run lives in
+4. kl: GRPO, Dr. GRPO and RLOO with each other place for the KL (--kl), as the short setting runs them.
+--settings chooses among them. ALGOS lists the algorithms (ONLY: those that run in some settings only). Each run lives in
 out_dir/<setting>/<algo>_lr<lr>_seed<seed>/. A run whose metrics.jsonl holds the iterations asked for is not run
 again, and an interrupted one resumes from its checkpoint, so the same command continues a stopped sweep. Runs go
 `workers` at a time, one thread each. Every failure ends in one line `error: ...` (APA_DEBUG=1: the traceback).
@@ -64,7 +65,8 @@ ALGOS = {"apa": dict(algo="apa"), "apa_paper": dict(algo="apa", apa_form="paper"
 NAMES = {"apa": "APA", "apa_paper": "APA (paper form)", "apa_bounded": "APA, bounded (c = 0.5)",
          "apa_guard": "APA + KL guard (0.2)", "ppo": "PPO", "awr": "AWR", "grpo": "GRPO (k = {k})",
          "drgrpo": "Dr. GRPO (k = {k})", "rloo": "RLOO (k = {k})"}  # {k}: the run's group size
-ONLY = {"apa_guard": ("grid",), "drgrpo": ("short",)}  # the settings of these; every other runs in main, grid, short
+ONLY = {"apa_guard": ("grid",), "drgrpo": ("short",)}  # the settings of these (and of the kl ones, below); every
+                                                       # other runs in main, grid and short
 KL_PLACES = {"reward": "in the reward", "k1": "k1 in the loss", "k2": "k2 in the loss", "k3": "k3 in the loss",
              "k3_is": "k3 x ratio in the loss"}        # train.py's --kl: where GRPO's and RLOO's KL goes
 KL_DEFAULT = {"grpo": "k3", "drgrpo": "k3", "rloo": "reward"}  # their own: these runs are the short setting's

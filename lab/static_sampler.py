@@ -4,8 +4,8 @@ than the GPU needs to read the weights at batch 64. Here every buffer has a fixe
 cache of P + T positions, transformers' StaticCache), so one decode step is the same kernels on the same memory at
 every token: 8 steps are captured once as a CUDA graph and replayed, with one wait for the GPU per replay, and
 under autocast the weights that train are cast once per replay, not at every token. It draws the same tokens as
-model.generate under one seed. train.py uses it on a GPU with --cuda_graph=1 (choose_sampler): opt-in until a GPU
-has run it; docs/gpu.md says what the tests prove and what is not measured.
+model.generate under one seed. train.py uses it on a GPU with --cuda_graph=1 (choose_sampler); docs/gpu.md says
+what the tests prove and what is not measured.
 """
 import contextlib
 

@@ -339,7 +339,7 @@ MUTATIONS = [
      '"eval_prompts", "eval_every", "eval_samples", "lam", "apa_clip"', ["tests/test_compare.py"]),
     ("a resumed run starts again at iteration 0", "lab/runs.py", "    return state[\"iter\"]\n", "    return 0\n",
      ["tests/test_train.py::test_resume_after_sigkill_matches_uninterrupted_run"]),
-    # the findings of a review of the newer code: each a bug a test failed to see
+    # the KL guard, the held-out evaluation, LoRA, bf16, the value clip, the plot's labels: each once missed by the tests
     ("bounded APA's clipfrac from |Adv|, not |Adv/lambda|", "apa.py", "((advantages / lam).abs() > clip)",
      "(advantages.abs() > clip)", ["test_losses.py::test_bounded_apa_target_moves_each_log_prob_by_the_clipped_advantage"]),
     ("the KL guard ends only the current epoch", "train.py", "        if guard:\n            break\n", "", [GUARD]),
