@@ -146,6 +146,8 @@ def slow_row(lm, prompt, response):
 @pytest.mark.parametrize("algo,form", FORMS)
 def test_rollout_against_slow_versions(task, algo, form):
     cfg = train.resolve(form_config(algo, form, batch_size=24, gamma=0.97, gae_lambda=0.8, max_new_tokens=8))
+    assert cfg.kl == {"grpo": form if form in ("reward", "k2", "k3_is") else "k3",       # each algorithm's own place
+                      "rloo": form if form in ("k2", "k3_is") else "reward"}.get(algo, "auto")  # for the KL
     policy = moved_policy(task.ref_lm)
     torch.manual_seed(0)
     batch, P, stats, samples = train.rollout(cfg, policy, task.ref_lm, task.prompt_tokens, task.prompts,
@@ -298,21 +300,22 @@ def test_update_calls_the_loss_of_the_readme_table(task, algo, form, monkeypatch
 
 def test_the_kl_guard_ends_the_whole_update(task, monkeypatch):
     """Once a minibatch's approx_kl passes target_kl, that minibatch takes no step and neither does any later one,
-    in this epoch or the next: the update ends. The loss's approx_kl is scripted, 0 except on the second minibatch."""
+    in this epoch or the next: the update ends. The loss's approx_kl is scripted, 0 except on the third minibatch,
+    the first of the second epoch."""
     cfg = train.resolve(form_config("apa", "exact", batch_size=24, minibatch_size=12, epochs=3, max_new_tokens=8,
                                     target_kl=0.2))
     policy = moved_policy(task.ref_lm)
     torch.manual_seed(0)
     batch, P, _, _ = train.rollout(cfg, policy, task.ref_lm, task.prompt_tokens, task.prompts, task.reward_fn,
                                    task.enc, torch.device("cpu"), model.generate)
-    script, real = iter([0.0, 0.5] + [0.0] * 4), train.apa_loss
+    script, real = iter([0.0, 0.0, 0.5] + [0.0] * 3), train.apa_loss
     monkeypatch.setattr(train, "apa_loss", lambda *a: (real(*a)[0], {"approx_kl": next(script)}))
     opt, steps = torch.optim.SGD(policy.parameters(), lr=0.1), []
     step = opt.step
     opt.step = lambda: steps.append(1) or step()                        # noqa: E731
     stats, _ = train.update(cfg, policy, opt, batch, P, 0)
-    assert len(steps) == stats["steps"] == 1 and stats["kl_stop"] == stats["approx_kl_max"] == 0.5
-    assert next(script) == 0.0 and len(list(script)) == 3              # no loss taken after the stop
+    assert len(steps) == stats["steps"] == 2 and stats["kl_stop"] == stats["approx_kl_max"] == 0.5
+    assert len(list(script)) == 3                                        # no loss taken after the stop
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ subset of the tests there (stopping at the first failure). A mutation is "caught
 anything runs, so the list cannot rot silently: update it with the code.
 
 Run:   python tools/mutate.py             (all mutations, 2 at a time, one thread each; a caught mutant
-                                           takes 5-40 s, one that survives the fast tests also runs the
-                                           end-to-end ones, a few minutes; all of them: 7 minutes on 2 cores)
+                                           takes 5-90 s, one that survives the fast tests also runs the
+                                           end-to-end ones, a few minutes; all of them: about 16 minutes on 2 cores)
        python tools/mutate.py -k gae       (those whose name contains 'gae')
        python tools/mutate.py --list       (print the list)
        python tools/mutate.py --tests="rollout or update"   (only the tests matching this pytest -k)
@@ -386,6 +386,8 @@ MUTATIONS = [
     ("--kl's estimator ignored: always k3", "train.py", "KL_ESTIMATORS[cfg.kl])", 'KL_ESTIMATORS["k3"])', [UPDATE]),
     ("RLOO's own place for the KL: k3 in the loss", "train.py", '{"grpo": "k3", "rloo": "reward"}',
      '{"grpo": "k3", "rloo": "k3"}', [ROLLOUT]),
+    ("GRPO's own place for the KL: the reward", "train.py", '{"grpo": "k3", "rloo": "reward"}',
+     '{"grpo": "reward", "rloo": "reward"}', [ROLLOUT]),
     ("k2 without its half", "grpo.py", "return 0.5 * (logprobs - ref_logprobs) ** 2", "return (logprobs - ref_logprobs) ** 2",
      [ESTIMATORS]),
     ("k3 x ratio without the ratio's gradient", "grpo.py", "return torch.exp(logprobs - old_logprobs) * k3(",
