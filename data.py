@@ -10,9 +10,8 @@ score = clip(pos - neg, -2, 2) / 2, in [-1, 1]. Thousands of completions reach t
 pi* = pi_init exp(R/lambda) / Z stays diverse instead of collapsing onto one string.
 
 Tokenizers answer to six names of tiktoken's Encoding: encode_ordinary, decode, decode_batch, eot_token, n_vocab,
-name. The
-task's is a tiktoken Encoding over the 256 bytes plus one token per word of the grammar; "gpt2" is GPT-2's BPE
-(tiktoken's r50k_base, read from TIKTOKEN_CACHE_DIR offline); a checkpoint's own comes from lab/hf.py.
+name. The task's is a tiktoken Encoding over the 256 bytes plus one token per word of the grammar; "gpt2" is
+GPT-2's BPE (tiktoken's r50k_base, read from TIKTOKEN_CACHE_DIR offline); a checkpoint's own comes from lab/hf.py.
 """
 import importlib
 import json

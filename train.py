@@ -236,11 +236,6 @@ def update(cfg, policy, opt, batch, P, bad_steps):
 # the loop
 
 
-LOGGED = [("reward", ".3f"), ("kl", ".3f"), ("J", ".3f"), ("gap", ".3f"), ("entropy", ".2f"), ("distinct2", ".2f"),
-          ("approx_kl", ".4f"), ("clipfrac", ".3f"), ("vf_loss", ".4f"), ("gap_exact", ".4f"), ("eval_reward", ".3f"),
-          ("eval_kl", ".3f"), ("mem_mb", ".0f")]                         # the log line
-
-
 def train(cfg, known=None):
     """The RL loop; returns every iteration's statistics. known: a dict of what depends only on pi_init, the data and
     lambda, J* ("jstar": value and standard error) and the exact evaluator's responses ("space"): what it lacks is
@@ -288,10 +283,7 @@ def train(cfg, known=None):
         history.append(stats)
         if master:
             runs.append_metrics(cfg, stats)                              # out_dir/metrics.jsonl
-            print(f"iter {it + 1}/{cfg.iters} | " + " | ".join(f"{k} {stats[k]:{fmt}}" for k, fmt in LOGGED if k in stats)
-                  + (f" | target_kl: stopped at approx_kl {stats['kl_stop']:.3f} after {stats['steps']}/"
-                     f"{cfg.epochs * (cfg.batch_size // cfg.minibatch_size)} steps" if "kl_stop" in stats else "")
-                  + f" | {stats['ms']:.0f}ms")
+            print(cli.log_line(cfg, stats))                              # iter 1/300 | reward ... | 470ms
             if cfg.sample_every and (it + 1) % cfg.sample_every == 0:
                 for prompt, completion, score, kl in samples[:4]:
                     print(f"    {prompt!r} -> {completion!r} | reward {score:+.2f} | kl {kl:.2f}")

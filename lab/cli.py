@@ -1,6 +1,7 @@
 """
 The command line of train.py and of the scripts in lab/: flags generated from a config dataclass, checks of a
-config's values, failures that end in one line, progress lines for the slow steps, and train.py's header line.
+config's values, failures that end in one line, progress lines for the slow steps, and train.py's header line
+and its line for each iteration.
 """
 import argparse
 import contextlib
@@ -146,3 +147,17 @@ def header(cfg, policy, opt, prompts, eval_prompts, device, jstar, space):
             + f" | device {device}" + (f" x {dist.get_world_size()} processes" if dist.is_initialized() else "")
             + (f" | J* {jstar[0]:.4f} +- {jstar[1]:.4f}" if jstar else "")
             + (f" | exact evaluation of {space['rewards'].numel()} responses" if space else ""))
+
+
+LOGGED = [("reward", ".3f"), ("kl", ".3f"), ("J", ".3f"), ("gap", ".3f"), ("entropy", ".2f"), ("distinct2", ".2f"),
+          ("approx_kl", ".4f"), ("clipfrac", ".3f"), ("vf_loss", ".4f"), ("gap_exact", ".4f"), ("eval_reward", ".3f"),
+          ("eval_kl", ".3f"), ("mem_mb", ".0f")]                         # the log line's statistics, in order
+
+
+def log_line(cfg, stats):
+    """train.py's line for one iteration: the statistics it has, whether the KL guard stopped the update, the time."""
+    return (f"iter {stats['iter']}/{cfg.iters} | "
+            + " | ".join(f"{k} {stats[k]:{fmt}}" for k, fmt in LOGGED if k in stats)
+            + (f" | target_kl: stopped at approx_kl {stats['kl_stop']:.3f} after {stats['steps']}/"
+               f"{cfg.epochs * (cfg.batch_size // cfg.minibatch_size)} steps" if "kl_stop" in stats else "")
+            + f" | {stats['ms']:.0f}ms")
