@@ -2,7 +2,7 @@
 RLHF of a small GPT with APA, PPO, AWR, GRPO or RLOO, in one loop: sample, score, estimate advantages, update.
 The algorithms differ only in their advantages and policy loss (apa.py, ppo.py, grpo.py); the policy and its
 sampler are in model.py, the task and its reward in data.py. What is not the algorithm (checks, the run folder
-and resume, Hugging Face checkpoints, LoRA, the GPU sampler, the exact evaluator) is in lab/, one call each.
+and resume, Hugging Face checkpoints, LoRA, the GPU sampler, the exact evaluator) is in lab/.
 
 Paper: Zhu et al. 2023, "Fine-Tuning Language Models with Advantage-Induced Policy Alignment", arXiv 2306.02231.
 Run: python train.py                          APA on the embedded task, a few minutes on a CPU

@@ -21,7 +21,6 @@ As in train.py, every failure ends in one line `error: ...` and exit status 1 (A
 """
 import contextlib
 import math
-import resource
 import statistics
 import sys
 import time
@@ -225,12 +224,6 @@ def matmul_peak(cfg, device):
     return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
 
 
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def measure(args):
     device = model.get_device(args)
     cfg = train.resolve(train.Config(
@@ -242,7 +235,7 @@ def measure(args):
     peak = matmul_peak(cfg, device)
     print(f"device {device} | batch {args.batch_size} | prompts <= {args.prompt_len} tokens | {args.max_new_tokens} "
           f"new tokens | RL iteration: {cfg.epochs} epoch(s) of minibatches of {cfg.minibatch_size}, sampled with "
-          f"{'the CUDA graph' if cfg.cuda_graph and device.type == 'cuda' else 'the eager loop'} | "
+          f"{'the CUDA graph' if choose_sampler(cfg, device) is generate_static else 'the eager loop'} | "
           f"bf16 autocast: {model.bf16(cfg, device)}" + (f" | LoRA r {cfg.lora_r}" if cfg.lora_r else " | full fine-tune")
           + (" | activation checkpointing" if cfg.grad_checkpointing else "") + f" | matmul peak {peak:.3g} TFLOP/s")
     lines = ["| model | params | static tok/s | eager tok/s | generate tok/s | static / generate | eager / generate "
@@ -262,7 +255,7 @@ def measure(args):
         tflops = flops / upd / 1e12
         lines.append(f"| {name} | {params:.2f}M | {static:,.0f} | {eager:,.0f} | {theirs:,.0f} | {static_ratio:.2f}x "
                      f"| {eager_ratio:.2f}x | {gen:.3f} | {score:.3f} | {upd:.3f} | {tflops:.3g} | {100 * tflops / peak:.0f}% "
-                     f"| {peak_memory_gb(device):.2f} |")
+                     f"| {model.peak_memory_mb(device) / 2**10:.2f} |")
         print(lines[-1], f"({time.time() - t0:.0f}s)", flush=True)
         del lm
     print("\n".join(lines))

@@ -2,12 +2,12 @@
 The checks of train.py's config: settings that mean nothing are refused, in one line that says why, before
 anything is read or written (docs/runs.md). Files, models and reward functions are checked where they are loaded.
 """
-import importlib
 import os
 
 from grpo import CRITIC_FREE
 from lab.cli import check_rules
 from lab.hf import check_source
+from lab.lora import require_peft
 from model import get_device
 
 
@@ -74,10 +74,7 @@ def validate(cfg):
         if path and not cfg.sample:
             check_source(flag, path, tokenizer)
     if cfg.lora_r:                                                      # an optional extra: known before any work
-        try:
-            importlib.import_module("peft")
-        except ImportError:
-            raise ValueError("--lora_r needs peft, an optional extra: pip install peft") from None
+        require_peft()
     if cfg.sample and not os.path.isdir(cfg.sample):
         raise ValueError(f"--sample={cfg.sample} is no folder (a trained policy is a folder: out/policy)")
     get_device(cfg)

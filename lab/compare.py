@@ -69,7 +69,8 @@ ONLY = {"apa_guard": ("grid",), "drgrpo": ("short",)}  # the settings of these (
                                                        # other runs in main, grid and short
 KL_PLACES = {"reward": "in the reward", "k1": "k1 in the loss", "k2": "k2 in the loss", "k3": "k3 in the loss",
              "k3_is": "k3 x ratio in the loss"}        # train.py's --kl: where GRPO's and RLOO's KL goes
-KL_DEFAULT = {"grpo": "k3", "drgrpo": "k3", "rloo": "reward"}  # their own: these runs are the short setting's
+KL_DEFAULT = {"grpo": "k3", "drgrpo": "k3", "rloo": "reward"}  # their own (train.resolve's, a test checks): these
+                                                       # runs are the short setting's
 for _base in KL_DEFAULT:                               # the kl setting: every other place for each, 2-token responses
     for _kl in KL_PLACES:
         if _kl != KL_DEFAULT[_base]:
@@ -548,7 +549,8 @@ def compare(cfg):
         run_all(cfg, runs)
     seeds, chosen = range(1 if cfg.quick else cfg.seeds), cfg.settings.split(",")
     first_setting = "main" if {"main", "grid"} & set(chosen) else "short"
-    first_run = run_dir(cfg, first_setting, "apa" if "short" in chosen or first_setting == "main" else "rloo", cfg.lr, 0)
+    short_algo = "apa" if "short" in chosen else "rloo"  # the first run of the short setting (kl alone runs no APA)
+    first_run = run_dir(cfg, first_setting, "apa" if first_setting == "main" else short_algo, cfg.lr, 0)
     first = (read_rows(first_run) or [None])[0]
     if first is None:
         raise ValueError(f"{first_run} holds no results, and the tables start from it"
@@ -563,7 +565,7 @@ def compare(cfg):
     if "grid" in chosen:
         text += [f"## Stability map: final gap (KL max: largest 10-iteration mean over seeds), {grid_iters} iterations",
                  "", grid_table(cfg, lrs, grid_iters, seeds), ""]
-    short = read_rows(run_dir(cfg, "short", "apa" if "short" in chosen else "rloo", cfg.lr, 0))
+    short = read_rows(run_dir(cfg, "short", short_algo, cfg.lr, 0))
     marks = [r["samples"] for r in short if "gap_exact" in r]        # where train.py computed the exact gap
     exact_note = (f"The gap is exact: J* = {short[0]['jstar_exact']:.4f} by enumeration, and J of the policy every "
                   f"{marks[-1] - marks[-2]} samples, so the samples to a quarter of the gap come in steps of that size."
@@ -589,13 +591,14 @@ def compare(cfg):
         loaded = [load_run(run_dir(cfg, setting, a, cfg.lr, s)) for a in algos(setting) for s in seeds]
         return [(st, rows[:iters]) for st, rows in loaded if len(rows) >= iters]
     plots = []
-    if "main" in chosen and curves("main", main_iters):  # none yet with --run=0 on a sweep under way
-        plots.append(plot_curves(curves("main", main_iters), os.path.join(cfg.out_dir, "compare.png")))
+    main_curves = curves("main", main_iters) if "main" in chosen else []
+    if main_curves:                                    # none yet with --run=0 on a sweep under way
+        plots.append(plot_curves(main_curves, os.path.join(cfg.out_dir, "compare.png")))
     if "grid" in chosen:
         plots.append(plot_stability(cfg, lrs, grid_iters, seeds, os.path.join(cfg.out_dir, "stability.png")))
-    if short_iters and "short" in chosen and curves("short", short_iters):
-        plots.append(plot_curves(curves("short", short_iters), os.path.join(cfg.out_dir, "compare_short.png"),
-                                 "short responses: "))
+    short_curves = curves("short", short_iters) if short_iters and "short" in chosen else []
+    if short_curves:
+        plots.append(plot_curves(short_curves, os.path.join(cfg.out_dir, "compare_short.png"), "short responses: "))
     print(f"wrote {os.path.join(cfg.out_dir, 'compare.md')}" + "".join(f", {p}" for p in plots if p)
           + f" in {(time.time() - t0) / 60:.1f} min")
     return text

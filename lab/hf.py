@@ -122,7 +122,8 @@ def ships_tokenizer(path):
 
 class HFTokenizer:
     """A transformers tokenizer behind the part of tiktoken's Encoding that training uses (encode_ordinary, decode,
-    eot_token, n_vocab, name). Its end-of-text is the tokenizer's eos token; n_vocab counts added tokens too."""
+    decode_batch, eot_token, n_vocab, name). Its end-of-text is the tokenizer's eos token; n_vocab counts added
+    tokens too."""
 
     def __init__(self, path):
         from transformers import AutoTokenizer

@@ -25,16 +25,22 @@ class AdaptersOff:
         return getattr(self.lm, name)
 
 
+def require_peft():
+    """peft, an optional extra, or one line that says how to install it."""
+    try:
+        import peft
+    except ImportError:
+        raise ValueError("--lora_r needs peft, an optional extra: pip install peft") from None
+    return peft
+
+
 def with_lora(lm, cfg):
     """lm with LoRA adapters of rank cfg.lora_r (Hu et al. 2021, arXiv 2106.09685) on the modules that
     cfg.lora_targets names; only they train. By default every linear layer gets one, the LM head too: peft's
     "all-linear" leaves the head out, and then the tiny GPT cannot make a next-token distribution much sharper
     than pi_init's (its final LayerNorm bounds the logits). The B matrices start at 0, so the policy starts exactly
     at pi_init, and there is no dropout, so that pi_theta = pi_old at the first step."""
-    try:
-        import peft
-    except ImportError:
-        raise ValueError("--lora_r needs peft, an optional extra: pip install peft") from None
+    peft = require_peft()
     from transformers.pytorch_utils import Conv1D                        # GPT-2's linear layers
     targets = (sorted({name.split(".")[-1] for name, m in lm.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
                if cfg.lora_targets == "all" else cfg.lora_targets.split(","))

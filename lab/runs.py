@@ -89,7 +89,8 @@ def save_checkpoint(cfg, policy, opt, iteration, metrics_line):
         raise FloatingPointError("non-finite weights: checkpoint not written")
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     rng = {"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    state = {"policy": {k: v for k, v in policy.state_dict().items() if k not in frozen(policy)}, "opt": opt.state_dict(),
+    skip = frozen(policy)
+    state = {"policy": {k: v for k, v in policy.state_dict().items() if k not in skip}, "opt": opt.state_dict(),
              "iter": iteration, **rng,
              "config": dataclasses.asdict(cfg), "metrics_line": metrics_line}
     if dist.is_initialized():

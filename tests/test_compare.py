@@ -63,6 +63,12 @@ def test_each_run_is_its_algorithm_and_only_the_guard_row_has_the_guard(quick):
         assert conf["max_new_tokens"] == (2 if path.parent.parent.name in ("short", "kl") else 8), path
 
 
+def test_the_kl_tables_own_places_are_train_pys_defaults():
+    import train                                                     # compare.py imports no torch to be loaded
+    for base, own in compare.KL_DEFAULT.items():
+        assert train.resolve(train.Config(**compare.ALGOS[base])).kl == own, base
+
+
 def test_plot_labels_a_run_with_its_own_group_size():
     """--plot names a run from its own config.json: a GRPO run of 8 responses per prompt is GRPO (k = 8)."""
     assert compare.algo_name({"algo": "grpo", "group_size": 8}) == "GRPO (k = 8)"
