@@ -1,6 +1,6 @@
 """
 The APA loss (Zhu et al. 2023, arXiv 2306.02231, Sec. 3), and AWR, the paper's third algorithm. Pure functions:
-tensors in, (loss, stats) out; only torch and ppo.py's two helpers are needed.
+tensors in, (loss, stats) out, with the stats as Python floats. The file needs only torch: copy it alone.
 
 APA regresses the policy's log-probability onto a target policy built from the advantage:
 
@@ -15,7 +15,17 @@ mix of the two, bounded APA and AWR; test_losses.py checks each numerically.
 """
 import torch
 
-from ppo import approx_kl, masked_mean
+
+def masked_mean(x, mask):
+    """Mean of x (B, T) over the entries where mask > 0, weighted by mask. Returns a scalar."""
+    return (x * mask).sum() / mask.sum()
+
+
+@torch.no_grad()
+def approx_kl(logprobs, old_logprobs, mask):
+    """KL(pi_old || pi_theta) on the sampled tokens, E[(r - 1) - log r] with r = pi_theta/pi_old. Returns a float."""
+    log_ratio = logprobs - old_logprobs                          # (B, T)  log r_t
+    return masked_mean(log_ratio.exp() - 1 - log_ratio, mask).item()
 
 
 def apa_loss(logprobs, old_logprobs, advantages, mask, lam, ref_logprobs=None, clip=0.0):

@@ -11,7 +11,8 @@ pi* = pi_init exp(R/lambda) / Z stays diverse instead of collapsing onto one str
 
 Tokenizers answer to six names of tiktoken's Encoding: encode_ordinary, decode, decode_batch, eot_token, n_vocab,
 name. The task's is a tiktoken Encoding over the 256 bytes plus one token per word of the grammar; "gpt2" is
-GPT-2's BPE (tiktoken's r50k_base, read from TIKTOKEN_CACHE_DIR offline); a checkpoint's own comes from lab/hf.py.
+GPT-2's BPE (tiktoken's r50k_base, read from TIKTOKEN_CACHE_DIR offline); a checkpoint's own comes from lab/hf.py,
+which train.py calls: this file imports nothing from lab/.
 """
 import importlib
 import json
@@ -21,8 +22,6 @@ import numpy as np
 import tiktoken
 import torch
 
-from lab.cli import one_line
-from lab.hf import HFTokenizer, reward_model_fn, ships_tokenizer
 
 # ---------------------------------------------------------------------------------------------
 # the embedded task
@@ -49,12 +48,12 @@ def task_encoding():
 
 def get_encoding(name):
     """'task': the embedded task's tokenizer. 'gpt2': GPT-2's BPE (tiktoken's r50k_base, same ids).
-    Anything else: a Hugging Face tokenizer (a folder or hub id), read by AutoTokenizer."""
+    (A Hugging Face tokenizer, a folder or hub id, is lab/hf.py's HFTokenizer.)"""
     if name == "task":
         return task_encoding()
     if name == "gpt2":
         return tiktoken.get_encoding("r50k_base")
-    return HFTokenizer(name)
+    raise ValueError(f"tokenizer {name!r}: data.get_encoding knows 'task' and 'gpt2'")
 
 
 def review(rng):
@@ -148,21 +147,16 @@ def load_reward_fn(spec):
         raise ValueError(f"reward function {spec!r} not found (expected 'module:function')") from None
     except (Exception, SystemExit) as e:                                 # the module's own code failed at import
         raise ValueError(f"importing {module} for reward function {spec!r} raised {type(e).__name__}: "
-                         f"{one_line(e, 200)}") from e
+                         f"{' '.join(str(e).split())[:200]}") from e
     if not callable(fn):
         raise ValueError(f"reward function {spec!r} is a {type(fn).__name__}, not a function")
     return fn
 
 
-def load_data(cfg, device):
-    """The run's tokenizer (with --init: the checkpoint's own), prompts (text and tokens) and reward function."""
-    enc = get_encoding(cfg.tokenizer or ("task" if not cfg.init else cfg.init if ships_tokenizer(cfg.init)
-                                              else "gpt2"))
+def load_train_prompts(cfg, enc):
+    """The prompts that RL trains on (text and tokens): --prompts, else the task's openings."""
     prompts = load_prompts(cfg.prompts) if cfg.prompts else task_prompts()
-    prompt_tokens = [enc.encode_ordinary(p) for p in prompts]
-    reward_fn = (reward_model_fn(cfg.reward_model, enc, device) if cfg.reward_model
-                 else load_reward_fn(cfg.reward_fn))
-    return enc, prompts, prompt_tokens, reward_fn
+    return prompts, [enc.encode_ordinary(p) for p in prompts]
 
 
 def load_eval_prompts(cfg, enc):

@@ -1,7 +1,8 @@
 """
 The critic-free algorithms people run today, beside APA and PPO: GRPO (with its "Dr. GRPO" variant) and RLOO.
 Both sample k responses per prompt (a group: --group_size, consecutive rows of the batch) and take each
-response's advantage from the others' rewards instead of a value head. Pure functions; only torch is needed.
+response's advantage from the others' rewards instead of a value head. Pure functions: tensors in, and tensors
+out, or (loss, stats) with the stats as Python floats. The file needs only torch: copy it alone.
 
 - GRPO: Shao et al. 2024, arXiv 2402.03300, Eq. (3) and Sec. 4.1.2: group-normalised advantages, and the KL to
   pi_init as a loss term with the k3 estimator. Dr. GRPO: Liu et al. 2025, arXiv 2503.20783 (no division by the
@@ -19,9 +20,12 @@ group's sample std (Bessel's correction, as TRL), with 1e-4 added; several epoch
 """
 import torch
 
-from ppo import masked_mean, ppo_policy_loss
-
 CRITIC_FREE = ("grpo", "rloo")   # train.py's --algo values of this file: advantages from the group, no value head
+
+
+def masked_mean(x, mask):
+    """Mean of x (B, T) over the entries where mask > 0, weighted by mask. Returns a scalar."""
+    return (x * mask).sum() / mask.sum()
 
 
 def group_advantages(scores, group_size, std=True, eps=1e-4):
@@ -82,8 +86,19 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, lam, clip_
 
     logprobs (B, T) with grad; old_logprobs, ref_logprobs (B, T) under pi_old and pi_init; advantages
     (B, T), the group's advantage broadcast over each response's tokens; mask (B, T); kl_estimator: one of
-    KL_ESTIMATORS. Returns (pg_loss, stats); stats names the KL term by its estimator (k3: ...).
+    KL_ESTIMATORS, or None when the KL is in the sequence reward instead (RLOO's place): then the loss is the
+    clipped surrogate alone. Returns (pg_loss, stats): approx_kl = E[(r - 1) - log r], the KL(pi_old || pi_theta)
+    that train.py's KL guard reads; clipfrac, the share of tokens whose clipped term is active; and the KL term
+    under the estimator's name (k3: ...). The stats are Python floats.
     """
-    pg_loss, stats = ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps)  # ()
+    ratio = torch.exp(logprobs - old_logprobs)                   # (B, T) r_t
+    pg_loss1 = -advantages * ratio                               # (B, T)
+    pg_loss2 = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)  # (B, T)
+    pg_loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)   # () the clipped surrogate
+    log_ratio = (logprobs - old_logprobs).detach()               # (B, T) log r_t
+    stats = {"approx_kl": masked_mean(log_ratio.exp() - 1 - log_ratio, mask).item(),
+             "clipfrac": masked_mean((pg_loss2 > pg_loss1).to(ratio.dtype), mask).item()}
+    if kl_estimator is None:
+        return pg_loss, stats
     kl = masked_mean(kl_estimator(logprobs, ref_logprobs, old_logprobs), mask)  # () the KL term
     return pg_loss + lam * kl, dict(stats, **{kl_estimator.__name__: kl.item()})

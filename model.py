@@ -1,15 +1,14 @@
 """
 The policy side of the RLHF loop: a causal LM with a scalar value head, its forward pass over prompt and response,
-the sampler (temperature 1, with the log-probs of what it draws), the device and precision, the optimizer, and
-pi_init: the tiny GPT that the embedded task pre-trains, or any Hugging Face causal LM (--init, loaded and checked
-by lab/hf.py). What fits a large model on one GPU (LoRA, frozen weights in bf16, activation checkpointing) is in
-lab/lora.py, and the GPU's faster sampler in lab/static_sampler.py.
+the sampler (temperature 1, with the log-probs of what it draws), the device and precision, the optimizer, and the
+tiny GPT that the embedded task pre-trains as pi_init. It imports nothing from lab/: train.py loads a Hugging Face
+checkpoint instead (--init, lab/hf.py), caches the tiny GPT (lab/runs.py), adds LoRA and bf16 frozen weights
+(lab/lora.py), and may sample with a CUDA graph (lab/static_sampler.py).
 """
 import contextlib
-import copy
 import os
 import resource
-import shutil
+import sys
 import time
 
 import torch
@@ -18,11 +17,6 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import data
-from grpo import CRITIC_FREE
-from lab.cli import status
-from lab.hf import load_config, load_lm, load_pretrained, quiet
-from lab.lora import AdaptersOff, checkpoint_activations, exact_in_bf16, frozen_to_bf16, with_lora
-from lab.runs import write_atomically
 
 # ---------------------------------------------------------------------------------------------
 # the policy: a causal LM with a scalar value head on its last hidden state
@@ -169,16 +163,15 @@ def response_mask(response, eot):
 
 
 @torch.no_grad()
-def sample(cfg, lm, idx, prompt_tokens, prompts, reward_fn, enc, device, generate=generate):
-    """Responses of lm to the prompts numbered idx, decoded and scored by the reward function. Returns prompt ids
-    and mask (B, P), response, its mask and the sampler's log-probs (B, T), the decoded completions (end-of-text
-    dropped) and the scores (B,). generate: this file's loop, or lab/static_sampler.generate_static on a GPU."""
+def sample(cfg, lm, idx, prompt_tokens, enc, device, generate=generate):
+    """Responses of lm to the prompts numbered idx, and their text. Returns prompt ids and mask (B, P), response,
+    its mask and the sampler's log-probs (B, T), and the decoded completions (end-of-text dropped).
+    generate: this file's loop, or lab/static_sampler.generate_static on a GPU."""
     prompt_ids, prompt_mask = left_pad([prompt_tokens[i] for i in idx], enc.eot_token, device)  # (B, P)
     with autocast(cfg, device):
         response, mask, logprobs = generate(lm, prompt_ids, prompt_mask, cfg.max_new_tokens, enc.eot_token, enc.n_vocab)
     completions = [enc.decode([t for t in r if t != enc.eot_token]) for r in response.tolist()]
-    scores = data.call_reward(cfg, reward_fn, [prompts[i] for i in idx], completions).to(device)  # (B,)
-    return prompt_ids, prompt_mask, response, mask, logprobs, completions, scores
+    return prompt_ids, prompt_mask, response, mask, logprobs, completions
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,32 +215,18 @@ def peak_memory_mb(device):
 
 
 # ---------------------------------------------------------------------------------------------
-# the policy and its optimizer, from pi_init
+# the policy and its optimizer
 
 
-def make_policy(cfg, lm, n_vocab, device):
-    """The policy with its value head (V = 0 at the start) and pi_init, from pi_init's network lm: a copy of it
-    that trains, or with LoRA the same network with adapters, pi_init being it with them off. Frozen weights are
-    kept in bf16 in bf16 runs: LoRA's base, and pi_init where that rounds nothing (a bf16 checkpoint), so that
-    the first ratio stays exactly 1 and the first KL exactly 0."""
-    ref_lm = lm.eval().requires_grad_(False)
-    if cfg.lora_r:
-        policy = PolicyWithValue(with_lora(lm, cfg), n_vocab)
-        ref_lm = AdaptersOff(policy.lm)
-        if bf16(cfg, device):
-            frozen_to_bf16(policy.lm)
-    else:
-        policy = PolicyWithValue(copy.deepcopy(ref_lm).requires_grad_(True), n_vocab)
-        if bf16(cfg, device) and exact_in_bf16(ref_lm):
-            frozen_to_bf16(ref_lm)
-    policy = policy.to(device).eval()  # no dropout: the update sees the very policy that sampled (pi_theta = pi_old)
-    if cfg.grad_checkpointing:
-        checkpoint_activations(policy.lm)
-    nn.init.zeros_(policy.v_head.weight)                                 # V = 0 at the start, for every seed
+def add_value_head(lm, n_vocab, device, critic=True):
+    """The policy: the network lm that trains (a copy of pi_init, or pi_init with LoRA adapters) with a value head whose
+    output starts at 0 for every seed, on device, in eval mode: no dropout, so the update sees the very policy that
+    sampled (pi_theta = pi_old). critic=False (GRPO and RLOO): the value head does not train."""
+    policy = PolicyWithValue(lm, n_vocab).to(device).eval()
+    nn.init.zeros_(policy.v_head.weight)                                 # V = 0 at the start
     nn.init.zeros_(policy.v_head.bias)
-    if cfg.algo in CRITIC_FREE:                                          # GRPO and RLOO train no value head
-        policy.v_head.requires_grad_(False)
-    return policy, ref_lm
+    policy.v_head.requires_grad_(critic)
+    return policy
 
 
 def make_optimizer(policy, lr, device):
@@ -256,36 +235,7 @@ def make_optimizer(policy, lr, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# pi_init: a Hugging Face causal LM (--init), or the tiny GPT pre-trained on the embedded task
-
-
-def load_pi_init(cfg, enc, prompt_tokens, eval_tokens, device):
-    """pi_init, frozen: --init's checkpoint, or the tiny GPT pre-trained here (cached in sft_dir). Its config is
-    read first, so that prompts too long for its context window or a tokenizer it does not fit stop the run
-    before any pre-training or download of weights."""
-    config = load_config(cfg.init) if cfg.init else tiny_gpt_config(cfg, enc.n_vocab)
-    check_fits(enc, prompt_tokens, cfg.max_new_tokens, config)
-    check_fits(enc, eval_tokens, cfg.max_new_tokens, config, "held-out prompt")
-    lm = (load_lm(cfg.init, "--init") if cfg.init else pretrain(cfg, enc, device)).to(device)
-    return lm.eval().requires_grad_(False)
-
-
-def check_fits(enc, prompt_tokens, max_new_tokens, config, what="prompt"):
-    """Prompts and tokenizer fit the model (config: its Hugging Face config): no empty prompt, every prompt and
-    its response within the context window, every token id a row of the embedding, the same end-of-text."""
-    lengths = [len(t) for t in prompt_tokens] or [1]
-    if min(lengths) == 0:
-        raise ValueError(f"{what} {lengths.index(0) + 1} encodes to no token")
-    context, longest = getattr(config, "max_position_embeddings", None), max(range(len(lengths)), key=lengths.__getitem__)
-    if context and lengths[longest] + max_new_tokens > context:
-        raise ValueError(f"{what} {longest + 1} has {lengths[longest]} tokens: with max_new_tokens={max_new_tokens} "
-                         f"it exceeds the context window of {context}")
-    if config.vocab_size < enc.n_vocab:                                  # more rows than tokens is fine: masked
-        raise ValueError(f"tokenizer {enc.name} has {enc.n_vocab} tokens but the model only {config.vocab_size}")
-    eos = config.eos_token_id
-    if eos is not None and enc.eot_token not in (eos if isinstance(eos, list) else [eos]):
-        raise ValueError(f"tokenizer {enc.name} ends texts with id {enc.eot_token} but the model with {eos}: "
-                         "not the model's tokenizer (--tokenizer)")
+# pi_init of the embedded task: the tiny GPT, pre-trained on the grammar's reviews
 
 
 def tiny_gpt_config(cfg, vocab_size):
@@ -299,16 +249,8 @@ def tiny_gpt(cfg, vocab_size):
 
 
 def pretrain(cfg, enc, device):
-    """pi_init for the embedded task: the tiny GPT trained on the grammar's reviews (next-token loss).
-    Cached in cfg.sft_dir, keyed by the tokenizer, the model's shape, the steps and the learning rate."""
-    path = os.path.join(cfg.sft_dir, f"{enc.name}_V{enc.n_vocab}_L{cfg.n_layer}_H{cfg.n_head}_D{cfg.n_embd}_"
-                                     f"C{cfg.block_size}_S{cfg.sft_steps}_lr{cfg.sft_lr:g}")
-    if os.path.isdir(path):
-        try:
-            return load_pretrained(GPT2LMHeadModel, path, "the pi_init cache").to(device)
-        except ValueError as e:
-            print(f"warning: {e}: pre-training it again")
-        shutil.rmtree(path, ignore_errors=True)
+    """pi_init for the embedded task: the tiny GPT trained on the grammar's reviews (next-token loss), the same
+    network for every run seed. train.py caches it in sft_dir (lab/runs.py), so that it is trained once."""
     torch.manual_seed(1234)                                              # the same pi_init for every run seed
     lm = tiny_gpt(cfg, enc.n_vocab).to(device)
     docs = [enc.encode_ordinary(text) + [enc.eot_token] for text in data.task_corpus(20_000)]
@@ -327,10 +269,23 @@ def pretrain(cfg, enc, device):
         opt.step()
         status(f"pre-training pi_init: step {step + 1}/{cfg.sft_steps} | loss {loss.item():.3f} | "
                f"{time.time() - t0:.0f}s", done=step + 1 == cfg.sft_steps)
-    try:
-        with quiet():
-            write_atomically(path, lm.save_pretrained)                    # runs may build it at once: each its own tmp
-    except OSError as e:
-        if not os.path.isdir(path):                                      # else another run cached it first: use ours
-            raise OSError(f"could not write the pi_init cache {path} ({e.strerror or e}): nothing was cached") from e
     return lm
+
+
+# ---------------------------------------------------------------------------------------------
+# progress
+
+
+LAST_STATUS = [0.0]                                                      # when status() last printed a line
+
+
+def status(text, done=False):
+    """Progress of a long step. On a terminal: one line, rewritten in place. In a log: a plain line
+    at most every 10 seconds, and always the last one (done=True). Under torchrun: rank 0 alone."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if sys.stdout.isatty():
+        print("\r\033[K" + text, end="\n" if done else "", flush=True)
+    elif done or time.time() - LAST_STATUS[0] >= 10:
+        print(text, flush=True)
+        LAST_STATUS[0] = time.time()

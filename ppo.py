@@ -1,7 +1,7 @@
 """
 PPO for RLHF, and the machinery that every algorithm here shares: masked means, whitening, the per-token
-KL-penalised reward, GAE, approximate KL. Every function is pure (tensors in, tensors out) and can be copied on
-its own; only torch is needed.
+KL-penalised reward, GAE, approximate KL. Every function is pure: tensors in, and tensors out, or (loss, stats)
+with the stats as Python floats (approx_kl returns a float). The file needs only torch: copy it alone.
 
 References: PPO, Schulman et al. 2017, arXiv 1707.06347, Eq. (7) (the clipped surrogate); GAE, Schulman et al.
 2016, arXiv 1506.02438, Eq. (16); the KL-penalised reward, Ziegler et al. 2019, arXiv 1909.08593, Eq. (2), spread
@@ -45,10 +45,10 @@ def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
     return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))  # (B, T)
 
 
-def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+def gae(rewards, values, mask, gamma=1.0, gae_lambda=0.95):
     """Generalised advantage estimation (GAE paper, Eq. 16) over right-padded responses.
 
-    delta_t = r_t + gamma V(s_{t+1}) - V(s_t),  A_t = delta_t + gamma lam A_{t+1},  returns = A + V,
+    delta_t = r_t + gamma V(s_{t+1}) - V(s_t),  A_t = delta_t + gamma gae_lambda A_{t+1},  returns = A + V,
     with V = 0 after the last real token (the episode ends there). rewards, values (B, T).
     Returns (advantages, returns), both (B, T) and 0 on padding. Call it under torch.no_grad().
     """
@@ -60,7 +60,7 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     advantages = torch.zeros_like(deltas)                        # (B, T)
     running = torch.zeros_like(deltas[:, 0])                     # (B,)  A_{t+1}
     for t in reversed(range(T)):
-        running = deltas[:, t] + gamma * lam * running           # (B,)  zero on padding: deltas are 0 there
+        running = deltas[:, t] + gamma * gae_lambda * running           # (B,)  zero on padding: deltas are 0 there
         advantages[:, t] = running
     return advantages, (advantages + values) * valid
 

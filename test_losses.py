@@ -253,7 +253,7 @@ def rollout(logits, init_logits, R, kl_coef):
     w = old.sum(1).exp()[:, None].expand(-1, T_)                    # (27, 3) pi_old(y) on every token
     rewards = kl_penalized_rewards(R, old, ref, ONES, kl_coef)      # (27, 3)
     values = exact_values(rewards, w[:, 0])                         # (27, 3) exact V^{pi_old}
-    advantages, _ = gae(rewards, values, ONES, gamma=1.0, lam=0.95)  # (27, 3) E[A | s, a] = Q - V exactly
+    advantages, _ = gae(rewards, values, ONES, gamma=1.0, gae_lambda=0.95)  # (27, 3) E[A | s, a] = Q - V exactly
     return old, ref, w, advantages
 
 

@@ -1,8 +1,9 @@
 """
 RLHF of a small GPT with APA, PPO, AWR, GRPO or RLOO, in one loop: sample, score, estimate advantages, update.
 The algorithms differ only in their advantages and policy loss (apa.py, ppo.py, grpo.py); the policy and its
-sampler are in model.py, the task and its reward in data.py. What is not the algorithm (checks, the run folder
-and resume, Hugging Face checkpoints, LoRA, the GPU sampler, the exact evaluator) is in lab/.
+sampler are in model.py, the task and its reward in data.py, J* and the held-out evaluation in evaluation.py.
+What is not the algorithm (checks, the run folder and resume, Hugging Face checkpoints, LoRA, the GPU sampler, the
+exact evaluator, data parallel) is in lab/: this file alone wires it in, each call where it happens.
 
 Paper: Zhu et al. 2023, "Fine-Tuning Language Models with Advantage-Induced Policy Alignment", arXiv 2306.02231.
 Run: python train.py                          APA on the embedded task, a few minutes on a CPU
@@ -19,8 +20,8 @@ Where this departs from the paper and the authors' code (docs/theory.md explains
    and --prompts take real ones).
 5. A KL guard stops an update once a minibatch's approx_kl exceeds target_kl (the default run never does).
 """
+import copy
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -33,15 +34,14 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from apa import apa_loss, awr_loss
-from data import distinct_n, load_data, load_eval_prompts
-from evaluation import estimate_jstar, evaluate, sample_policy
+from data import call_reward, distinct_n, load_eval_prompts, load_reward_fn, load_train_prompts
+from evaluation import estimate_jstar, evaluate
 from grpo import CRITIC_FREE, KL_ESTIMATORS, group_advantages, grpo_loss, rloo_advantages
-from lab import checks, cli, ddp, runs
-from lab.ddp import gather_all, global_mean, global_token_means, rank, world_size
+from lab import checks, cli, ddp, hf, lora, runs, static_sampler
+from lab.ddp import gather_all, global_mean, rank, world_size
 from lab.exact import exact_eval, response_space
-from lab.static_sampler import choose_sampler
-from model import (autocast, entropy, get_device, lm_forward, load_pi_init, make_optimizer, make_policy, peak_memory_mb,
-                   sample, set_cpu_threads, token_logprobs)
+from model import (add_value_head, autocast, entropy, get_device, lm_forward, make_optimizer, peak_memory_mb, sample,
+                   set_cpu_threads, token_logprobs)
 from ppo import gae, kl_penalized_rewards, masked_whiten, ppo_policy_loss, value_loss
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +100,7 @@ class Config:
     sft_steps: int = 300           # pre-training steps of the tiny GPT on the task corpus (cached)
     sft_lr: float = 1e-3           # pre-training learning rate
     # --- output
-    out_dir: str = "out"           # metrics.jsonl, ckpt.pt, policy/
+    out_dir: str = "out"           # metrics.jsonl, config.json, ckpt.pt, policy/
     sft_dir: str = "out/sft"       # cache of the pre-trained tiny GPT
     sample_every: int = 50         # print decoded samples every N iterations (0: never)
     ckpt_every: int = 50           # checkpoint every N iterations (0: only at the end)
@@ -123,21 +123,34 @@ def resolve(cfg):
                    kl={"grpo": "k3", "rloo": "reward"}.get(cfg.algo, "auto") if cfg.kl == "auto" else cfg.kl)
 
 
+def make_policy(cfg, ref_lm, n_vocab, device):
+    """The policy that trains, with its value head, and pi_init beside it, frozen: a copy of pi_init's network, or
+    with LoRA the network itself with adapters, pi_init being it with them off (no second copy of its weights)."""
+    ref_lm = ref_lm.eval().requires_grad_(False)
+    lm = lora.with_lora(ref_lm, cfg) if cfg.lora_r else copy.deepcopy(ref_lm).requires_grad_(True)  # what trains
+    policy = add_value_head(lm, n_vocab, device, critic=cfg.algo not in CRITIC_FREE)  # GRPO, RLOO: no critic to train
+    ref_lm = lora.AdaptersOff(policy.lm) if cfg.lora_r else ref_lm
+    lora.fit_memory(cfg, policy, ref_lm, device)                         # bf16 frozen weights, checkpointing: if asked
+    return policy, ref_lm
+
+
 # ---------------------------------------------------------------------------------------------
-# rollout: sample, score, and everything the update needs
+# rollout: generate, score, and everything the update needs
 
 
 @torch.no_grad()
 def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device, generate):
-    # 1. sample prompts (this process's share, each k times in a row), responses from pi_old, scores
+    # 1. generate: prompts (this process's share, each k times in a row), responses from pi_old, their text
     k = cfg.group_size
     idx = torch.randint(len(prompts), (cfg.batch_size // world_size() // k,)).repeat_interleave(k).tolist()
-    prompt_ids, prompt_mask, response, mask, _, completions, scores = sample(
-        cfg, policy.lm, idx, prompt_tokens, prompts, reward_fn, enc, device, generate)
+    prompt_ids, prompt_mask, response, mask, _, completions = sample(cfg, policy.lm, idx, prompt_tokens, enc, device,
+                                                                     generate)
+    # 2. score: the reward of each completion
+    scores = call_reward(cfg, reward_fn, [prompts[i] for i in idx], completions).to(device)  # (B,)
     input_ids = torch.cat([prompt_ids, response], 1)                     # (B, P + T)
     attention_mask = torch.cat([prompt_mask, torch.ones_like(response)], 1)  # (B, P + T)
     P = prompt_ids.shape[1]
-    # 2. log-probs under pi_old and pi_init, values (one set of (B, T, V) logits alive at a time)
+    # 3. log-probs under pi_old and pi_init, values (one set of (B, T, V) logits alive at a time)
     critic = cfg.algo not in CRITIC_FREE                                 # GRPO and RLOO have no use for values
     with autocast(cfg, device):
         logits, values = policy(input_ids, attention_mask, P, critic)    # (B, T, V), (B, T) or None
@@ -148,9 +161,9 @@ def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device,
         ref_logits, _ = lm_forward(ref_lm, input_ids, attention_mask, P, enc.n_vocab)  # (B, T, V)
     ref_logprobs = token_logprobs(ref_logits, response)                  # (B, T) log pi_init
     del ref_logits
-    # 3. advantages: per-token rewards with the KL penalty, then GAE (the paper's literal APA: no KL in the reward);
-    # GRPO and RLOO: one advantage per response, from its group's sequence rewards
-    kl = ((logprobs - ref_logprobs) * mask).sum(1)                       # (B,) sequence KL estimate
+    # 4. rewards and advantages: per-token rewards with the KL penalty, then GAE (the paper's literal APA: no KL in the
+    # reward); GRPO and RLOO: one advantage per response, from its group's sequence rewards
+    seq_kl = ((logprobs - ref_logprobs) * mask).sum(1)                   # (B,) sequence KL estimate
     if critic:
         kl_coef = 0.0 if cfg.algo == "apa" and cfg.apa_form == "paper" else cfg.lam
         rewards = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)  # (B, T)
@@ -158,17 +171,17 @@ def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device,
         if cfg.algo == "ppo":
             advantages = masked_whiten(advantages, mask, mean_fn=global_mean)  # mean and variance over all processes
     else:
-        score = scores - cfg.lam * kl if cfg.kl == "reward" else scores  # (B,) R - lambda KL, or R (KL in the loss)
+        score = scores - cfg.lam * seq_kl if cfg.kl == "reward" else scores  # (B,) R - lambda KL, or R (KL in the loss)
         advantages = mask * (group_advantages(score, k, cfg.grpo_std) if cfg.algo == "grpo"
                              else rloo_advantages(score, k))[:, None]   # (B, T)
-    stats = {"reward": global_mean(scores).item(), "kl": global_mean(kl).item(),   # over all processes
-             "J": global_mean(scores - cfg.lam * kl).item(),
+    stats = {"reward": global_mean(scores).item(), "kl": global_mean(seq_kl).item(),   # over all processes
+             "J": global_mean(scores - cfg.lam * seq_kl).item(),
              "entropy": global_mean(entropies, mask).item(),
              "distinct2": distinct_n(gather_all(completions), 2), "length": global_mean(mask.sum(1)).item()}
     batch = dict(input_ids=input_ids, attention_mask=attention_mask, response=response, mask=mask,
                  logprobs=logprobs, ref_logprobs=ref_logprobs, advantages=advantages,
                  **(dict(values=values, returns=returns) if critic else {}))
-    samples = list(zip([prompts[i] for i in idx], completions, scores.tolist(), kl.tolist()))
+    samples = list(zip([prompts[i] for i in idx], completions, scores.tolist(), seq_kl.tolist()))
     return batch, P, stats, samples
 
 
@@ -177,59 +190,59 @@ def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device,
 # (target_kl) stops it once a minibatch has moved too far from pi_old
 
 
-def update(cfg, policy, opt, batch, P, bad_steps):
-    stats, world, kls, guard = [], world_size(), [], {}
-    B, critic = cfg.batch_size // world, cfg.algo not in CRITIC_FREE     # this process's share; a value head?
+def policy_loss(cfg, logprobs, mb):
+    """The policy loss of the run's algorithm on a minibatch mb, with logprobs (b, T) under pi_theta: one branch per
+    algorithm. Returns (pg_loss, stats)."""
+    kl_in_loss = KL_ESTIMATORS.get(cfg.kl)  # GRPO, RLOO: the KL to pi_init as a loss term; None: in the reward (rollout)
+    if cfg.algo == "apa":                                                # the paper's form anchors on pi_init
+        ref = mb["ref_logprobs"] if cfg.apa_form == "paper" else None
+        return apa_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg.lam, ref, cfg.apa_clip)
+    if cfg.algo == "ppo":
+        return ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg.cliprange)
+    if cfg.algo == "awr":
+        return awr_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg.awr_lam, cfg.awr_max_weight)
+    if cfg.algo == "grpo":
+        return grpo_loss(logprobs, mb["logprobs"], mb["ref_logprobs"], mb["advantages"], mb["mask"], cfg.lam,
+                         cfg.cliprange, kl_in_loss)
+    if cfg.algo == "rloo":                                               # GRPO's clipped loss, RLOO's advantages
+        return grpo_loss(logprobs, mb["logprobs"], mb["ref_logprobs"], mb["advantages"], mb["mask"], cfg.lam,
+                         cfg.cliprange, kl_in_loss)
+
+
+def update(cfg, policy, opt, batch, P, bad_steps=None):
+    """Epochs of minibatch steps on one rollout's batch. bad_steps (lab/checks.py's BadSteps) counts non-finite steps
+    across iterations (None: a fresh count). Returns the statistics, averaged over the steps taken."""
+    bad_steps = bad_steps or checks.BadSteps(cfg.max_bad_steps)
+    B = cfg.batch_size // world_size()                                   # this process's share
+    critic = cfg.algo not in CRITIC_FREE                                 # a value head to train?
+    stats, kls, guard = [], [], {}
     for _ in range(cfg.epochs):
         if guard:
             break
-        for mb_inds in torch.randperm(B).split(cfg.minibatch_size // world):
+        for mb_inds in torch.randperm(B).split(cfg.minibatch_size // world_size()):
             mb = {k: v[mb_inds.to(v.device)] for k, v in batch.items()}
             with autocast(cfg, mb["response"].device):
                 logits, values = policy(mb["input_ids"], mb["attention_mask"], P, critic)  # (b, T, V), (b, T)
             logprobs = token_logprobs(logits, mb["response"])            # (b, T) log pi_theta
-            if cfg.algo == "apa":
-                ref = mb["ref_logprobs"] if cfg.apa_form == "paper" else None
-                pg_loss, pg_stats = apa_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg.lam, ref,
-                                             cfg.apa_clip)
-            elif cfg.algo == "awr":
-                pg_loss, pg_stats = awr_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg.awr_lam,
-                                             cfg.awr_max_weight)
-            elif not critic and cfg.kl != "reward":                      # GRPO's loss: the KL as a loss term
-                pg_loss, pg_stats = grpo_loss(logprobs, mb["logprobs"], mb["ref_logprobs"], mb["advantages"],
-                                              mb["mask"], cfg.lam, cfg.cliprange, KL_ESTIMATORS[cfg.kl])
-            else:                                                        # PPO and RLOO: the clipped surrogate
-                pg_loss, pg_stats = ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg.cliprange)
+            pg_loss, pg_stats = policy_loss(cfg, logprobs, mb)           # ()
             vf_loss, vf_stats = (value_loss(values, mb["values"], mb["returns"], mb["mask"], cfg.cliprange_value)
                                  if critic else (torch.zeros(()), {}))  # GRPO and RLOO: no value head to train
-            loss = pg_loss + cfg.vf_coef * vf_loss
-            # the losses are means over this process's n tokens. The mean over all processes' N tokens is
-            # sum(loss * n) / N, and DDP averages gradients over processes: scaled by n * world / N, the
-            # average is that mean's gradient (a scale of 1 in one process)
-            n = mb["mask"].sum().item()
-            mb_stats, N = global_token_means({"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(), **pg_stats,
-                                              **vf_stats}, n, loss.device)
+            loss = pg_loss + cfg.vf_coef * vf_loss                       # ()
+            mb_stats, scale = ddp.token_means({"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(), **pg_stats,
+                                               **vf_stats}, mb["mask"])  # over all processes' tokens
             kls.append(mb_stats["approx_kl"])                            # KL(pi_old || pi_theta) before this step
             if cfg.target_kl and kls[-1] > cfg.target_kl:               # the KL guard: far enough from pi_old, in
                 guard = {"kl_stop": kls[-1]}                             # every process alike: no more steps
                 break
             opt.zero_grad(set_to_none=True)
-            (loss * (n * world / N)).backward()
+            (loss * scale).backward()                                    # scale: 1 in one process (lab/ddp.py)
             grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)  # the same in every process
-            loss = mb_stats["pg_loss"] + cfg.vf_coef * mb_stats["vf_loss"]  # over all processes: all skip alike
-            if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
-                bad_steps += 1
-                if rank() == 0:
-                    print(f"warning: non-finite loss {loss} or gradient norm {grad_norm.item()}: step skipped")
-                if bad_steps >= cfg.max_bad_steps:
-                    raise FloatingPointError(f"{bad_steps} non-finite updates in a row; stopping "
-                                             "(the last checkpoint is clean)")
+            if bad_steps.skip(mb_stats["pg_loss"] + cfg.vf_coef * mb_stats["vf_loss"], grad_norm):  # non-finite
                 continue
-            bad_steps = 0
             opt.step()
             stats.append(mb_stats)
     mean = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]} if stats else {}
-    return dict(mean, steps=len(stats), approx_kl_max=max(kls), **guard), bad_steps  # steps: optimizer steps taken
+    return dict(mean, steps=len(stats), approx_kl_max=max(kls), **guard)  # steps: optimizer steps taken
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,22 +252,28 @@ def update(cfg, policy, opt, batch, P, bad_steps):
 def train(cfg, known=None):
     """The RL loop; returns every iteration's statistics. known: a dict of what depends only on pi_init, the data and
     lambda, J* ("jstar": value and standard error) and the exact evaluator's responses ("space"): what it lacks is
-    computed here and added, so that runs which share them compute them once (lab/compare.py)."""
-    cfg, device = resolve(cfg), get_device(cfg)
-    device = ddp.setup(cfg, device)                                      # under torchrun: join its processes
+    computed here and added, so that runs which share them compute them once (experiments/compare.py)."""
+    cfg = resolve(cfg)
+    device = ddp.setup(cfg, get_device(cfg))                             # under torchrun: join its processes
     master = rank() == 0                                                 # it alone prints and writes files
     resumed = runs.checkpoint_to_resume(cfg)                             # --resume: checked before any work
     with ddp.rank_zero_first():                                          # it builds pi_init, the others read its cache
-        enc, prompts, prompt_tokens, reward_fn = load_data(cfg, device)
+        enc = hf.load_tokenizer(cfg)                                     # the task's, GPT-2's, or --init's own
+        prompts, prompt_tokens = load_train_prompts(cfg, enc)
+        reward_fn = (hf.reward_model_fn(cfg.reward_model, enc, device) if cfg.reward_model  # a model, or a function
+                     else load_reward_fn(cfg.reward_fn))
         eval_prompts, eval_tokens = load_eval_prompts(cfg, enc)          # held out: never trained on
-        ref_lm = load_pi_init(cfg, enc, prompt_tokens, eval_tokens, device)  # frozen
+        ref_lm = runs.load_pi_init(cfg, enc, prompt_tokens, eval_tokens, device)  # --init, or the tiny GPT (cached)
     set_cpu_threads(cfg, device)                                         # the tiny GPT: one thread (docs/models.md)
-    generate, known = choose_sampler(cfg, device), {} if known is None else known  # the eager loop, or a CUDA graph
+    generate = static_sampler.choose_sampler(cfg, device)                # the eager loop, or a CUDA graph
+    known = {} if known is None else known
     if cfg.jstar_samples and "jstar" not in known:
-        known["jstar"] = estimate_jstar(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc, device)
+        known["jstar"] = estimate_jstar(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc, device, generate)
+        static_sampler.DECODERS.clear()                                  # a GPU's decoders of 512 rows: not needed again
     if cfg.exact_every and "space" not in known:
         known["space"] = response_space(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc)
-    jstar, space = known.get("jstar") if cfg.jstar_samples else None, known.get("space") if cfg.exact_every else None
+    jstar = known.get("jstar") if cfg.jstar_samples else None
+    space = known.get("space") if cfg.exact_every else None
     torch.manual_seed(cfg.seed + rank())                                 # each process its own stream
     policy, ref_lm = make_policy(cfg, ref_lm, enc.n_vocab, device)       # with LoRA: pi_init = adapters off
     opt = make_optimizer(policy, cfg.lr, device)
@@ -263,19 +282,19 @@ def train(cfg, known=None):
     if master:
         print(cli.header(cfg, policy, opt, prompts, eval_prompts, device, jstar, space))
 
-    bad_steps, history = 0, []
+    bad_steps, history = checks.BadSteps(cfg.max_bad_steps), []          # non-finite steps in a row stop the run
     for it in range(start, cfg.iters):
         exact = (exact_eval(policy.lm, space, cfg.lam) if space and master and (it == 0 or (it + 1) % cfg.exact_every == 0)
                  else {})                                                # of pi_old, the policy that samples next
-        held_out = (evaluate(cfg, policy, ref_lm, eval_tokens, eval_prompts, reward_fn, enc, device, it)
+        held_out = (evaluate(cfg, policy, ref_lm, eval_tokens, eval_prompts, reward_fn, enc, device, it, generate)
                     if eval_prompts and master and (it == 0 or (it + 1) % cfg.eval_every == 0) else {})
         t0 = time.time()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         batch, P, stats, samples = rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device,
                                            generate)
-        update_stats, bad_steps = update(cfg, model, opt, batch, P, bad_steps)
-        stats.update(update_stats, iter=it + 1, samples=(it + 1) * cfg.batch_size, ms=1000 * (time.time() - t0),
+        stats.update(update(cfg, model, opt, batch, P, bad_steps))
+        stats.update(iter=it + 1, samples=(it + 1) * cfg.batch_size, ms=1000 * (time.time() - t0),
                      mem_mb=peak_memory_mb(device))
         if jstar:
             stats.update(gap=jstar[0] - stats["J"], jstar=jstar[0], jstar_se=jstar[1])
@@ -283,10 +302,7 @@ def train(cfg, known=None):
         history.append(stats)
         if master:
             runs.append_metrics(cfg, stats)                              # out_dir/metrics.jsonl
-            print(cli.log_line(cfg, stats))                              # iter 1/300 | reward ... | 470ms
-            if cfg.sample_every and (it + 1) % cfg.sample_every == 0:
-                for prompt, completion, score, kl in samples[:4]:
-                    print(f"    {prompt!r} -> {completion!r} | reward {score:+.2f} | kl {kl:.2f}")
+            print(cli.log_line(cfg, stats, samples))                     # iter 1/300 | reward ... | 470ms
         if (cfg.ckpt_every and (it + 1) % cfg.ckpt_every == 0) or it + 1 == cfg.iters:
             runs.save_checkpoint(cfg, policy, opt, it + 1, json.dumps(stats))  # every process: its random state
     if master:
@@ -304,7 +320,7 @@ def main(argv=None):
         cfg = resolve(cli.parse_args(Config, sys.argv[1:] if argv is None else argv, __doc__))
         checks.validate(cfg)
         if cfg.sample:
-            return sample_policy(cfg, Config)
+            return runs.sample_policy(cfg, Config)
         with runs.exclusive(cfg.out_dir):                                # one run at a time in out_dir
             return train(cfg)
 

@@ -1,11 +1,16 @@
 """
 The checks of train.py's config: settings that mean nothing are refused, in one line that says why, before
-anything is read or written (docs/runs.md). Files, models and reward functions are checked where they are loaded.
+anything is read or written (docs/runs.md). Files, models and reward functions are checked where they are loaded;
+check_fits checks prompts and a tokenizer against a model's config before its weights are read.
 """
+import math
 import os
+
+import torch
 
 from grpo import CRITIC_FREE
 from lab.cli import check_rules
+from lab.ddp import rank
 from lab.hf import check_source
 from lab.lora import require_peft
 from model import get_device
@@ -78,3 +83,43 @@ def validate(cfg):
     if cfg.sample and not os.path.isdir(cfg.sample):
         raise ValueError(f"--sample={cfg.sample} is no folder (a trained policy is a folder: out/policy)")
     get_device(cfg)
+
+
+def check_fits(enc, prompt_tokens, max_new_tokens, config, what="prompt"):
+    """Prompts and tokenizer fit the model (config: its Hugging Face config): no empty prompt, every prompt and
+    its response within the context window, every token id a row of the embedding, the same end-of-text."""
+    lengths = [len(t) for t in prompt_tokens] or [1]
+    if min(lengths) == 0:
+        raise ValueError(f"{what} {lengths.index(0) + 1} encodes to no token")
+    context, longest = getattr(config, "max_position_embeddings", None), max(range(len(lengths)), key=lengths.__getitem__)
+    if context and lengths[longest] + max_new_tokens > context:
+        raise ValueError(f"{what} {longest + 1} has {lengths[longest]} tokens: with max_new_tokens={max_new_tokens} "
+                         f"it exceeds the context window of {context}")
+    if config.vocab_size < enc.n_vocab:                                  # more rows than tokens is fine: masked
+        raise ValueError(f"tokenizer {enc.name} has {enc.n_vocab} tokens but the model only {config.vocab_size}")
+    eos = config.eos_token_id
+    if eos is not None and enc.eot_token not in (eos if isinstance(eos, list) else [eos]):
+        raise ValueError(f"tokenizer {enc.name} ends texts with id {enc.eot_token} but the model with {eos}: "
+                         "not the model's tokenizer (--tokenizer)")
+
+
+class BadSteps:
+    """Non-finite steps: each is skipped with a warning, and max_bad_steps of them in a row stop the run with an
+    error (the last checkpoint is clean). The loss is the mean over all processes and the gradient norm is the same in
+    every process, so all processes skip alike."""
+
+    def __init__(self, max_bad_steps):
+        self.max_bad_steps, self.in_a_row = max_bad_steps, 0
+
+    def skip(self, loss, grad_norm):
+        """Whether to skip this step: the loss (a float) or the gradient norm (a tensor) is not finite."""
+        if math.isfinite(loss) and torch.isfinite(grad_norm):
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        if rank() == 0:
+            print(f"warning: non-finite loss {loss} or gradient norm {grad_norm.item()}: step skipped")
+        if self.in_a_row >= self.max_bad_steps:
+            raise FloatingPointError(f"{self.in_a_row} non-finite updates in a row; stopping "
+                                     "(the last checkpoint is clean)")
+        return True

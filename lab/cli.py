@@ -1,7 +1,6 @@
 """
-The command line of train.py and of the scripts in lab/: flags generated from a config dataclass, checks of a
-config's values, failures that end in one line, progress lines for the slow steps, and train.py's header line
-and its line for each iteration.
+The command line of train.py and of the scripts in experiments/: flags generated from a config dataclass, checks of a
+config's values, failures that end in one line, and train.py's header line and its line for each iteration.
 """
 import argparse
 import contextlib
@@ -12,7 +11,6 @@ import math
 import os
 import re
 import sys
-import time
 import typing
 from typing import Literal
 
@@ -119,22 +117,7 @@ def one_line_errors(interrupted=lambda: "interrupted"):
 
 
 # ---------------------------------------------------------------------------------------------
-# progress
-
-
-LAST_STATUS = [0.0]                                                      # when status() last printed a line
-
-
-def status(text, done=False):
-    """Progress of a long step. On a terminal: one line, rewritten in place. In a log: a plain line
-    at most every 10 seconds, and always the last one (done=True). Under torchrun: rank 0 alone."""
-    if os.environ.get("RANK", "0") != "0":
-        return
-    if sys.stdout.isatty():
-        print("\r\033[K" + text, end="\n" if done else "", flush=True)
-    elif done or time.time() - LAST_STATUS[0] >= 10:
-        print(text, flush=True)
-        LAST_STATUS[0] = time.time()
+# train.py's lines
 
 
 def header(cfg, policy, opt, prompts, eval_prompts, device, jstar, space):
@@ -154,10 +137,14 @@ LOGGED = [("reward", ".3f"), ("kl", ".3f"), ("J", ".3f"), ("gap", ".3f"), ("entr
           ("eval_kl", ".3f"), ("mem_mb", ".0f")]                         # the log line's statistics, in order
 
 
-def log_line(cfg, stats):
-    """train.py's line for one iteration: the statistics it has, whether the KL guard stopped the update, the time."""
+def log_line(cfg, stats, samples=()):
+    """train.py's line for one iteration: the statistics it has, whether the KL guard stopped the update, the time;
+    every sample_every iterations, four of the rollout's samples (prompt, completion, reward, kl) on lines below it."""
+    shown = samples[:4] if cfg.sample_every and stats["iter"] % cfg.sample_every == 0 else []
     return (f"iter {stats['iter']}/{cfg.iters} | "
             + " | ".join(f"{k} {stats[k]:{fmt}}" for k, fmt in LOGGED if k in stats)
             + (f" | target_kl: stopped at approx_kl {stats['kl_stop']:.3f} after {stats['steps']}/"
                f"{cfg.epochs * (cfg.batch_size // cfg.minibatch_size)} steps" if "kl_stop" in stats else "")
-            + f" | {stats['ms']:.0f}ms")
+            + f" | {stats['ms']:.0f}ms"
+            + "".join(f"\n    {prompt!r} -> {completion!r} | reward {score:+.2f} | kl {kl:.2f}"
+                      for prompt, completion, score, kl in shown))

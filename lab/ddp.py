@@ -70,14 +70,18 @@ def global_mean(x, mask=None):
     return sums[0] / sums[1]
 
 
-def global_token_means(stats, n, device):
-    """Means over this process's n tokens (a dict of floats) -> means over every process's tokens, and
-    how many tokens that is. In one process: unchanged, and n."""
+def token_means(stats, mask):
+    """A minibatch's means over this process's n tokens (a dict of floats, mask (b, T) their weights) -> the means over
+    every process's N tokens, and the scale of this process's loss for DDP. The loss is a mean over n tokens; the mean
+    over all N is sum(loss * n) / N, and DDP averages the gradients over the processes: scaled by n * world / N, the
+    average is that mean's gradient. In one process: the stats unchanged, and a scale of 1."""
+    n = mask.sum().item()
     if not dist.is_initialized():
-        return stats, n
-    sums = torch.tensor([n] + [v * n for v in stats.values()], dtype=torch.float64, device=device)
+        return stats, 1.0
+    sums = torch.tensor([n] + [v * n for v in stats.values()], dtype=torch.float64, device=mask.device)
     dist.all_reduce(sums)
-    return {k: (s / sums[0]).item() for k, s in zip(stats, sums[1:])}, sums[0].item()
+    N = sums[0].item()
+    return {k: (s / sums[0]).item() for k, s in zip(stats, sums[1:])}, n * world_size() / N
 
 
 def gather_all(items):

@@ -10,8 +10,7 @@ import time
 import torch
 
 from data import call_reward
-from lab.cli import status
-from model import autocast, left_pad, lm_forward
+from model import autocast, left_pad, lm_forward, status
 
 
 EXACT_LIMIT = 5_000_000   # the most responses (over all prompts) the exact evaluator enumerates

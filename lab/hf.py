@@ -11,6 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
+from data import get_encoding
 from lab.cli import one_line
 
 
@@ -118,6 +119,13 @@ def ships_tokenizer(path):
     """Whether a Hugging Face model folder (or hub id: assumed yes) holds a tokenizer of its own."""
     return not os.path.isdir(path) or any(os.path.exists(os.path.join(path, f)) for f in
                                           ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def load_tokenizer(cfg):
+    """The run's tokenizer: --tokenizer ("task", "gpt2", or a Hugging Face one); else --init's own (GPT-2's BPE
+    when the checkpoint ships none); else the embedded task's."""
+    name = cfg.tokenizer or ("task" if not cfg.init else cfg.init if ships_tokenizer(cfg.init) else "gpt2")
+    return get_encoding(name) if name in ("task", "gpt2") else HFTokenizer(name)
 
 
 class HFTokenizer:

@@ -1,13 +1,14 @@
 """
 A large model on one GPU: LoRA adapters (--lora_r, with peft, an optional extra), frozen weights stored in bf16,
 and activation checkpointing (--grad_checkpointing; model.checkpointing_off turns it off while sampling).
-model.make_policy uses them; docs/models.md says what each saves and what the tests prove.
+train.make_policy uses them; docs/models.md says what each saves and what the tests prove.
 """
 import torch
 import torch.nn as nn
 
 from lab.cli import one_line
 from lab.hf import quiet
+from model import bf16
 
 
 class AdaptersOff:
@@ -50,6 +51,18 @@ def with_lora(lm, cfg):
                                                            target_modules=targets))
     except ValueError as e:                                              # e.g. no module of that name
         raise ValueError(f"--lora_targets={cfg.lora_targets}: {one_line(e, 300)}") from None
+
+
+def fit_memory(cfg, policy, ref_lm, device):
+    """What a run asked for to fit a large model: in bf16 runs the weights that never train are stored in bf16
+    (LoRA's base, or pi_init where that rounds nothing, a bf16 checkpoint, so that the first ratio stays exactly 1
+    and the first KL exactly 0); --grad_checkpointing recomputes each layer's activations in the backward pass."""
+    if bf16(cfg, device) and cfg.lora_r:
+        frozen_to_bf16(policy.lm)
+    elif bf16(cfg, device) and exact_in_bf16(ref_lm):
+        frozen_to_bf16(ref_lm)
+    if cfg.grad_checkpointing:
+        checkpoint_activations(policy.lm)
 
 
 def frozen_to_bf16(module):

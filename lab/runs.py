@@ -1,6 +1,7 @@
 """
-The run folder (out_dir): metrics.jsonl, config.json, checkpoints that resume a run exactly, the trained policy,
-an earlier run kept aside, and a lock so that one run at a time uses a folder. Every file is written under a
+The run folder (out_dir): metrics.jsonl, config.json, checkpoints that resume a run exactly, the trained policy
+and --sample, which reads it, an earlier run kept aside, and a lock so that one run at a time uses a folder; and
+pi_init, --init's checkpoint or the tiny GPT pre-trained once and cached in sft_dir. Every file is written under a
 temporary name and then renamed, so a crash, Ctrl-C or a full disk never leaves half a file. docs/runs.md lists
 what this guarantees and the tests that hold it.
 """
@@ -13,9 +14,15 @@ import shutil
 
 import torch
 import torch.distributed as dist
+from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
+from data import call_reward, load_reward_fn, task_prompts
+from lab.checks import check_fits
 from lab.ddp import gather_all, rank, world_size
-from lab.hf import HFTokenizer, quiet
+from lab.hf import (HFTokenizer, load_config, load_lm, load_pretrained, load_tokenizer, quiet, reward_model_fn,
+                    ships_tokenizer)
+from lab.static_sampler import choose_sampler
+from model import get_device, pretrain, sample, tiny_gpt_config
 
 RESUME_MAY_CHANGE = {"iters", "lr", "out_dir", "sft_dir", "sample_every", "ckpt_every", "max_bad_steps", "resume",
                      "device", "precision", "sample", "prompt", "num_samples", "exact_every", "eval_prompts",
@@ -37,8 +44,48 @@ def write_atomically(path, write):
         raise
 
 
+# ---------------------------------------------------------------------------------------------
+# pi_init
+
+
+def load_pi_init(cfg, enc, prompt_tokens, eval_tokens, device):
+    """pi_init, frozen: --init's checkpoint, or the tiny GPT pre-trained by model.pretrain, once: it is cached in
+    sft_dir. Its config is read first, so that prompts too long for its context window or a tokenizer it does not
+    fit stop the run before any pre-training or download of weights."""
+    config = load_config(cfg.init) if cfg.init else tiny_gpt_config(cfg, enc.n_vocab)
+    check_fits(enc, prompt_tokens, cfg.max_new_tokens, config)
+    check_fits(enc, eval_tokens, cfg.max_new_tokens, config, "held-out prompt")
+    lm = (load_lm(cfg.init, "--init") if cfg.init else cached_pretrain(cfg, enc, device)).to(device)
+    return lm.eval().requires_grad_(False)
+
+
+def cached_pretrain(cfg, enc, device):
+    """model.pretrain's tiny GPT, cached in cfg.sft_dir, keyed by the tokenizer, the model's shape, the steps and the
+    learning rate. A damaged cache is pre-trained again; runs that build it at once each write their own."""
+    path = os.path.join(cfg.sft_dir, f"{enc.name}_V{enc.n_vocab}_L{cfg.n_layer}_H{cfg.n_head}_D{cfg.n_embd}_"
+                                     f"C{cfg.block_size}_S{cfg.sft_steps}_lr{cfg.sft_lr:g}")
+    if os.path.isdir(path):
+        try:
+            return load_pretrained(GPT2LMHeadModel, path, "the pi_init cache").to(device)
+        except ValueError as e:
+            print(f"warning: {e}: pre-training it again")
+        shutil.rmtree(path, ignore_errors=True)
+    lm = pretrain(cfg, enc, device)
+    try:
+        with quiet():
+            write_atomically(path, lm.save_pretrained)                    # runs may build it at once: each its own tmp
+    except OSError as e:
+        if not os.path.isdir(path):                                      # else another run cached it first: use ours
+            raise OSError(f"could not write the pi_init cache {path} ({e.strerror or e}): nothing was cached") from e
+    return lm
+
+
+# ---------------------------------------------------------------------------------------------
+# the run folder
+
+
 def write_config(path, cfg):
-    """The run's config as JSON: beside metrics.jsonl (lab/compare.py --plot reads it) and in policy/ (--sample)."""
+    """The run's config as JSON: beside metrics.jsonl (experiments/compare.py --plot reads it) and in policy/ (--sample)."""
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
@@ -204,6 +251,36 @@ def save_policy(cfg, policy, enc):
             enc.tok.save_pretrained(folder)
     torch.save(policy.v_head.state_dict(), os.path.join(folder, "value_head.pt"))
     write_config(os.path.join(folder, "apa_config.json"), cfg)
+
+
+@torch.no_grad()
+def sample_policy(cfg, Config):
+    """`python train.py --sample=out/policy --prompt="the movie was"`: completions of a trained policy with
+    their reward, using the tokenizer and reward of its run (read from apa_config.json beside it, into train.Config).
+"""
+    config_path = os.path.join(cfg.sample, "apa_config.json")
+    if not os.path.exists(config_path):
+        raise ValueError(f"{cfg.sample} holds no trained policy ({config_path} is missing)")
+    try:
+        with open(config_path) as f:
+            run = Config(**json.load(f))
+    except (ValueError, TypeError) as e:                                 # not JSON, not an object, unknown fields
+        raise ValueError(f"{config_path} is damaged ({e}): it is written by train.py at the end of a run") from None
+    if run.init and not run.tokenizer and ships_tokenizer(cfg.sample):  # the tokenizer saved beside it
+        run = dataclasses.replace(run, init=cfg.sample)
+    device = get_device(cfg)
+    enc = load_tokenizer(run)
+    reward_fn = reward_model_fn(run.reward_model, enc, device) if run.reward_model else load_reward_fn(run.reward_fn)
+    lm = load_pretrained(AutoModelForCausalLM, cfg.sample, "--sample").to(device).eval()
+    prompts = [cfg.prompt] * cfg.num_samples if cfg.prompt else task_prompts()[:cfg.num_samples]
+    prompt_tokens = [enc.encode_ordinary(p) for p in prompts]
+    check_fits(enc, prompt_tokens, run.max_new_tokens, lm.config)
+    torch.manual_seed(cfg.seed)
+    *_, completions = sample(run, lm, range(len(prompts)), prompt_tokens, enc, device, choose_sampler(run, device))
+    scores = call_reward(run, reward_fn, prompts, completions)                # (B,)
+    for prompt, completion, score in zip(prompts, completions, scores.tolist()):
+        print(f"{prompt!r} -> {completion!r} | reward {score:+.2f}")
+    return completions, scores.tolist()
 
 
 def interrupted(cfg):

@@ -1,11 +1,11 @@
 """
-Tests of lab/bench.py: its flags are checked and every failure is one line `error: ...`; one very small
+Tests of experiments/bench.py: its flags are checked and every failure is one line `error: ...`; one very small
 measurement of the tiny model (a few seconds). Run: pytest -q tests/test_bench.py
 """
 import pytest
 import torch
 
-from lab import bench
+from experiments import bench
 from test_cli import one_line_error
 
 SMALL = ["--models=tiny", "--batch_size=2", "--prompt_len=4", "--max_new_tokens=2", "--rounds=1", "--iters=1"]

@@ -16,7 +16,7 @@ ROOT = train.__file__.rsplit("/", 1)[0]
 
 
 def one_line_error(main, argv):
-    """The one line `error: ...` that a script's main(argv) ends with (train.py, lab/compare.py, lab/bench.py)."""
+    """The one line `error: ...` that a script's main(argv) ends with (train.py, experiments/compare.py, experiments/bench.py)."""
     with pytest.raises(SystemExit) as e:
         main(argv)
     text = e.value.code

@@ -1,5 +1,5 @@
 """
-Tests of lab/compare.py: the quick sweep end to end (every algorithm, setting and output), its cache,
+Tests of experiments/compare.py: the quick sweep end to end (every algorithm, setting and output), its cache,
 --plot on a run directory, with and without matplotlib, and every failure as one line `error: ...`
 (bad settings, damaged or half-written files). Run: pytest -q tests/test_compare.py
 """
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from lab import compare
+from experiments import compare
 from test_cli import one_line_error
 
 
@@ -107,7 +107,7 @@ def test_jstar_is_estimated_once_per_pi_init_data_and_lambda():
 
 
 def test_a_run_handed_what_is_known_uses_it_and_trains_as_one_that_computes_it(quick, tmp_path):
-    """lab/compare.py hands a run the J* and the exact evaluator's responses that an earlier run of the same pi_init,
+    """experiments/compare.py hands a run the J* and the exact evaluator's responses that an earlier run of the same pi_init,
     data and lambda computed (train.train's known). A run uses what it is handed, computes the rest and adds it, and
     trains exactly as one that computes everything itself."""
     import train
@@ -168,7 +168,7 @@ def test_an_empty_out_dir_is_one_line(tmp_path, monkeypatch):
 
 def test_a_bad_setting_on_the_command_line_is_one_line_on_stderr_with_exit_status_1(tmp_path):
     root = os.path.dirname(os.path.dirname(compare.__file__))
-    out = subprocess.run([sys.executable, "-m", "lab.compare", "--seeds=0"], cwd=tmp_path, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "experiments.compare", "--seeds=0"], cwd=tmp_path, capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=root))
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr == "error: seeds must be > 0, got 0\n"

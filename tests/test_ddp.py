@@ -63,10 +63,10 @@ def one_update(algo, policy, batch, P, mean_fn):
     cfg = train.resolve(train.Config(algo=algo, batch_size=4, minibatch_size=4, epochs=1, max_grad_norm=1e9))
     if algo == "ppo":                                                # whitened as rollout whitens
         batch = dict(batch, advantages=masked_whiten(batch["advantages"], batch["mask"], mean_fn=mean_fn))
-    if algo == "grpo":                                               # as model.make_policy: no value head to train
+    if algo == "grpo":                                               # as train.make_policy: no value head to train
         policy.v_head.requires_grad_(False)
     wrapped = torch.nn.parallel.DistributedDataParallel(policy) if dist.is_initialized() else policy
-    stats, _ = train.update(cfg, wrapped, torch.optim.SGD(policy.parameters(), lr=0.0), batch, P, 0)
+    stats = train.update(cfg, wrapped, torch.optim.SGD(policy.parameters(), lr=0.0), batch, P)
     return [p.grad.clone() for p in policy.parameters() if p.requires_grad], stats
 
 
@@ -115,9 +115,8 @@ def worker(rank, tmp, target_kl):
     batch, P = fixed_batch(policy)
     cfg = train.resolve(train.Config(algo="apa", batch_size=4, minibatch_size=4, epochs=2, target_kl=target_kl))
     rows = slice(2 * rank, 2 * rank + 2)
-    result["guard"], _ = train.update(cfg, torch.nn.parallel.DistributedDataParallel(policy),
-                                      torch.optim.SGD(policy.parameters(), lr=0.0),
-                                      {k: v[rows] for k, v in batch.items()}, P, 0)
+    result["guard"] = train.update(cfg, torch.nn.parallel.DistributedDataParallel(policy),
+                                   torch.optim.SGD(policy.parameters(), lr=0.0), {k: v[rows] for k, v in batch.items()}, P)
     torch.save(result, os.path.join(tmp, f"rank{rank}.pt"))
     dist.destroy_process_group()
 

@@ -260,14 +260,14 @@ def test_update_calls_the_loss_of_the_readme_table(task, algo, form, monkeypatch
         spy(name, getattr(train, name))
     monkeypatch.setattr(torch, "randperm", lambda n: torch.arange(n))    # one minibatch an epoch, in order
     v_head = copy.deepcopy(policy.v_head.state_dict())
-    stats, _ = train.update(cfg, policy, torch.optim.SGD(policy.parameters(), lr=0.1), batch, P, 0)
+    stats = train.update(cfg, policy, torch.optim.SGD(policy.parameters(), lr=0.1), batch, P)
     critic_free = algo in ("grpo", "rloo")                               # their value head takes no step, no loss
     assert all(torch.equal(v, policy.v_head.state_dict()[k]) == critic_free for k, v in v_head.items())
     assert stats["steps"] == 2 and len(calls) == (2 if critic_free else 4)
     (pg_name, pg), *rest = calls                                         # epoch 1: pi_theta = pi_old; epoch 2: moved
     same = lambda a, b: torch.equal(a, b)                                # noqa: E731
     assert same(pg[0], batch["logprobs"]) or torch.allclose(pg[0], batch["logprobs"], atol=1e-5)  # pi_theta = pi_old
-    in_loss = algo in ("grpo", "rloo") and cfg.kl != "reward"            # the KL in the loss: grpo_loss
+    in_loss = algo in ("grpo", "rloo")                                   # grpo_loss, with the KL in it or in R
     assert same(pg[1], batch["logprobs"]) and (in_loss or same(pg[2], batch["advantages"]) and same(pg[3], batch["mask"]))
     if algo == "apa":                                                    # the exact form here is the bounded one
         assert pg_name == "apa_loss" and pg[4] == cfg.lam and pg[6] == (0.5 if form == "exact" else 0.0)
@@ -277,8 +277,8 @@ def test_update_calls_the_loss_of_the_readme_table(task, algo, form, monkeypatch
     elif in_loss:                                                        # pg: logprobs, old, ref, adv, mask, lam, eps, kl
         assert pg_name == "grpo_loss" and same(pg[2], batch["ref_logprobs"]) and pg[5] == cfg.lam
         assert pg[6] == cfg.cliprange and same(pg[3], batch["advantages"]) and same(pg[4], batch["mask"])
-        assert pg[7] is {"k3": grpo.k3, "k2": grpo.k2, "k3_is": grpo.k3_is}[cfg.kl]
-    else:                                                                # PPO, and GRPO or RLOO with the KL in R
+        assert pg[7] is {"k3": grpo.k3, "k2": grpo.k2, "k3_is": grpo.k3_is, "reward": None}[cfg.kl]
+    else:                                                                # PPO
         assert pg_name == "ppo_policy_loss" and pg[4] == cfg.cliprange
     if not critic_free:
         (vf_name, vf), _, (_, vf2) = rest
@@ -293,7 +293,7 @@ def test_update_calls_the_loss_of_the_readme_table(task, algo, form, monkeypatch
     opt, steps = torch.optim.SGD(policy.parameters(), lr=0.1), []
     step = opt.step
     opt.step = lambda: steps.append(1) or step()                        # noqa: E731
-    stats, _ = train.update(dataclasses.replace(cfg, target_kl=1e-9), policy, opt, batch, P, 0)
+    stats = train.update(dataclasses.replace(cfg, target_kl=1e-9), policy, opt, batch, P)
     assert len(calls) == (2 if critic_free else 4) and len(steps) == stats["steps"] == 1
     assert stats["kl_stop"] == stats["approx_kl_max"] > 1e-9
 
@@ -313,7 +313,7 @@ def test_the_kl_guard_ends_the_whole_update(task, monkeypatch):
     opt, steps = torch.optim.SGD(policy.parameters(), lr=0.1), []
     step = opt.step
     opt.step = lambda: steps.append(1) or step()                        # noqa: E731
-    stats, _ = train.update(cfg, policy, opt, batch, P, 0)
+    stats = train.update(cfg, policy, opt, batch, P)
     assert len(steps) == stats["steps"] == 2 and stats["kl_stop"] == stats["approx_kl_max"] == 0.5
     assert len(list(script)) == 3                                        # no loss taken after the stop
 

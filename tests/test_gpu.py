@@ -111,7 +111,7 @@ def test_cuda_graph_samples_with_the_weights_of_now_in_bf16(tmp_path):
     ids, mask = prompts_of(tok, 16)
     cfg = train.Config(precision="bf16")
     static_sampler.DECODERS.clear()
-    with model.autocast(cfg, ids.device):                             # a rollout's block, as model.sample opens
+    with model.autocast(cfg, ids.device):                             # a rollout's block, as model.sample opens it
         static_sampler.generate_static(lm, ids, mask, 12, eot, n_vocab, graph=True)  # captured with the old weights
     old = copy.deepcopy(lm)
     with torch.no_grad():

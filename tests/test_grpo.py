@@ -120,7 +120,7 @@ def test_kl_estimators_expected_gradients_on_the_policys_own_samples():
 
 
 # ----------------------------------------------------------------------------------------------
-# bandit: K actions, groups of k = 4 (1,296 tuples), the k of lab/compare.py's runs
+# bandit: K actions, groups of k = 4 (1,296 tuples), the k of experiments/compare.py's runs
 
 KB = 4
 

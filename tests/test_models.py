@@ -23,7 +23,7 @@ from transformers.utils import logging as hf_logging
 import data
 import model
 import train
-from lab import lora, static_sampler
+from lab import hf, lora, static_sampler
 
 hf_logging.disable_progress_bar()
 
@@ -167,7 +167,7 @@ def test_static_sampler_reaches_the_end_of_the_context_window(tmp_path):
     text = tok.encode("the plot was very dull but the cast was charming and the music was great. " * 10)
     ids = torch.tensor([text[:lm.config.n_positions - T]])             # (1, 55)
     mask = torch.ones_like(ids)
-    assert ids.shape[1] + T == lm.config.n_positions                   # as much as model.check_fits lets through
+    assert ids.shape[1] + T == lm.config.n_positions                   # as much as checks.check_fits lets through
     torch.manual_seed(0)
     eager = model.generate(lm, ids, mask, T, eot, len(tok))
     torch.manual_seed(0)
@@ -370,7 +370,7 @@ def test_init_trains_with_its_own_tokenizer_and_saves_a_loadable_policy(arch, tm
     assert len(history) == 2 and history[0]["approx_kl"] < 1e-9 and history[0]["clipfrac"] == 0
     assert history[0]["kl"] == 0
     trained = AutoModelForCausalLM.from_pretrained(out / "policy")
-    assert type(trained) is type(lm) and data.get_encoding(str(out / "policy")).n_vocab == len(tok)
+    assert type(trained) is type(lm) and hf.HFTokenizer(str(out / "policy")).n_vocab == len(tok)
     before, after = lm.state_dict(), trained.state_dict()
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
     shutil.rmtree(init)                                              # --sample needs the policy folder alone
@@ -521,12 +521,29 @@ def test_frozen_pi_init_is_stored_in_bf16_only_where_that_rounds_nothing():
     with torch.no_grad():
         for p in exact.parameters():
             p.copy_(p.to(torch.bfloat16))                             # values that bf16 holds exactly
-    _, ref_lm = model.make_policy(train.Config(precision="fp32"), copy.deepcopy(exact), 64, cpu)
+    _, ref_lm = train.make_policy(train.Config(precision="fp32"), copy.deepcopy(exact), 64, cpu)
     assert {p.dtype for p in ref_lm.parameters()} == {torch.float32}  # an fp32 run keeps fp32
     for lm, stored in ((fp32, torch.float32), (exact, torch.bfloat16)):
-        policy, ref_lm = model.make_policy(cfg, lm, 64, cpu)
+        policy, ref_lm = train.make_policy(cfg, lm, 64, cpu)
         assert {p.dtype for p in ref_lm.parameters()} == {stored}
         assert {p.dtype for p in policy.parameters()} == {torch.float32}  # what trains stays fp32
+
+
+@pytest.mark.parametrize("algo", ["apa", "grpo"])
+def test_make_policy_builds_what_the_config_asks(algo):
+    """train.make_policy: a trainable copy of pi_init (pi_init itself frozen and untouched), a value head at 0 that
+    trains only where the algorithm has a critic, and activation checkpointing on the layers only when asked."""
+    cpu, lm = torch.device("cpu"), model.tiny_gpt(train.Config(), 64)
+    before = copy.deepcopy(lm.state_dict())
+    for asked in (False, True):
+        policy, ref_lm = train.make_policy(train.Config(algo=algo, grad_checkpointing=asked), lm, 64, cpu)
+        assert ref_lm is lm and not any(p.requires_grad for p in ref_lm.parameters()) and not ref_lm.training
+        assert all(p.requires_grad for p in policy.lm.parameters()) and policy.lm is not lm
+        assert all(torch.equal(v, before[k]) for k, v in policy.lm.state_dict().items())  # a copy of pi_init
+        head = list(policy.v_head.parameters())
+        assert all(torch.count_nonzero(p) == 0 and p.requires_grad == (algo == "apa") for p in head)
+        flags = {getattr(m, "gradient_checkpointing", False) for m in policy.lm.modules()}
+        assert (True in flags) == asked and not any(getattr(m, "gradient_checkpointing", False) for m in lm.modules())
 
 
 def test_static_sampler_under_lora_draws_what_the_eager_loop_draws(tmp_path):
@@ -534,7 +551,7 @@ def test_static_sampler_under_lora_draws_what_the_eager_loop_draws(tmp_path):
     with its adapters off: the eager loop's tokens under one seed, and its log-probs."""
     pytest.importorskip("peft")                                       # an optional extra
     lm, tok = save_checkpoint("gpt_neox", tmp_path)
-    policy, ref_lm = model.make_policy(train.Config(lora_r=4), lm, len(tok), torch.device("cpu"))
+    policy, ref_lm = train.make_policy(train.Config(lora_r=4), lm, len(tok), torch.device("cpu"))
     with torch.no_grad():
         for name, p in policy.lm.named_parameters():
             if "lora_B" in name:

@@ -458,7 +458,7 @@ def test_offline_init_of_a_hub_id_prints_one_line(tmp_path):
 
 def test_loading_reports_and_progress_bars_stay_out_of_the_log(tmp_path, capfd):
     """transformers' load report (a causal LM as reward model) and its progress bars (loading --init, saving the
-    policy, train.train called directly as lab/compare.py does) never reach the output."""
+    policy, train.train called directly as experiments/compare.py does) never reach the output."""
     from transformers.utils import logging as hf_logging
     lm = causal_lm(tmp_path)
     hf_logging.enable_progress_bar()                                   # as in a fresh process

@@ -19,6 +19,7 @@ import data
 import evaluation
 import model
 import train
+from lab import checks, static_sampler
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -134,8 +135,7 @@ def test_every_draw_of_a_run_uses_the_sampler_the_run_chose(sft_dir, tmp_path, m
     def recording(lm, prompt_ids, *args):
         rows.append(len(prompt_ids))
         return model.generate(lm, prompt_ids, *args)
-    for module in (train, evaluation):
-        monkeypatch.setattr(module, "choose_sampler", lambda cfg, device: recording)
+    monkeypatch.setattr(static_sampler, "choose_sampler", lambda cfg, device: recording)
     train.main(tiny_args(sft_dir, tmp_path, iters=2, jstar_samples=2, eval_every=1, eval_samples=8))
     assert rows == [40 * 2, 8, 16, 8, 16]                           # J*; then per iteration: evaluation, rollout
 
@@ -306,6 +306,17 @@ def test_non_finite_updates_are_skipped_then_stop_with_clean_checkpoint(sft_dir,
     assert state["iter"] == 2                                       # the last clean iteration
     assert all(torch.isfinite(v).all() for v in state["policy"].values() if v.is_floating_point())
     assert len(read_metrics(tmp_path)) == 2
+
+
+def test_bad_steps_are_skipped_and_only_enough_of_them_in_a_row_stop_the_run(capsys):
+    """lab/checks.py's BadSteps, as update() uses it: a non-finite loss or gradient norm skips the step; a finite
+    step starts the count again; max_bad_steps in a row end the run."""
+    bad_steps, fine, nan = checks.BadSteps(3), torch.tensor(1.0), torch.tensor(float("nan"))
+    skips = [bad_steps.skip(*step) for step in [(1.0, fine), (float("inf"), fine), (1.0, nan), (0.5, fine),
+                                                (float("nan"), fine), (1.0, nan)]]
+    assert skips == [False, True, True, False, True, True] and capsys.readouterr().out.count("step skipped") == 4
+    with pytest.raises(FloatingPointError, match="3 non-finite updates in a row"):
+        bad_steps.skip(float("inf"), fine)
 
 
 # ----------------------------------------------------------------------------------------------

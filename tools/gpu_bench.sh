@@ -2,8 +2,8 @@
 # The GPU measurements behind docs/gpu.md, in one go, each step's log in $out:
 #   1. tests/test_gpu.py (the CUDA graph sampler's tests among them);
 #   2. whether the CUDA graph draws the very tokens of the eager loop under one seed (fp32, printed);
-#   3. lab/bench.py at the 124M shape (batch 64, 128 new tokens, 4 epochs of minibatches of 32), with the profile;
-#   4. lab/bench.py at the Pythia-1B shape, the same batch, minibatches of 16, with the profile; then minibatches
+#   3. experiments/bench.py at the 124M shape (batch 64, 128 new tokens, 4 epochs of minibatches of 32), with the profile;
+#   4. experiments/bench.py at the Pythia-1B shape, the same batch, minibatches of 16, with the profile; then minibatches
 #      of 32 and 64, the update alone.
 # Run: bash tools/gpu_bench.sh [out_dir]
 set -uo pipefail
@@ -39,7 +39,7 @@ for arch in ARCHS:
         same.append(f"{(eager == graph).float().mean().item():.3f}")
     print(f"{arch}: share of tokens equal to the eager loop's under one seed, capture call / replay call: {same}")
 PY
-bench=(python -m lab.bench --device=cuda --batch_size=64 --max_new_tokens=128 --epochs=4 --cuda_graph=1)
+bench=(python -m experiments.bench --device=cuda --batch_size=64 --max_new_tokens=128 --epochs=4 --cuda_graph=1)
 step bench_124m "${bench[@]}" --models=gpt2-small --profile
 step bench_1b "${bench[@]}" --models=pythia-1b --minibatch_size=16 --profile
 step bench_1b_mb32 "${bench[@]}" --models=pythia-1b --minibatch_size=32 --rounds=0 --iters=2

@@ -3,7 +3,7 @@
 #   1. the default run (the embedded task) on the GPU, bf16;
 #   2. Pythia-160M and 1B shapes (random weights, tools/gpu_models.py), a 124M reward model, HH-style prompts,
 #      at the default lr for --init; 3. the 1B shape at the tiny task's lr 3e-5: the KL guard stops it;
-#   4. lab/bench.py at the 124M shape; 5. torchrun over NCCL with one process; 6. the test suite.
+#   4. experiments/bench.py at the 124M shape; 5. torchrun over NCCL with one process; 6. the test suite.
 # Needs GPT-2's BPE (tiktoken's r50k_base): the network, or TIKTOKEN_CACHE_DIR.
 # Run: bash tools/gpu_check.sh [out_dir]      APA_GPU_CHECK_TINY=1: tiny shapes and no suite, a dry run on a CPU
 set -euo pipefail
@@ -38,7 +38,7 @@ step pythia-1b python train.py --init="$out/models/pythia-1b" --out_dir="$out/1b
 step pythia-1b-lr3e-5 python train.py --init="$out/models/pythia-1b" --out_dir="$out/1b_lr3e-5" "${hh[@]}" "${small[@]}" \
   --max_new_tokens="${tokens[1]}" --lr=3e-5 || status=1
 grep -c "target_kl: stopped" "$out/pythia-1b-lr3e-5.log" | sed 's/^/   updates stopped by the KL guard: /' || true
-step bench python -m lab.bench "${bench[@]}" || status=1
+step bench python -m experiments.bench "${bench[@]}" || status=1
 tail -3 "$out/bench.log"
 step nccl python -m torch.distributed.run --standalone --nproc_per_node=1 train.py --out_dir="$out/nccl" \
   --sft_dir="$out/sft" --iters=3 $([ "$tiny" = 1 ] && echo --sft_steps=5) || status=1

@@ -15,8 +15,8 @@ shape (GPT-NeoX 16 x 2048, vocabulary 50,304):
    larger model runs second). The KL guard is off, so that every update takes all its steps.
 3. --profile: torch.profiler's table of one more update, the operations that take the most time.
 
-Run: python -m lab.bench   (a few minutes on 2 CPU cores)
-     python -m lab.bench --device=cuda --models=gpt2-small --batch_size=64 --max_new_tokens=128 --epochs=4
+Run: python -m experiments.bench   (a few minutes on 2 CPU cores)
+     python -m experiments.bench --device=cuda --models=gpt2-small --batch_size=64 --max_new_tokens=128 --epochs=4
 As in train.py, every failure ends in one line `error: ...` and exit status 1 (APA_DEBUG=1: the traceback).
 """
 import contextlib
@@ -166,7 +166,7 @@ def time_iterations(args, cfg, lm, enc, device):
     prompts = [" ".join(str(t) for t in torch.randint(enc.n_vocab - 1, (n,)).tolist())
                for n in torch.randint(args.prompt_len // 2, args.prompt_len + 1, (64,)).tolist()]
     prompt_tokens = [enc.encode_ordinary(p) for p in prompts]
-    policy, ref_lm = model.make_policy(cfg, lm, enc.n_vocab, device)    # as train.py builds them
+    policy, ref_lm = train.make_policy(cfg, lm, enc.n_vocab, device)    # as train.py builds them
     opt = model.make_optimizer(policy, cfg.lr, device)
     generate, gen_s = choose_sampler(cfg, device), []
 
@@ -185,7 +185,7 @@ def time_iterations(args, cfg, lm, enc, device):
         sync(device)
         t1 = time.perf_counter()
         with flops if it == 0 else contextlib.nullcontext():
-            train.update(cfg, policy, opt, batch, P, 0)
+            train.update(cfg, policy, opt, batch, P)
         sync(device)
         rows.append((gen_s[-1], t1 - t0 - gen_s[-1], time.perf_counter() - t1))
     if args.profile:
@@ -200,7 +200,7 @@ def profile_update(cfg, policy, opt, batch, P, device):
                                                           else [])
     with torch.profiler.profile(activities=activities) as prof:
         t0 = time.perf_counter()
-        train.update(cfg, policy, opt, batch, P, 0)
+        train.update(cfg, policy, opt, batch, P)
         sync(device)
         wall = time.perf_counter() - t0
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"

@@ -4,9 +4,9 @@ form, the paper's literal form, bounded, and with the KL guard), PPO, AWR, GRPO,
 lambda, reward and sample budget, over seeds and learning rates. Results and their reading: docs/experiments.md.
 
 Paper: Zhu et al. 2023, arXiv 2306.02231, Sec. 5 (APA against PPO and AWR on HH and StackExchange).
-Run:  python -m lab.compare            the tables and plots of docs/experiments.md (132 runs: 73 minutes on 2 cores)
-      python -m lab.compare --quick=1  a smoke test of the whole pipeline on a tiny model (about 30 s)
-      python -m lab.compare --plot=out/metrics.jsonl   reward, KL and gap against samples for any runs (metrics
+Run:  python -m experiments.compare            the tables and plots of docs/experiments.md (132 runs: 73 minutes on 2 cores)
+      python -m experiments.compare --quick=1  a smoke test of the whole pipeline on a tiny model (about 30 s)
+      python -m experiments.compare --plot=out/metrics.jsonl   reward, KL and gap against samples for any runs (metrics
                                        files or run folders, comma-separated; a half-written last line is skipped)
 
 What it runs. Every run is train.train with a Config; nothing of training is written here.
@@ -274,11 +274,11 @@ def run_all(cfg, runs):
     if not jobs:
         return
     import data
-    import model
     import torch
     import train
-    model.pretrain(dataclasses.replace(train.Config(), **jobs[0][0]), data.get_encoding("task"),
-                   torch.device("cpu"))                  # pi_init, once, before the workers start
+    from lab import runs
+    runs.cached_pretrain(dataclasses.replace(train.Config(), **jobs[0][0]), data.get_encoding("task"),
+                         torch.device("cpu"))            # pi_init, once (cached), before the workers start
     if cfg.workers > 1:
         with multiprocessing.get_context("spawn").Pool(cfg.workers, initializer=init_worker, initargs=(True,)) as pool:
             for _ in pool.imap_unordered(run_one, jobs):
