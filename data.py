@@ -167,9 +167,10 @@ def load_eval_prompts(cfg, enc):
     return prompts, [enc.encode_ordinary(p) for p in prompts]
 
 
-def call_reward(cfg, reward_fn, prompts, completions):
-    """The scores (B,) of the user's reward function or model; whatever goes wrong, one line that names it."""
-    name = f"reward model {cfg.reward_model}" if cfg.reward_model else f"reward function {cfg.reward_fn}"
+def call_reward(cfg, reward_fn, prompts, completions, name=None):
+    """The scores (B,) of the user's reward function or model (or of the judge, name: "gold function ..."); whatever
+    goes wrong, one line that names it."""
+    name = name or (f"reward model {cfg.reward_model}" if cfg.reward_model else f"reward function {cfg.reward_fn}")
     try:
         scores = reward_fn(prompts, completions)
     except (Exception, SystemExit) as e:                                 # sys.exit() in it is a failure too

@@ -86,6 +86,8 @@ class Config:
     eval_prompts: str = ""         # held-out prompts file, never trained on; empty: the task's held-out openings
     reward_fn: str = "data:sentiment_reward"  # 'module:function' (prompts, completions) -> floats
     reward_model: str = ""         # Hugging Face sequence-classification model (path or id); replaces reward_fn
+    gold_fn: str = ""              # the judge, never trained on: 'module:function' as reward_fn; empty: the task's
+                                   # reward where a --reward_model is trained against on the embedded task, else none
     init: str = ""                 # Hugging Face causal LM (path or id) as pi_init; empty: pre-train a tiny GPT
     tokenizer: str = ""            # "task", "gpt2" or a Hugging Face one (path or id); empty: --init's own, or "task"
     max_new_tokens: int = 20       # response length limit (the task's reviews take at most 18)
@@ -116,11 +118,12 @@ class Config:
 
 
 def resolve(cfg):
-    """The config with the defaults that depend on other fields filled in: the learning rate, k, and GRPO's and
-    RLOO's place for the KL."""
+    """The config with the defaults that depend on other fields filled in: the learning rate, k, GRPO's and RLOO's
+    place for the KL, and the judge (the task's own reward, where a learned reward model stands in for it)."""
     return replace(cfg, lr=cfg.lr if cfg.lr is not None else 1e-6 if cfg.init else 3e-5,
                    group_size=cfg.group_size if cfg.group_size is not None else 4 if cfg.algo in CRITIC_FREE else 1,
-                   kl={"grpo": "k3", "rloo": "reward"}.get(cfg.algo, "auto") if cfg.kl == "auto" else cfg.kl)
+                   kl={"grpo": "k3", "rloo": "reward"}.get(cfg.algo, "auto") if cfg.kl == "auto" else cfg.kl,
+                   gold_fn=cfg.gold_fn or ("data:sentiment_reward" if cfg.reward_model and not cfg.prompts else ""))
 
 
 def make_policy(cfg, ref_lm, n_vocab, device):
@@ -139,14 +142,16 @@ def make_policy(cfg, ref_lm, n_vocab, device):
 
 
 @torch.no_grad()
-def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device, generate):
+def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device, generate, gold_fn=None):
     # 1. generate: prompts (this process's share, each k times in a row), responses from pi_old, their text
     k = cfg.group_size
     idx = torch.randint(len(prompts), (cfg.batch_size // world_size() // k,)).repeat_interleave(k).tolist()
     prompt_ids, prompt_mask, response, mask, _, completions = sample(cfg, policy.lm, idx, prompt_tokens, enc, device,
                                                                      generate)
-    # 2. score: the reward of each completion
+    # 2. score: the reward of each completion (and the judge's score, which training never sees)
     scores = call_reward(cfg, reward_fn, [prompts[i] for i in idx], completions).to(device)  # (B,)
+    gold = (call_reward(cfg, gold_fn, [prompts[i] for i in idx], completions, f"gold function {cfg.gold_fn}")
+            if gold_fn else None)                                        # (B,) the judge's scores, or None
     input_ids = torch.cat([prompt_ids, response], 1)                     # (B, P + T)
     attention_mask = torch.cat([prompt_mask, torch.ones_like(response)], 1)  # (B, P + T)
     P = prompt_ids.shape[1]
@@ -177,7 +182,8 @@ def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device,
     stats = {"reward": global_mean(scores).item(), "kl": global_mean(seq_kl).item(),   # over all processes
              "J": global_mean(scores - cfg.lam * seq_kl).item(),
              "entropy": global_mean(entropies, mask).item(),
-             "distinct2": distinct_n(gather_all(completions), 2), "length": global_mean(mask.sum(1)).item()}
+             "distinct2": distinct_n(gather_all(completions), 2), "length": global_mean(mask.sum(1)).item(),
+             **({"gold": global_mean(gold).item()} if gold_fn else {})}
     batch = dict(input_ids=input_ids, attention_mask=attention_mask, response=response, mask=mask,
                  logprobs=logprobs, ref_logprobs=ref_logprobs, advantages=advantages,
                  **(dict(values=values, returns=returns) if critic else {}))
@@ -262,6 +268,7 @@ def train(cfg, known=None):
         prompts, prompt_tokens = load_train_prompts(cfg, enc)
         reward_fn = (hf.reward_model_fn(cfg.reward_model, enc, device) if cfg.reward_model  # a model, or a function
                      else load_reward_fn(cfg.reward_fn))
+        gold_fn = load_reward_fn(cfg.gold_fn) if cfg.gold_fn else None   # the judge
         eval_prompts, eval_tokens = load_eval_prompts(cfg, enc)          # held out: never trained on
         ref_lm = runs.load_pi_init(cfg, enc, prompt_tokens, eval_tokens, device)  # --init, or the tiny GPT (cached)
     set_cpu_threads(cfg, device)                                         # the tiny GPT: one thread (docs/models.md)
@@ -271,7 +278,7 @@ def train(cfg, known=None):
         known["jstar"] = estimate_jstar(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc, device, generate)
         static_sampler.DECODERS.clear()                                  # a GPU's decoders of 512 rows: not needed again
     if cfg.exact_every and "space" not in known:
-        known["space"] = response_space(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc)
+        known["space"] = response_space(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc, gold_fn)
     jstar = known.get("jstar") if cfg.jstar_samples else None
     space = known.get("space") if cfg.exact_every else None
     torch.manual_seed(cfg.seed + rank())                                 # each process its own stream
@@ -286,13 +293,14 @@ def train(cfg, known=None):
     for it in range(start, cfg.iters):
         exact = (exact_eval(policy.lm, space, cfg.lam) if space and master and (it == 0 or (it + 1) % cfg.exact_every == 0)
                  else {})                                                # of pi_old, the policy that samples next
-        held_out = (evaluate(cfg, policy, ref_lm, eval_tokens, eval_prompts, reward_fn, enc, device, it, generate)
+        held_out = (evaluate(cfg, policy, ref_lm, eval_tokens, eval_prompts, reward_fn, enc, device, it, generate,
+                             gold_fn)
                     if eval_prompts and master and (it == 0 or (it + 1) % cfg.eval_every == 0) else {})
         t0 = time.time()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         batch, P, stats, samples = rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device,
-                                           generate)
+                                           generate, gold_fn)
         stats.update(update(cfg, model, opt, batch, P, bad_steps))
         stats.update(iter=it + 1, samples=(it + 1) * cfg.batch_size, ms=1000 * (time.time() - t0),
                      mem_mb=peak_memory_mb(device))

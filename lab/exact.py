@@ -3,8 +3,10 @@ The exact evaluator: E[R], KL(pi || pi_init), J = E[R] - lambda KL, J* and the g
 of a policy, by enumerating every response the sampler can return: no sampling, no estimate. It is feasible
 for short responses only (--max_new_tokens=2 on the embedded task: 91,507 responses per prompt). train.py logs
 it every exact_every iterations (gap_exact, ...), and the tests use it to prove that training reaches pi*
-(docs/exact.md).
+(docs/exact.md). With a judge (--gold_fn), it also gives the judge's score exactly, and the frontier: the best
+score of the judge that any policy reaches at the same KL to pi_init, so that over-optimisation is one number.
 """
+import math
 import time
 
 import torch
@@ -66,22 +68,26 @@ def response_logprobs(cfg, lm, prompt_tokens, T, eot, V, chunk=4096):
 
 
 @torch.no_grad()
-def response_space(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc):
+def response_space(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc, gold_fn=None):
     """What the exact evaluator needs that does not depend on the policy, computed once: the score of every
-    response to every prompt and its log-prob under pi_init, both (prompts, n). None when the responses are
-    more than EXACT_LIMIT in all (then nothing is enumerated)."""
+    response to every prompt and its log-prob under pi_init, both (prompts, n), and the judge's score where there is
+    one (gold_fn). None when the responses are more than EXACT_LIMIT in all (then nothing is enumerated)."""
     V, T, eot, t0 = enc.n_vocab, cfg.max_new_tokens, enc.eot_token, time.time()  # generate's V tokens
     if len(prompts) * n_responses(V, T) > EXACT_LIMIT:
         return None
     responses = all_responses(V, T, eot).tolist()                        # (n, T)
     completions = enc.decode_batch([[a for a in r if a != eot] for r in responses])  # as sample() decodes them
-    rewards = []
+    rewards, golds = [], []
     for i, prompt in enumerate(prompts):
         rewards.append(call_reward(cfg, reward_fn, [prompt] * len(completions), completions))  # (n,)
+        if gold_fn:
+            golds.append(call_reward(cfg, gold_fn, [prompt] * len(completions), completions,
+                                     f"gold function {cfg.gold_fn}"))    # (n,)
         status(f"exact evaluation: scoring {len(prompts)} x {len(completions)} responses: {i + 1}/{len(prompts)} | "
                f"{time.time() - t0:.0f}s", done=i + 1 == len(prompts))
     return {"cfg": cfg, "prompt_tokens": prompt_tokens, "max_new_tokens": T, "eot": eot, "V": V,
-            "rewards": torch.stack(rewards).double(), "ref_logprobs": response_logprobs(cfg, ref_lm, prompt_tokens, T, eot, V).cpu()}
+            "rewards": torch.stack(rewards).double(), "ref_logprobs": response_logprobs(cfg, ref_lm, prompt_tokens, T, eot, V).cpu(),
+            **({"gold": torch.stack(golds).double()} if gold_fn else {})}
 
 
 @torch.no_grad()
@@ -98,4 +104,29 @@ def exact_eval(lm, space, lam):
     klstar = (p * (logp - ref_logp - R / lam)).sum(1) + jstar / lam      # (X,) KL(pi || pi*)
     stats = {"reward_exact": reward, "kl_exact": kl, "J_exact": reward - lam * kl, "jstar_exact": jstar,
              "gap_exact": jstar - (reward - lam * kl), "klstar_exact": klstar}
-    return {k: v.mean().item() for k, v in stats.items()}
+    if "gold" in space:                                                  # the judge: its score, and the frontier
+        stats["gold_exact"] = (p * space["gold"]).sum(1)                 # (X,) E_pi[G]
+    out = {k: v.mean().item() for k, v in stats.items()}
+    if "gold" in space:
+        out["gold_frontier_exact"], out["gold_frontier_lam"] = frontier(ref_logp, space["gold"], out["kl_exact"])
+        out["gold_lost_exact"] = out["gold_frontier_exact"] - out["gold_exact"]
+    return out
+
+
+def frontier(ref_logp, G, kl, iters=40):
+    """The best mean score of the judge G (X, n) that any policy reaches with a mean KL to pi_init of kl, over the X
+    prompts: the policies pi_init exp(G/lambda') / Z, one lambda' for all prompts, are the judge's own pi*, and each
+    maximises E[G] among the policies with its KL (docs/theory.md, "The judge's frontier"). lambda' is found by
+    bisection on log lambda' (to 1e-10), since their KL falls as lambda' grows. Returns (the frontier's E[G], lambda')."""
+    ref_logp = ref_logp - ref_logp.logsumexp(1, keepdim=True)            # (X, n) pi_init, summing to 1 to the last bit
+    def tilt(lam):                                                       # -> (E[G], KL) of pi_init exp(G/lam) / Z
+        logp = torch.log_softmax(ref_logp + G / lam, 1)                  # (X, n)
+        p = logp.exp()
+        return (p * G).sum(1).mean().item(), (p * (logp - ref_logp)).sum(1).mean().item()
+    lo, hi = math.log(1e-4), math.log(1e8)                               # lambda' between 1e-4 and 1e8
+    if tilt(math.exp(lo))[1] <= kl:                                      # as far as any tilt goes: the best G
+        return tilt(math.exp(lo))[0], math.exp(lo)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if tilt(math.exp(mid))[1] > kl else (lo, mid)
+    return tilt(math.exp(hi))[0], math.exp(hi)

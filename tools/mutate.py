@@ -49,6 +49,8 @@ GUARD = "tests/test_exact.py::test_the_kl_guard_ends_the_whole_update"
 LORA_LAYERS = "tests/test_models.py::test_lora_adapters_sit_on_every_linear_layer_of_gpt2_and_scale_by_alpha_over_r"
 ESTIMATORS = "tests/test_grpo.py::test_kl_estimators_expected_gradients_on_the_policys_own_samples"
 JSTAR = "tests/test_compare.py::test_a_run_handed_what_is_known_uses_it_and_trains_as_one_that_computes_it"
+BAD_STEPS = "tests/test_train.py::test_bad_steps_are_skipped_and_only_enough_of_them_in_a_row_stop_the_run"
+MAKE_POLICY = "tests/test_models.py::test_make_policy_builds_what_the_config_asks"
 DECODERS_TEST = ("tests/test_models.py::test_static_decoders_keep_the_two_last_used_and_a_graph_only_where_layers_keep_"
                  "no_python_state")
 
@@ -407,6 +409,28 @@ MUTATIONS = [
     ("experiments/compare.py: the guard row without its guard", "experiments/compare.py", "**(QUICK if cfg.quick else {})), **ALGOS[algo])",
      "**(QUICK if cfg.quick else {}), **{k: v for k, v in ALGOS[algo].items() if k != 'target_kl'}))",
      ["tests/test_compare.py::test_each_run_is_its_algorithm_and_only_the_guard_row_has_the_guard"]),
+    # the core on its own: each loss file's own helpers, the seams that train.py wires to lab/
+    ("apa.py's approx_kl with its log-ratio flipped", "apa.py",
+     "    log_ratio = logprobs - old_logprobs                          # (B, T)  log r_t",
+     "    log_ratio = old_logprobs - logprobs                          # (B, T)  log r_t"),
+    ("apa.py's masked mean unweighted", "apa.py", "    return (x * mask).sum() / mask.sum()", "    return x.mean()"),
+    ("grpo.py's approx_kl with its log-ratio flipped", "grpo.py", "log_ratio = (logprobs - old_logprobs).detach()",
+     "log_ratio = (old_logprobs - logprobs).detach()", ["tests/test_layout.py"]),
+    ("grpo.py's masked mean unweighted", "grpo.py", "    return (x * mask).sum() / mask.sum()", "    return x.mean()"),
+    ("the rollout scores the completions against other prompts", "train.py",
+     "scores = call_reward(cfg, reward_fn, [prompts[i] for i in idx], completions)",
+     "scores = call_reward(cfg, reward_fn, prompts[:len(idx)], completions)",
+     [ROLLOUT, "tests/test_judge.py::test_the_judge_is_logged_and_never_trained_on"]),
+    ("a finite step does not start the bad-step count again", "lab/checks.py",
+     "            self.in_a_row = 0\n            return False", "            return False", [BAD_STEPS]),
+    ("data parallel: the loss's scale without the number of processes", "lab/ddp.py", "n * world_size() / N", "n / N",
+     ["tests/test_ddp.py"]),
+    ("--grad_checkpointing ignored", "lab/lora.py", "    if cfg.grad_checkpointing:\n        checkpoint_activations",
+     "    if False:\n        checkpoint_activations", [MAKE_POLICY]),
+    ("the critic-free algorithms' value head trains", "model.py", "policy.v_head.requires_grad_(critic)",
+     "policy.v_head.requires_grad_(True)", [UPDATE, MAKE_POLICY]),
+    ("--init's own tokenizer ignored", "lab/hf.py", 'cfg.init if ships_tokenizer(cfg.init) else "gpt2"', '"gpt2"',
+     [INIT_NEOX]),
 ]
 
 

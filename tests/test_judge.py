@@ -1,0 +1,134 @@
+"""The judge (--gold_fn): a scorer the run never trains on, logged beside the reward it trains on, and measured exactly
+against the frontier, the best score of the judge that any policy reaches at the same KL to pi_init."""
+import copy
+import dataclasses
+import os
+import sys
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2ForSequenceClassification
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import data  # noqa: E402
+import model  # noqa: E402
+import train  # noqa: E402
+from lab import exact  # noqa: E402
+from test_exact import task  # noqa: E402,F401  (the module's pi_init fixture)
+from test_train import read_metrics, tiny_args  # noqa: E402
+
+
+def judged_problem(seed=0, X=3, n=7):
+    """X prompts, n responses each: pi_init's log-probs and the judge's scores G, in float64."""
+    g = torch.Generator().manual_seed(seed)
+    ref_logp = torch.log_softmax(torch.randn(X, n, generator=g, dtype=torch.float64), 1)  # (X, n)
+    G = torch.rand(X, n, generator=g, dtype=torch.float64) * 2 - 1                        # (X, n) in [-1, 1]
+    return ref_logp, G, g
+
+
+def gold_and_kl(logp, ref_logp, G):
+    """E[G] and KL(pi || pi_init), each a mean over the prompts."""
+    p = logp.exp()
+    return (p * G).sum(1).mean().item(), (p * (logp - ref_logp)).sum(1).mean().item()
+
+
+def test_no_policy_beats_the_frontier_and_the_judges_tilts_lie_on_it():
+    """The frontier at KL k is max E[G] over the policies with mean KL k. The judge's own tilts pi_init exp(G/l) / Z,
+    one l for all prompts, reach it (the bisection finds their l back), and 2,000 other policies, random ones and
+    tilts with a temperature of their own for each prompt, never pass it."""
+    ref_logp, G, g = judged_problem()
+    for lam in (0.05, 0.2, 1.0, 5.0):
+        gold, kl = gold_and_kl(torch.log_softmax(ref_logp + G / lam, 1), ref_logp, G)
+        best, found = exact.frontier(ref_logp, G, kl)
+        assert best == pytest.approx(gold, abs=1e-7) and found == pytest.approx(lam, rel=1e-5)
+    beaten = 0
+    for i in range(2000):
+        if i % 2:                                                        # any policy at all
+            logp = torch.log_softmax(3 * torch.randn(ref_logp.shape, generator=g, dtype=torch.float64), 1)
+        else:                                                            # each prompt its own temperature: not on it
+            lams = torch.exp(3 * torch.rand(ref_logp.shape[0], 1, generator=g, dtype=torch.float64) - 2)
+            logp = torch.log_softmax(ref_logp + G / lams, 1)
+        gold, kl = gold_and_kl(logp, ref_logp, G)
+        best, _ = exact.frontier(ref_logp, G, kl)
+        assert gold <= best + 1e-9
+        beaten += gold < best - 1e-4
+    assert beaten > 1500                                                 # the bound is no tautology: most fall short
+
+
+def test_the_frontier_at_its_ends():
+    """At KL 0 the frontier is pi_init's E[G]; past the KL of the best responses alone it is the best E[G]."""
+    ref_logp, G, _ = judged_problem(1)
+    assert exact.frontier(ref_logp, G, 0.0)[0] == pytest.approx((ref_logp.exp() * G).sum(1).mean().item(), abs=1e-7)
+    assert exact.frontier(ref_logp, G, 50.0)[0] == pytest.approx(G.max(1).values.mean().item(), abs=1e-9)
+
+
+def test_exact_eval_reports_the_judge_and_the_loss_against_the_frontier(task):  # noqa: F811
+    """exact_eval with a judge: gold_exact is E_pi[G] by enumeration, and gold_lost_exact is the frontier at the
+    policy's own KL minus it. With the proxy as its own judge, the proxy's pi* loses nothing; pi_init neither."""
+    cfg = dataclasses.replace(task.cfg, max_new_tokens=2, gold_fn="data:sentiment_reward")
+    length = lambda prompts, completions: [len(c) / 20 for c in completions]  # noqa: E731  a proxy, not the judge
+    space = exact.response_space(cfg, task.ref_lm, task.prompt_tokens, task.prompts, length, task.enc,
+                                 data.sentiment_reward)
+    stats = exact.exact_eval(task.ref_lm, space, cfg.lam)                # pi_init: KL 0, on the frontier's start
+    ref_p = space["ref_logprobs"].exp()
+    assert stats["gold_exact"] == pytest.approx((ref_p * space["gold"]).sum(1).mean().item(), abs=1e-12)
+    assert stats["kl_exact"] == pytest.approx(0, abs=1e-9) and abs(stats["gold_lost_exact"]) < 1e-6
+    assert stats["reward_exact"] != pytest.approx(stats["gold_exact"], abs=1e-3)   # the two scores are two
+    policy = model.PolicyWithValue(copy.deepcopy(task.ref_lm))
+    with torch.no_grad():
+        policy.lm.lm_head.weight.add_(0.3 * torch.randn(policy.lm.lm_head.weight.shape))  # a policy that moved
+    stats = exact.exact_eval(policy.lm, space, cfg.lam)
+    logp = exact.response_logprobs(cfg, policy.lm, task.prompt_tokens, 2, task.enc.eot_token, task.enc.n_vocab).cpu()
+    gold, kl = gold_and_kl(logp, space["ref_logprobs"], space["gold"])
+    assert stats["gold_exact"] == pytest.approx(gold, abs=1e-9) and stats["kl_exact"] == pytest.approx(kl, abs=1e-9)
+    best, _ = exact.frontier(space["ref_logprobs"], space["gold"], kl)
+    assert stats["gold_lost_exact"] == pytest.approx(best - gold, abs=1e-9) and stats["gold_lost_exact"] > 1e-3
+
+
+def test_the_judge_is_logged_and_never_trained_on(task):  # noqa: F811
+    """The rollout scores each completion with the reward, against its own prompt, and with the judge too (gold: their
+    mean); the batch that trains is the one a rollout without a judge makes, to the last bit."""
+    cfg = train.resolve(dataclasses.replace(task.cfg, gold_fn="data:sentiment_reward"))
+    length = lambda prompts, completions: [len(c) / 20 + (p == task.prompts[0]) for p, c in zip(prompts, completions)]  # noqa: E731
+    policy = model.PolicyWithValue(copy.deepcopy(task.ref_lm)).eval()
+    out = {}
+    for judged in (False, True):
+        torch.manual_seed(0)
+        out[judged] = train.rollout(cfg, policy, task.ref_lm, task.prompt_tokens, task.prompts, length, task.enc,
+                                    torch.device("cpu"), model.generate, data.sentiment_reward if judged else None)
+    (batch, _, stats, samples), (judged_batch, _, judged_stats, judged_samples) = out[False], out[True]
+    assert batch.keys() == judged_batch.keys() and all(torch.equal(batch[k], judged_batch[k]) for k in batch)
+    assert samples == judged_samples and "gold" not in stats
+    gold = data.sentiment_reward([s[0] for s in samples], [s[1] for s in samples])
+    assert judged_stats["gold"] == pytest.approx(sum(gold) / len(gold), abs=1e-6)
+    assert judged_stats["reward"] == pytest.approx(sum(s[2] for s in samples) / len(samples), abs=1e-6)
+    assert all(score == pytest.approx(length([prompt], [completion])[0], abs=1e-6) for prompt, completion, score, _ in samples)
+    assert {s[0] for s in samples} == set(task.prompts)                  # both prompts, each scored as itself
+
+
+def test_the_judge_defaults_to_the_tasks_reward_where_a_reward_model_stands_in_for_it():
+    resolve = lambda **kw: train.resolve(train.Config(**kw)).gold_fn  # noqa: E731
+    assert resolve() == "" and resolve(reward_fn="data:sentiment_reward") == ""
+    assert resolve(reward_model="rm") == "data:sentiment_reward"         # the embedded task: its own reward judges
+    assert resolve(reward_model="rm", prompts="p.txt") == ""             # another task: no judge unless asked
+    assert resolve(reward_model="rm", gold_fn="m:f") == resolve(reward_fn="x:y", gold_fn="m:f") == "m:f"
+
+
+def test_a_run_against_a_reward_model_logs_the_judge_beside_it(tmp_path, capsys):
+    """train.py --reward_model=DIR on the embedded task: the log line, metrics.jsonl and the held-out evaluation carry
+    the judge's score beside the proxy's, and with 2-token responses the exact judge and the loss to the frontier."""
+    enc = data.task_encoding()
+    torch.manual_seed(0)
+    rm = GPT2ForSequenceClassification(GPT2Config(vocab_size=enc.n_vocab, n_positions=32, n_embd=16, n_layer=1,
+                                                  n_head=2, num_labels=1, pad_token_id=enc.eot_token))
+    rm.save_pretrained(tmp_path / "rm")
+    train.main(tiny_args(str(tmp_path / "sft"), tmp_path / "out", iters=2, max_new_tokens=2, exact_every=1,
+                         eval_every=1, eval_samples=8, batch_size=8, minibatch_size=8, sft_steps=20,
+                         reward_model=str(tmp_path / "rm")))
+    printed = capsys.readouterr().out
+    rows = read_metrics(tmp_path / "out")
+    assert "judge data:sentiment_reward" in printed and " | gold " in printed and " | eval_gold " in printed
+    for row in rows:
+        assert {"gold", "eval_gold", "gold_exact", "gold_frontier_exact", "gold_lost_exact"} <= row.keys()
+        assert row["gold_lost_exact"] >= -1e-9 and row["gold_frontier_exact"] >= row["gold_exact"] - 1e-9
+        assert row["reward"] != pytest.approx(row["gold"], abs=1e-6)     # the proxy is not the judge
