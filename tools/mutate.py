@@ -49,6 +49,7 @@ GUARD = "tests/test_exact.py::test_the_kl_guard_ends_the_whole_update"
 LORA_LAYERS = "tests/test_models.py::test_lora_adapters_sit_on_every_linear_layer_of_gpt2_and_scale_by_alpha_over_r"
 ESTIMATORS = "tests/test_grpo.py::test_kl_estimators_expected_gradients_on_the_policys_own_samples"
 JSTAR = "tests/test_compare.py::test_a_run_handed_what_is_known_uses_it_and_trains_as_one_that_computes_it"
+REWARD_MODEL = "tests/test_reward_model.py"
 DECODERS_TEST = ("tests/test_models.py::test_static_decoders_keep_the_two_last_used_and_a_graph_only_where_layers_keep_"
                  "no_python_state")
 
@@ -402,6 +403,19 @@ MUTATIONS = [
     ("lab/compare.py: the guard row without its guard", "lab/compare.py", "**(QUICK if cfg.quick else {})), **ALGOS[algo])",
      "**(QUICK if cfg.quick else {}), **{k: v for k, v in ALGOS[algo].items() if k != 'target_kl'}))",
      ["tests/test_compare.py::test_each_run_is_its_algorithm_and_only_the_guard_row_has_the_guard"]),
+    # the reward model (reward_model.py): the Bradley-Terry loss, the simulated annotator, where the reward is read
+    ("Bradley-Terry: the margin's sign flipped", "reward_model.py", "margin = chosen_rewards - rejected_rewards",
+     "margin = rejected_rewards - chosen_rewards", [REWARD_MODEL]),
+    ("Bradley-Terry without the log", "reward_model.py", "loss = -F.logsigmoid(margin).mean()",
+     "loss = -torch.sigmoid(margin).mean()", [REWARD_MODEL]),
+    ("the reward read at the first token, not the last real one", "reward_model.py",
+     "hidden[torch.arange(len(ids), device=device), last]", "hidden[:, 0]", [REWARD_MODEL]),
+    ("the annotator's labels not drawn: always the better response", "reward_model.py",
+     "return torch.rand(p.shape) < p", "return 0.5 < p", [REWARD_MODEL]),
+    ("the annotator's beta ignored", "reward_model.py", "p = torch.sigmoid((rewards1 - rewards2) / beta)",
+     "p = torch.sigmoid(rewards1 - rewards2)", [REWARD_MODEL]),
+    ("the task's pairs: chosen and rejected swapped, their true rewards not", "reward_model.py",
+     "((y1, y2) if first[k] else (y2, y1))", "((y2, y1) if first[k] else (y1, y2))", [REWARD_MODEL]),
 ]
 
 
