@@ -51,6 +51,7 @@ ESTIMATORS = "tests/test_grpo.py::test_kl_estimators_expected_gradients_on_the_p
 JSTAR = "tests/test_compare.py::test_a_run_handed_what_is_known_uses_it_and_trains_as_one_that_computes_it"
 BAD_STEPS = "tests/test_train.py::test_bad_steps_are_skipped_and_only_enough_of_them_in_a_row_stop_the_run"
 MAKE_POLICY = "tests/test_models.py::test_make_policy_builds_what_the_config_asks"
+REWARD_MODEL = "tests/test_reward_model.py"
 DECODERS_TEST = ("tests/test_models.py::test_static_decoders_keep_the_two_last_used_and_a_graph_only_where_layers_keep_"
                  "no_python_state")
 
@@ -431,6 +432,19 @@ MUTATIONS = [
      "policy.v_head.requires_grad_(True)", [UPDATE, MAKE_POLICY]),
     ("--init's own tokenizer ignored", "lab/hf.py", 'cfg.init if ships_tokenizer(cfg.init) else "gpt2"', '"gpt2"',
      [INIT_NEOX]),
+    # the reward model (reward_model.py): the Bradley-Terry loss, the simulated annotator, where the reward is read
+    ("Bradley-Terry: the margin's sign flipped", "reward_model.py", "margin = chosen_rewards - rejected_rewards",
+     "margin = rejected_rewards - chosen_rewards", [REWARD_MODEL]),
+    ("Bradley-Terry without the log", "reward_model.py", "loss = -F.logsigmoid(margin).mean()",
+     "loss = -torch.sigmoid(margin).mean()", [REWARD_MODEL]),
+    ("the reward read at the first token, not the last real one", "reward_model.py",
+     "hidden[torch.arange(len(ids), device=device), last]", "hidden[:, 0]", [REWARD_MODEL]),
+    ("the annotator's labels not drawn: always the better response", "reward_model.py",
+     "return torch.rand(p.shape) < p", "return 0.5 < p", [REWARD_MODEL]),
+    ("the annotator's beta ignored", "reward_model.py", "p = torch.sigmoid((rewards1 - rewards2) / beta)",
+     "p = torch.sigmoid(rewards1 - rewards2)", [REWARD_MODEL]),
+    ("the task's pairs: chosen and rejected swapped, their true rewards not", "reward_model.py",
+     "((y1, y2) if first[k] else (y2, y1))", "((y2, y1) if first[k] else (y1, y2))", [REWARD_MODEL]),
 ]
 
 

@@ -1,0 +1,370 @@
+"""
+A reward model learned from preferences: the Bradley-Terry loss, the pairs it learns from (a simulated annotator on
+the embedded task, or your own file), and a sequence classifier with one output, started from pi_init and saved as
+a Hugging Face folder that `python train.py --reward_model=DIR` loads.
+
+Papers: Bradley & Terry 1952, "Rank analysis of incomplete block designs I: the method of paired comparisons",
+Biometrika 39 (the pair model P(y1 preferred to y2) = sigmoid(r(y1) - r(y2))); Christiano et al.
+2017, arXiv 1706.03741, Sec. 2.2.3 (a reward fitted to human comparisons, then RL against it); Ouyang et al. 2022,
+arXiv 2203.02155, Sec. 3.5 and Eq. 1 (the SFT model with one scalar output, the loss -log sigmoid(r(x, y_w) -
+r(x, y_l))); Gao, Schulman & Hilton 2022, arXiv 2210.10760 (a "gold" reward labels the pairs in place of people, so
+that over-optimisation of the learned "proxy" reward can be measured against it).
+
+Run: python reward_model.py                        pairs of pi_init's responses, labelled by a simulated annotator:
+                                                   under a minute on 2 CPU cores once pi_init is cached in out/sft
+     python reward_model.py --preferences=FILE     your own pairs (.jsonl, docs/models.md), --init=MODEL your own LM
+     python train.py --reward_model=out/reward_model
+
+Where this departs from the papers:
+1. The annotator of the embedded task is simulated. It prefers y1 to y2 with probability
+   sigmoid((R(y1) - R(y2)) / beta), R the task's reward (data.sentiment_reward): the Bradley-Terry model itself, with
+   the reward R / beta. The loss's population minimiser is then R / beta + c(x), and the policy it induces at lambda
+   is R's pi* at lambda * beta (docs/theory.md, section 10). The default beta = 1 keeps the learned reward on R's
+   scale, so that --lam means the same against both.
+2. Each pair is one sample; Ouyang et al. put the K(K - 1)/2 pairs of K ranked responses in one batch element.
+3. The score is not shifted to mean 0 (Ouyang et al. do, on the SFT demonstrations): a constant changes no pi*.
+4. No end-of-text token is appended: the text scored is prompt + completion, exactly as train.py's reward model
+   (lab/hf.reward_model_fn) reads it, right-padded, at the last real token.
+5. Dropout is off (the tiny GPT has none), as in train.py's policy.
+"""
+import copy
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import AutoModelForSequenceClassification
+
+from data import sentiment_reward, task_eval_prompts, task_prompts
+from lab import cli
+from lab.hf import HFTokenizer, load_config, load_tokenizer, quiet
+from lab.runs import load_pi_init, write_atomically
+from model import generate, get_device, left_pad, set_cpu_threads, status, tiny_gpt_config
+
+# ---------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class Config:
+    # --- preferences
+    preferences: str = ""          # your pairs, .jsonl: {"prompt", "chosen", "rejected"} or {"chosen", "rejected"}
+                                   # (the shared beginning is the prompt); empty: the embedded task's annotator
+    pairs: int = 2500              # the embedded task: pairs of pi_init's responses, each to a prompt drawn at random
+    beta: float = 1.0              # the annotator's noise: it prefers y1 with probability sigmoid((R(y1) - R(y2)) / beta)
+    held_out: float = 0.2          # share of the pairs held out to measure accuracy; the embedded task draws these
+                                   # on its held-out prompts (data.task_eval_prompts), the others on the training ones
+    max_new_tokens: int = 20       # length limit of the sampled responses, as train.py's
+    # --- optimisation
+    seed: int = 0                  # seeds the pairs, the labels and the order of the steps
+    epochs: int = 4                # passes over the training pairs
+    batch_size: int = 32           # pairs per step
+    lr: float = 3e-4               # AdamW's learning rate, decayed linearly to 0
+    max_grad_norm: float = 1.0     # gradient clipping
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if present
+    threads: int = 0               # torch's threads on a CPU after pre-training; 0: one for the tiny GPT, else torch's
+    # --- the model: pi_init with one output in place of its LM head (the fields of train.py's pi_init)
+    init: str = ""                 # Hugging Face causal LM (path or id) to start from; empty: the tiny GPT
+    tokenizer: str = ""            # "task", "gpt2" or a Hugging Face one (path or id); empty: --init's own, or "task"
+    n_layer: int = 2               # layers of the tiny GPT
+    n_head: int = 4                # attention heads of the tiny GPT
+    n_embd: int = 128              # width of the tiny GPT
+    block_size: int = 64           # context window of the tiny GPT
+    sft_steps: int = 300           # pre-training steps of the tiny GPT on the task corpus (cached)
+    sft_lr: float = 1e-3           # pre-training learning rate
+    # --- output
+    out_dir: str = "out/reward_model"  # the Hugging Face folder and metrics.json, replaced whole by each run
+    sft_dir: str = "out/sft"       # cache of the pre-trained tiny GPT, shared with train.py
+
+
+def check(cfg):
+    """Refuse a config that means nothing, and an out_dir that holds something other than a reward model."""
+    cli.check_rules(cfg, [("pairs", cfg.pairs >= 2, "at least 2"), ("beta", cfg.beta > 0, "> 0"),
+                          ("held_out", 0 < cfg.held_out < 1, "in (0, 1)"), ("epochs", cfg.epochs >= 1, ">= 1"),
+                          ("batch_size", cfg.batch_size >= 1, ">= 1"), ("lr", cfg.lr >= 0, ">= 0"),
+                          ("max_grad_norm", cfg.max_grad_norm > 0, "> 0"),
+                          ("max_new_tokens", cfg.max_new_tokens >= 1, ">= 1")])
+    if os.path.isdir(cfg.out_dir) and os.listdir(cfg.out_dir) and not os.path.exists(
+            os.path.join(cfg.out_dir, "metrics.json")):
+        raise ValueError(f"out_dir {cfg.out_dir} holds files but no reward model (metrics.json): each run replaces "
+                         "its out_dir whole, so give a new or empty folder")
+
+
+# ---------------------------------------------------------------------------------------------
+# the loss
+
+
+def bradley_terry_loss(chosen_rewards, rejected_rewards):
+    """The Bradley-Terry loss of a reward model on preference pairs (Ouyang et al. 2022, Eq. 1). Returns (loss, stats).
+
+        L(r) = -E_{(x, y_w, y_l)} [ log sigmoid( r(x, y_w) - r(x, y_l) ) ]
+
+    It is the negative log-likelihood of the labels under the model P(y_w preferred to y_l) = sigmoid(r(x, y_w) -
+    r(x, y_l)). With labels drawn from that model with the reward R / beta, its population minimiser is
+    R / beta + c(x) (docs/theory.md, section 10).
+
+    chosen_rewards   (B,) r(x, y_w) of the preferred responses, with grad
+    rejected_rewards (B,) r(x, y_l) of the other responses, with grad
+    stats: accuracy, the share of pairs that r orders as the labels do, and margin, the mean of r(y_w) - r(y_l).
+    """
+    margin = chosen_rewards - rejected_rewards                   # (B,) r(x, y_w) - r(x, y_l)
+    loss = -F.logsigmoid(margin).mean()                          # ()   L(r), Eq. 1
+    return loss, {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()}
+
+
+# ---------------------------------------------------------------------------------------------
+# preferences: the embedded task's simulated annotator, or a file
+
+
+def annotate(rewards1, rewards2, beta):
+    """The simulated annotator: whether it prefers y1 to y2, with probability sigmoid((R(y1) - R(y2)) / beta).
+    rewards1, rewards2 (N,) the true rewards R of the two responses. Returns (N,) bools, drawn from torch's RNG."""
+    p = torch.sigmoid((rewards1 - rewards2) / beta)              # (N,) P(y1 preferred to y2)
+    return torch.rand(p.shape) < p                               # (N,)
+
+
+@torch.no_grad()
+def task_pairs(cfg, lm, enc, prompts, n, device):
+    """n pairs of pi_init's responses (temperature 1) to prompts drawn at random, labelled by the annotator.
+    Returns the pairs (prompt, chosen, rejected) and their true rewards (n, 2): R(chosen), R(rejected)."""
+    idx = torch.randint(len(prompts), (n,)).repeat_interleave(2).tolist()        # each prompt twice in a row
+    prompt_ids, prompt_mask = left_pad([enc.encode_ordinary(prompts[i]) for i in idx], enc.eot_token, device)
+    response, _, _ = generate(lm, prompt_ids, prompt_mask, cfg.max_new_tokens, enc.eot_token, enc.n_vocab)  # (2n, T)
+    completions = [enc.decode([t for t in r if t != enc.eot_token]) for r in response.tolist()]  # as train.py's
+    true = torch.tensor(sentiment_reward([prompts[i] for i in idx], completions)).view(n, 2)   # (n, 2) R(y1), R(y2)
+    first = annotate(true[:, 0], true[:, 1], cfg.beta)                           # (n,) y1 preferred
+    pairs = [(prompts[idx[2 * k]],) + ((y1, y2) if first[k] else (y2, y1))
+             for k, (y1, y2) in enumerate(zip(completions[::2], completions[1::2]))]
+    return pairs, torch.where(first[:, None], true, true.flip(1))                 # (n, 2) R(chosen), R(rejected)
+
+
+def read_preferences(path):
+    """Pairs (prompt, chosen, rejected, line number) from a .jsonl file in TRL's two layouts: {"prompt", "chosen",
+    "rejected"}, or {"chosen", "rejected"} whose shared beginning is taken as the prompt. A line that is not such a
+    pair is refused with its number: text that is not UTF-8, no JSON object, a missing key, a value that is not a
+    string, an empty or identical chosen and rejected."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    pairs, layout = [], '{"prompt", "chosen", "rejected"} or {"chosen", "rejected"}'
+    for i, line in enumerate(raw.split(b"\n"), 1):
+        try:
+            text = line.decode("utf-8-sig" if i == 1 else "utf-8").rstrip("\r")   # a byte-order mark is no text
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{i}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"{path}:{i}: not JSON ({e.msg}): expected {layout}") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{i}: a JSON {type(row).__name__}, not an object: expected {layout}")
+        for key in ("chosen", "rejected"):
+            if key not in row:
+                raise ValueError(f'{path}:{i}: no "{key}": expected {layout}')
+        for key in (k for k in ("prompt", "chosen", "rejected") if k in row):
+            if not isinstance(row[key], str):
+                raise ValueError(f'{path}:{i}: "{key}" is not a string: {json.dumps(row[key])[:40]}')
+            if key != "prompt" and not row[key]:
+                raise ValueError(f'{path}:{i}: "{key}" is empty')
+        chosen, rejected = row["chosen"], row["rejected"]
+        if chosen == rejected:
+            raise ValueError(f'{path}:{i}: "chosen" and "rejected" are the same text')
+        prompt = row["prompt"] if "prompt" in row else os.path.commonprefix([chosen, rejected])
+        if "prompt" not in row:
+            chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
+        pairs.append((prompt, chosen, rejected, i))
+    if not pairs:
+        raise ValueError(f"{path} holds no pair: expected one JSON object a line, {layout}")
+    return pairs
+
+
+def encode(enc, text):
+    """The tokens of prompt + completion as train.py's reward model reads them (lab/hf.reward_model_fn): the
+    model's own tokenizer called on the whole text (special tokens, such as a start token, included), else the
+    policy's tokenizer; no end-of-text."""
+    return enc.tok(text)["input_ids"] if isinstance(enc, HFTokenizer) else enc.encode_ordinary(text)
+
+
+def tokenize(pairs, enc, context, path=""):
+    """The tokens of each pair's two texts, prompt + chosen and prompt + rejected. A pair of the file at path
+    longer than the model's context is refused with its line; the embedded task's responses (whose bytes may decode
+    to longer text) keep their last `context` tokens, as lab/hf.reward_model_fn keeps them."""
+    tokens = []
+    for prompt, chosen, rejected, *line in pairs:
+        chosen_ids, rejected_ids = encode(enc, prompt + chosen), encode(enc, prompt + rejected)
+        n = max(len(chosen_ids), len(rejected_ids))
+        if path and context and n > context:
+            raise ValueError(f"{path}:{line[0]}: the pair has {n} tokens, more than the model's context of {context}")
+        tokens.append((chosen_ids[-context:], rejected_ids[-context:]) if context else (chosen_ids, rejected_ids))
+    return tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# the model: pi_init's network with one output, read at the last real token
+
+
+def reward_model_from(lm, pad_id):
+    """A sequence classifier with one output, its network pi_init's (the causal LM lm, its LM head dropped) and
+    its score head 0, so that every reward is 0 at the start. pad_id marks padding, where it finds the last token."""
+    config = copy.deepcopy(lm.config)
+    config.num_labels, config.pad_token_id, config.architectures = 1, pad_id, None
+    with quiet():
+        rm = AutoModelForSequenceClassification.from_config(config)
+    rm.base_model.load_state_dict(lm.base_model.state_dict())
+    nn.init.zeros_(rm.score.weight)
+    return rm.to(lm.device).eval()                               # no dropout
+
+
+def rewards(rm, token_lists, pad_id):
+    """r(x, y) (B,) of token lists (prompt + completion): right-padded with pad_id, one forward pass, the score
+    head on the last real token's hidden state, as the classifier's own forward reads it at RL time."""
+    width, device = max(map(len, token_lists)), rm.device
+    ids = torch.tensor([t + [pad_id] * (width - len(t)) for t in token_lists], device=device)       # (B, L)
+    mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in token_lists], device=device)  # (B, L)
+    hidden = rm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state                    # (B, L, H)
+    last = mask.sum(1) - 1                                                                          # (B,) last real
+    return rm.score(hidden[torch.arange(len(ids), device=device), last]).squeeze(-1).float()        # (B,) r(x, y)
+
+
+# ---------------------------------------------------------------------------------------------
+# held-out accuracy
+
+
+def spearman(x, y):
+    """Spearman's rank correlation of two sequences: the Pearson correlation of their ranks, tied values sharing
+    their mean rank."""
+    def ranks(v):
+        v = np.asarray(v, dtype=np.float64)
+        order = np.empty(len(v))
+        order[np.argsort(v, kind="stable")] = np.arange(len(v))                   # 0 .. n-1
+        _, group = np.unique(v, return_inverse=True)
+        return (np.bincount(group, order) / np.bincount(group))[group]            # the mean rank of each tie
+    return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
+
+
+@torch.no_grad()
+def evaluate(rm, tokens, true, pad_id, batch=256):
+    """Held-out accuracy: the share of pairs that r orders as the labels do, and with the true rewards (n, 2) of
+    the embedded task: the share that r orders as R does (pairs of equal R excluded), the labels' own agreement
+    with R (the annotator's noise), Spearman's rank correlation of r with R over the held-out responses, and the
+    least-squares slope of r on R (the population minimiser's is 1 / beta)."""
+    r = torch.cat([rewards(rm, [t for pair in tokens[i:i + batch] for t in pair], pad_id).view(-1, 2).cpu()
+                   for i in range(0, len(tokens), batch)])                        # (n, 2) r(chosen), r(rejected)
+    stats = {"pairs": len(tokens), "accuracy": (r[:, 0] > r[:, 1]).float().mean().item()}
+    if true is not None and (true[:, 0] != true[:, 1]).any():                    # R orders some pairs
+        untied = true[:, 0] != true[:, 1]                                        # (n,)
+        agree = (r[:, 0] > r[:, 1]) == (true[:, 0] > true[:, 1])                  # (n,)
+        stats.update(accuracy_true=agree[untied].float().mean().item(), ties=int((~untied).sum()),
+                     labels_true=(true[untied, 0] > true[untied, 1]).float().mean().item(),
+                     spearman=spearman(r.flatten().tolist(), true.flatten().tolist()),
+                     slope=(torch.cov(torch.stack([r.flatten(), true.flatten()]))[0, 1] / true.flatten().var()).item())
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def train(cfg):
+    """Fit the reward model to the preferences, print and save its held-out accuracy, write out_dir."""
+    device, t0 = get_device(cfg), time.time()
+    file_pairs = read_preferences(cfg.preferences) if cfg.preferences else None   # a broken file: before any work
+    enc = load_tokenizer(cfg)                                    # the task's, GPT-2's, or --init's own
+    if isinstance(enc, HFTokenizer):                             # pad on the right, as here, at RL time too
+        enc.tok.pad_token, enc.tok.padding_side = enc.tok.pad_token or enc.tok.eos_token, "right"
+    pad_id = enc.tok.pad_token_id if isinstance(enc, HFTokenizer) else enc.eot_token
+    prompts, eval_prompts = task_prompts(), task_eval_prompts()
+    if file_pairs:                                               # too long for the model: before any work too
+        context = (load_config(cfg.init) if cfg.init else tiny_gpt_config(cfg, enc.n_vocab)).max_position_embeddings
+        file_tokens = tokenize(file_pairs, enc, context, cfg.preferences)
+    lm = load_pi_init(cfg, enc, [] if file_pairs else [enc.encode_ordinary(p) for p in prompts],
+                      [] if file_pairs else [enc.encode_ordinary(p) for p in eval_prompts], device)
+    set_cpu_threads(cfg, device)
+    torch.manual_seed(cfg.seed)                                  # the one seed of the pairs, labels and steps
+
+    # 1. the pairs: the task's, labelled by the annotator (held out: on the held-out prompts), or the file's
+    if file_pairs:
+        order = torch.randperm(len(file_pairs)).tolist()
+        n_eval = max(1, round(cfg.held_out * len(file_pairs)))
+        test = [file_tokens[i] for i in order[:n_eval]]
+        train_tokens, test_true = [file_tokens[i] for i in order[n_eval:]], None
+        if not train_tokens:
+            raise ValueError(f"{cfg.preferences} holds {len(file_pairs)} pair(s): too few to hold out a share")
+    else:
+        n_eval = max(1, round(cfg.held_out * cfg.pairs))
+        train_pairs, _ = task_pairs(cfg, lm, enc, prompts, cfg.pairs - n_eval, device)
+        test_pairs, test_true = task_pairs(cfg, lm, enc, eval_prompts, n_eval, device)
+        context = getattr(lm.config, "max_position_embeddings", None)
+        train_tokens, test = tokenize(train_pairs, enc, context), tokenize(test_pairs, enc, context)
+
+    # 2. the model: pi_init's network, one output
+    rm = reward_model_from(lm, pad_id)
+    del lm
+    opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=0.0)
+    steps = cfg.epochs * -(-len(train_tokens) // cfg.batch_size)
+    print(f"reward model | {len(train_tokens)} pairs ({len(test)} held out) | "
+          f"{sum(p.numel() for p in rm.parameters()) / 1e6:.2f}M parameters | {steps} steps | device {device}")
+
+    # 3. steps of the Bradley-Terry loss over shuffled pairs
+    step, t1 = 0, time.time()
+    for _ in range(cfg.epochs):
+        for mb_inds in torch.randperm(len(train_tokens)).split(cfg.batch_size):
+            r = rewards(rm, [t for i in mb_inds.tolist() for t in train_tokens[i]], pad_id).view(-1, 2)  # (b, 2)
+            loss, stats = bradley_terry_loss(r[:, 0], r[:, 1])
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * (1 - step / steps)                            # linear decay to 0
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(rm.parameters(), cfg.max_grad_norm)
+            opt.step()
+            step += 1
+            status(f"step {step}/{steps} | loss {loss.item():.3f} | accuracy {stats['accuracy']:.2f} | "
+                       f"{time.time() - t1:.0f}s", done=step == steps)
+
+    # 4. held-out accuracy, printed and saved with the model
+    metrics = evaluate(rm, test, test_true, pad_id) | {"seconds": time.time() - t0, "config": asdict(cfg)}
+    print(f"held out: {metrics['pairs']} pairs | accuracy {metrics['accuracy']:.3f} against the labels"
+          + (f" | accuracy {metrics['accuracy_true']:.3f} against the true reward's order ({metrics['ties']} pairs "
+             f"of equal R left out; the labels': {metrics['labels_true']:.3f}) | spearman {metrics['spearman']:.3f} "
+             f"and slope {metrics['slope']:.2f} with R (1/beta = {1 / cfg.beta:.2f})"
+             if "accuracy_true" in metrics else "") + f" | {metrics['seconds']:.0f}s")
+    save(cfg, rm, enc, metrics)
+    print(f"saved {cfg.out_dir}: python train.py --reward_model={cfg.out_dir}")
+    return metrics
+
+
+def save(cfg, rm, enc, metrics):
+    """out_dir, replaced whole (so that no file of an earlier model stays, such as its tokenizer): the Hugging Face
+    folder (config with num_labels 1 and pad_token_id, weights, the tokenizer where it is a Hugging Face one) and
+    metrics.json."""
+    def write(tmp):
+        with quiet():
+            rm.save_pretrained(tmp)
+            if isinstance(enc, HFTokenizer):
+                enc.tok.save_pretrained(tmp)
+        with open(os.path.join(tmp, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=1)
+    if os.path.isdir(cfg.out_dir):                               # check() made sure it holds a reward model
+        shutil.rmtree(cfg.out_dir)
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out_dir)), exist_ok=True)
+    write_atomically(cfg.out_dir, write)
+
+
+def main(argv=None):
+    """Every failure ends in one line `error: ...` and exit status 1 (APA_DEBUG=1: the full traceback)."""
+    with cli.one_line_errors():
+        cfg = cli.parse_args(Config, sys.argv[1:] if argv is None else argv, __doc__)
+        check(cfg)
+        return train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""
+Tests of reward_model.py: the Bradley-Terry loss against a slow version and against theory (its population
+minimiser is R / beta + c, docs/theory.md section 10), the simulated annotator, the trained model against the true
+reward, the saved folder as train.py reads it, and the preference file. Run: pytest -q tests/test_reward_model.py
+"""
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForSequenceClassification
+
+import data
+import model
+import reward_model
+import train
+from lab.hf import reward_model_fn
+from test_cli import one_line_error
+from test_train import tiny_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, sft_steps=150, sft_lr=3e-3, device="cpu")  # test_train's
+FAST = dict(pairs=2000, epochs=4, lr=3e-3, beta=0.5)             # 5 s on the tiny pi_init
+
+
+@pytest.fixture(scope="session")
+def sft_dir(tmp_path_factory):
+    """The tiny pi_init's cache: tools/mutate.py's shared one, or the one test_train.py's tests use."""
+    path = os.environ.get("APA_TEST_SFT_DIR") or str(tmp_path_factory.getbasetemp() / "sft")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def rm_args(sft_dir, out_dir, **overrides):
+    return [f"--{k}={v}" for k, v in (TINY | dict(sft_dir=sft_dir, out_dir=out_dir) | overrides).items()]
+
+
+@pytest.fixture(scope="module")
+def trained(sft_dir, tmp_path_factory):
+    """A reward model trained on the embedded task's pairs with FAST (seed 0): its metrics and folder."""
+    out = str(tmp_path_factory.mktemp("reward_model") / "rm")
+    return reward_model.main(rm_args(sft_dir, out, **FAST)), out
+
+
+# ----------------------------------------------------------------------------------------------
+# the loss, against a slow version and against theory
+
+def slow_bradley_terry(chosen, rejected):
+    """-log sigmoid(d) = log(1 + exp(-d)), pair by pair in Python floats, written so that no exp overflows."""
+    losses = [math.log1p(math.exp(-d)) if d > 0 else -d + math.log1p(math.exp(d))
+              for d in (c - r for c, r in zip(chosen, rejected))]
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    return sum(losses) / len(losses), sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)
+
+
+def test_bradley_terry_loss_against_a_python_loop():
+    torch.manual_seed(0)
+    chosen, rejected = torch.randn(50, dtype=torch.float64) * 3, torch.randn(50, dtype=torch.float64) * 3  # (B,)
+    chosen[:2], rejected[:2] = torch.tensor([100.0, -100.0]), torch.tensor([-100.0, 100.0])  # no overflow
+    loss, stats = reward_model.bradley_terry_loss(chosen, rejected)
+    want_loss, want_accuracy, want_margin = slow_bradley_terry(chosen.tolist(), rejected.tolist())
+    assert loss.item() == pytest.approx(want_loss, rel=1e-6) and math.isfinite(loss.item())
+    assert stats == pytest.approx({"accuracy": want_accuracy, "margin": want_margin}, rel=1e-6)
+    assert isinstance(stats["accuracy"], float) and isinstance(stats["margin"], float)
+
+
+# deliberately wrong Bradley-Terry losses: each must fail the theory tests below
+def with_margin(chosen, rejected):
+    return -F.logsigmoid(chosen - rejected - 0.5).mean(), {}
+
+
+def flipped_sign(chosen, rejected):
+    return -F.logsigmoid(rejected - chosen).mean(), {}
+
+
+def without_log(chosen, rejected):
+    return -torch.sigmoid(chosen - rejected).mean(), {}
+
+
+def hinge(chosen, rejected):
+    return torch.relu(1 - (chosen - rejected)).mean(), {}
+
+
+def population(n=6, prompts=2, seed=0):
+    """Two prompts, n responses each: true rewards R (prompts, n) with ties, and a full-support sampler mu."""
+    g = torch.Generator().manual_seed(seed)
+    R = torch.tensor([[-1.0, -0.5, 0.0, 0.0, 0.5, 1.0], [1.0, 0.5, 0.5, -0.5, 0.0, -1.0]], dtype=torch.float64)
+    mu = torch.softmax(torch.randn(prompts, n, generator=g, dtype=torch.float64), 1)  # (prompts, n) pi_init
+    return R[:prompts, :n], mu
+
+
+def population_loss(loss_fn, r, R, mu, beta):
+    """The exact expected loss over pairs (y, y') ~ mu x mu of each prompt and the annotator's label: every ordered
+    pair with each of its two labels, each weighted by its probability, each through loss_fn on a batch of one."""
+    total = 0.0
+    for x, i, j in itertools.product(range(R.shape[0]), range(R.shape[1]), range(R.shape[1])):
+        p = torch.sigmoid((R[x, i] - R[x, j]) / beta)                            # P(y_i preferred to y_j)
+        chosen_i, _ = loss_fn(r[x, i:i + 1], r[x, j:j + 1])
+        chosen_j, _ = loss_fn(r[x, j:j + 1], r[x, i:i + 1])
+        total = total + mu[x, i] * mu[x, j] * (p * chosen_i + (1 - p) * chosen_j)
+    return total
+
+
+def minimise(loss_fn, R, mu, beta):
+    """The population loss's minimiser, by L-BFGS in float64 from r = 0."""
+    r = torch.zeros_like(R, requires_grad=True)
+    opt = torch.optim.LBFGS([r], max_iter=500, tolerance_grad=1e-13, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+    def closure():
+        opt.zero_grad()
+        loss = population_loss(loss_fn, r, R, mu, beta)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return r.detach()
+
+
+def centred(r):
+    """r minus its mean over each prompt's responses: what is left once c(x) is taken out."""
+    return r - r.mean(1, keepdim=True)
+
+
+BETA = 0.5
+
+
+def test_the_population_gradient_is_zero_at_true_reward_over_beta_for_every_constant():
+    R, mu = population()
+    for c in ([0.0, 0.0], [3.0, -7.0]):                                          # c(x), one per prompt
+        r = (R / BETA + torch.tensor(c, dtype=torch.float64)[:, None]).requires_grad_(True)
+        population_loss(reward_model.bradley_terry_loss, r, R, mu, BETA).backward()
+        assert r.grad.abs().max() < 1e-14
+    # and for the wrong losses it is not: R / beta is no stationary point of theirs
+    for wrong in (with_margin, flipped_sign, without_log, hinge):
+        r = (R / BETA).clone().requires_grad_(True)
+        population_loss(wrong, r, R, mu, BETA).backward()
+        assert r.grad.abs().max() > 1e-3, wrong.__name__
+
+
+@pytest.mark.parametrize("loss_fn, recovers", [(reward_model.bradley_terry_loss, True), (with_margin, False),
+                                               (flipped_sign, False), (without_log, False), (hinge, False)],
+                         ids=["bradley_terry", "with_margin", "flipped_sign", "without_log", "hinge"])
+def test_the_population_minimiser_is_true_reward_over_beta_plus_a_constant(loss_fn, recovers):
+    """Minimised exactly (float64, every pair), the Bradley-Terry loss gives r = R / beta + c(x); the wrong losses
+    do not. The policy that r induces at lambda is then R's pi* at lambda * beta."""
+    R, mu = population()
+    r = minimise(loss_fn, R, mu, BETA)
+    error = (centred(r) - centred(R / BETA)).abs().max().item()
+    if not recovers:
+        assert not error < 0.05, (loss_fn.__name__, error)                       # NaN counts as not recovered
+        return
+    assert error < 1e-6
+    lam = 0.3
+    induced = torch.softmax(mu.log() + r / lam, 1)                               # pi_init exp(r / lambda) / Z
+    assert torch.allclose(induced, torch.softmax(mu.log() + R / (lam * BETA), 1), atol=1e-7)  # R's pi* at lam beta
+    assert not torch.allclose(induced, torch.softmax(mu.log() + R / lam, 1), atol=1e-2)       # not R's pi* at lam
+
+
+def test_annotator_prefers_y1_with_probability_sigmoid_of_the_gap_over_beta():
+    torch.manual_seed(0)
+    n, beta = 20_000, 0.5
+    for gap in (-1.0, -0.5, 0.0, 0.5, 1.0, 2.0):
+        first = reward_model.annotate(torch.full((n,), gap), torch.zeros(n), beta)
+        p = 1 / (1 + math.exp(-gap / beta))
+        assert abs(first.float().mean().item() - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-9, gap
+
+
+def test_spearman_against_a_python_loop():
+    x = [0.3, -1.2, 0.3, 2.0, 0.3, -1.2, 5.0, 0.0]                             # ties on both sides
+    y = [1.0, 0.5, -0.5, 1.0, 0.0, 0.5, 0.5, -1.0]
+    def ranks(v):                                                               # 1 + smaller, ties their mean
+        return [sum(b < a for b in v) + (sum(b == a for b in v) - 1) / 2 for a in v]
+    a, b = ranks(x), ranks(y)
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    cov = sum((p - ma) * (q - mb) for p, q in zip(a, b))
+    want = cov / math.sqrt(sum((p - ma) ** 2 for p in a) * sum((q - mb) ** 2 for q in b))
+    assert reward_model.spearman(x, y) == pytest.approx(want, abs=1e-12)
+    assert reward_model.spearman(x, [2 * v + 1 for v in x]) == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the pairs of the embedded task, and the trained model against the true reward
+
+def test_task_pairs_are_seeded_and_carry_their_true_rewards(sft_dir):
+    cfg = reward_model.Config(**TINY, sft_dir=sft_dir)
+    enc = data.task_encoding()
+    lm = model.load_pi_init(cfg, enc, [], [], torch.device("cpu"))
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        runs.append(reward_model.task_pairs(cfg, lm, enc, data.task_prompts(), 64, torch.device("cpu")))
+    (pairs, true), (again, true_again) = runs
+    assert pairs == again and torch.equal(true, true_again) and true.shape == (64, 2)
+    assert [p for p, _, _ in pairs] != [pairs[0][0]] * 64 and all(p in data.task_prompts() for p, _, _ in pairs)
+    for column, k in ((0, 1), (1, 2)):                                          # R(chosen), R(rejected)
+        assert true[:, column].tolist() == data.sentiment_reward([p[0] for p in pairs], [p[k] for p in pairs])
+
+
+def test_the_trained_model_orders_held_out_pairs_as_the_true_reward(trained):
+    """Seed 0 measured: accuracy 0.93 against R's order (ties excluded), Spearman 0.88 (seeds 1-3: 0.91-0.92 and
+    0.86-0.88); the labels themselves agree with R's order on 0.78 of the untied pairs (beta = 0.5)."""
+    metrics, out = trained
+    assert metrics["accuracy_true"] > 0.85 and metrics["spearman"] > 0.8
+    assert metrics["accuracy_true"] > metrics["labels_true"]                    # it learned past the labels' noise
+    with open(os.path.join(out, "metrics.json")) as f:
+        assert json.load(f) == json.loads(json.dumps(metrics))
+
+
+def test_the_folder_loads_as_a_one_label_classifier_and_train_py_reads_the_same_scores(trained, sft_dir, tmp_path):
+    _, out = trained
+    enc = data.task_encoding()
+    rm = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert rm.config.num_labels == 1 and rm.config.pad_token_id == enc.eot_token
+    assert not os.path.exists(os.path.join(out, "tokenizer_config.json"))       # the task's tokenizer is tiktoken's
+    prompts = ["the movie was", "the plot felt quite", "the cast is", "the music seemed"]
+    completions = [" great.", " dull but the ending was superb and the cast was charming.", "", " \ufffd slow."]
+    with torch.no_grad():
+        ours = reward_model.rewards(rm, [reward_model.encode(enc, p + c) for p, c in zip(prompts, completions)],
+                                    enc.eot_token)
+    theirs = reward_model_fn(out, enc, torch.device("cpu"))(prompts, completions)
+    assert theirs == pytest.approx(ours.tolist(), abs=1e-5)
+    assert max(theirs) - min(theirs) > 0.1                                        # a trained model, not a constant
+    history = train.main(tiny_args(sft_dir, tmp_path / "rl", reward_model=out, iters=2))
+    assert len(history) == 2 and all(math.isfinite(h["reward"]) for h in history)
+
+
+# ----------------------------------------------------------------------------------------------
+# the preference file
+
+def write_lines(path, lines, raw=b""):
+    path.write_bytes("\n".join(lines).encode() + raw)
+    return str(path)
+
+
+def test_both_layouts_read_and_score_the_same_texts(tmp_path):
+    explicit = write_lines(tmp_path / "a.jsonl", [
+        json.dumps({"prompt": "the movie was", "chosen": " great.", "rejected": " dull."}),
+        "",                                                                     # blank lines are skipped
+        json.dumps({"prompt": "the plot", "chosen": " was superb.", "rejected": " felt weak."})])
+    implicit = write_lines(tmp_path / "b.jsonl", [
+        "\ufeff" + json.dumps({"chosen": "the movie was great.", "rejected": "the movie was dull."}) + "\r",
+        "",
+        json.dumps({"chosen": "the plot was superb.", "rejected": "the plot felt weak."})])
+    a, b = reward_model.read_preferences(explicit), reward_model.read_preferences(implicit)
+    assert a == [("the movie was", " great.", " dull.", 1), ("the plot", " was superb.", " felt weak.", 3)]
+    assert b == [("the movie was ", "great.", "dull.", 1), ("the plot ", "was superb.", "felt weak.", 3)]
+    enc = data.task_encoding()
+    assert reward_model.tokenize(a, enc, 32) == reward_model.tokenize(b, enc, 32)  # the same texts, scored alike
+
+
+BROKEN = {
+    "no rejected": ([json.dumps({"prompt": "a", "chosen": " b"})], 1, 'no "rejected"'),
+    "no chosen": (['{"chosen": "x", "rejected": "y"}', json.dumps({"rejected": "b"})], 2, 'no "chosen"'),
+    "empty chosen": ([json.dumps({"prompt": "a", "chosen": "", "rejected": " b"})], 1, '"chosen" is empty'),
+    "empty rejected": ([json.dumps({"chosen": "a b", "rejected": ""})], 1, '"rejected" is empty'),
+    "identical": (['{"chosen": "x", "rejected": "y"}', "", json.dumps({"prompt": "a", "chosen": " b", "rejected": " b"})],
+                  3, '"chosen" and "rejected" are the same text'),
+    "identical, implicit prompt": ([json.dumps({"chosen": "a b", "rejected": "a b"})], 1, "the same text"),
+    "not a string": ([json.dumps({"prompt": "a", "chosen": 3, "rejected": " b"})], 1, '"chosen" is not a string: 3'),
+    "not JSON": (['{"chosen": "x", "rejected": "y"}', '{"chosen": "x",'], 2, "not JSON"),
+    "a list": (['["x", "y"]'], 1, "a JSON list, not an object"),
+    "too long": (['{"chosen": "x", "rejected": "y"}', json.dumps({"prompt": "the movie was", "chosen": " great" * 40,
+                                                                 "rejected": " dull."})],
+                 2, "the pair has 43 tokens, more than the model's context of 32"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN, ids=list(BROKEN))
+def test_a_broken_preference_file_is_one_line_that_names_the_line(case, sft_dir, tmp_path):
+    lines, line, message = BROKEN[case]
+    path = write_lines(tmp_path / "prefs.jsonl", lines)
+    text = one_line_error(reward_model.main, rm_args(str(tmp_path / "no_sft"), str(tmp_path / "out"),
+                                                     preferences=path))
+    assert text.startswith(f"error: {path}:{line}: ") and message in text, text
+    assert not os.path.exists(tmp_path / "no_sft") and not os.path.exists(tmp_path / "out")  # before any work
+
+
+def test_text_that_is_not_utf8_is_refused_with_its_line_and_exit_status_1(tmp_path):
+    path = write_lines(tmp_path / "prefs.jsonl", ['{"chosen": "x", "rejected": "y"}'], b'\n{"chosen": "caf\xe9"}')
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "reward_model.py"), f"--preferences={path}",
+                           f"--out_dir={tmp_path / 'out'}"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stdout == "", proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"error: {path}:2: not UTF-8 text"), proc.stderr
+
+
+def test_a_preference_file_trains_and_holds_out_a_share_of_its_pairs(sft_dir, tmp_path):
+    good, bad = data.POSITIVE, data.NEGATIVE
+    lines = [json.dumps({"prompt": f"the {s} was", "chosen": f" {good[i % 8]}.", "rejected": f" {bad[(i + 3) % 8]}."})
+             for i, s in enumerate(data.SUBJECTS * 4)]
+    path = write_lines(tmp_path / "prefs.jsonl", lines)
+    metrics = reward_model.main(rm_args(sft_dir, str(tmp_path / "out"), preferences=path, epochs=2, lr=3e-3))
+    assert metrics["pairs"] == 8 and set(metrics) == {"pairs", "accuracy", "seconds", "config"}  # no true reward
+    assert os.path.exists(tmp_path / "out" / "model.safetensors")
+
+
+def test_an_out_dir_that_holds_something_else_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    text = one_line_error(reward_model.main, rm_args(str(tmp_path / "sft"), str(tmp_path)))
+    assert "holds files but no reward model" in text and (tmp_path / "notes.txt").exists()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama"])
+def test_init_with_its_own_tokenizer_saves_it_and_train_py_reads_the_same_scores(arch, tmp_path):
+    """--init: a Hugging Face causal LM with a tokenizer of its own. The folder holds that tokenizer (padding on
+    the right), and lab/hf.reward_model_fn, which tokenizes with it, reads the scores reward_model.py trained."""
+    from test_models import save_checkpoint
+    save_checkpoint(arch, tmp_path / "init")
+    out = str(tmp_path / "rm")
+    reward_model.main([f"--init={tmp_path / 'init'}", f"--out_dir={out}", "--pairs=40", "--epochs=1", "--lr=1e-2",
+                       "--max_new_tokens=8", "--device=cpu"])
+    rm = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    enc = data.get_encoding(out)                                                # the saved tokenizer
+    assert rm.config.num_labels == 1 and rm.config.pad_token_id == enc.tok.pad_token_id == enc.eot_token
+    prompts, completions = ["the movie was", "the plot felt quite"], [" great.", " dull but the cast was superb."]
+    with torch.no_grad():
+        ours = reward_model.rewards(rm, [reward_model.encode(enc, p + c) for p, c in zip(prompts, completions)],
+                                    enc.eot_token)
+    theirs = reward_model_fn(out, data.task_encoding(), torch.device("cpu"))(prompts, completions)
+    assert theirs == pytest.approx(ours.tolist(), abs=1e-5) and ours[0] != ours[1]
