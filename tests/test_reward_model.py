@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
 import data
-import model
 import reward_model
 import train
-from lab.hf import reward_model_fn
+from lab import runs
+from lab.hf import HFTokenizer, reward_model_fn
 from test_cli import one_line_error
 from test_train import tiny_args
 
@@ -188,12 +188,12 @@ def test_spearman_against_a_python_loop():
 def test_task_pairs_are_seeded_and_carry_their_true_rewards(sft_dir):
     cfg = reward_model.Config(**TINY, sft_dir=sft_dir)
     enc = data.task_encoding()
-    lm = model.load_pi_init(cfg, enc, [], [], torch.device("cpu"))
-    runs = []
+    lm = runs.load_pi_init(cfg, enc, [], [], torch.device("cpu"))
+    drawn = []
     for _ in range(2):
         torch.manual_seed(3)
-        runs.append(reward_model.task_pairs(cfg, lm, enc, data.task_prompts(), 64, torch.device("cpu")))
-    (pairs, true), (again, true_again) = runs
+        drawn.append(reward_model.task_pairs(cfg, lm, enc, data.task_prompts(), 64, torch.device("cpu")))
+    (pairs, true), (again, true_again) = drawn
     assert pairs == again and torch.equal(true, true_again) and true.shape == (64, 2)
     assert [p for p, _, _ in pairs] != [pairs[0][0]] * 64 and all(p in data.task_prompts() for p, _, _ in pairs)
     for column, k in ((0, 1), (1, 2)):                                          # R(chosen), R(rejected)
@@ -313,7 +313,7 @@ def test_init_with_its_own_tokenizer_saves_it_and_train_py_reads_the_same_scores
     reward_model.main([f"--init={tmp_path / 'init'}", f"--out_dir={out}", "--pairs=40", "--epochs=1", "--lr=1e-2",
                        "--max_new_tokens=8", "--device=cpu"])
     rm = AutoModelForSequenceClassification.from_pretrained(out).eval()
-    enc = data.get_encoding(out)                                                # the saved tokenizer
+    enc = HFTokenizer(out)                                                      # the saved tokenizer
     assert rm.config.num_labels == 1 and rm.config.pad_token_id == enc.tok.pad_token_id == enc.eot_token
     prompts, completions = ["the movie was", "the plot felt quite"], [" great.", " dull but the cast was superb."]
     with torch.no_grad():
