@@ -1,8 +1,8 @@
 """
-GRPO, Dr. GRPO and RLOO against theory (grpo.py derives each fixed point). As in test_losses.py,
+GRPO, Dr. GRPO and RLOO against theory (docs/theory.md, sections 7 and 8, derives each fixed point). As in test_losses.py,
 expectations are exact: every k-tuple of responses that a group can draw is k consecutive rows of the
 batch, weighted by the tuple's probability, so a masked mean is the large-batch limit of the loss.
-Run: pytest -q tests/test_grpo.py   (a few seconds on a CPU)
+Run: pytest -q tests/test_grpo.py   (about a minute of one CPU core)
 """
 import functools
 import itertools
@@ -464,7 +464,7 @@ def test_token_mdp_k1_in_the_loss_pulls_nowhere_and_the_policy_turns_determinist
     # token mean of k1 is (lambda/T) (KL(pi_old || pi_init) - sum_s d(s) KL(pi_old(.|s) || pi_theta(.|s))), with d the
     # visits of pi_old, so minimising it pushes pi_theta away from pi_old (at second order), never towards pi_init.
     # Trained, each algorithm turns near-deterministic on a high-scoring response, which need not be the best, and
-    # its KL to pi_init nears -log pi_init(y) of that response, whatever lambda.
+    # its KL to pi_init nears -log pi_init(y) of that response.
     init_logits, R = token_mdp()
     lam = 0.5
     runs = {est: group_iterate(init_logits, token_log_probs(init_logits), placed_kl_adv(R, "rloo", False),
