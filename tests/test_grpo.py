@@ -1,7 +1,7 @@
 """
-GRPO, Dr. GRPO and RLOO against theory (docs/theory.md, sections 7 and 8, derives each fixed point). As in test_losses.py,
-expectations are exact: every k-tuple of responses that a group can draw is k consecutive rows of the
-batch, weighted by the tuple's probability, so a masked mean is the large-batch limit of the loss.
+GRPO, Dr. GRPO and RLOO against theory (docs/theory.md, sections 7 and 8, derives each fixed point). As in
+test_losses.py, expectations are exact: every k-tuple of responses that a group can draw is k consecutive rows of
+the batch, weighted by the tuple's probability, so a masked mean is the large-batch limit of the loss.
 Run: pytest -q tests/test_grpo.py   (about a minute of one CPU core)
 """
 import functools
