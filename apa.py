@@ -58,10 +58,11 @@ def awr_loss(logprobs, old_logprobs, advantages, mask, awr_lam, max_weight=20.0)
         L_AWR(theta) = -E_{(s,a) ~ pi_old} [ min(exp(Adv(s,a)/lambda'), max_weight) * log pi_theta(a|s) ]
 
     Weighted maximum likelihood on the policy's own samples. With the per-token KL-penalised reward (as here,
-    the reward of PPO and the default APA) its fixed point is pi* for any lambda', which only sets the size of a
-    step; with the score alone it collapses onto the best response (docs/theory.md, section 5). lambda' is a
-    temperature of its own (the authors' HH config uses 0.5), and the weights are clipped at max_weight, as in
-    Peng et al.
+    the reward of PPO and the default APA) its fixed point is pi* for any lambda', which sets the size of a step
+    (in a bandit, full steps to each batch's minimiser reach pi* only for lambda' > lambda/2; small steps reach it
+    at any lambda'); with the score alone it collapses onto the best response (docs/theory.md, section 5). lambda'
+    is a temperature of its own (the authors' HH config uses 0.5), and the weights are clipped at max_weight, as
+    in Peng et al.
 
     logprobs     (B, T) log pi_theta(a_t|s_t) of the sampled tokens, with grad
     old_logprobs (B, T) log pi_old(a_t|s_t), only for the logged approx_kl

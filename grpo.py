@@ -52,7 +52,8 @@ def rloo_advantages(rewards, group_size):
 # docs/theory.md, section 8, derives each, and the fixed point each reaches with each algorithm's advantages.
 
 def k1(logprobs, ref_logprobs, old_logprobs=None):
-    """log pi_theta/pi_init: unbiased for the KL, but its expected gradient on pi_theta's samples is 0."""
+    """log pi_theta/pi_init: unbiased for the KL, but its expected gradient at pi_theta = pi_old is 0, so nothing
+    pulls the policy towards pi_init (within an update, it pushes pi_theta away from pi_old)."""
     return logprobs - ref_logprobs                               # (B, T)
 
 
@@ -63,8 +64,10 @@ def k2(logprobs, ref_logprobs, old_logprobs=None):
 
 
 def k3(logprobs, ref_logprobs, old_logprobs=None):
-    """Schulman's k3, as GRPO uses it: r - log r - 1 with r = pi_init/pi_theta on the sampled token. Its gradient
-    on pi_theta's samples is that of the forward KL(pi_init || pi_theta), not the reverse KL that J carries."""
+    """Schulman's k3, as GRPO uses it: r - log r - 1 with r = pi_init/pi_theta on the sampled token. Its expected
+    gradient on pi_theta's samples is that of the forward KL(pi_init(.|s) || pi_theta(.|s)) at each state s, the
+    states weighted by pi_theta's own visits: not the reverse KL that J carries, nor the forward KL of whole
+    responses (which weights the states by pi_init's visits)."""
     log_r = ref_logprobs - logprobs                              # (B, T) log pi_init/pi_theta
     return log_r.exp() - log_r - 1                               # (B, T)
 

@@ -79,7 +79,9 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2):
     L = E_t[ max(-A_t r_t, -A_t clip(r_t, 1 - eps, 1 + eps)) ],  r_t = pi_theta(a_t|s_t) / pi_old(a_t|s_t).
     logprobs (B, T) under pi_theta (with grad); old_logprobs, advantages (B, T) from the rollout.
     Returns (pg_loss, stats): approx_kl (see `approx_kl`) and clipfrac, the fraction of tokens where
-    the clipped term is the active one.
+    the clipped term is the active one. At pi_theta = pi_old, with the advantages of kl_penalized_rewards and gae
+    (a token mean over responses of T tokens), the gradient is -grad J / T; whitened first, as train.py does, it is
+    -grad J / (T s), s the advantages' std: either way it vanishes only at pi* (docs/theory.md, section 6).
     """
     ratio = torch.exp(logprobs - old_logprobs)                   # (B, T)  r_t
     pg_loss1 = -advantages * ratio                               # (B, T)

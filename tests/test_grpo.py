@@ -1,8 +1,8 @@
 """
-GRPO, Dr. GRPO and RLOO against theory (grpo.py derives each fixed point). As in test_losses.py,
-expectations are exact: every k-tuple of responses that a group can draw is k consecutive rows of the
-batch, weighted by the tuple's probability, so a masked mean is the large-batch limit of the loss.
-Run: pytest -q tests/test_grpo.py   (a few seconds on a CPU)
+GRPO, Dr. GRPO and RLOO against theory (docs/theory.md, sections 7 and 8, derives each fixed point). As in
+test_losses.py, expectations are exact: every k-tuple of responses that a group can draw is k consecutive rows of
+the batch, weighted by the tuple's probability, so a masked mean is the large-batch limit of the loss.
+Run: pytest -q tests/test_grpo.py   (about a minute of one CPU core)
 """
 import functools
 import itertools
@@ -13,7 +13,7 @@ import torch
 
 from grpo import group_advantages, grpo_loss, k1, k2, k3, k3_is, rloo_advantages
 from ppo import masked_mean, ppo_policy_loss
-from test_losses import (PREFIXES, SEQS, T_, bandit, exact_values, float64, objective, optimum,  # noqa: F401
+from test_losses import (PREFIXES, SEQS, STATES, T_, bandit, exact_values, float64, objective, optimum,  # noqa: F401
                          paper_form_fixed_point, seq_probs, token_logprobs, token_mdp, token_optimum, tv)
 
 
@@ -129,10 +129,15 @@ def bandit_log_probs(log_init):
     return lambda logits: (log_init if logits is None else torch.log_softmax(logits, 0))[:, None]  # (K, 1)
 
 
-def bandit_run(R, advantage_fn, loss_fn, lam, steps=3000):
+def bandit_run(R, advantage_fn, loss_fn, lam, steps=3000, lr=0.5):
     log_init, _ = bandit()
-    logits = group_iterate(log_init, bandit_log_probs(log_init), advantage_fn, loss_fn, KB, lam, steps)
+    logits = group_iterate(log_init, bandit_log_probs(log_init), advantage_fn, loss_fn, KB, lam, steps, lr=lr)
     return torch.softmax(logits, 0)
+
+
+def kl_to_init(pi):
+    """KL(pi || pi_init) in the bandit, in nats."""
+    return (pi * (pi.log() - bandit()[0])).sum().item()
 
 
 def test_bandit_rloo_converges_to_optimum_where_every_advantage_is_zero():
@@ -192,8 +197,8 @@ def dr_grpo_tilt(log_init, R, lam, k):
 
 def test_bandit_dr_grpo_fixed_point_is_a_hyperbolic_tilt_not_pi_star():
     # pi(y) (1 - (1 - 1/k)(R(y) - E_pi[R]) / lambda) = pi_init(y): agrees with pi* for lambda k/(k-1) to first order
-    # only. And no law says on which side of pi* it lies: at k = 4 its KL to pi_init is 3.49 nats against pi*'s 4.13
-    # at lambda = 0.05 (short of pi*), 0.17 against 0.09 at 0.5 (past it)
+    # only. And no law says on which side of pi* it lies: at k = 4 its KL to pi_init is 0.17 nats against pi*'s 0.09
+    # at lambda = 0.5 (past pi*), 3.49 against 4.13 at 0.05 (short of it). The iteration reaches the formula at both.
     log_init, R = bandit()
     lam = 0.5
     pi = bandit_run(R, grpo_adv(R, KB, std=False), grpo_surrogate, lam)
@@ -202,9 +207,10 @@ def test_bandit_dr_grpo_fixed_point_is_a_hyperbolic_tilt_not_pi_star():
     torch.testing.assert_close(pi, dr_grpo_tilt(log_init, R, lam, KB), rtol=0, atol=1e-6)
     for lam_pi_star in (lam, lam * KB / (KB - 1)):
         assert (pi - optimum(log_init, R, lam_pi_star)).abs().max().item() > 1e-2
-    kl = lambda p: (p * (p.log() - log_init)).sum().item()          # noqa: E731 KL(p || pi_init)
-    side = {lam: kl(dr_grpo_tilt(log_init, R, lam, KB)) - kl(optimum(log_init, R, lam)) for lam in (0.05, 0.5)}
-    assert side[0.05] < -0.3 and side[0.5] > 0.05                    # short of pi*, then past it
+    pi_small = bandit_run(R, grpo_adv(R, KB, std=False), grpo_surrogate, 0.05, steps=1000, lr=4.0)  # lambda = 0.05
+    torch.testing.assert_close(pi_small, dr_grpo_tilt(log_init, R, 0.05, KB), rtol=0, atol=1e-6)
+    assert (kl_to_init(pi), kl_to_init(optimum(log_init, R, lam))) == pytest.approx((0.17, 0.09), abs=5e-3)  # past
+    assert (kl_to_init(pi_small), kl_to_init(optimum(log_init, R, 0.05))) == pytest.approx((3.49, 4.13), abs=5e-3)
 
 
 def slow_expected_grpo_advantage(pi, R, k):
@@ -219,6 +225,17 @@ def slow_expected_grpo_advantage(pi, R, k):
         w[t[0]] += prob * a1
         p[t[0]] += prob
     return torch.tensor([wi / pi_i for wi, pi_i in zip(w, p)])
+
+
+def test_bandit_grpo_fixed_point_lies_past_pi_star_at_one_lambda_and_short_of_it_at_another():
+    # GRPO's hyperbolic tilt pi(y) (1 - w(y)/lambda) = pi_init(y), reached by iteration at lambda = 0.1 and 0.05
+    # (k = 4): its KL to pi_init is 3.71 nats against pi*'s 3.01 at 0.1 (past pi*), 3.96 against 4.13 at 0.05 (short)
+    log_init, R = bandit()
+    for lam, kls in ((0.1, (3.71, 3.01)), (0.05, (3.96, 4.13))):
+        pi = bandit_run(R, grpo_adv(R, KB, std=True), grpo_surrogate, lam, steps=1000, lr=4.0)
+        w = slow_expected_grpo_advantage(pi, R, KB)
+        torch.testing.assert_close(pi * (1 - w / lam), log_init.exp(), rtol=0, atol=1e-4)
+        assert (kl_to_init(pi), kl_to_init(optimum(log_init, R, lam))) == pytest.approx(kls, abs=5e-3)
 
 
 def test_bandit_grpo_fixed_point_ignores_the_scale_of_the_reward():
@@ -400,12 +417,146 @@ def test_bandit_fixed_point_of_each_place_for_the_kl(algo, kl):
     assert (optimum(log_init, R, lam) - log_init.exp()).abs().max().item() > 0.05  # the start is not the answer
 
 
-def test_token_mdp_rloo_with_the_kl_in_the_loss_settles_where_the_papers_apa_does():
-    # k2 (or k3_is) in the loss gives the reverse KL's gradient at each state only: the KL that later tokens pay is
-    # missing, and RLOO then settles at pi_init exp(Q_R/lambda) per state, the paper's APA's fixed point, not pi*
+def visits(logits):
+    """d(s): the probability that the policy (logits (13, 3)) passes each prefix s. Returns (13,)."""
+    pi = seq_probs(logits)[:, None].expand(-1, T_)                    # (27, 3) each response passes one s per t
+    return torch.zeros(len(PREFIXES)).index_add(0, STATES.flatten(), pi.flatten())
+
+
+def per_state_mean(x, logits):
+    """E_{a ~ pi(.|s_t)}[x(s_t, a)] on every token (27, 3), for x (27, 3) a function of (s_t, a_t)."""
+    table = torch.zeros(len(PREFIXES), 3)
+    table[STATES, SEQS] = x                                           # (13, 3) x(s, a): every pair is some token
+    return (torch.softmax(logits, -1) * table).sum(1)[STATES]         # (27, 3)
+
+
+def test_token_mdp_kl_estimators_expected_gradients_act_per_state_weighted_by_the_policys_visits():
+    # at pi_theta = pi_old, every response a row weighted by pi(y): the expected gradient of the token mean of k3 is
+    # (1/T) sum_s d(s) grad KL(pi_init(.|s) || pi(.|s)), with d(s) the probability that pi visits s, held fixed; of k2
+    # and k3_is, the same with KL(pi(.|s) || pi_init(.|s)); of k1, 0. Neither is the gradient of a sequence-level KL:
+    # the forward KL(pi_init || pi) weights the states by pi_init's visits, and the reverse KL(pi || pi_init) also
+    # moves the visits themselves (the KL that the later tokens pay).
+    init_logits, _ = token_mdp()
+    logits = (init_logits + torch.randn(init_logits.shape, generator=torch.Generator().manual_seed(7))).requires_grad_()
+    logp, ref = token_logprobs(logits), token_logprobs(init_logits)  # (27, 3)
+    old, w = logp.detach(), logp.detach().sum(1).exp()[:, None].expand(-1, T_)  # (27, 3) sampled from pi itself
+    def gradient(f):
+        return torch.autograd.grad(f, logits, retain_graph=True)[0]
+    def expected(estimator):
+        return gradient(masked_mean(estimator(logp, ref, old), w))
+    d = visits(logits.detach())                                       # (13,)
+    log_pi, log_init = torch.log_softmax(logits, -1), torch.log_softmax(init_logits, -1)  # (13, 3)
+    forward = gradient((d * (log_init.exp() * (log_init - log_pi)).sum(1)).sum()) / T_
+    reverse = gradient((d * (log_pi.exp() * (log_pi - log_init)).sum(1)).sum()) / T_
+    torch.testing.assert_close(expected(k3), forward, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(expected(k2), reverse, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(expected(k3_is), reverse, rtol=1e-10, atol=1e-12)
+    assert expected(k1).abs().max() < 1e-15
+    seq, seq_init = logp.sum(1), ref.sum(1)                           # (27,) log pi(y), log pi_init(y)
+    seq_forward = gradient((seq_init.exp() * (seq_init - seq)).sum()) / T_   # grad KL(pi_init || pi) / T
+    seq_reverse = gradient((seq.exp() * (seq - seq_init)).sum()) / T_        # grad KL(pi || pi_init) / T
+    assert (forward - seq_forward).abs().max() > 1e-2 and (reverse - seq_reverse).abs().max() > 1e-2
+
+
+def test_token_mdp_k1_in_the_loss_pulls_nowhere_and_the_policy_turns_deterministic():
+    # k1's expected gradient at pi_theta = pi_old is 0: with one step per batch, RLOO with k1 in the loss takes the
+    # steps of RLOO with no KL at all. Within an update the term is not constant: on pi_old's samples, lambda times the
+    # token mean of k1 is (lambda/T) (KL(pi_old || pi_init) - sum_s d(s) KL(pi_old(.|s) || pi_theta(.|s))), with d the
+    # visits of pi_old, so minimising it pushes pi_theta away from pi_old (at second order), never towards pi_init.
+    # Trained, each algorithm turns near-deterministic on a high-scoring response, which need not be the best, and
+    # its KL to pi_init nears -log pi_init(y) of that response.
     init_logits, R = token_mdp()
     lam = 0.5
-    logits = token_run(R, placed_kl_adv(R, "rloo", False), placed_kl_loss(k2), lam, iters=300, lr=6.0)
-    claimed = paper_form_fixed_point(init_logits, R, lam)
-    assert tv(logits, seq_probs(claimed)) < 1e-4
-    assert tv(claimed, token_optimum(init_logits, R, lam)) > 0.1
+    runs = {est: group_iterate(init_logits, token_log_probs(init_logits), placed_kl_adv(R, "rloo", False),
+                               placed_kl_loss(est), KK, lam, 100, epochs=1, lr=6.0) for est in (k1, None)}
+    torch.testing.assert_close(runs[k1], runs[None], rtol=0, atol=1e-12)
+    assert tv(runs[k1], seq_probs(init_logits)) > 0.5                  # it did move
+    old_logits = runs[k1]                                             # a pi_old, and a pi_theta moved away from it
+    theta = old_logits + 0.3 * torch.randn(old_logits.shape, generator=torch.Generator().manual_seed(8))
+    old = token_logprobs(old_logits)                                  # (27, 3)
+    rows, w = group_batch(old.sum(1).exp(), KK)                      # every group pi_old draws
+    ref = token_logprobs(init_logits)[rows]
+    loss, _ = grpo_loss(token_logprobs(theta)[rows], old[rows], ref, torch.zeros_like(ref), w[:, None].expand_as(ref),
+                        lam, kl_estimator=k1)                         # no advantages: the k1 term alone
+    log_old, log_theta = torch.log_softmax(old_logits, -1), torch.log_softmax(theta, -1)  # (13, 3)
+    kl_steps = (visits(old_logits) * (log_old.exp() * (log_old - log_theta)).sum(1)).sum()  # sum_s d KL(old || theta)
+    kl_init = (old.sum(1).exp() * (old - token_logprobs(init_logits)).sum(1)).sum()  # KL(pi_old || pi_init)
+    assert loss.item() == pytest.approx(lam / T_ * (kl_init - kl_steps).item(), rel=1e-10)
+    assert kl_steps > 1e-2
+    log_init, pi_star = token_logprobs(init_logits).sum(1), token_optimum(init_logits, R, lam)  # (27,), (27,)
+    kl_star = (pi_star * (pi_star.log() - log_init)).sum().item()     # pi*'s KL to pi_init: 0.43
+    for algo in ("rloo", "dr_grpo", "grpo"):                          # 200 iterations of 10 steps per batch
+        pi = seq_probs(group_iterate(init_logits, token_log_probs(init_logits), placed_kl_adv(R, algo, False),
+                                     placed_kl_loss(k1), KK, lam, 200, epochs=10, lr=6.0))  # (27,)
+        y = pi.argmax()
+        kl = (pi * (pi.log() - log_init)).sum().item()
+        assert pi[y] > 0.99 and R[y] > 0.75 and kl == pytest.approx(-log_init[y].item(), abs=0.1) and kl > 5 * kl_star
+        assert (y == R.argmax()) == (algo != "dr_grpo")              # Dr. GRPO: 0.991 on the second best (R 0.80)
+
+
+def placed_kl_claims(init_logits, R, lam):
+    """The claimed fixed point of each (algorithm, --kl) in the token MDP, as a residual of the trained policy
+    (logits (13, 3)) on every token (27, 3), 0 at the fixed point. Q_R(s, a) and V_R(s) are the score's alone under
+    the policy itself; c = 1 - 1/k for Dr. GRPO."""
+    c = 1 - 1 / KK
+    log_init = token_logprobs(init_logits)                            # (27, 3)
+    def exp_tilt(temperature):                                        # pi_init exp(Q_R / temperature) per state
+        claimed = token_logprobs(paper_form_fixed_point(init_logits, R, temperature)).exp()  # backward induction
+        return lambda logits: token_logprobs(logits).exp() - claimed
+    def grpo_exp_tilt(logits):                                        # u - E_pi[u | s] = (W(s, a) - W(s)) / lambda
+        u = token_logprobs(logits) - log_init
+        W_sa, W_s = expected_first_advantage(logits, R, KK, std=True)
+        return u - per_state_mean(u, logits) - (W_sa - W_s) / lam
+    def hyperbolic(logits):                                           # pi (1 - (Q_R - V_R) / lambda) = pi_init
+        score = torch.zeros(len(SEQS), T_)
+        score[:, -1] = R
+        V = exact_values(score, seq_probs(logits))                    # (27, 3) V_R(s_t)
+        Q = torch.cat([V[:, 1:], R[:, None]], 1)                      # (27, 3) Q_R(s_t, a_t)
+        return token_logprobs(logits).exp() * (1 - (Q - V) / lam) - log_init.exp()
+    def star(logits):                                                 # pi*, on the sequences
+        return seq_probs(logits) - token_optimum(init_logits, R, lam)
+    return {("grpo", "reward"): star, ("rloo", "k2"): exp_tilt(lam), ("dr_grpo", "k2"): exp_tilt(lam / c),
+            ("grpo", "k2"): grpo_exp_tilt, ("rloo", "k3"): hyperbolic}
+
+
+@pytest.mark.parametrize("algo,kl", [("grpo", "reward"), ("rloo", "k2"), ("dr_grpo", "k2"), ("grpo", "k2"),
+                                     ("rloo", "k3")])
+def test_token_mdp_fixed_point_of_each_place_for_the_kl(algo, kl):
+    # docs/theory.md, section 8, on responses of 3 tokens. The KL in the reward: GRPO reaches pi* with decaying steps
+    # (its steps do not shrink near pi*). k2 in the loss gives the reverse KL's gradient at each state only, so RLOO
+    # settles at pi_init exp(Q_R/lambda) per state (the paper's APA's fixed point), Dr. GRPO at pi_init exp(c
+    # Q_R/lambda), GRPO at the exponential tilt by W; k3 gives RLOO the hyperbolic tilt. None of these is pi*: the
+    # KL of the later tokens is missing. (k3_is has k2's expected gradient at every state, so its fixed points: the
+    # test of the estimators' per-state gradients. RLOO's and Dr. GRPO's gradients with the KL in the reward: the
+    # test below.)
+    init_logits, R = token_mdp()
+    lam = 0.5
+    estimator = {"reward": None, "k2": k2, "k3": k3}[kl]
+    iters, lr, decay = {("grpo", "reward"): (400, 6.0, 0.98), ("rloo", "k2"): (450, 12.0, 1.0),
+                        ("rloo", "k3"): (200, 12.0, 1.0), ("dr_grpo", "k2"): (200, 12.0, 1.0),
+                        ("grpo", "k2"): (300, 12.0, 1.0)}[algo, kl]   # as many steps as each needs
+    logits = group_iterate(init_logits, token_log_probs(init_logits), placed_kl_adv(R, algo, kl == "reward"),
+                           placed_kl_loss(estimator), KK, lam, iters, epochs=10, lr=lr, decay=decay)
+    residual = placed_kl_claims(init_logits, R, lam)[algo, kl](logits).abs().max().item()
+    assert residual < (1e-3 if kl == "reward" else 5e-5)
+    assert (tv(logits, token_optimum(init_logits, R, lam)) < 1e-3) == (kl == "reward")
+
+
+def test_token_mdp_gradient_with_the_kl_in_the_reward_is_grad_j_for_rloo_and_c_grad_j_for_dr_grpo():
+    # at pi_theta = pi_old, with R' = R - lambda log(pi_old/pi_init)(y) in the reward: RLOO's surrogate has the
+    # gradient -grad J / T, Dr. GRPO's -(1 - 1/k) grad J / T (its group mean includes the response itself), GRPO's
+    # neither (its std). Both vanish only where grad J does, at pi*; for responses of several tokens too.
+    init_logits, R = token_mdp()
+    lam = 0.5
+    logits = (init_logits + torch.randn(init_logits.shape, generator=torch.Generator().manual_seed(9))).requires_grad_()
+    old = token_logprobs(logits).detach()                             # (27, 3)
+    rows, w = group_batch(old.sum(1).exp(), KK)
+    ref = token_logprobs(init_logits)[rows]
+    (grad_J,) = torch.autograd.grad(objective(logits, init_logits, R, lam), logits)
+    def gradient(algo):
+        adv = placed_kl_adv(R, algo, True)(rows, old[rows], ref, lam)[:, None].expand(-1, T_)  # (M, 3)
+        loss = placed_kl_loss(None)(token_logprobs(logits)[rows], old[rows], ref, adv, w[:, None].expand(-1, T_), lam)
+        return torch.autograd.grad(loss, logits)[0]
+    torch.testing.assert_close(-T_ * gradient("rloo"), grad_J, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(-T_ * gradient("dr_grpo"), (1 - 1 / KK) * grad_J, rtol=1e-10, atol=1e-12)
+    assert (T_ * gradient("grpo") + grad_J).abs().max() > 1e-2 and grad_J.abs().max() > 1e-2

@@ -48,6 +48,11 @@ DRAWS = "tests/test_train.py::test_every_draw_of_a_run_uses_the_sampler_the_run_
 GUARD = "tests/test_exact.py::test_the_kl_guard_ends_the_whole_update"
 LORA_LAYERS = "tests/test_models.py::test_lora_adapters_sit_on_every_linear_layer_of_gpt2_and_scale_by_alpha_over_r"
 ESTIMATORS = "tests/test_grpo.py::test_kl_estimators_expected_gradients_on_the_policys_own_samples"
+PPO_WHITENED = "test_losses.py::test_ppo_with_whitened_advantages_steps_by_grad_j_over_t_std_and_stops_only_at_optimum"
+K1_IN_THE_LOSS = "tests/test_grpo.py::test_token_mdp_k1_in_the_loss_pulls_nowhere_and_the_policy_turns_deterministic"
+PER_STATE_KL = ("tests/test_grpo.py::test_token_mdp_kl_estimators_expected_gradients_act_per_state_weighted_by_the_"
+                "policys_visits")
+PLACES_TOKEN = "tests/test_grpo.py::test_token_mdp_fixed_point_of_each_place_for_the_kl"
 JSTAR = "tests/test_compare.py::test_a_run_handed_what_is_known_uses_it_and_trains_as_one_that_computes_it"
 BAD_STEPS = "tests/test_train.py::test_bad_steps_are_skipped_and_only_enough_of_them_in_a_row_stop_the_run"
 MAKE_POLICY = "tests/test_models.py::test_make_policy_builds_what_the_config_asks"
@@ -445,6 +450,33 @@ MUTATIONS = [
      "p = torch.sigmoid(rewards1 - rewards2)", [REWARD_MODEL]),
     ("the task's pairs: chosen and rejected swapped, their true rewards not", "reward_model.py",
      "((y1, y2) if first[k] else (y2, y1))", "((y2, y1) if first[k] else (y1, y2))", [REWARD_MODEL]),
+    # the theory's tests, second pass: PPO as train.py runs it, k1 in the loss, the per-state KL, GRPO's side of pi*;
+    # each against the one test that pins it, a wrong formula in the code or in the test's claim
+    ("PPO whitened: its gradient claimed grad J / T, as unwhitened", "test_losses.py",
+     "torch.testing.assert_close(-T_ * std * grad_surrogate, grad_J", "torch.testing.assert_close(-T_ * grad_surrogate, grad_J",
+     [PPO_WHITENED]),
+    ("whitening with eps 1, not 1e-8 (steps that shrink near pi*)", "ppo.py", "def masked_whiten(x, mask, eps=1e-8,",
+     "def masked_whiten(x, mask, eps=1.0,", [PPO_WHITENED]),
+    ("k1 times the ratio (the reverse KL's gradient)", "grpo.py",
+     "    return logprobs - ref_logprobs                               # (B, T)",
+     "    return torch.exp(logprobs - old_logprobs) * (logprobs - ref_logprobs)", [K1_IN_THE_LOSS]),
+    ("k1 within an update: KL(pi_theta || pi_old) for KL(pi_old || pi_theta)", "tests/test_grpo.py",
+     "(log_old.exp() * (log_old - log_theta))", "(log_theta.exp() * (log_theta - log_old))", [K1_IN_THE_LOSS]),
+    ("k3's gradient claimed the sequence-level forward KL (pi_init's visits)", "tests/test_grpo.py",
+     "d = visits(logits.detach())", "d = visits(init_logits)", [PER_STATE_KL]),
+    ("Dr. GRPO with k2 claimed at lambda, not lambda k/(k - 1) (token MDP)", "tests/test_grpo.py",
+     '("dr_grpo", "k2"): exp_tilt(lam / c)', '("dr_grpo", "k2"): exp_tilt(lam)', [PLACES_TOKEN + "[dr_grpo-k2]"]),
+    ("k3's ratio inverted, pi_theta / pi_init (RLOO's per-state tilt)", "grpo.py", "log_r = ref_logprobs - logprobs",
+     "log_r = logprobs - ref_logprobs", [PLACES_TOKEN + "[rloo-k3]"]),
+    ("RLOO's baseline includes the response itself (token MDP gradient)", "grpo.py",
+     "others = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)", "others = groups.mean(1, keepdim=True)",
+     ["tests/test_grpo.py::test_token_mdp_gradient_with_the_kl_in_the_reward_is_grad_j_for_rloo_and_c_grad_j_for_dr_grpo"]),
+    ("GRPO's std without Bessel's correction (its side of pi*)", "grpo.py", "groups.std(1, keepdim=True)",
+     "groups.std(1, keepdim=True, unbiased=False)",
+     ["tests/test_grpo.py::test_bandit_grpo_fixed_point_lies_past_pi_star_at_one_lambda_and_short_of_it_at_another"]),
+    ("Dr. GRPO's tilt claimed without its 1 - 1/k (at lambda 0.5 and 0.05)", "tests/test_grpo.py",
+     "c, p0 = (1 - 1 / k) / lam, log_init.exp()", "c, p0 = 1 / lam, log_init.exp()",
+     ["tests/test_grpo.py::test_bandit_dr_grpo_fixed_point_is_a_hyperbolic_tilt_not_pi_star"]),
 ]
 
 
