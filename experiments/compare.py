@@ -82,31 +82,38 @@ FIXED_POINT = {                                        # what each converges to,
     "apa_paper": "not pi*: pi_init exp(Q_R/lambda) per state, no KL of later tokens "
                  "(test_token_mdp_paper_form_misses_optimum)",
     "apa_bounded": "pi* (test_token_mdp_bounded_apa_converges_to_optimum)",
-    "ppo": "pi* (test_ppo_iterations_approach_optimum)",
+    "ppo": "pi*, with its advantages whitened as train.py runs it "
+           "(test_ppo_with_whitened_advantages_steps_by_grad_j_over_t_std_and_stops_only_at_optimum)",
     "awr": "pi* (test_token_mdp_awr_converges_to_optimum_with_kl_reward)",
-    "grpo": "not pi*: pi_init / (1 - W/lambda), W scale-free (tests/test_grpo.py: "
-            "test_bandit_grpo_fixed_point_ignores_the_scale_of_the_reward, k = 4)",
+    "grpo": "not pi*: pi_init / (1 - W/lambda) per state, W scale-free (tests/test_grpo.py: "
+            "test_bandit_grpo_fixed_point_ignores_the_scale_of_the_reward, k = 4; "
+            "test_token_mdp_grpo_fixed_point_is_the_per_state_tilt_by_the_expected_group_advantage, k = 2)",
     "drgrpo": "not pi*: pi_init / (1 - (1 - 1/k)(Q_R - V_R)/lambda) per state "
               "(test_bandit_dr_grpo_fixed_point_is_a_hyperbolic_tilt_not_pi_star, k = 4; "
               "test_token_mdp_dr_grpo_fixed_point_is_the_per_state_tilt_by_the_score_advantage, k = 2)",
     "rloo": "pi* (test_token_mdp_rloo_converges_to_optimum)"}
 
 
+BOTH = "test_bandit_fixed_point_of_each_place_for_the_kl; test_token_mdp_fixed_point_of_each_place_for_the_kl"
 KL_FIXED_POINT = {                                     # (algo, --kl) -> the fixed point with responses of several
-    ("rloo", "reward"): "pi* (test_token_mdp_rloo_converges_to_optimum)",   # tokens, in theory (the test)
-    ("drgrpo", "reward"): "pi* (test_bandit_fixed_point_of_each_place_for_the_kl)",
-    ("grpo", "reward"): "pi*, reached by decaying steps only (test_bandit_fixed_point_of_each_place_for_the_kl)",
-    ("rloo", "k1"): "no KL at all: the best response (test_kl_estimators_expected_gradients_on_the_policys_own_samples)",
-    ("rloo", "k2"): "pi_init exp(Q_R/lambda) per state, no KL of later tokens "
-                    "(test_token_mdp_rloo_with_the_kl_in_the_loss_settles_where_the_papers_apa_does)",
-    ("drgrpo", "k2"): "pi_init exp((1 - 1/k) Q_R/lambda) per state (test_bandit_fixed_point_of_each_place_for_the_kl)",
-    ("grpo", "k2"): "pi_init exp(W/lambda) per state, W scale-free (test_bandit_fixed_point_of_each_place_for_the_kl)",
-    ("rloo", "k3"): "pi_init / (1 - (Q_R - V_R)/lambda) per state (test_bandit_fixed_point_of_each_place_for_the_kl)",
+    ("rloo", "reward"): "pi* (test_token_mdp_rloo_converges_to_optimum)",   # tokens, in theory (the tests)
+    ("drgrpo", "reward"): "pi*: its gradient is (1 - 1/k) grad J (test_bandit_fixed_point_of_each_place_for_the_kl; "
+                          "test_token_mdp_gradient_with_the_kl_in_the_reward_is_grad_j_for_rloo_and_c_grad_j_for_dr_grpo)",
+    ("grpo", "reward"): f"pi*, which the tests reach with decaying steps ({BOTH})",
+    ("rloo", "k1"): "no pull towards pi_init: near-deterministic on a high-scoring response, not always the best "
+                    "(test_token_mdp_k1_in_the_loss_pulls_nowhere_and_the_policy_turns_deterministic)",
+    ("rloo", "k2"): "pi_init exp(Q_R/lambda) per state, no KL of later tokens (test_token_mdp_fixed_point_of_each_place_for_the_kl)",
+    ("drgrpo", "k2"): "pi_init exp((1 - 1/k) Q_R/lambda) per state: no KL of later tokens, and the temperature "
+                      f"lambda k/(k - 1) ({BOTH})",
+    ("grpo", "k2"): f"pi_init exp(W/lambda) per state, W scale-free ({BOTH})",
+    ("rloo", "k3"): f"pi_init / (1 - (Q_R - V_R)/lambda) per state ({BOTH})",
     ("drgrpo", "k3"): FIXED_POINT["drgrpo"], ("grpo", "k3"): FIXED_POINT["grpo"]}
-for _base in KL_DEFAULT:                               # k1 regularises nothing; k3 x ratio has k2's expected gradient
+for _base in KL_DEFAULT:                               # k1 pulls nowhere; k3 x ratio has k2's expected gradient
     KL_FIXED_POINT[_base, "k1"] = KL_FIXED_POINT["rloo", "k1"]
-    KL_FIXED_POINT[_base, "k3_is"] = KL_FIXED_POINT[_base, "k2"].replace(
-        "(test_", "(the same expected gradient as k2: test_", 1)
+    KL_FIXED_POINT[_base, "k3_is"] = KL_FIXED_POINT[_base, "k2"].split(" (")[0].split(":")[0] + (
+        " (the same expected gradient as k2 at each state: "
+        "test_token_mdp_kl_estimators_expected_gradients_act_per_state_weighted_by_the_policys_visits; k2's: "
+        "test_token_mdp_fixed_point_of_each_place_for_the_kl)")
 
 
 def algos(setting):
