@@ -14,6 +14,10 @@ shape (GPT-NeoX 16 x 2048, vocabulary 50,304):
    memory (cuda: max_memory_allocated; cpu: the process's peak resident set size, which only grows, so the
    larger model runs second). The KL guard is off, so that every update takes all its steps.
 3. --profile: torch.profiler's table of one more update, the operations that take the most time.
+4. --reward_model=1 instead: train.py's default RL iteration on the embedded task (the tiny GPT pre-trained as
+   pi_init, 64 responses, 4 epochs), against the task's rule and against a tiny reward model built as
+   reward_model.py builds it (pi_init's network with one output, loaded back as train.py loads it), interleaved
+   round by round; the ratio is the median of the rounds' ratios.
 
 Run: python -m experiments.bench   (a few minutes on 2 CPU cores)
      python -m experiments.bench --device=cuda --models=gpt2-small --batch_size=64 --max_new_tokens=128 --epochs=4
@@ -58,6 +62,8 @@ class Bench:
     cuda_graph: bool = False       # as train.py's: the RL iteration's sampler on a GPU is the CUDA graph's
     profile: bool = False          # print torch.profiler's table of one more update
     seed: int = 0                  # seeds weights, prompts and sampling
+    reward_model: bool = False     # measure instead an RL iteration against a tiny reward model and against the rule
+    sft_dir: str = "out/sft"       # with --reward_model: the cache of the tiny GPT pre-trained as pi_init
 
 
 CONTEXT = {"tiny": train.Config().block_size, "gpt2-small": GPT2Config().n_positions, "pythia-1b": 2048}  # positions
@@ -262,6 +268,45 @@ def measure(args):
     return lines
 
 
+def time_reward_model(args):
+    """Seconds per RL iteration of train.py's defaults on the embedded task against the rule (data.sentiment_reward)
+    and against a tiny reward model (reward_model.py's: pi_init's network with one output, saved and loaded back by
+    lab/hf.py as train.py loads it), args.rounds rounds interleaved, after one untimed iteration each."""
+    import tempfile
+
+    import reward_model
+    from lab import hf, runs
+    device, enc = model.get_device(args), data.task_encoding()
+    cfg = train.resolve(train.Config(device=args.device, sft_dir=args.sft_dir, seed=args.seed))
+    prompts = data.task_prompts()
+    prompt_tokens = [enc.encode_ordinary(p) for p in prompts]
+    lm = runs.load_pi_init(cfg, enc, prompt_tokens, [], device)
+    model.set_cpu_threads(cfg, device)
+    with tempfile.TemporaryDirectory() as folder:
+        reward_model.reward_model_from(lm, enc.eot_token).save_pretrained(folder)
+        rewards = {"rule": data.sentiment_reward, "reward model": hf.reward_model_fn(folder, enc, device)}
+        torch.manual_seed(args.seed)
+        policy, ref_lm = train.make_policy(cfg, lm, enc.n_vocab, device)
+        opt = model.make_optimizer(policy, cfg.lr, device)
+        times = {name: [] for name in rewards}
+        for r in range(args.rounds + 1):
+            for name, reward_fn in (rewards.items() if r % 2 else reversed(rewards.items())):
+                sync(device)
+                t0 = time.perf_counter()
+                batch, P, _, _ = train.rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device,
+                                               model.generate)
+                train.update(cfg, policy, opt, batch, P)
+                sync(device)
+                times[name].append(time.perf_counter() - t0)
+    ratios = [m / r for m, r in zip(times["reward model"][1:], times["rule"][1:])]
+    line = (f"RL iteration on the embedded task ({cfg.batch_size} responses, {cfg.epochs} epochs, device {device}, "
+            f"{args.rounds} rounds): rule {statistics.median(times['rule'][1:]):.3f} s | reward model "
+            f"{statistics.median(times['reward model'][1:]):.3f} s | ratio {statistics.median(ratios):.2f}x "
+            f"(min {min(ratios):.2f}, max {max(ratios):.2f})")
+    print(line)
+    return statistics.median(ratios)
+
+
 def main(argv=None):
     """Every failure ends in one line `error: ...` and exit status 1 (APA_DEBUG=1: the full traceback)."""
     hf_logging.disable_progress_bar()
@@ -269,7 +314,7 @@ def main(argv=None):
     with cli.one_line_errors():
         args = cli.parse_args(Bench, sys.argv[1:] if argv is None else argv, __doc__)
         validate(args)
-        return measure(args)
+        return time_reward_model(args) if args.reward_model else measure(args)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ What it runs. Every run is train.train with a Config; nothing of training is wri
 3. short: responses of `short_tokens` tokens, where train.py logs the exact gap, and the table "which
    algorithms reach pi*".
 4. kl: GRPO, Dr. GRPO and RLOO with each other place for the KL (--kl), as the short setting runs them.
+5. rm (not among the defaults): RL against a reward model learned from preferences, judged by the task's reward, at
+   several lambdas: over-optimisation measured exactly (experiments/overopt.py; rm.md and rm.png).
 --settings chooses among them. ALGOS lists the algorithms (ONLY: those that run in some settings only). Each run lives in
 out_dir/<setting>/<algo>_lr<lr>_seed<seed>/. A run whose metrics.jsonl holds the iterations asked for is not run
 again, and an interrupted one resumes from its checkpoint, so the same command continues a stopped sweep. Runs go
@@ -52,7 +54,9 @@ class CompareConfig:
     short_tokens: int = 2              # response length of the short-response setting
     short_iters: int = 150             # its iterations (0: skip it)
     workers: int = 2                   # runs in parallel, one thread each
-    settings: str = "main,grid,short,kl"  # the settings to run and tabulate: main, grid, short, kl (comma-separated)
+    settings: str = "main,grid,short,kl"  # the settings to run and tabulate: main, grid, short, kl, rm (comma-separated)
+    rm_lams: str = "0.01,0.03,0.1,0.3"  # the rm setting: the lambdas of the runs against a learned reward model
+    rm_iters: int = 150                # the rm setting: iterations of each run
     quick: bool = False                # tiny model, 1 seed, a few iterations: a smoke test of everything
     plot: str = ""                     # plot these metrics.jsonl files or run directories and exit
     run: bool = True                   # False: only the tables and plots, from the runs already done
@@ -156,7 +160,7 @@ def validate(cfg):
             raise ValueError(f"{path!r} does not exist (--plot takes metrics files or run directories)")
 
 
-SETTINGS_RUN = ("main", "grid", "short", "kl")
+SETTINGS_RUN = ("main", "grid", "short", "kl", "rm")
 
 
 def plan(cfg):
@@ -229,6 +233,7 @@ NOT_JSTAR = {"algo", "apa_form", "gamma", "gae_lambda", "cliprange", "cliprange_
              "max_bad_steps", "out_dir", "resume", "sample_every", "ckpt_every", "exact_every", "target_kl",
              "eval_prompts", "eval_every", "eval_samples", "apa_clip", "group_size", "grpo_std", "kl", "threads"}  # J* ignores
 KNOWN = {}                                              # this worker's J* and exact responses, by jstar_key
+SPACES = {}                                             # and the exact responses alone, which lambda does not change
 
 
 def jstar_key(cfg):
@@ -258,7 +263,13 @@ def run_one(job):
     print(f"{tag}: started", flush=True)
     with open(os.path.join(path, "log.txt"), "a") as log, contextlib.redirect_stdout(log):
         try:
-            history = train.train(cfg, KNOWN.setdefault(key, {}))        # J*, exact responses: once a worker and key
+            known = KNOWN.setdefault(key, {})                            # J*, exact responses: once a worker and key
+            space_key = tuple((k, v) for k, v in key if k != "lam")
+            if space_key in SPACES:
+                known.setdefault("space", SPACES[space_key])
+            history = train.train(cfg, known)
+            if known.get("space"):
+                SPACES[space_key] = known["space"]
         except FloatingPointError as e:                  # a diverged run is a result, not a crash
             with open(os.path.join(path, "failed.txt"), "w") as f:
                 f.write(str(e) + "\n")
@@ -278,6 +289,11 @@ def run_all(cfg, runs):
             overrides["max_new_tokens"] = cfg.short_tokens
         tag = f"[{k + 1}/{len(todo)}] {setting} {algo} lr {lr:g} seed {seed}"
         jobs.append((overrides, run_dir(cfg, setting, algo, lr, seed), iters, tag))
+    run_jobs(cfg, jobs)
+
+
+def run_jobs(cfg, jobs):
+    """Each job (train.Config overrides, folder, iterations, tag) as a run, cfg.workers at a time."""
     if not jobs:
         return
     import data
@@ -551,6 +567,16 @@ def plot_stability(cfg, lrs, iters, seeds, path):
 
 def compare(cfg):
     t0 = time.time()
+    if "rm" in cfg.settings.split(","):               # its own runs, table and plot: experiments/overopt.py
+        from experiments import overopt
+        text, path = overopt.sweep(cfg)
+        with open(os.path.join(cfg.out_dir, "rm.md"), "w") as f:
+            f.write(text)
+        print(text + f"\nwrote {os.path.join(cfg.out_dir, 'rm.md')}" + (f", {path}" if path else "")
+              + f" in {(time.time() - t0) / 60:.1f} min")
+        if cfg.settings == "rm":
+            return text
+        cfg = dataclasses.replace(cfg, settings=",".join(s for s in cfg.settings.split(",") if s != "rm"))
     runs, main_iters, grid_iters, short_iters, lrs = plan(cfg)
     if cfg.run:
         run_all(cfg, runs)

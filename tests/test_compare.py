@@ -255,3 +255,25 @@ def test_plot_of_a_folder_without_metrics_is_one_line(tmp_path):
 def test_plot_with_a_damaged_config_json_is_one_line(tmp_path, config):
     path = write_run(tmp_path / "run", rows(3), config)
     assert f"{tmp_path / 'run' / 'config.json'} is damaged (" in error_of([f"--plot={path}"])
+
+
+def test_the_rm_setting_trains_a_reward_model_and_measures_over_optimisation_exactly(tmp_path):
+    """--settings=rm: a reward model learned from the simulated annotator's preferences, then every algorithm at every
+    lambda against it, judged by the task's reward: a row of exact numbers each, the judge's loss against the frontier
+    never negative, and the figure."""
+    out = tmp_path / "rm"
+    text = compare.main(["--quick=1", "--settings=rm", f"--out_dir={out}", f"--sft_dir={tmp_path / 'sft'}",
+                         "--workers=1", "--rm_lams=0.03,0.3"])
+    assert os.path.exists(out / "rm" / "reward_model" / "metrics.json") and open(out / "rm.md").read() == text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 6 * 2 and {row[1] for row in rows} == {"0.03", "0.3"}
+    for row in rows:                                                 # proxy, judge, KL, distinct-2, judge lost
+        values = [float(cell.split(" +- ")[0].strip(" |")) for cell in row[2:]]
+        assert all(v == v for v in values) and values[2] >= -1e-9 and values[4] >= -1e-6
+    metrics = [json.loads(line) for line in open(out / "rm" / "apa_lam0.03_seed0" / "metrics.jsonl")]
+    assert metrics[-1]["gold_frontier_exact"] - metrics[-1]["gold_exact"] == pytest.approx(metrics[-1]["gold_lost_exact"])
+    config = json.load(open(out / "rm" / "apa_lam0.03_seed0" / "config.json"))
+    assert config["gold_fn"] == "data:sentiment_reward" and config["reward_model"].endswith("reward_model")
+    pytest.importorskip("matplotlib")
+    with open(out / "rm.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
