@@ -86,7 +86,8 @@ def sample_policy(cfg, Config):
     device = get_device(cfg)
     enc, _, _, reward_fn = data.load_data(run, device)
     lm = load_pretrained(AutoModelForCausalLM, cfg.sample, "--sample").to(device).eval()
-    prompts = [cfg.prompt] * cfg.num_samples if cfg.prompt else data.task_prompts()[:cfg.num_samples]
+    task = data.task_prompts()
+    prompts = [cfg.prompt] * cfg.num_samples if cfg.prompt else [task[i % len(task)] for i in range(cfg.num_samples)]
     prompt_tokens = [enc.encode_ordinary(p) for p in prompts]
     check_fits(enc, prompt_tokens, run.max_new_tokens, lm.config)
     torch.manual_seed(cfg.seed)

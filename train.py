@@ -111,7 +111,7 @@ class Config:
     exact_every: int = 10          # exact gap every N iterations (0: never), where responses are few (lab/exact.py)
     # --- sampling from a trained policy
     sample: str = ""               # a trained policy's folder (out/policy): print completions with their reward, exit
-    prompt: str = ""               # the prompt to complete with --sample; empty: the first task prompts
+    prompt: str = ""               # the prompt to complete with --sample; empty: the task prompts in turn
     num_samples: int = 4           # completions printed by --sample
 
 
@@ -243,7 +243,7 @@ def train(cfg, known=None):
     cfg, device = resolve(cfg), get_device(cfg)
     device = ddp.setup(cfg, device)                                      # under torchrun: join its processes
     master = rank() == 0                                                 # it alone prints and writes files
-    resumed = runs.checkpoint_to_resume(cfg)                             # --resume: checked before any work
+    resumed = runs.checkpoint_to_resume(cfg, resolve)                    # --resume: checked before any work
     with ddp.rank_zero_first():                                          # it builds pi_init, the others read its cache
         enc, prompts, prompt_tokens, reward_fn = load_data(cfg, device)
         eval_prompts, eval_tokens = load_eval_prompts(cfg, enc)          # held out: never trained on
