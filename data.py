@@ -179,14 +179,20 @@ def call_reward(cfg, reward_fn, prompts, completions, name=None):
 
 
 def check_scores(scores, n, name="reward function"):
+    """The scores (n,) of n completions: one number each, as a list or a tensor of shape (n,) or (n, 1)."""
     if not isinstance(scores, (list, tuple, np.ndarray, torch.Tensor)):
         raise ValueError(f"{name} returned a {type(scores).__name__}: expected a list of {n} floats")
     try:
-        scores = torch.as_tensor(scores, dtype=torch.float32).flatten().cpu()
+        scores = torch.as_tensor(scores, dtype=torch.float32).cpu()
+    except OverflowError as e:                                           # an int beyond any float: 10**400
+        raise ValueError(f"{name} returned a score too large for a float ({e})") from None
     except (TypeError, ValueError, RuntimeError):
         raise ValueError(f"{name} returned {str(scores)[:80]}: expected a list of {n} floats") from None
-    if scores.shape != (n,):
-        raise ValueError(f"{name} returned {tuple(scores.shape)} scores for {n} completions")
+    if scores.shape == (n, 1):                                           # one column: a score a row
+        scores = scores[:, 0]
+    if scores.shape != (n,):                                             # (2, n/2) would score the wrong rows
+        raise ValueError(f"{name} returned {tuple(scores.shape)} scores for {n} completions: expected ({n},) or "
+                         f"({n}, 1)")
     if not torch.isfinite(scores).all():
         raise ValueError(f"{name} returned non-finite scores: {scores[~torch.isfinite(scores)].tolist()[:5]}")
     return scores

@@ -113,7 +113,7 @@ class Config:
     exact_every: int = 10          # exact gap every N iterations (0: never), where responses are few (lab/exact.py)
     # --- sampling from a trained policy
     sample: str = ""               # a trained policy's folder (out/policy): print completions with their reward, exit
-    prompt: str = ""               # the prompt to complete with --sample; empty: the first task prompts
+    prompt: str = ""               # the prompt to complete with --sample; empty: the task prompts in turn
     num_samples: int = 4           # completions printed by --sample
 
 
@@ -262,7 +262,7 @@ def train(cfg, known=None):
     cfg = resolve(cfg)
     device = ddp.setup(cfg, get_device(cfg))                             # under torchrun: join its processes
     master = rank() == 0                                                 # it alone prints and writes files
-    resumed = runs.checkpoint_to_resume(cfg)                             # --resume: checked before any work
+    resumed = runs.checkpoint_to_resume(cfg, resolve)                    # --resume: checked before any work
     with ddp.rank_zero_first():                                          # it builds pi_init, the others read its cache
         enc = hf.load_tokenizer(cfg)                                     # the task's, GPT-2's, or --init's own
         prompts, prompt_tokens = load_train_prompts(cfg, enc)

@@ -21,7 +21,8 @@ What it runs. Every run is train.train with a Config; nothing of training is wri
 --settings chooses among them. ALGOS lists the algorithms (ONLY: those that run in some settings only). Each run lives in
 out_dir/<setting>/<algo>_lr<lr>_seed<seed>/. A run whose metrics.jsonl holds the iterations asked for is not run
 again, and an interrupted one resumes from its checkpoint, so the same command continues a stopped sweep. Runs go
-`workers` at a time, one thread each. Every failure ends in one line `error: ...` (APA_DEBUG=1: the traceback).
+`workers` at a time, one thread each, and one sweep at a time in an out_dir (lab/runs.py's lock). Every failure ends
+in one line `error: ...` (APA_DEBUG=1: the traceback).
 Where this departs from the paper: a 0.44M-parameter GPT, a word-list reward, 40 prompts, Adam at 3e-5 to 3e-4
 (the authors: 125M-6B models, a learned reward model, HH data, AdamW at 1e-6); docs/experiments.md lists the rest.
 """
@@ -52,7 +53,7 @@ class CompareConfig:
     lrs: str = "3e-5,1e-4,3e-4"        # learning rates of the stability map
     grid_iters: int = 100              # iterations of each run of the stability map
     short_tokens: int = 2              # response length of the short-response setting
-    short_iters: int = 150             # its iterations (0: skip it)
+    short_iters: int = 150             # iterations of the short and kl settings' runs
     workers: int = 2                   # runs in parallel, one thread each
     settings: str = "main,grid,short,kl"  # the settings to run and tabulate: main, grid, short, kl, rm (comma-separated)
     rm_lams: str = "0.01,0.03,0.1,0.3"  # the rm setting: the lambdas of the runs against a learned reward model
@@ -155,6 +156,10 @@ def validate(cfg):
             ok = False
         if not ok:
             raise ValueError(f"lrs must be comma-separated learning rates in (0, 0.1], got {item!r} in {cfg.lrs!r}")
+    short = set(cfg.settings.split(",")) & {"short", "kl"}
+    if short and not cfg.short_iters and not cfg.plot:   # they would plan no run, then find none to tabulate
+        raise ValueError(f"--settings={cfg.settings} asks for {' and '.join(sorted(short))}, runs of short responses, "
+                         "but --short_iters=0 skips them: give --short_iters > 0, or leave them out of --settings")
     for path in cfg.plot.split(",") if cfg.plot else []:
         if not os.path.exists(path):
             raise ValueError(f"{path!r} does not exist (--plot takes metrics files or run directories)")
@@ -658,7 +663,7 @@ def plot_runs(paths):
 def main(argv=None):
     """Every failure ends in one line `error: ...` and exit status 1 (APA_DEBUG=1: the full traceback);
     Ctrl-C ends with status 130 and says how to continue."""
-    from lab import cli
+    from lab import cli, runs
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     cfg = None
@@ -673,7 +678,8 @@ def main(argv=None):
         if cfg.quick and cfg.lr == CompareConfig.lr:
             cfg.lr = 1e-3                               # the tiny model moves in a few iterations
         os.makedirs(cfg.out_dir, exist_ok=True)
-        return compare(cfg)
+        with runs.exclusive(cfg.out_dir) if cfg.run else contextlib.nullcontext():  # one sweep at a time in it
+            return compare(cfg)
 
 
 if __name__ == "__main__":

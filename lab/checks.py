@@ -5,6 +5,7 @@ check_fits checks prompts and a tokenizer against a model's config before its we
 """
 import math
 import os
+import stat
 
 import torch
 
@@ -18,6 +19,7 @@ from model import get_device
 
 def validate(cfg):
     """Refuse a config (its defaults resolved: train.resolve) whose settings mean nothing, saying why."""
+    most_threads = 4 * (os.cpu_count() or 1)                            # more never helps; torch takes a C int
     check_rules(cfg, [  # (field, holds, what it must be)
         ("lam", cfg.lam > 0, "> 0"),
         ("awr_lam", cfg.awr_lam > 0, "> 0 (AWR's temperature)"),
@@ -27,7 +29,8 @@ def validate(cfg):
         ("kl", (cfg.kl != "auto") if cfg.algo in CRITIC_FREE else cfg.kl == "auto",
          "auto for apa, ppo and awr (their reward carries the KL; --kl places grpo's and rloo's)"),
         ("seed", cfg.seed >= 0, ">= 0"),
-        ("threads", cfg.threads >= 0, ">= 0 (0: one for the tiny GPT, torch's default with --init)"),
+        ("threads", 0 <= cfg.threads <= most_threads, f"in [0, {most_threads}], at most 4 a core of this machine "
+                                                       "(0: one for the tiny GPT, torch's default with --init)"),
         ("iters", cfg.iters > 0, "> 0"),
         ("batch_size", cfg.batch_size > 0, "> 0"),
         ("minibatch_size", cfg.minibatch_size > 0, "> 0"),
@@ -68,9 +71,16 @@ def validate(cfg):
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by minibatch_size {cfg.minibatch_size}")
     if cfg.batch_size % cfg.group_size:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by group_size {cfg.group_size}")
-    for path in (cfg.prompts, cfg.eval_prompts):
-        if path and not os.path.isfile(path):
+    for flag, path in (("--prompts", cfg.prompts), ("--eval_prompts", cfg.eval_prompts)):
+        if not path or os.path.isfile(path):
+            continue
+        if not os.path.exists(path) or os.path.isdir(path):
             raise ValueError(f"{path} " + ("is a folder, not a prompts file" if os.path.isdir(path) else "does not exist"))
+        if not stat.S_ISFIFO(os.stat(path).st_mode):                    # a named pipe, <(...), is read once
+            raise ValueError(f"{flag}={path} is neither a regular file nor a pipe")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(f"{flag}={path} is a pipe, which only one process can read: under torchrun every "
+                             "process reads the prompts, so give a regular file")
     sources = [("--init", cfg.init, False), ("--reward_model", cfg.reward_model, False),
                ("--tokenizer", "" if cfg.tokenizer in ("task", "gpt2") else cfg.tokenizer, True)]
     for flag, path, tokenizer in sources:                               # a local path, or a hub id ("gpt2", "org/name")

@@ -128,20 +128,25 @@ def load_tokenizer(cfg):
     return get_encoding(name) if name in ("task", "gpt2") else HFTokenizer(name)
 
 
+def auto_tokenizer(path):
+    """The transformers tokenizer of a Hugging Face folder or hub id, or a ValueError that says what is wrong."""
+    from transformers import AutoTokenizer
+    if os.path.isdir(path) and not ships_tokenizer(path):
+        raise ValueError(f"{path} holds no tokenizer (tokenizer.json, tokenizer_config.json or tokenizer.model)")
+    try:
+        with quiet():
+            return AutoTokenizer.from_pretrained(path)
+    except Exception as e:                                               # a damaged tokenizer.json raises anything
+        raise ValueError(f"cannot load a tokenizer from {path}: {one_line(e, 300)}") from None
+
+
 class HFTokenizer:
     """A transformers tokenizer behind the part of tiktoken's Encoding that training uses (encode_ordinary, decode,
     decode_batch, eot_token, n_vocab, name). Its end-of-text is the tokenizer's eos token; n_vocab counts added
     tokens too."""
 
     def __init__(self, path):
-        from transformers import AutoTokenizer
-        if os.path.isdir(path) and not ships_tokenizer(path):
-            raise ValueError(f"{path} holds no tokenizer (tokenizer.json, tokenizer_config.json or tokenizer.model)")
-        try:
-            with quiet():
-                self.tok = AutoTokenizer.from_pretrained(path)
-        except Exception as e:                                           # a damaged tokenizer.json raises anything
-            raise ValueError(f"cannot load a tokenizer from {path}: {one_line(e, 300)}") from None
+        self.tok = auto_tokenizer(path)
         if self.tok.eos_token_id is None:
             raise ValueError(f"the tokenizer of {path} has no end-of-text (eos) token")
         self.name, self.eot_token, self.n_vocab = os.path.basename(os.path.normpath(path)), self.tok.eos_token_id, len(self.tok)
@@ -159,15 +164,20 @@ class HFTokenizer:
 def reward_model_fn(path, enc, device):
     """A Hugging Face sequence-classification model as reward: the last logit of prompt + completion
     (a single-logit reward model's score, or the 'positive' class of a two-class sentiment model).
-    Text is tokenized by the model's own tokenizer when it has one, else by `enc` (the policy's)."""
+    Text is tokenized by the model's own tokenizer when it has one (an encoder's has no end-of-text: it pads with
+    its pad token), else by `enc` (the policy's)."""
     from transformers import AutoModelForSequenceClassification
     model = load_pretrained(AutoModelForSequenceClassification, path, "reward model",  # a causal LM's score
                             ": not a sequence-classification model (a causal LM? that goes in --init)").to(device).eval()
-    tokenizer = HFTokenizer(path).tok if ships_tokenizer(path) else None
-    if tokenizer is not None:
-        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    if model.config.pad_token_id is None:                               # it finds each text's last token by it
-        model.config.pad_token_id = tokenizer.pad_token_id if tokenizer else enc.eot_token
+    tokenizer = auto_tokenizer(path) if ships_tokenizer(path) else None
+    if tokenizer is not None:                                            # the model finds each text's last token by
+        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # its pad id: the one its tokenizer pads with
+        if tokenizer.pad_token is None:
+            raise ValueError(f"the tokenizer of reward model {path} has neither a pad token nor an end-of-text (eos) "
+                             "token to pad a batch of texts with")
+        model.config.pad_token_id = tokenizer.pad_token_id
+    elif model.config.pad_token_id is None:                             # the policy's tokens, padded by this id
+        model.config.pad_token_id = enc.eot_token
     pad_id = model.config.pad_token_id
 
     @torch.no_grad()

@@ -151,26 +151,29 @@ def save_checkpoint(cfg, policy, opt, iteration, metrics_line):
         raise OSError(f"could not write checkpoint {path} at iteration {iteration} ({e.strerror or e}): {kept}") from e
 
 
-def checkpoint_to_resume(cfg):
+def checkpoint_to_resume(cfg, resolve):
     """With --resume, the checkpoint of out_dir, checked (read_checkpoint); None for a fresh run."""
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     if not (cfg.resume and os.path.exists(path)):
         return None
-    return read_checkpoint(path, os.path.join(cfg.out_dir, "metrics.jsonl"), cfg)
+    return read_checkpoint(path, os.path.join(cfg.out_dir, "metrics.jsonl"), cfg, resolve)
 
 
-def read_checkpoint(path, metrics_path, cfg):
+def read_checkpoint(path, metrics_path, cfg, resolve=lambda cfg: cfg):
     """The checkpoint to resume from, after checking that it is whole, that the config keeps what the run
     depends on (only RESUME_MAY_CHANGE may change), and that metrics.jsonl holds exactly the checkpoint's
-    iterations (later lines are dropped)."""
+    iterations (later lines are dropped). A field that the checkpoint lacks (it was written before the field
+    existed) had its default then: resolve (train.resolve) fills in the defaults that depend on other fields."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
         iteration, saved, last_line = state["iter"], state["config"], state["metrics_line"]
+        fields = dataclasses.asdict(cfg)
+        then = dataclasses.asdict(resolve(type(cfg)(**{k: v for k, v in saved.items() if k in fields})))
     except Exception as e:
         raise ValueError(f"{path} is damaged or not a checkpoint of this train.py ({type(e).__name__}: {e}); "
                          "a run without --resume starts afresh and keeps it in previous/") from None
-    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
-               if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != v]
+    changed = [f"{k} {then[k]!r}{'' if k in saved else ' (its default: the checkpoint predates the field)'} -> {v!r}"
+               for k, v in fields.items() if k not in RESUME_MAY_CHANGE and then[k] != v]
     if changed:
         raise ValueError(f"--resume would mix two runs: {', '.join(changed)} (a resumed run may change only "
                          f"{', '.join(sorted(RESUME_MAY_CHANGE))})")
@@ -272,7 +275,8 @@ def sample_policy(cfg, Config):
     enc = load_tokenizer(run)
     reward_fn = reward_model_fn(run.reward_model, enc, device) if run.reward_model else load_reward_fn(run.reward_fn)
     lm = load_pretrained(AutoModelForCausalLM, cfg.sample, "--sample").to(device).eval()
-    prompts = [cfg.prompt] * cfg.num_samples if cfg.prompt else task_prompts()[:cfg.num_samples]
+    task = task_prompts()
+    prompts = [cfg.prompt] * cfg.num_samples if cfg.prompt else [task[i % len(task)] for i in range(cfg.num_samples)]
     prompt_tokens = [enc.encode_ordinary(p) for p in prompts]
     check_fits(enc, prompt_tokens, run.max_new_tokens, lm.config)
     torch.manual_seed(cfg.seed)

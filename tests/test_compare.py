@@ -5,7 +5,9 @@ Tests of experiments/compare.py: the quick sweep end to end (every algorithm, se
 """
 import dataclasses
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -102,7 +104,9 @@ def test_jstar_is_estimated_once_per_pi_init_data_and_lambda():
     same = [dataclasses.replace(base, algo=algo, lr=lr, seed=seed, out_dir=f"out/{algo}")  # RL settings: one estimate
             for algo, lr, seed in (("apa", 3e-5, 0), ("ppo", 1e-4, 1), ("awr", 3e-4, 2))]
     assert len({compare.jstar_key(cfg) for cfg in [base] + same}) == 1
-    for change in (dict(lam=0.2), dict(max_new_tokens=2), dict(n_head=2), dict(sft_lr=3e-3), dict(prompts="p.txt")):
+    for change in (dict(lam=0.2), dict(max_new_tokens=2), dict(n_head=2), dict(sft_lr=3e-3), dict(prompts="p.txt"),
+                   dict(sft_steps=100), dict(n_layer=1), dict(n_embd=64), dict(block_size=32), dict(init="m"),
+                   dict(tokenizer="gpt2"), dict(reward_fn="m:f"), dict(reward_model="rm"), dict(jstar_samples=64)):
         assert compare.jstar_key(dataclasses.replace(base, **change)) != compare.jstar_key(base)  # a new estimate
 
 
@@ -156,9 +160,11 @@ def error_of(argv):
     ("--plot=no/such/metrics.jsonl", "'no/such/metrics.jsonl' does not exist"),
     ("--settings=main,bogus", "settings must be a comma-separated choice of main, grid, short, kl, got 'main,bogus'"),
     ("--settings=", "settings must be a comma-separated choice of main, grid, short, kl, got ''"),
+    ("--settings=kl --short_iters=0", "--settings=kl asks for kl, runs of short responses, but --short_iters=0 skips"),
+    ("--short_iters=0", "--settings=main,grid,short,kl asks for kl and short, runs of short responses, but"),
 ])
 def test_a_bad_setting_is_one_line(tmp_path, flag, message):
-    assert message in error_of([f"--out_dir={tmp_path}", "--run=0", flag])   # --run=0: nothing trains, even unchecked
+    assert message in error_of([f"--out_dir={tmp_path}", "--run=0", *flag.split(" ")])  # --run=0: nothing trains
 
 
 def test_an_empty_out_dir_is_one_line(tmp_path, monkeypatch):
@@ -172,6 +178,16 @@ def test_a_bad_setting_on_the_command_line_is_one_line_on_stderr_with_exit_statu
                          env=dict(os.environ, PYTHONPATH=root))
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr == "error: seeds must be > 0, got 0\n"
+
+
+def test_a_second_sweep_in_the_same_out_dir_is_refused_before_any_work(tmp_path):
+    """Two sweeps in one out_dir would run the same runs at once and mix their metrics: the second is refused, as a
+    second train.py run is, with the lock of lab/runs.py."""
+    from lab import runs
+    with runs.exclusive(str(tmp_path)):                              # as a sweep in another process holds it
+        assert f"another run is using {tmp_path}" in error_of(["--quick=1", f"--out_dir={tmp_path}",
+                                                               f"--sft_dir={tmp_path / 'sft'}"])
+    assert os.listdir(tmp_path) == []                                # not even pi_init was built
 
 
 def test_tables_without_runs_say_so(tmp_path):
@@ -255,6 +271,78 @@ def test_plot_of_a_folder_without_metrics_is_one_line(tmp_path):
 def test_plot_with_a_damaged_config_json_is_one_line(tmp_path, config):
     path = write_run(tmp_path / "run", rows(3), config)
     assert f"{tmp_path / 'run' / 'config.json'} is damaged (" in error_of([f"--plot={path}"])
+
+
+def slow_summary(rows, key):
+    """compare.summary by Python loops: means over the last 20 iterations; the largest 10-iteration mean of the KL;
+    the samples at which the gap (key: gap_exact as logged, or the sampled gap's 10-iteration moving mean, which
+    starts at iteration 10) first falls to a quarter of its first value."""
+    tail = rows[-20:]
+    out = {k: sum(r[k] for r in tail) / len(tail) for k in ("reward", "kl", "distinct2", "entropy")}
+    out["gap"] = statistics.mean(r[key] for r in tail if key in r)
+    out["kl_max"] = max(statistics.mean(r["kl"] for r in rows[i - 10:i]) for i in range(10, len(rows) + 1))
+    if key == "gap_exact":
+        curve = [(r["samples"], r[key]) for r in rows if key in r]
+    else:
+        curve = [(rows[i - 1]["samples"], statistics.mean(r[key] for r in rows[i - 10:i]))
+                 for i in range(10, len(rows) + 1)]
+    out["samples_to_quarter_gap"] = next(x for x, y in curve if y <= curve[0][1] / 4)
+    return out
+
+
+def synthetic_run(n, seed, exact=False):
+    """n rows of a run whose every number changes with the iteration and the seed: the KL peaks mid-run (highest in
+    seed 1), the gap falls as 1/i, sampled every iteration, or as 1/sqrt(i), exact every 5 iterations."""
+    rows = []
+    for i in range(1, n + 1):
+        gap = ({"gap_exact": i ** -0.5} if i == 1 or i % 5 == 0 else {}) if exact else {"gap": (1 + seed) / i}
+        rows.append(dict({k: v for k, v in ROW.items() if k != "gap"}, iter=i, samples=16 * i, **gap,
+                         reward=0.01 * i + 0.03 * seed, kl=0.1 + math.sin(i / 10) + seed * (i % 3),
+                         distinct2=0.5 - 0.001 * i * (1 + seed), entropy=2 - 0.01 * i + 0.1 * seed))
+    return rows
+
+
+def test_the_summary_that_the_tables_are_built_from(tmp_path):
+    """A run's final values are the means over its last 20 iterations, the largest KL its largest 10-iteration mean,
+    and the samples to a quarter of the first gap are samples: against Python loops, on runs of 60 iterations whose
+    numbers all change, with the sampled gap and with the exact one. The main table and the stability map show
+    them over two seeds, as mean +- standard deviation."""
+    for exact in (False, True):
+        rows = synthetic_run(60, 0, exact)
+        slow, fast = slow_summary(rows, "gap_exact" if exact else "gap"), compare.summary(rows)
+        assert fast == pytest.approx(slow, rel=1e-12) and fast["samples_to_quarter_gap"] > 16 * 10
+    runs = [synthetic_run(60, seed) for seed in range(2)]
+    for seed, rows in enumerate(runs):
+        write_run(tmp_path / "main" / f"apa_lr0.001_seed{seed}", [json.dumps(r) + "\n" for r in rows])
+    slow = [slow_summary(rows, "gap") for rows in runs]
+    cells = [f"{statistics.mean(x[k] for x in slow):{f}} +- {statistics.stdev(x[k] for x in slow):{f}}"
+             for k, f in (("reward", ".3f"), ("kl", ".2f"), ("gap", ".3f"), ("distinct2", ".3f"), ("kl_max", ".2f"),
+                          ("samples_to_quarter_gap", ".0f"))]
+    cfg = compare.CompareConfig(out_dir=str(tmp_path), lr=1e-3)
+    table = compare.table(cfg, "main", 1e-3, 60, range(2)).splitlines()
+    assert next(line for line in table if line.startswith("| APA |")) == "| APA | " + " | ".join(cells) + " |"
+    grid = compare.grid_table(cfg, [1e-3], 60, range(2)).splitlines()
+    assert next(line for line in grid if line.startswith("| APA |")) == \
+        f"| APA | {cells[2]} (KL max {max(x['kl_max'] for x in slow):.1f}) |"
+
+
+def test_the_short_and_kl_tables_show_each_runs_own_summary(tmp_path):
+    """The tables "which algorithms reach pi*" and "where the KL goes" read each (setting, algorithm) its own run:
+    runs whose numbers all differ, one seed each, against their summaries by Python loops (the exact gap)."""
+    written = {}
+    for j, (setting, algo) in enumerate([("short", a) for a in compare.algos("short")] +
+                                        [("kl", a) for a in compare.algos("kl")]):
+        rows = synthetic_run(40, j / 10, exact=True)
+        write_run(tmp_path / setting / f"{algo}_lr0.001_seed0", [json.dumps(r) + "\n" for r in rows])
+        written[setting, algo] = slow_summary(rows, "gap_exact")
+    cfg = compare.CompareConfig(out_dir=str(tmp_path), lr=1e-3)
+    lines = compare.fixed_point_table(cfg, 1e-3, 40, range(1)).splitlines()[2:]
+    assert lines == [f"| {compare.name(a)} | {compare.FIXED_POINT[a]} | {written['short', a]['gap']:.3f} |"
+                     for a in compare.algos("short")]
+    rows = [line.split(" | ")[-2:] for line in compare.kl_table(cfg, 1e-3, 40, range(1)).splitlines()[2:]]
+    expected = [written[("short", base) if kl == own else ("kl", f"{base}_{kl}")]
+                for base, own in compare.KL_DEFAULT.items() for kl in compare.KL_PLACES]
+    assert rows == [[f"{x['gap']:.3f}", f"{x['kl']:.2f} |"] for x in expected]
 
 
 def test_the_rm_setting_trains_a_reward_model_and_measures_over_optimisation_exactly(tmp_path):

@@ -100,13 +100,16 @@ def worker(rank, tmp, target_kl):
         batch, P = fixed_batch(policy)
         rows = slice(2 * rank, 2 * rank + 2)
         result[algo] = one_update(algo, policy, {k: v[rows] for k, v in batch.items()}, P, ddp.global_mean)
-    # a rollout of this rank's 4 responses (its own random stream)
+    # a rollout of this rank's 4 responses (its own random stream), pi_init another network: a KL of its own
     enc = data.task_encoding()
     policy = tiny_policy(enc.n_vocab)
+    ref_lm = tiny_policy(enc.n_vocab).lm
+    with torch.no_grad():
+        ref_lm.lm_head.weight.mul_(0.5)
     prompts = data.task_prompts()
     cfg = train.resolve(train.Config(algo="ppo", batch_size=8, max_new_tokens=6))
     torch.manual_seed(rank)
-    batch, _, stats, samples = train.rollout(cfg, policy, policy.lm, [enc.encode_ordinary(p) for p in prompts],
+    batch, _, stats, samples = train.rollout(cfg, policy, ref_lm, [enc.encode_ordinary(p) for p in prompts],
                                              prompts, length_reward, enc, torch.device("cpu"), model.generate)
     result["rollout"] = dict(advantages=batch["advantages"], mask=batch["mask"], stats=stats, samples=samples)
     # the KL guard on the global approx_kl: target_kl lies between this rank's and the other's, so a guard that
@@ -148,9 +151,11 @@ def test_two_processes_compute_the_one_process_update_and_global_statistics(tmp_
     assert abs(masked_mean(adv, mask)) < 1e-5 and abs(masked_mean(adv ** 2, mask) - 1) < 1e-4
     assert max(abs(masked_mean(r["advantages"], r["mask"])) for r in rollouts) > 0.05  # not per-rank whitening
     samples = rollouts[0]["samples"] + rollouts[1]["samples"]
-    expected = {"reward": sum(s[2] for s in samples) / 8, "kl": 0.0, "length": mask.sum().item() / 8,
-                "distinct2": data.distinct_n([s[1] for s in samples], 2)}
+    expected = {"reward": sum(s[2] for s in samples) / 8, "kl": sum(s[3] for s in samples) / 8,
+                "length": mask.sum().item() / 8, "distinct2": data.distinct_n([s[1] for s in samples], 2)}
+    expected["J"] = expected["reward"] - train.Config.lam * expected["kl"]
     assert rollouts[0]["samples"] != rollouts[1]["samples"]          # each rank its own random stream
+    assert abs(sum(s[3] for s in rollouts[0]["samples"]) - sum(s[3] for s in rollouts[1]["samples"])) > 1e-2  # KL too
     for r in rollouts:
         assert r["stats"] == rollouts[0]["stats"]                    # the same global numbers in both processes
         for k, v in expected.items():
@@ -187,6 +192,7 @@ def test_torchrun_trains_checkpoints_and_resumes_after_a_kill(tmp_path):
     assert [len(batch) for r in range(2) for batch in sampled[r]] == [16 // 2] * 12
     assert all(a != b for a, b in zip(*sampled))
     assert [row["steps"] for row in read_metrics(straight)] == [2 * 16 // 8] * 6
+    assert [row["samples"] for row in read_metrics(straight)] == [16 * i for i in range(1, 7)]  # of all processes
     assert [line.split("/")[0] for line in out.splitlines() if line.startswith("iter ")] == \
         [f"iter {i}" for i in range(1, 7)]                           # rank 0 alone prints
     assert "x 2 processes" in out

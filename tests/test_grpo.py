@@ -11,7 +11,7 @@ import statistics
 import pytest
 import torch
 
-from grpo import group_advantages, grpo_loss, k1, k2, k3, k3_is, rloo_advantages
+from grpo import KL_ESTIMATORS, group_advantages, grpo_loss, k1, k2, k3, k3_is, rloo_advantages
 from ppo import masked_mean, ppo_policy_loss
 from test_losses import (PREFIXES, SEQS, STATES, T_, bandit, exact_values, float64, objective, optimum,  # noqa: F401
                          paper_form_fixed_point, seq_probs, token_logprobs, token_mdp, token_optimum, tv)
@@ -117,6 +117,20 @@ def test_kl_estimators_expected_gradients_on_the_policys_own_samples():
     assert expected(k1).item() == pytest.approx(kl, rel=1e-12) and expected(k3).item() == pytest.approx(kl, rel=1e-12)
     assert abs(expected(k2).item() - kl) > 1e-2
     assert k3(logp, log_init).min().item() >= 0                   # k3 is never negative
+
+
+def test_grpo_loss_logs_its_kl_term_under_the_estimators_name():
+    """The KL term of GRPO's loss is logged under the name of the estimator that --kl chose (k1, k2, k3, k3_is), as
+    the value that the loss adds lambda times: the metrics of a k1 run are k1's, not labelled k3."""
+    g = torch.Generator().manual_seed(0)
+    logp, old, ref, adv = (torch.randn(3, 5, generator=g) for _ in range(4))   # (B, T)
+    mask = torch.tensor([[1.0] * 5, [1.0] * 2 + [0.0] * 3, [1.0] * 4 + [0.0]])  # (B, T)
+    for name, estimator in KL_ESTIMATORS.items():
+        loss, stats = grpo_loss(logp, old, ref, adv, mask, 0.5, 0.2, estimator)
+        kl = masked_mean(estimator(logp, ref, old), mask)
+        assert set(stats) & set(KL_ESTIMATORS) == {name} and stats[name] == pytest.approx(kl.item(), rel=1e-6)
+        assert loss.item() == pytest.approx(ppo_policy_loss(logp, old, adv, mask, 0.2)[0].item() + 0.5 * kl.item(),
+                                            rel=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,10 +14,12 @@ import sys
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, PreTrainedTokenizerFast
+from transformers import (AutoModelForCausalLM, BertConfig, BertForSequenceClassification, GPT2Config,
+                          GPT2ForSequenceClassification, GPT2LMHeadModel, GPTNeoXConfig, LlamaConfig,
+                          PreTrainedTokenizerFast)
 from transformers.utils import logging as hf_logging
 
 import data
@@ -625,3 +627,161 @@ def test_activation_checkpointing_changes_no_sampled_token(arch, tmp_path):
         draws.append(model.generate(policy, ids, mask, 8, tok.eos_token_id, len(tok)))
     assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][2], draws[1][2])
     assert any(getattr(m, "gradient_checkpointing", False) and m.training for m in policy.modules())
+
+
+# ----------------------------------------------------------------------------------------------
+# what only a real checkpoint has: added tokens, an end-of-text of its own, a reward model with its own tokenizer,
+# pad id and two outputs, and hub ids
+
+def save_added_tokens_tokenizer(path):
+    """The BPE above with two tokens added beyond its 300, as Llama-style and chat checkpoints have them: the
+    end-of-text '</s>' (id 300; GPT-2's '<|endoftext|>' stays an ordinary token, id 0) and a pad token (301)."""
+    fast = PreTrainedTokenizerFast(tokenizer_object=bpe())
+    fast.add_special_tokens({"eos_token": "</s>", "pad_token": "<pad>"})
+    assert (fast.vocab_size, len(fast), fast.eos_token_id, fast.pad_token_id) == (300, 302, 300, 301)
+    fast.save_pretrained(path)
+    return fast
+
+
+def save_reward_model(path, config_pad=None):
+    """A tiny GPT-2 sequence classifier with two outputs (a sentiment classifier's negative and positive) and its
+    own tokenizer, whose pad id (301) is no policy's end-of-text; its config names no pad id, as many do, or
+    config_pad."""
+    tok = save_added_tokens_tokenizer(path)
+    torch.manual_seed(1)
+    rm = GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2,
+                                                  num_labels=2, bos_token_id=tok.eos_token_id,
+                                                  eos_token_id=tok.eos_token_id, pad_token_id=config_pad))
+    rm.save_pretrained(path)
+    return rm.eval(), tok
+
+
+def hub_cache(tmp_path, monkeypatch):
+    """A folder laid out as the Hugging Face cache (models--org--name/snapshots/<commit>, refs/main), with the hub
+    offline: a hub id resolves there as a model downloaded before, without the network, through the real path of
+    a hub id (the cache lookup of lab/hf.py's check_source, ships_tokenizer, transformers' from_pretrained). Only
+    huggingface_hub's own settings are patched, not a function of ours. Returns the folder of a hub id."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    def snapshot(repo_id):
+        repo = tmp_path / "hub" / f"models--{repo_id.replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text("0" * 40)
+        return repo / "snapshots" / ("0" * 40)
+    return snapshot
+
+
+def scores_alone(rm, tok, prompts, completions):
+    """The slow reward: each text alone through the reward model (no padding), its last logit."""
+    with torch.no_grad():
+        return [rm(input_ids=torch.tensor([tok.encode(p + c)])).logits[0, -1].item()
+                for p, c in zip(prompts, completions)]
+
+
+PROMPTS = ["the plot", "the music was very", "the"]
+COMPLETIONS = [" was dull.", " charming and the cast was superb.", " end"]
+
+
+def test_a_tokenizer_with_added_tokens_and_an_end_of_text_of_its_own(tmp_path):
+    """A run's end-of-text is the tokenizer's eos ('</s>' here, not GPT-2's '<|endoftext|>'), and its vocabulary
+    counts the added tokens: the sampler can draw end-of-text, so responses end, and --init trains a model whose
+    config lists several end-of-text ids, as Llama 3's does."""
+    init = tmp_path / "init"
+    tok = save_added_tokens_tokenizer(init)
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(make_config("llama", len(tok), tok.eos_token_id)).eval()
+    lm.config.eos_token_id = [tok.pad_token_id, tok.eos_token_id]
+    lm.save_pretrained(init)
+    enc = data.get_encoding(str(init))
+    assert (enc.eot_token, enc.n_vocab) == (300, 302)
+    ids, mask = model.left_pad([enc.encode_ordinary(p) for p in PROMPTS] * 4, enc.eot_token, torch.device("cpu"))
+    torch.manual_seed(0)
+    _, resp_mask, _ = model.generate(likely_eot(copy.deepcopy(lm), enc.eot_token, 8.0), ids, mask, 12, enc.eot_token,
+                                     enc.n_vocab)
+    assert (resp_mask.sum(1) < 12).all()                              # every response drew end-of-text and ended
+    history = train.main(run_args(init, tmp_path / "out"))
+    assert len(history) == 2 and history[0]["kl"] == 0 and history[0]["approx_kl"] < 1e-9
+
+
+@pytest.mark.parametrize("config_pad", [None, 300], ids=["config without a pad id", "config pads with eos"])
+def test_a_reward_model_scores_with_its_own_tokenizer_and_pad_id_and_its_last_logit(config_pad, tmp_path):
+    """Texts of different lengths, padded in one batch by the reward model's own tokenizer, score as each alone: the
+    model finds each text's last token by the id its tokenizer pads with (not the policy's end-of-text, nor another
+    id its config names), and the score is the last logit (a two-class classifier's 'positive')."""
+    rm, tok = save_reward_model(tmp_path / "rm", config_pad)
+    enc = data.task_encoding()                                        # the policy's: end-of-text 302, no pad
+    score = hf.reward_model_fn(str(tmp_path / "rm"), enc, torch.device("cpu"))
+    assert score(PROMPTS, COMPLETIONS) == pytest.approx(scores_alone(rm, tok, PROMPTS, COMPLETIONS), abs=1e-5)
+
+
+def test_an_encoder_reward_model_whose_tokenizer_has_no_end_of_text(tmp_path):
+    """An encoder as reward model (BERT, DeBERTa: '[CLS] text [SEP]', padded with '[PAD]') ships a tokenizer without
+    an end-of-text; it pads with its pad token, and scores each text as alone."""
+    fast = PreTrainedTokenizerFast(tokenizer_object=bpe())
+    fast.add_special_tokens({"pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]"})
+    fast.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", fast.cls_token_id), ("[SEP]", fast.sep_token_id)])
+    fast.save_pretrained(tmp_path / "rm")
+    assert fast.eos_token is None and fast.encode("the")[0] == fast.cls_token_id
+    torch.manual_seed(3)
+    rm = BertForSequenceClassification(BertConfig(vocab_size=len(fast), hidden_size=16, num_hidden_layers=1,
+                                                  num_attention_heads=2, intermediate_size=32, num_labels=1,
+                                                  pad_token_id=fast.pad_token_id)).eval()
+    rm.save_pretrained(tmp_path / "rm")
+    score = hf.reward_model_fn(str(tmp_path / "rm"), data.task_encoding(), torch.device("cpu"))
+    assert score(PROMPTS, COMPLETIONS) == pytest.approx(scores_alone(rm, fast, PROMPTS, COMPLETIONS), abs=1e-5)
+
+
+def test_a_reward_model_without_a_tokenizer_scores_the_policys_tokens_the_last_that_fit(tmp_path):
+    """A reward model folder without a tokenizer reads the policy's tokens: a batch padded with the policy's
+    end-of-text scores as each text alone, and a text longer than the model's context window is scored on its last
+    tokens, those of the completion."""
+    enc = data.task_encoding()
+    torch.manual_seed(2)
+    rm = GPT2ForSequenceClassification(GPT2Config(vocab_size=enc.n_vocab, n_positions=12, n_embd=32, n_layer=1,
+                                                  n_head=2, num_labels=1, bos_token_id=enc.eot_token,
+                                                  eos_token_id=enc.eot_token))
+    rm.eval().save_pretrained(tmp_path / "rm")
+    completions = COMPLETIONS[:2] + [" was dull and the cast was weak but the music was charming."]
+    ids = [enc.encode_ordinary(p + c) for p, c in zip(PROMPTS, completions)]
+    assert [len(x) > 12 for x in ids] == [False, False, True] and len(ids[0]) < len(ids[1])
+    with torch.no_grad():
+        alone = [rm(input_ids=torch.tensor([x[-12:]])).logits[0, -1].item() for x in ids]
+    score = hf.reward_model_fn(str(tmp_path / "rm"), enc, torch.device("cpu"))
+    assert score(PROMPTS, completions) == pytest.approx(alone, abs=1e-5)
+
+
+def test_init_without_a_tokenizer_is_read_with_gpt2s_bpe(tmp_path):
+    """A checkpoint saved without a tokenizer (a GPT-2 fine-tune saved by save_pretrained alone) is read with GPT-2's
+    BPE: its 50,257 tokens and its end-of-text, 50256, which the model's config names."""
+    try:
+        data.get_encoding("gpt2")
+    except Exception as e:                                            # no tiktoken cache and no network
+        pytest.skip(f"GPT-2 BPE unavailable offline ({type(e).__name__})")
+    init = tmp_path / "init"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=16, n_layer=1, n_head=2)).save_pretrained(init)
+    history = train.main(run_args(init, tmp_path / "out", "--iters=1"))
+    assert len(history) == 1 and history[0]["kl"] == 0 and not (tmp_path / "out" / "policy" / "tokenizer.json").exists()
+
+
+def test_a_hub_id_brings_its_own_tokenizer_to_the_policy_and_the_reward_model(tmp_path, monkeypatch):
+    """--init=org/lm and --reward_model=org/rm, hub ids (from a hub cache, offline): each is read with the tokenizer
+    it ships, not GPT-2's BPE for the policy, nor the policy's tokenizer for the reward model."""
+    snapshot = hub_cache(tmp_path, monkeypatch)
+    save_checkpoint("gpt_neox", snapshot("org/lm"))
+    rm, tok = save_reward_model(snapshot("org/rm"))
+    history = train.main(run_args("org/lm", tmp_path / "out", "--reward_model=org/rm"))
+    assert len(history) == 2 and (tmp_path / "out" / "policy" / "tokenizer.json").exists()  # it ran on its own
+    score = hf.reward_model_fn("org/rm", data.get_encoding("org/lm"), torch.device("cpu"))
+    assert score(PROMPTS, COMPLETIONS) == pytest.approx(scores_alone(rm, tok, PROMPTS, COMPLETIONS), abs=1e-5)
+
+
+def test_lora_targets_are_module_names_separated_by_commas():
+    pytest.importorskip("peft")
+    cfg = train.Config(lora_r=4, lora_targets="c_attn,c_proj")
+    lm = lora.with_lora(model.tiny_gpt(cfg, 64), cfg)
+    adapted = {name.split("transformer.h.")[-1] for name, m in lm.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == {f"{i}.{n}" for i in range(cfg.n_layer) for n in ("attn.c_attn", "attn.c_proj", "mlp.c_proj")}

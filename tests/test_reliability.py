@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from transformers import BertConfig, BertForMaskedLM, BertModel, GPT2Config, GPT
 import data
 import model
 import train
-from lab import cli, runs
+from lab import checks, cli, runs
 from test_cli import one_line_error
 from test_train import read_metrics, run_script, tiny_args, write
 
@@ -130,6 +131,9 @@ NONSENSE = {  # name: (flags, given the test's tmp_path; what the error says)
     "eval_prompts missing": (lambda tmp: dict(eval_prompts=str(tmp / "none.txt")), "none.txt does not exist"),
     "held-out prompt too long": (lambda tmp: dict(eval_prompts=write(tmp / "e.txt", "the plot\n" + "the movie was " * 20),
                                                   eval_every=5), "held-out prompt 2 has"),
+    "threads past a C long": (lambda tmp: dict(threads=2**63), "threads must be in [0, "),   # torch: an overflow
+    "threads a billion": (lambda tmp: dict(threads=10**9), "threads must be in [0, "),       # libgomp: out of memory
+    "prompts a device": (lambda tmp: dict(prompts="/dev/null"), "--prompts=/dev/null is neither a regular file nor a"),
 }
 if not torch.cuda.is_available():
     NONSENSE["device cuda without CUDA"] = (lambda tmp: dict(device="cuda"), "finds no CUDA GPU")
@@ -183,6 +187,14 @@ def one_nan_reward(prompts, completions):
     return [0.5] * (len(completions) - 1) + [float("nan")]
 
 
+def two_rows_reward(prompts, completions):
+    return torch.zeros(2, len(completions) // 2)                       # B numbers, but not one a completion
+
+
+def huge_reward(prompts, completions):
+    return [10**400] * len(completions)                                 # a Python int beyond any float
+
+
 REWARD_FAILURES = {
     "raises": ("raising_reward", "reward function test_reliability:raising_reward raised ZeroDivisionError: "
                                  "division by zero"),
@@ -192,6 +204,10 @@ REWARD_FAILURES = {
     "returns text": ("text_reward", "expected a list of 16 floats"),
     "calls sys.exit()": ("exit_reward", "reward function test_reliability:exit_reward raised SystemExit"),
     "one NaN among finite scores": ("one_nan_reward", "returned non-finite scores: [nan]"),
+    "returns (2, B/2)": ("two_rows_reward", "test_reliability:two_rows_reward returned (2, 8) scores for 16 "
+                                            "completions: expected (16,) or (16, 1)"),
+    "returns 10**400": ("huge_reward", "reward function test_reliability:huge_reward returned a score too large for a "
+                                       "float"),
 }
 
 
@@ -199,6 +215,16 @@ REWARD_FAILURES = {
 def test_a_failing_reward_function_is_named_in_one_line(case, sft_dir, tmp_path):
     name, message = REWARD_FAILURES[case]
     fails(tiny_args(sft_dir, tmp_path, reward_fn=f"test_reliability:{name}"), message)
+
+
+def test_scores_are_one_number_a_completion_as_a_row_or_a_column():
+    scores = [0.5, -1.0, 2.0, 0.25]
+    for returned in (scores, torch.tensor(scores), torch.tensor(scores)[:, None], [[x] for x in scores]):
+        assert data.check_scores(returned, 4).tolist() == scores
+    for returned in (torch.tensor(scores).view(2, 2), torch.tensor(scores)[None], torch.tensor(scores).view(1, 4, 1),
+                     torch.zeros(4, 2)):                                 # (B, 2): a classifier's two logits
+        with pytest.raises(ValueError, match=r"returned \(.*\) scores for 4 completions"):
+            data.check_scores(returned, 4)
 
 
 def test_apa_debug_shows_the_traceback(sft_dir, tmp_path, monkeypatch):
@@ -296,6 +322,9 @@ RESUME_REFUSED = {  # name: (damage done to the finished run, flags of the resum
     "metrics.jsonl hole": (edit_metrics(lambda lines: [lines[0], *lines[2:], lines[3]]), {}, "line 2 is not"),
     "metrics.jsonl of another run": (edit_metrics(lambda lines: lines[:3] + [lines[3][:-1] + ', "x": 1}']),
                                      {}, "line 4 differs"),
+    "a field the checkpoint predates, changed": (edit_checkpoint(lambda s: s["config"].pop("apa_clip")),
+                                                 dict(apa_clip=0.5),
+                                                 "apa_clip 0.0 (its default: the checkpoint predates the field) -> 0.5"),
 }
 
 
@@ -526,6 +555,100 @@ def test_each_field_may_change_on_resume_or_is_refused(field, tmp_path):
     else:
         with pytest.raises(ValueError, match=f"--resume would mix two runs: {field} "):
             read()
+
+
+def test_a_checkpoint_that_predates_a_field_resumes_with_its_default_then(tmp_path):
+    """A GRPO checkpoint written before --kl existed trained with the KL in the loss by k3, GRPO's default: resumed
+    with the default, it continues; with --kl=k1 it would mix two runs, and is refused. A field this version does not
+    know (one since removed) is no reason to refuse."""
+    saved = dataclasses.asdict(train.resolve(train.Config(algo="grpo", iters=3)))
+    del saved["kl"]
+    saved["a_removed_field"] = 1
+    line = json.dumps({"iter": 1})
+    torch.save({"iter": 1, "config": saved, "metrics_line": line}, tmp_path / "ckpt.pt")
+    write(tmp_path / "metrics.jsonl", line + "\n")
+    read = lambda kl: runs.read_checkpoint(str(tmp_path / "ckpt.pt"), str(tmp_path / "metrics.jsonl"),  # noqa: E731
+                                           train.resolve(train.Config(algo="grpo", iters=3, kl=kl)), train.resolve)
+    assert read("auto")["iter"] == 1 and read("k3")["iter"] == 1
+    with pytest.raises(ValueError, match=r"--resume would mix two runs: kl 'k3' \(its default: the checkpoint"):
+        read("k1")
+
+
+def test_a_checkpoint_that_predates_a_field_with_a_derived_default_resumes(finished_run, sft_dir, tmp_path):
+    """group_size's default depends on the algorithm (train.resolve: 1 for APA): a checkpoint without the field
+    resumes with the default, as the run that wrote it trained."""
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    edit_checkpoint(lambda state: state["config"].pop("group_size"))(out)
+    history = train.main(tiny_args(sft_dir, out, iters=5, ckpt_every=2, resume=True))
+    assert [r["iter"] for r in read_metrics(out)] == [1, 2, 3, 4, 5] and len(history) == 1
+
+
+def test_threads_up_to_four_a_core():
+    most = 4 * (os.cpu_count() or 1)
+    checks.validate(train.resolve(train.Config(threads=most)))
+    with pytest.raises(ValueError, match=rf"threads must be in \[0, {most}\], at most 4 a core"):
+        checks.validate(train.resolve(train.Config(threads=most + 1)))
+
+
+def write_twice(path, barrier):
+    """write_atomically as one of two processes at once: its pid, then (once both are writing) its pid again."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            barrier.wait(timeout=30)
+            f.write(f"{os.getpid()}\n")
+    runs.write_atomically(path, write)
+
+
+def test_two_processes_writing_one_file_at_once_write_each_its_own(tmp_path):
+    """Runs that cache pi_init at the same time: each writes a temporary of its own, so the file is one process's
+    whole, never the two mixed, and neither fails."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=write_twice, args=(str(tmp_path / "cache"), barrier)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0] and os.listdir(tmp_path) == ["cache"]
+    first, second = (tmp_path / "cache").read_text().split()
+    assert first == second and int(first) in [p.pid for p in procs]
+
+
+def test_sample_prints_as_many_completions_as_asked_the_task_prompts_in_turn(tmp_path, capsys):
+    policy = trained_policy(tmp_path)
+    completions, _ = train.main([f"--sample={policy}", "--num_samples=50"])
+    prompts = [line.split(" -> ")[0] for line in capsys.readouterr().out.splitlines()]
+    task = data.task_prompts()
+    assert len(completions) == 50 and prompts == [repr(task[i % len(task)]) for i in range(50)]
+
+
+def test_prompts_from_a_named_pipe_are_read_once(sft_dir, tmp_path, capsys, monkeypatch):
+    """--prompts=<(...): a named pipe, read once (and refused under torchrun, whose processes would each read it)."""
+    import threading
+    fifo = str(tmp_path / "prompts")
+    os.mkfifo(fifo)
+
+    def feed():
+        try:
+            with open(fifo, "w") as f:                                  # waits for a reader
+                f.write("the movie was\nthe plot felt\nthe cast seemed\n")
+        except OSError:                                                 # the reader left early (a failed test)
+            pass
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    try:
+        train.main(tiny_args(sft_dir, tmp_path / "out", iters=1, prompts=fifo))
+    finally:
+        if writer.is_alive():                                           # unblock the writer
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+    assert "| 3 prompts |" in capsys.readouterr().out
+    monkeypatch.setenv("WORLD_SIZE", "2")                               # as torchrun sets it; the check alone, as a
+    with pytest.raises(ValueError, match=re.escape(f"--prompts={fifo} is a pipe, which only one process")):  # run
+        checks.validate(train.resolve(train.Config(prompts=fifo)))      # would wait for a writer
 
 
 def test_an_interrupted_atomic_write_leaves_no_temporary_file(tmp_path):

@@ -19,7 +19,7 @@ import data
 import evaluation
 import model
 import train
-from lab import checks, static_sampler
+from lab import checks, cli, static_sampler
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -149,15 +149,56 @@ def recording_reward(prompts, completions):
 
 
 def test_the_held_out_evaluation_samples_the_held_out_prompts(sft_dir, tmp_path):
-    """Per iteration: the evaluation's 8 responses, to the held-out openings, then the rollout's 16, to the training
-    ones; the two sets never meet."""
+    """Per iteration: the evaluation's 24 responses, to the held-out openings in turn, in batches of batch_size (16,
+    then 8), then the rollout's 16, to the training ones; the two sets never meet."""
     SCORED.clear()
-    train.main(tiny_args(sft_dir, tmp_path, iters=2, eval_every=1, eval_samples=8,
+    train.main(tiny_args(sft_dir, tmp_path, iters=2, eval_every=1, eval_samples=24,
                          reward_fn="test_train:recording_reward"))
-    assert [len(p) for p in SCORED] == [8, 16, 8, 16]
-    held_out, training = set(data.task_eval_prompts()), set(data.task_prompts())
-    assert not held_out & training
-    assert set(SCORED[0] + SCORED[2]) <= held_out and set(SCORED[1] + SCORED[3]) <= training
+    assert [len(p) for p in SCORED] == [16, 8, 16] * 2
+    held_out, training = data.task_eval_prompts(), set(data.task_prompts())
+    assert not set(held_out) & training
+    assert SCORED[0] + SCORED[1] == SCORED[3] + SCORED[4] == held_out[:24] and set(SCORED[2] + SCORED[5]) <= training
+
+
+def test_prompts_of_your_own_have_no_held_out_prompts_unless_given(sft_dir, tmp_path, capsys):
+    """With --prompts and no --eval_prompts nothing is held out: the embedded task's openings come from another task."""
+    SCORED.clear()
+    prompts = write(tmp_path / "p.txt", "the movie was\nthe plot felt\n")
+    history = train.main(tiny_args(sft_dir, tmp_path / "out", iters=1, eval_every=1, prompts=prompts,
+                                   reward_fn="test_train:recording_reward"))
+    assert SCORED == [SCORED[0]] and set(SCORED[0]) == {"the movie was", "the plot felt"}
+    assert not any(k.startswith("eval_") for k in history[0]) and "| 2 prompts | device" in capsys.readouterr().out
+
+
+def test_a_run_that_asks_for_no_jstar_and_no_exact_gap_ignores_what_it_is_handed(sft_dir, tmp_path, capsys):
+    """lab/compare.py hands each run the J* and the exact responses known for its pi_init (train.train's known); a
+    run with --jstar_samples=0 and --exact_every=0 asked for neither, and logs neither gap."""
+    cfg = cli.parse_args(train.Config, tiny_args(sft_dir, tmp_path, iters=2, jstar_samples=0, exact_every=0))
+    history = train.train(cfg, {"jstar": (1.5, 0.25), "space": {"rewards": torch.zeros(3)}})
+    assert len(history) == 2 and not [k for r in history for k in r if "gap" in k or "jstar" in k or "exact" in k]
+    assert "J*" not in capsys.readouterr().out
+
+
+def test_pre_training_keeps_torchs_threads_whatever_threads_says(tmp_path, monkeypatch):
+    """The pi_init cache, and its rounding, must not depend on --threads: pre-training runs at the threads torch has,
+    and --threads applies to the RL iterations after it."""
+    seen = set()
+    monkeypatch.setattr(model, "status", lambda text, done=False: seen.add(torch.get_num_threads()))  # each step
+    torch.set_num_threads(2)
+    train.main(tiny_args(str(tmp_path / "sft"), tmp_path / "out", sft_steps=2, iters=1, threads=3))
+    assert seen == {2} and torch.get_num_threads() == 3
+
+
+def test_grpo_and_rloo_train_no_value_head(sft_dir, tmp_path):
+    """GRPO and RLOO have no use for values: their value head takes no gradient (under DDP a parameter that trains
+    and gets none is an error) and their checkpoints hold none."""
+    for algo in ("grpo", "rloo"):
+        cfg = train.resolve(train.Config(algo=algo))
+        policy, _ = model.make_policy(cfg, model.tiny_gpt(cfg, 64), 64, torch.device("cpu"))
+        assert not any(p.requires_grad for p in policy.v_head.parameters()) and policy.lm.lm_head.weight.requires_grad
+    train.main(tiny_args(sft_dir, tmp_path, algo="grpo", iters=1))
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=False)["policy"]
+    assert saved and not [k for k in saved if k.startswith("v_head.")]
 
 
 def test_the_held_out_evaluation_forks_the_random_stream_of_the_gpu_it_samples_on():

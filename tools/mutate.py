@@ -8,7 +8,7 @@ anything runs, so the list cannot rot silently: update it with the code.
 
 Run:   python tools/mutate.py             (all mutations, 2 at a time, one thread each; a caught mutant
                                            takes 5-90 s, one that survives the fast tests also runs the
-                                           end-to-end ones, a few minutes; all of them: about 18 minutes on 2 cores)
+                                           end-to-end ones, a few minutes; all of them: about 30 minutes on 2 cores)
        python tools/mutate.py -k gae       (those whose name contains 'gae')
        python tools/mutate.py --list       (print the list)
        python tools/mutate.py --tests="rollout or update"   (only the tests matching this pytest -k)
@@ -56,9 +56,29 @@ PLACES_TOKEN = "tests/test_grpo.py::test_token_mdp_fixed_point_of_each_place_for
 JSTAR = "tests/test_compare.py::test_a_run_handed_what_is_known_uses_it_and_trains_as_one_that_computes_it"
 BAD_STEPS = "tests/test_train.py::test_bad_steps_are_skipped_and_only_enough_of_them_in_a_row_stop_the_run"
 MAKE_POLICY = "tests/test_models.py::test_make_policy_builds_what_the_config_asks"
-REWARD_MODEL = "tests/test_reward_model.py"
+REWARD_MODEL_PY = "tests/test_reward_model.py"
 DECODERS_TEST = ("tests/test_models.py::test_static_decoders_keep_the_two_last_used_and_a_graph_only_where_layers_keep_"
                  "no_python_state")
+KL_NAME = "tests/test_grpo.py::test_grpo_loss_logs_its_kl_term_under_the_estimators_name"
+NOT_ASKED = "tests/test_train.py::test_a_run_that_asks_for_no_jstar_and_no_exact_gap_ignores_what_it_is_handed"
+SFT_THREADS = "tests/test_train.py::test_pre_training_keeps_torchs_threads_whatever_threads_says"
+NO_VALUE_HEAD = "tests/test_train.py::test_grpo_and_rloo_train_no_value_head"
+TWO_WRITERS = "tests/test_reliability.py::test_two_processes_writing_one_file_at_once_write_each_its_own"
+ADDED_TOKENS = "tests/test_models.py::test_a_tokenizer_with_added_tokens_and_an_end_of_text_of_its_own"
+REWARD_MODEL = "tests/test_models.py::test_a_reward_model_scores_with_its_own_tokenizer_and_pad_id_and_its_last_logit"
+ENCODER_REWARD_MODEL = "tests/test_models.py::test_an_encoder_reward_model_whose_tokenizer_has_no_end_of_text"
+REWARD_MODEL_NO_TOKENIZER = ("tests/test_models.py::test_a_reward_model_without_a_tokenizer_scores_the_policys_tokens_the_"
+                             "last_that_fit")
+HUB_ID = "tests/test_models.py::test_a_hub_id_brings_its_own_tokenizer_to_the_policy_and_the_reward_model"
+HELD_OUT = "tests/test_train.py::test_the_held_out_evaluation_samples_the_held_out_prompts"
+OWN_PROMPTS = "tests/test_train.py::test_prompts_of_your_own_have_no_held_out_prompts_unless_given"
+SUMMARY = "tests/test_compare.py::test_the_summary_that_the_tables_are_built_from"
+TABLES = "tests/test_compare.py::test_the_short_and_kl_tables_show_each_runs_own_summary"
+PREDATES = "tests/test_reliability.py::test_a_checkpoint_that_predates_a_field_resumes_with_its_default_then"
+SECOND_SWEEP = "tests/test_compare.py::test_a_second_sweep_in_the_same_out_dir_is_refused_before_any_work"
+SAMPLE_N = "tests/test_reliability.py::test_sample_prints_as_many_completions_as_asked_the_task_prompts_in_turn"
+PIPE = "tests/test_reliability.py::test_prompts_from_a_named_pipe_are_read_once"
+SCORE_SHAPES = "tests/test_reliability.py::test_scores_are_one_number_a_completion_as_a_row_or_a_column"
 
 # (name, file, original snippet, replacement[, tests]): each a bug someone could plausibly write; without
 # tests of its own, a mutation runs TESTS
@@ -439,17 +459,17 @@ MUTATIONS = [
      [INIT_NEOX]),
     # the reward model (reward_model.py): the Bradley-Terry loss, the simulated annotator, where the reward is read
     ("Bradley-Terry: the margin's sign flipped", "reward_model.py", "margin = chosen_rewards - rejected_rewards",
-     "margin = rejected_rewards - chosen_rewards", [REWARD_MODEL]),
+     "margin = rejected_rewards - chosen_rewards", [REWARD_MODEL_PY]),
     ("Bradley-Terry without the log", "reward_model.py", "loss = -F.logsigmoid(margin).mean()",
-     "loss = -torch.sigmoid(margin).mean()", [REWARD_MODEL]),
+     "loss = -torch.sigmoid(margin).mean()", [REWARD_MODEL_PY]),
     ("the reward read at the first token, not the last real one", "reward_model.py",
-     "hidden[torch.arange(len(ids), device=device), last]", "hidden[:, 0]", [REWARD_MODEL]),
+     "hidden[torch.arange(len(ids), device=device), last]", "hidden[:, 0]", [REWARD_MODEL_PY]),
     ("the annotator's labels not drawn: always the better response", "reward_model.py",
-     "return torch.rand(p.shape) < p", "return 0.5 < p", [REWARD_MODEL]),
+     "return torch.rand(p.shape) < p", "return 0.5 < p", [REWARD_MODEL_PY]),
     ("the annotator's beta ignored", "reward_model.py", "p = torch.sigmoid((rewards1 - rewards2) / beta)",
-     "p = torch.sigmoid(rewards1 - rewards2)", [REWARD_MODEL]),
+     "p = torch.sigmoid(rewards1 - rewards2)", [REWARD_MODEL_PY]),
     ("the task's pairs: chosen and rejected swapped, their true rewards not", "reward_model.py",
-     "((y1, y2) if first[k] else (y2, y1))", "((y2, y1) if first[k] else (y1, y2))", [REWARD_MODEL]),
+     "((y1, y2) if first[k] else (y2, y1))", "((y2, y1) if first[k] else (y1, y2))", [REWARD_MODEL_PY]),
     # the theory's tests, second pass: PPO as train.py runs it, k1 in the loss, the per-state KL, GRPO's side of pi*;
     # each against the one test that pins it, a wrong formula in the code or in the test's claim
     ("PPO whitened: its gradient claimed grad J / T, as unwhitened", "test_losses.py",
@@ -477,6 +497,126 @@ MUTATIONS = [
     ("Dr. GRPO's tilt claimed without its 1 - 1/k (at lambda 0.5 and 0.05)", "tests/test_grpo.py",
      "c, p0 = (1 - 1 / k) / lam, log_init.exp()", "c, p0 = 1 / lam, log_init.exp()",
      ["tests/test_grpo.py::test_bandit_dr_grpo_fixed_point_is_a_hyperbolic_tilt_not_pi_star"]),
+    # realistic bugs that once passed the whole suite (KL names, what a run is handed, threads, the critic-free value
+    # head, temporary names, LoRA targets, Hugging Face loading, the held-out evaluation, lab/compare.py's summaries)
+    ("grpo_loss names its KL term k3 whatever the estimator", "grpo.py",
+     "dict(stats, **{kl_estimator.__name__: kl.item()})", "dict(stats, k3=kl.item())", [KL_NAME]),
+    ("J* and the exact responses handed over are used though not asked for", "train.py",
+     'space = known.get("space") if cfg.exact_every else None', 'space = known.get("space")', [NOT_ASKED]),
+    ("--threads applied before pi_init is built", "train.py",
+     "    with ddp.rank_zero_first():                                          # it builds pi_init",
+     "    set_cpu_threads(cfg, device)\n    with ddp.rank_zero_first():  #", [SFT_THREADS]),
+    ("GRPO's and RLOO's value head left trainable", "model.py", "    policy.v_head.requires_grad_(critic)",
+     "    policy.v_head.requires_grad_(True)", [NO_VALUE_HEAD]),
+    ("one temporary name for every process", "lab/runs.py", 'tmp = f"{path}.tmp{os.getpid()}"', 'tmp = f"{path}.tmp"',
+     [TWO_WRITERS]),
+    ("--lora_targets taken as one module name", "lab/lora.py", 'cfg.lora_targets.split(",")', "[cfg.lora_targets]",
+     ["tests/test_models.py::test_lora_targets_are_module_names_separated_by_commas"]),
+    ("a Hugging Face tokenizer's n_vocab without its added tokens", "lab/hf.py", "self.tok.eos_token_id, len(self.tok)",
+     "self.tok.eos_token_id, self.tok.vocab_size", [ADDED_TOKENS]),
+    ("a reward model's pad id from the policy's tokenizer", "lab/hf.py",
+     "        model.config.pad_token_id = tokenizer.pad_token_id\n", "        model.config.pad_token_id = enc.eot_token\n",
+     [REWARD_MODEL]),
+    ("a hub id ships no tokenizer", "lab/hf.py", "return not os.path.isdir(path) or any(",
+     "return os.path.isdir(path) and any(", [HUB_ID]),
+    ("the held-out evaluation in slices of minibatch_size", "evaluation.py", "idx = rows[k:k + cfg.batch_size]",
+     "idx = rows[k:k + cfg.minibatch_size]", [HELD_OUT]),
+    ("--prompts without --eval_prompts evaluates the task's openings", "data.py",
+     "else [] if cfg.prompts else task_eval_prompts())", "else task_eval_prompts())", [OWN_PROMPTS]),
+    ("experiments/compare.py's final values from the first iterations", "experiments/compare.py", "tail, g = rows[-last:], gap_key(rows)",
+     "tail, g = rows[:last], gap_key(rows)", [SUMMARY]),
+    ("a Hugging Face tokenizer's end-of-text taken as GPT-2's", "lab/hf.py", "self.tok.eos_token_id, len(self.tok)",
+     'self.tok.convert_tokens_to_ids("<|endoftext|>"), len(self.tok)', [ADDED_TOKENS]),
+    ("a reward model's score from its first logit", "lab/hf.py", "return model(**batch).logits[:, -1].float().tolist()",
+     "return model(**batch).logits[:, 0].float().tolist()", [REWARD_MODEL]),
+    ("experiments/compare.py's J* key ignores sft_steps", "experiments/compare.py", '"kl", "threads"}  # J* ignores',
+     '"kl", "threads", "sft_steps"}  # J* ignores', ["tests/test_compare.py::test_jstar_is_estimated_once_per_pi_init_data_and_lambda"]),
+    ("experiments/compare.py's samples to a quarter of the gap: the curve's index", "experiments/compare.py",
+     "samples[reached[0]] if len(reached)", "reached[0] if len(reached)", [SUMMARY]),
+    # the fixes of what misbehaved: each undone
+    ("any thread count taken", "lab/checks.py", "0 <= cfg.threads <= most_threads", "cfg.threads >= 0", [NONSENSE]),
+    ("a field an older checkpoint lacks is not compared", "lab/runs.py",
+     "for k, v in fields.items() if k not in RESUME_MAY_CHANGE and then[k] != v]",
+     "for k, v in fields.items() if k in saved and k not in RESUME_MAY_CHANGE and then[k] != v]", [PREDATES]),
+    ("two sweeps at once in one out_dir", "experiments/compare.py",
+     "with runs.exclusive(cfg.out_dir) if cfg.run else contextlib.nullcontext():", "with contextlib.nullcontext():",
+     [SECOND_SWEEP]),
+    ("--settings=kl --short_iters=0 taken", "experiments/compare.py", "if short and not cfg.short_iters and not cfg.plot:",
+     "if False:", ["tests/test_compare.py::test_a_bad_setting_is_one_line"]),
+    ("--sample prints at most the 40 task prompts", "lab/runs.py",
+     "[task[i % len(task)] for i in range(cfg.num_samples)]", "task[:cfg.num_samples]", [SAMPLE_N]),
+    ("a named pipe for --prompts said not to exist", "lab/checks.py",
+     "        if not path or os.path.isfile(path):\n            continue\n        if not os.path.exists(path) or",
+     "        if not path or os.path.isfile(path):\n            continue\n        if True or", [PIPE]),
+    ("a reward of shape 2 x B/2 flattened", "data.py", "scores = torch.as_tensor(scores, dtype=torch.float32).cpu()",
+     "scores = torch.as_tensor(scores, dtype=torch.float32).flatten().cpu()", [REWARD_FAILURES]),
+    ("a reward of 10**400 not named", "data.py", "    except OverflowError as e:", "    except RecursionError as e:",
+     [REWARD_FAILURES]),
+    # beyond the list: the new code, and the code around these bugs, broken one line at a time
+    ("a reward of shape B x 2 read as its first column", "data.py", "if scores.shape == (n, 1):",
+     "if scores.dim() == 2:", [SCORE_SHAPES]),
+    ("--threads refused at 4 a core", "lab/checks.py", "0 <= cfg.threads <= most_threads", "0 <= cfg.threads < most_threads",
+     ["tests/test_reliability.py::test_threads_up_to_four_a_core"]),
+    ("a field an older checkpoint lacks compared with its unresolved default", "train.py",
+     "runs.checkpoint_to_resume(cfg, resolve)", "runs.checkpoint_to_resume(cfg, lambda cfg: cfg)",
+     ["tests/test_reliability.py::test_a_checkpoint_that_predates_a_field_with_a_derived_default_resumes"]),
+    ("the sweep's lock on sft_dir", "experiments/compare.py", "with runs.exclusive(cfg.out_dir) if cfg.run",
+     "with runs.exclusive(cfg.sft_dir) if cfg.run", [SECOND_SWEEP]),
+    ("a pipe for --prompts taken under torchrun", "lab/checks.py", 'int(os.environ.get("WORLD_SIZE", "1")) > 1',
+     'int(os.environ.get("WORLD_SIZE", "1")) > 2', [PIPE]),
+    ("any file that is not a folder taken as prompts", "lab/checks.py",
+     "if not stat.S_ISFIFO(os.stat(path).st_mode):", "if False:", [NONSENSE]),
+    ("a temporary name per parent process", "lab/runs.py", 'tmp = f"{path}.tmp{os.getpid()}"',
+     'tmp = f"{path}.tmp{os.getppid()}"', [TWO_WRITERS]),
+    ("only GRPO's value head frozen", "train.py", "critic=cfg.algo not in CRITIC_FREE)",
+     'critic=cfg.algo != "grpo")', [NO_VALUE_HEAD]),
+    ("J* handed over used though --jstar_samples=0", "train.py",
+     'jstar = known.get("jstar") if cfg.jstar_samples else None', 'jstar = known.get("jstar")', [NOT_ASKED]),
+    ("a reward model without a tokenizer keeps the first tokens", "lab/hf.py",
+     "enc.encode_ordinary(t)[-model.config.max_position_embeddings:]", "enc.encode_ordinary(t)[:model.config.max_position_embeddings]",
+     [REWARD_MODEL_NO_TOKENIZER]),
+    ("a reward model without a tokenizer pads on the left", "lab/hf.py", "[x + [pad_id] * (width - len(x)) for x in ids]",
+     "[[pad_id] * (width - len(x)) + x for x in ids]", [REWARD_MODEL_NO_TOKENIZER]),
+    ("--init without a tokenizer read with the task's", "lab/hf.py", 'cfg.init if ships_tokenizer(cfg.init) else "gpt2")',
+     'cfg.init if ships_tokenizer(cfg.init) else "task")',
+     ["tests/test_models.py::test_init_without_a_tokenizer_is_read_with_gpt2s_bpe"]),
+    ("the held-out evaluation steps by minibatch_size", "evaluation.py", "for k in range(0, len(rows), cfg.batch_size):",
+     "for k in range(0, len(rows), cfg.minibatch_size):", [HELD_OUT]),
+    ("experiments/compare.py's largest KL: the last 10-iteration mean", "experiments/compare.py",
+     'out["kl_max"] = float(moving_mean([r["kl"] for r in rows]).max())',
+     'out["kl_max"] = float(moving_mean([r["kl"] for r in rows])[-1])', [SUMMARY]),
+    ("experiments/compare.py's exact gap smoothed", "experiments/compare.py", '    if key == "gap_exact":\n        return x, y\n', "",
+     [SUMMARY]),
+    ("experiments/compare.py's spread over seeds without Bessel's correction", "experiments/compare.py", "np.nanstd(v, ddof=1)",
+     "np.nanstd(v)", [SUMMARY]),
+    ("experiments/compare.py's stability map: the first seed's largest KL", "experiments/compare.py",
+     "max(x['kl_max'] for x in s)", "s[0]['kl_max']", [SUMMARY]),
+    ("a reward model's config pad id kept over the one its tokenizer pads with", "lab/hf.py",
+     "        model.config.pad_token_id = tokenizer.pad_token_id\n",
+     "        if model.config.pad_token_id is None:\n            model.config.pad_token_id = tokenizer.pad_token_id\n",
+     [REWARD_MODEL]),
+    ("a reward model's tokenizer must have an end-of-text", "lab/hf.py",
+     "tokenizer = auto_tokenizer(path) if ships_tokenizer(path) else None",
+     "tokenizer = HFTokenizer(path).tok if ships_tokenizer(path) else None", [ENCODER_REWARD_MODEL]),
+    ("a reward model's tokenizer pads with end-of-text instead of its pad token", "lab/hf.py",
+     "tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token", "tokenizer.pad_token = tokenizer.eos_token",
+     [ENCODER_REWARD_MODEL]),
+    ("a model's list of end-of-text ids read as one id", "lab/checks.py", "(eos if isinstance(eos, list) else [eos])", "[eos]",
+     [ADDED_TOKENS]),
+    ("a checkpoint's config with a field this version lacks refused", "lab/runs.py",
+     "type(cfg)(**{k: v for k, v in saved.items() if k in fields})", "type(cfg)(**saved)", [PREDATES]),
+    ("experiments/compare.py's kl table: the largest KL for the final one", "experiments/compare.py",
+     'for c, f in (("gap", ".3f"), ("kl", ".2f"))]', 'for c, f in (("gap", ".3f"), ("kl_max", ".2f"))]', [TABLES]),
+    ("experiments/compare.py's kl table: GRPO's own place read as every algorithm's", "experiments/compare.py",
+     '("short", base) if kl == KL_DEFAULT[base] else', '("short", base) if kl == "k3" else', [TABLES]),
+    ("experiments/compare.py's fixed-point table from the main runs", "experiments/compare.py",
+     'finished(cfg, "short", algo, lr, seeds, iters)]\n        lines.append(f"| {name(algo)} | {FIXED_POINT[algo]}',
+     'finished(cfg, "main", algo, lr, seeds, iters)]\n        lines.append(f"| {name(algo)} | {FIXED_POINT[algo]}',
+     [TABLES]),
+    ("data parallel: the samples of one process", "train.py", "samples=(it + 1) * cfg.batch_size,",
+     "samples=(it + 1) * cfg.batch_size // world_size(),", [TORCHRUN]),
+    ("data parallel: the logged kl of one process", "train.py", '"kl": global_mean(seq_kl).item()', '"kl": seq_kl.mean().item()',
+     ["tests/test_ddp.py::test_two_processes_compute_the_one_process_update_and_global_statistics"]),
 ]
 
 
