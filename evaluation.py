@@ -62,4 +62,5 @@ def evaluate(cfg, policy, ref_lm, eval_tokens, eval_prompts, reward_fn, enc, dev
             scores.append(s)
     scores, kl = torch.cat(scores), torch.cat(kls)                       # (eval_samples,)
     return {"eval_reward": scores.mean().item(), "eval_kl": kl.mean().item(),
-            "eval_J": (scores - cfg.lam * kl).mean().item(), **({"eval_gold": torch.cat(golds).mean().item()} if golds else {})}
+            "eval_J": (scores - cfg.lam * kl).mean().item(),
+            **({"eval_gold": torch.cat(golds).mean().item()} if golds else {})}

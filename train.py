@@ -20,7 +20,6 @@ Where this departs from the paper and the authors' code (docs/theory.md explains
    and --prompts take real ones).
 5. A KL guard stops an update once a minibatch's approx_kl exceeds target_kl (the default run never does).
 """
-import copy
 import json
 import sys
 import time
@@ -40,7 +39,7 @@ from grpo import CRITIC_FREE, KL_ESTIMATORS, group_advantages, grpo_loss, rloo_a
 from lab import checks, cli, ddp, hf, lora, runs, static_sampler
 from lab.ddp import gather_all, global_mean, rank, world_size
 from lab.exact import exact_eval, response_space
-from model import (add_value_head, autocast, entropy, get_device, lm_forward, make_optimizer, peak_memory_mb, sample,
+from model import (autocast, entropy, get_device, lm_forward, make_optimizer, peak_memory_mb, sample,
                    set_cpu_threads, token_logprobs)
 from ppo import gae, kl_penalized_rewards, masked_whiten, ppo_policy_loss, value_loss
 
@@ -126,17 +125,6 @@ def resolve(cfg):
                    gold_fn=cfg.gold_fn or ("data:sentiment_reward" if cfg.reward_model and not cfg.prompts else ""))
 
 
-def make_policy(cfg, ref_lm, n_vocab, device):
-    """The policy that trains, with its value head, and pi_init beside it, frozen: a copy of pi_init's network, or
-    with LoRA the network itself with adapters, pi_init being it with them off (no second copy of its weights)."""
-    ref_lm = ref_lm.eval().requires_grad_(False)
-    lm = lora.with_lora(ref_lm, cfg) if cfg.lora_r else copy.deepcopy(ref_lm).requires_grad_(True)  # what trains
-    policy = add_value_head(lm, n_vocab, device, critic=cfg.algo not in CRITIC_FREE)  # GRPO, RLOO: no critic to train
-    ref_lm = lora.AdaptersOff(policy.lm) if cfg.lora_r else ref_lm
-    lora.fit_memory(cfg, policy, ref_lm, device)                         # bf16 frozen weights, checkpointing: if asked
-    return policy, ref_lm
-
-
 # ---------------------------------------------------------------------------------------------
 # rollout: generate, score, and everything the update needs
 
@@ -149,8 +137,9 @@ def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device,
     prompt_ids, prompt_mask, response, mask, _, completions = sample(cfg, policy.lm, idx, prompt_tokens, enc, device,
                                                                      generate)
     # 2. score: the reward of each completion (and the judge's score, which training never sees)
-    scores = call_reward(cfg, reward_fn, [prompts[i] for i in idx], completions).to(device)  # (B,)
-    gold = (call_reward(cfg, gold_fn, [prompts[i] for i in idx], completions, f"gold function {cfg.gold_fn}")
+    batch_prompts = [prompts[i] for i in idx]
+    scores = call_reward(cfg, reward_fn, batch_prompts, completions).to(device)  # (B,)
+    gold = (call_reward(cfg, gold_fn, batch_prompts, completions, f"gold function {cfg.gold_fn}").to(device)
             if gold_fn else None)                                        # (B,) the judge's scores, or None
     input_ids = torch.cat([prompt_ids, response], 1)                     # (B, P + T)
     attention_mask = torch.cat([prompt_mask, torch.ones_like(response)], 1)  # (B, P + T)
@@ -187,7 +176,7 @@ def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device,
     batch = dict(input_ids=input_ids, attention_mask=attention_mask, response=response, mask=mask,
                  logprobs=logprobs, ref_logprobs=ref_logprobs, advantages=advantages,
                  **(dict(values=values, returns=returns) if critic else {}))
-    samples = list(zip([prompts[i] for i in idx], completions, scores.tolist(), seq_kl.tolist()))
+    samples = list(zip(batch_prompts, completions, scores.tolist(), seq_kl.tolist()))
     return batch, P, stats, samples
 
 
@@ -282,7 +271,7 @@ def train(cfg, known=None):
     jstar = known.get("jstar") if cfg.jstar_samples else None
     space = known.get("space") if cfg.exact_every else None
     torch.manual_seed(cfg.seed + rank())                                 # each process its own stream
-    policy, ref_lm = make_policy(cfg, ref_lm, enc.n_vocab, device)       # with LoRA: pi_init = adapters off
+    policy, ref_lm = lora.make_policy(cfg, ref_lm, enc.n_vocab, device)  # a trainable copy of pi_init, value head
     opt = make_optimizer(policy, cfg.lr, device)
     start = runs.resume(resumed, policy, opt, cfg)                       # 0 for a fresh run
     model = DDP(policy) if dist.is_initialized() else policy             # DDP averages gradients over processes

@@ -39,7 +39,7 @@ from transformers.utils import logging as hf_logging
 import data
 import model
 import train
-from lab import cli
+from lab import cli, lora
 from lab.static_sampler import choose_sampler, generate_static
 from tools.gpu_models import ROWS, SHAPES
 
@@ -172,7 +172,7 @@ def time_iterations(args, cfg, lm, enc, device):
     prompts = [" ".join(str(t) for t in torch.randint(enc.n_vocab - 1, (n,)).tolist())
                for n in torch.randint(args.prompt_len // 2, args.prompt_len + 1, (64,)).tolist()]
     prompt_tokens = [enc.encode_ordinary(p) for p in prompts]
-    policy, ref_lm = train.make_policy(cfg, lm, enc.n_vocab, device)    # as train.py builds them
+    policy, ref_lm = lora.make_policy(cfg, lm, enc.n_vocab, device)    # as train.py builds them
     opt = model.make_optimizer(policy, cfg.lr, device)
     generate, gen_s = choose_sampler(cfg, device), []
 
@@ -286,7 +286,7 @@ def time_reward_model(args):
         reward_model.reward_model_from(lm, enc.eot_token).save_pretrained(folder)
         rewards = {"rule": data.sentiment_reward, "reward model": hf.reward_model_fn(folder, enc, device)}
         torch.manual_seed(args.seed)
-        policy, ref_lm = train.make_policy(cfg, lm, enc.n_vocab, device)
+        policy, ref_lm = lora.make_policy(cfg, lm, enc.n_vocab, device)
         opt = model.make_optimizer(policy, cfg.lr, device)
         times = {name: [] for name in rewards}
         for r in range(args.rounds + 1):

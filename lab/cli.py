@@ -127,7 +127,8 @@ def header(cfg, policy, opt, prompts, eval_prompts, device, jstar, space):
     return (f"{cfg.algo} | lambda {cfg.lam} | lr {cfg.lr:g} | " + (f"{size:.2f}M parameters" if not cfg.lora_r else
             f"LoRA r {cfg.lora_r}: {trains:.2f}M of {size:.2f}M parameters train")
             + f" | {len(prompts)} prompts" + (f" ({len(eval_prompts)} held out)" if eval_prompts else "")
-            + (f" | judge {cfg.gold_fn}" if cfg.gold_fn else "") + f" | device {device}" + (f" x {dist.get_world_size()} processes" if dist.is_initialized() else "")
+            + (f" | judge {cfg.gold_fn}" if cfg.gold_fn else "") + f" | device {device}"
+            + (f" x {dist.get_world_size()} processes" if dist.is_initialized() else "")
             + (f" | J* {jstar[0]:.4f} +- {jstar[1]:.4f}" if jstar else "")
             + (f" | exact evaluation of {space['rewards'].numel()} responses" if space else ""))
 

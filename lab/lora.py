@@ -1,14 +1,30 @@
 """
 A large model on one GPU: LoRA adapters (--lora_r, with peft, an optional extra), frozen weights stored in bf16,
 and activation checkpointing (--grad_checkpointing; model.checkpointing_off turns it off while sampling).
-train.make_policy uses them; docs/models.md says what each saves and what the tests prove.
+make_policy builds train.py's policy with them, as the run asks; docs/models.md says what each saves and what the
+tests prove.
 """
+import copy
+
 import torch
 import torch.nn as nn
 
 from lab.cli import one_line
 from lab.hf import quiet
-from model import bf16
+from grpo import CRITIC_FREE
+from model import add_value_head, bf16
+
+
+def make_policy(cfg, ref_lm, n_vocab, device):
+    """The policy that trains, with its value head, and pi_init beside it, frozen, as the run asks: a copy of pi_init's
+    network, or with LoRA the network itself with adapters, pi_init being it with them off (no second copy of its
+    weights); frozen weights in bf16 and activation checkpointing where asked (fit_memory)."""
+    ref_lm = ref_lm.eval().requires_grad_(False)
+    lm = with_lora(ref_lm, cfg) if cfg.lora_r else copy.deepcopy(ref_lm).requires_grad_(True)  # what trains
+    policy = add_value_head(lm, n_vocab, device, critic=cfg.algo not in CRITIC_FREE)  # GRPO, RLOO: none
+    ref_lm = AdaptersOff(policy.lm) if cfg.lora_r else ref_lm
+    fit_memory(cfg, policy, ref_lm, device)                         # bf16 frozen weights, checkpointing: if asked
+    return policy, ref_lm
 
 
 class AdaptersOff:

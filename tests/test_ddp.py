@@ -63,7 +63,7 @@ def one_update(algo, policy, batch, P, mean_fn):
     cfg = train.resolve(train.Config(algo=algo, batch_size=4, minibatch_size=4, epochs=1, max_grad_norm=1e9))
     if algo == "ppo":                                                # whitened as rollout whitens
         batch = dict(batch, advantages=masked_whiten(batch["advantages"], batch["mask"], mean_fn=mean_fn))
-    if algo == "grpo":                                               # as train.make_policy: no value head to train
+    if algo == "grpo":                                               # as lora.make_policy: no value head to train
         policy.v_head.requires_grad_(False)
     wrapped = torch.nn.parallel.DistributedDataParallel(policy) if dist.is_initialized() else policy
     stats = train.update(cfg, wrapped, torch.optim.SGD(policy.parameters(), lr=0.0), batch, P)

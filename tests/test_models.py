@@ -523,22 +523,22 @@ def test_frozen_pi_init_is_stored_in_bf16_only_where_that_rounds_nothing():
     with torch.no_grad():
         for p in exact.parameters():
             p.copy_(p.to(torch.bfloat16))                             # values that bf16 holds exactly
-    _, ref_lm = train.make_policy(train.Config(precision="fp32"), copy.deepcopy(exact), 64, cpu)
+    _, ref_lm = lora.make_policy(train.Config(precision="fp32"), copy.deepcopy(exact), 64, cpu)
     assert {p.dtype for p in ref_lm.parameters()} == {torch.float32}  # an fp32 run keeps fp32
     for lm, stored in ((fp32, torch.float32), (exact, torch.bfloat16)):
-        policy, ref_lm = train.make_policy(cfg, lm, 64, cpu)
+        policy, ref_lm = lora.make_policy(cfg, lm, 64, cpu)
         assert {p.dtype for p in ref_lm.parameters()} == {stored}
         assert {p.dtype for p in policy.parameters()} == {torch.float32}  # what trains stays fp32
 
 
 @pytest.mark.parametrize("algo", ["apa", "grpo"])
 def test_make_policy_builds_what_the_config_asks(algo):
-    """train.make_policy: a trainable copy of pi_init (pi_init itself frozen and untouched), a value head at 0 that
+    """lab/lora.py: make_policy: a trainable copy of pi_init (pi_init itself frozen and untouched), a value head at 0 that
     trains only where the algorithm has a critic, and activation checkpointing on the layers only when asked."""
     cpu, lm = torch.device("cpu"), model.tiny_gpt(train.Config(), 64)
     before = copy.deepcopy(lm.state_dict())
     for asked in (False, True):
-        policy, ref_lm = train.make_policy(train.Config(algo=algo, grad_checkpointing=asked), lm, 64, cpu)
+        policy, ref_lm = lora.make_policy(train.Config(algo=algo, grad_checkpointing=asked), lm, 64, cpu)
         assert ref_lm is lm and not any(p.requires_grad for p in ref_lm.parameters()) and not ref_lm.training
         assert all(p.requires_grad for p in policy.lm.parameters()) and policy.lm is not lm
         assert all(torch.equal(v, before[k]) for k, v in policy.lm.state_dict().items())  # a copy of pi_init
@@ -553,7 +553,7 @@ def test_static_sampler_under_lora_draws_what_the_eager_loop_draws(tmp_path):
     with its adapters off: the eager loop's tokens under one seed, and its log-probs."""
     pytest.importorskip("peft")                                       # an optional extra
     lm, tok = save_checkpoint("gpt_neox", tmp_path)
-    policy, ref_lm = train.make_policy(train.Config(lora_r=4), lm, len(tok), torch.device("cpu"))
+    policy, ref_lm = lora.make_policy(train.Config(lora_r=4), lm, len(tok), torch.device("cpu"))
     with torch.no_grad():
         for name, p in policy.lm.named_parameters():
             if "lora_B" in name:

@@ -19,7 +19,7 @@ import data
 import evaluation
 import model
 import train
-from lab import checks, cli, static_sampler
+from lab import checks, cli, lora, static_sampler
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -194,7 +194,7 @@ def test_grpo_and_rloo_train_no_value_head(sft_dir, tmp_path):
     and gets none is an error) and their checkpoints hold none."""
     for algo in ("grpo", "rloo"):
         cfg = train.resolve(train.Config(algo=algo))
-        policy, _ = model.make_policy(cfg, model.tiny_gpt(cfg, 64), 64, torch.device("cpu"))
+        policy, _ = lora.make_policy(cfg, model.tiny_gpt(cfg, 64), 64, torch.device("cpu"))
         assert not any(p.requires_grad for p in policy.v_head.parameters()) and policy.lm.lm_head.weight.requires_grad
     train.main(tiny_args(sft_dir, tmp_path, algo="grpo", iters=1))
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=False)["policy"]
