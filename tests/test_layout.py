@@ -169,3 +169,13 @@ def test_the_readme_is_a_short_page_with_the_loss_near_its_top():
     assert any("pg_loss = masked_mean((logprobs - target) ** 2, mask)" in line for line in lines[:80])
     code = open(os.path.join(ROOT, "apa.py")).read()
     assert "pg_loss = masked_mean((logprobs - target) ** 2, mask)" in code  # the README shows the code as it is
+
+
+def test_the_reward_models_fields_of_pi_init_are_train_pys():
+    """reward_model.py repeats train.py's fields of pi_init and of its sampling, so that both read one cached pi_init
+    and sample alike: the same names, the same defaults."""
+    import reward_model
+    import train
+    shared = ("init", "tokenizer", "n_layer", "n_head", "n_embd", "block_size", "sft_steps", "sft_lr", "sft_dir",
+              "max_new_tokens", "threads", "device")
+    assert {f: getattr(reward_model.Config(), f) for f in shared} == {f: getattr(train.Config(), f) for f in shared}
