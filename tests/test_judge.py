@@ -115,16 +115,19 @@ def test_the_judge_defaults_to_the_tasks_reward_where_a_reward_model_stands_in_f
 
 
 def test_a_run_against_a_reward_model_logs_the_judge_beside_it(tmp_path, capsys):
-    """train.py --reward_model=DIR on the embedded task: the log line, metrics.jsonl and the held-out evaluation carry
-    the judge's score beside the proxy's, and with 2-token responses the exact judge and the loss to the frontier."""
+    """train.py --reward_model=DIR --gold_fn=...: the log line, metrics.jsonl and the held-out evaluation carry the
+    judge's score beside the proxy's, and with 2-token responses the exact judge and the loss to the frontier."""
     enc = data.task_encoding()
     torch.manual_seed(0)
     rm = GPT2ForSequenceClassification(GPT2Config(vocab_size=enc.n_vocab, n_positions=32, n_embd=16, n_layer=1,
                                                   n_head=2, num_labels=1, pad_token_id=enc.eot_token))
     rm.save_pretrained(tmp_path / "rm")
+    (tmp_path / "prompts.txt").write_text("the movie was\nthe plot felt\n")   # two prompts: 183,014 responses to
+    (tmp_path / "eval.txt").write_text("the cast was truly\n")             # score exactly, with both rewards
     train.main(tiny_args(str(tmp_path / "sft"), tmp_path / "out", iters=2, max_new_tokens=2, exact_every=1,
                          eval_every=1, eval_samples=8, batch_size=8, minibatch_size=8, sft_steps=20,
-                         reward_model=str(tmp_path / "rm")))
+                         reward_model=str(tmp_path / "rm"), prompts=str(tmp_path / "prompts.txt"),
+                         eval_prompts=str(tmp_path / "eval.txt"), gold_fn="data:sentiment_reward"))
     printed = capsys.readouterr().out
     rows = read_metrics(tmp_path / "out")
     assert "judge data:sentiment_reward" in printed and " | gold " in printed and " | eval_gold " in printed

@@ -694,7 +694,7 @@ def test_a_tokenizer_with_added_tokens_and_an_end_of_text_of_its_own(tmp_path):
     lm = AutoModelForCausalLM.from_config(make_config("llama", len(tok), tok.eos_token_id)).eval()
     lm.config.eos_token_id = [tok.pad_token_id, tok.eos_token_id]
     lm.save_pretrained(init)
-    enc = data.get_encoding(str(init))
+    enc = hf.HFTokenizer(str(init))
     assert (enc.eot_token, enc.n_vocab) == (300, 302)
     ids, mask = model.left_pad([enc.encode_ordinary(p) for p in PROMPTS] * 4, enc.eot_token, torch.device("cpu"))
     torch.manual_seed(0)
@@ -775,7 +775,7 @@ def test_a_hub_id_brings_its_own_tokenizer_to_the_policy_and_the_reward_model(tm
     rm, tok = save_reward_model(snapshot("org/rm"))
     history = train.main(run_args("org/lm", tmp_path / "out", "--reward_model=org/rm"))
     assert len(history) == 2 and (tmp_path / "out" / "policy" / "tokenizer.json").exists()  # it ran on its own
-    score = hf.reward_model_fn("org/rm", data.get_encoding("org/lm"), torch.device("cpu"))
+    score = hf.reward_model_fn("org/rm", hf.HFTokenizer("org/lm"), torch.device("cpu"))
     assert score(PROMPTS, COMPLETIONS) == pytest.approx(scores_alone(rm, tok, PROMPTS, COMPLETIONS), abs=1e-5)
 
 
