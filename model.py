@@ -96,6 +96,14 @@ def left_pad(token_lists, pad_id, device):
     return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
 
 
+def right_pad(token_lists, pad_id, device):
+    """Token lists -> ids, attention mask, both (B, L), padded on the right (a reward model reads the last real token)."""
+    width = max(map(len, token_lists))
+    ids = [t + [pad_id] * (width - len(t)) for t in token_lists]
+    mask = [[1] * len(t) + [0] * (width - len(t)) for t in token_lists]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+
 def sample_token(probs):
     """One token from each row of probs (B, V) -> (B,): the argmax of probs / E with E_i ~ Exp(1) independent.
     E_i / probs_i ~ Exp(probs_i), and the smallest of independent exponentials is the i-th with probability

@@ -46,7 +46,7 @@ from data import sentiment_reward, task_eval_prompts, task_prompts
 from lab import cli
 from lab.hf import HFTokenizer, load_config, load_tokenizer, quiet
 from lab.runs import load_pi_init, write_atomically
-from model import generate, get_device, left_pad, set_cpu_threads, status, tiny_gpt_config
+from model import generate, get_device, left_pad, right_pad, set_cpu_threads, status, tiny_gpt_config
 
 # ---------------------------------------------------------------------------------------------
 # config
@@ -226,9 +226,8 @@ def reward_model_from(lm, pad_id):
 def rewards(rm, token_lists, pad_id):
     """r(x, y) (B,) of token lists (prompt + completion): right-padded with pad_id, one forward pass, the score
     head on the last real token's hidden state, as the classifier's own forward reads it at RL time."""
-    width, device = max(map(len, token_lists)), rm.device
-    ids = torch.tensor([t + [pad_id] * (width - len(t)) for t in token_lists], device=device)       # (B, L)
-    mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in token_lists], device=device)  # (B, L)
+    device = rm.device
+    ids, mask = right_pad(token_lists, pad_id, device)                                              # (B, L), (B, L)
     hidden = rm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state                    # (B, L, H)
     last = mask.sum(1) - 1                                                                          # (B,) last real
     return rm.score(hidden[torch.arange(len(ids), device=device), last]).squeeze(-1).float()        # (B,) r(x, y)

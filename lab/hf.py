@@ -13,6 +13,7 @@ from transformers.utils import logging as hf_logging
 
 from data import get_encoding
 from lab.cli import one_line
+from model import right_pad
 
 
 @contextlib.contextmanager
@@ -190,8 +191,6 @@ def reward_model_fn(path, enc, device):
             batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(device)
         else:
             ids = [enc.encode_ordinary(t)[-model.config.max_position_embeddings:] or [pad_id] for t in texts]
-            width = max(map(len, ids))
-            batch = {"input_ids": torch.tensor([x + [pad_id] * (width - len(x)) for x in ids], device=device),
-                     "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)}
+            batch = dict(zip(("input_ids", "attention_mask"), right_pad(ids, pad_id, device)))
         return model(**batch).logits[:, -1].float().tolist()
     return score
