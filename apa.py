@@ -39,7 +39,8 @@ def apa_loss(logprobs, old_logprobs, advantages, mask, lam, ref_logprobs=None, c
     ref_logprobs (B, T) or None. None (default): anchor on pi_old, fixed point exactly pi*. Given: anchor on
                  log pi_init, the paper's literal loss, to be used with a reward without KL penalty.
     clip         c > 0: bounded APA, Adv/lambda clipped to [-c, c], so that no target is further than c from
-                 pi_old; the fixed point stays pi* (docs/theory.md, section 4). 0: the paper's unbounded target
+                 its anchor (pi_old by default, and then the fixed point stays pi*: docs/theory.md, section 4).
+                 0: the paper's unbounded target
     """
     anchor = old_logprobs if ref_logprobs is None else ref_logprobs  # (B, T) log pi_anchor(a_t|s_t)
     step = advantages / lam if not clip else (advantages / lam).clamp(-clip, clip)  # (B, T) Adv/lambda, bounded

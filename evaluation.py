@@ -3,7 +3,8 @@ How good a policy is, by sampling: J*, the best KL-regularised objective any pol
 pi_init's samples (the `gap` of the log line), and the held-out evaluation (eval_reward, eval_kl, eval_J) on
 prompts that RL never trains on. lab/exact.py computes J, J* and the gap exactly instead, where the responses are
 few enough to list. Neither changes a training number: each draws from a random stream of its own. Both sample
-with the `generate` function that train.py chose (model.generate, or the GPU's static decoder).
+with the run's sampler, sampler(lm, idx, prompt_tokens): model.sample with the sampler that train.py chose once
+(model.generate, or the GPU's static decoder).
 """
 import math
 import time
@@ -11,18 +12,18 @@ import time
 import torch
 
 from data import call_reward
-from model import autocast, lm_forward, sample, status, token_logprobs
+from model import autocast, lm_forward, status, token_logprobs
 
 
 @torch.no_grad()
-def estimate_jstar(cfg, lm, prompt_tokens, prompts, reward_fn, enc, device, generate):
+def estimate_jstar(cfg, lm, prompt_tokens, prompts, reward_fn, sampler):
     """J* = E_x[lambda log E_{y ~ pi_init}[exp(R/lambda)]], the best J any policy can reach, from
     jstar_samples samples per prompt, and its standard error (delta method, per prompt)."""
     torch.manual_seed(4321)                                              # the same estimate for every run
     rows, n, t0 = torch.arange(len(prompts)).repeat_interleave(cfg.jstar_samples), cfg.jstar_samples, time.time()
     scores = []
     for chunk in rows.split(512):
-        *_, completions = sample(cfg, lm, chunk.tolist(), prompt_tokens, enc, device, generate)
+        *_, completions = sampler(lm, chunk.tolist(), prompt_tokens)
         scores.append(call_reward(cfg, reward_fn, [prompts[i] for i in chunk.tolist()], completions))  # (512,)
         k = sum(map(len, scores))
         status(f"estimating J* from pi_init: {k}/{len(rows)} samples | {time.time() - t0:.0f}s", done=k == len(rows))
@@ -40,24 +41,24 @@ def stream_devices(device):
 
 
 @torch.no_grad()
-def evaluate(cfg, policy, ref_lm, eval_tokens, eval_prompts, reward_fn, enc, device, it, generate, gold_fn=None):
+def evaluate(cfg, policy, ref_lm, eval_tokens, eval_prompts, reward_fn, sampler, it, gold_fn=None):
     """The policy on the held-out prompts: eval_samples fresh responses (the prompts in turn), their mean reward
     (eval_reward), KL to pi_init (eval_kl), J (eval_J), and the judge's mean score where there is one (eval_gold).
     Its own random stream: a run draws the same training numbers with or without it."""
     rows, scores, kls, golds = [i % len(eval_prompts) for i in range(cfg.eval_samples)], [], [], []
+    device = policy.v_head.weight.device                                 # the policy's
     with torch.random.fork_rng(devices=stream_devices(device)):
         torch.manual_seed(1_000_003 * (cfg.seed + 1) + it)
         for k in range(0, len(rows), cfg.batch_size):
             idx = rows[k:k + cfg.batch_size]
-            prompt_ids, prompt_mask, response, mask, logprobs, completions = sample(
-                cfg, policy.lm, idx, eval_tokens, enc, device, generate)
+            prompt_ids, prompt_mask, response, mask, logprobs, completions = sampler(policy.lm, idx, eval_tokens)
             s = call_reward(cfg, reward_fn, [eval_prompts[i] for i in idx], completions).to(device)  # (B,)
             if gold_fn:
                 golds.append(call_reward(cfg, gold_fn, [eval_prompts[i] for i in idx], completions,
                                          f"gold function {cfg.gold_fn}"))  # (B,) the judge's
             with autocast(cfg, device):
                 ref_logits, _ = lm_forward(ref_lm, torch.cat([prompt_ids, response], 1), torch.cat(
-                    [prompt_mask, torch.ones_like(response)], 1), prompt_ids.shape[1], enc.n_vocab)  # (B, T, V)
+                    [prompt_mask, torch.ones_like(response)], 1), prompt_ids.shape[1], policy.n_vocab)  # (B, T, V)
             kls.append(((logprobs - token_logprobs(ref_logits, response)) * mask).sum(1))  # (B,) KL estimate
             scores.append(s)
     scores, kl = torch.cat(scores), torch.cat(kls)                       # (eval_samples,)

@@ -20,6 +20,7 @@ Where this departs from the paper and the authors' code (docs/theory.md explains
    and --prompts take real ones).
 5. A KL guard stops an update once a minibatch's approx_kl exceeds target_kl (the default run never does).
 """
+import functools
 import json
 import sys
 import time
@@ -130,12 +131,14 @@ def resolve(cfg):
 
 
 @torch.no_grad()
-def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device, generate, gold_fn=None):
+def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, sampler, gold_fn=None):
+    """One batch of the run: sampler(lm, idx, prompt_tokens) is model.sample with the run's sampler, chosen once in
+    train(). Returns the batch that the update needs, the prompts' padded length P, statistics and samples."""
     # 1. generate: prompts (this process's share, each k times in a row), responses from pi_old, their text
     k = cfg.group_size
     idx = torch.randint(len(prompts), (cfg.batch_size // world_size() // k,)).repeat_interleave(k).tolist()
-    prompt_ids, prompt_mask, response, mask, _, completions = sample(cfg, policy.lm, idx, prompt_tokens, enc, device,
-                                                                     generate)
+    prompt_ids, prompt_mask, response, mask, _, completions = sampler(policy.lm, idx, prompt_tokens)
+    device = response.device
     # 2. score: the reward of each completion (and the judge's score, which training never sees)
     batch_prompts = [prompts[i] for i in idx]
     scores = call_reward(cfg, reward_fn, batch_prompts, completions).to(device)  # (B,)
@@ -152,7 +155,7 @@ def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device,
     entropies = entropy(logits)                                          # (B, T)
     del logits
     with autocast(cfg, device):
-        ref_logits, _ = lm_forward(ref_lm, input_ids, attention_mask, P, enc.n_vocab)  # (B, T, V)
+        ref_logits, _ = lm_forward(ref_lm, input_ids, attention_mask, P, policy.n_vocab)  # (B, T, V)
     ref_logprobs = token_logprobs(ref_logits, response)                  # (B, T) log pi_init
     del ref_logits
     # 4. rewards and advantages: per-token rewards with the KL penalty, then GAE (the paper's literal APA: no KL in the
@@ -187,7 +190,7 @@ def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device,
 
 def policy_loss(cfg, logprobs, mb):
     """The policy loss of the run's algorithm on a minibatch mb, with logprobs (b, T) under pi_theta: one branch per
-    algorithm. Returns (pg_loss, stats)."""
+    loss. GRPO and RLOO share GRPO's clipped loss; only their advantages differ (rollout). Returns (pg_loss, stats)."""
     kl_in_loss = KL_ESTIMATORS.get(cfg.kl)  # GRPO, RLOO: the KL to pi_init as a loss term; None: in the reward (rollout)
     if cfg.algo == "apa":                                                # the paper's form anchors on pi_init
         ref = mb["ref_logprobs"] if cfg.apa_form == "paper" else None
@@ -196,10 +199,7 @@ def policy_loss(cfg, logprobs, mb):
         return ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg.cliprange)
     if cfg.algo == "awr":
         return awr_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg.awr_lam, cfg.awr_max_weight)
-    if cfg.algo == "grpo":
-        return grpo_loss(logprobs, mb["logprobs"], mb["ref_logprobs"], mb["advantages"], mb["mask"], cfg.lam,
-                         cfg.cliprange, kl_in_loss)
-    if cfg.algo == "rloo":                                               # GRPO's clipped loss, RLOO's advantages
+    if cfg.algo in CRITIC_FREE:                                          # grpo, rloo
         return grpo_loss(logprobs, mb["logprobs"], mb["ref_logprobs"], mb["advantages"], mb["mask"], cfg.lam,
                          cfg.cliprange, kl_in_loss)
 
@@ -261,10 +261,11 @@ def train(cfg, known=None):
         eval_prompts, eval_tokens = load_eval_prompts(cfg, enc)          # held out: never trained on
         ref_lm = runs.load_pi_init(cfg, enc, prompt_tokens, eval_tokens, device)  # --init, or the tiny GPT (cached)
     set_cpu_threads(cfg, device)                                         # the tiny GPT: one thread (docs/models.md)
-    generate = static_sampler.choose_sampler(cfg, device)                # the eager loop, or a CUDA graph
+    sampler = functools.partial(sample, cfg, enc=enc, device=device,     # the run's sampler, chosen once: the eager
+                                generate=static_sampler.choose_sampler(cfg, device))  # loop, or a CUDA graph
     known = {} if known is None else known
     if cfg.jstar_samples and "jstar" not in known:
-        known["jstar"] = estimate_jstar(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc, device, generate)
+        known["jstar"] = estimate_jstar(cfg, ref_lm, prompt_tokens, prompts, reward_fn, sampler)
         static_sampler.DECODERS.clear()                                  # a GPU's decoders of 512 rows: not needed again
     if cfg.exact_every and "space" not in known:
         known["space"] = response_space(cfg, ref_lm, prompt_tokens, prompts, reward_fn, enc, gold_fn)
@@ -282,14 +283,12 @@ def train(cfg, known=None):
     for it in range(start, cfg.iters):
         exact = (exact_eval(policy.lm, space, cfg.lam) if space and master and (it == 0 or (it + 1) % cfg.exact_every == 0)
                  else {})                                                # of pi_old, the policy that samples next
-        held_out = (evaluate(cfg, policy, ref_lm, eval_tokens, eval_prompts, reward_fn, enc, device, it, generate,
-                             gold_fn)
+        held_out = (evaluate(cfg, policy, ref_lm, eval_tokens, eval_prompts, reward_fn, sampler, it, gold_fn)
                     if eval_prompts and master and (it == 0 or (it + 1) % cfg.eval_every == 0) else {})
         t0 = time.time()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        batch, P, stats, samples = rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device,
-                                           generate, gold_fn)
+        batch, P, stats, samples = rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, sampler, gold_fn)
         stats.update(update(cfg, model, opt, batch, P, bad_steps))
         stats.update(iter=it + 1, samples=(it + 1) * cfg.batch_size, ms=1000 * (time.time() - t0),
                      mem_mb=peak_memory_mb(device))

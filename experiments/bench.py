@@ -24,6 +24,7 @@ Run: python -m experiments.bench   (a few minutes on 2 CPU cores)
 As in train.py, every failure ends in one line `error: ...` and exit status 1 (APA_DEBUG=1: the traceback).
 """
 import contextlib
+import functools
 import math
 import statistics
 import sys
@@ -186,8 +187,8 @@ def time_iterations(args, cfg, lm, enc, device):
     rows, flops = [], FlopCounterMode(display=False)
     for it in range(args.iters + 1):
         t0 = time.perf_counter()
-        batch, P, _, _ = train.rollout(cfg, policy, ref_lm, prompt_tokens, prompts, length_reward, enc, device,
-                                       timed_generate)
+        batch, P, _, _ = train.rollout(cfg, policy, ref_lm, prompt_tokens, prompts, length_reward,
+                                       functools.partial(model.sample, cfg, enc=enc, device=device, generate=timed_generate))
         sync(device)
         t1 = time.perf_counter()
         with flops if it == 0 else contextlib.nullcontext():
@@ -293,8 +294,8 @@ def time_reward_model(args):
             for name, reward_fn in (rewards.items() if r % 2 else reversed(rewards.items())):
                 sync(device)
                 t0 = time.perf_counter()
-                batch, P, _, _ = train.rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, enc, device,
-                                               model.generate)
+                batch, P, _, _ = train.rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn,
+                                               functools.partial(model.sample, cfg, enc=enc, device=device))
                 train.update(cfg, policy, opt, batch, P)
                 sync(device)
                 times[name].append(time.perf_counter() - t0)

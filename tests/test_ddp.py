@@ -6,6 +6,7 @@ global, and `torchrun --nproc_per_node=2 train.py` trains, checkpoints and resum
 Run: pytest -q tests/test_ddp.py
 """
 import datetime
+import functools
 import json
 import os
 import signal
@@ -110,7 +111,8 @@ def worker(rank, tmp, target_kl):
     cfg = train.resolve(train.Config(algo="ppo", batch_size=8, max_new_tokens=6))
     torch.manual_seed(rank)
     batch, _, stats, samples = train.rollout(cfg, policy, ref_lm, [enc.encode_ordinary(p) for p in prompts],
-                                             prompts, length_reward, enc, torch.device("cpu"), model.generate)
+                                             prompts, length_reward,
+                                             functools.partial(model.sample, cfg, enc=enc, device=torch.device("cpu")))
     result["rollout"] = dict(advantages=batch["advantages"], mask=batch["mask"], stats=stats, samples=samples)
     # the KL guard on the global approx_kl: target_kl lies between this rank's and the other's, so a guard that
     # looked at its own would stop one process and not the other, whose next step would wait for it

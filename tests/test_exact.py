@@ -10,6 +10,7 @@ Run: python -m pytest -q tests/test_exact.py. tools/mutate.py shows which one-li
 """
 import copy
 import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -47,6 +48,11 @@ def task(tmp_path_factory):
     return types.SimpleNamespace(cfg=cfg, enc=enc, ref_lm=ref_lm, tmp=tmp, prompts=PROMPTS,
                                  prompt_tokens=[enc.encode_ordinary(p) for p in PROMPTS],
                                  reward_fn=data.sentiment_reward)
+
+
+def cpu_sampler(cfg, enc):
+    """The run's sampler on a CPU, as train.train builds it: model.sample with the eager loop."""
+    return functools.partial(model.sample, cfg, enc=enc, device=torch.device("cpu"))
 
 
 def moved_policy(ref_lm, seed=0, scale=0.05):
@@ -151,7 +157,7 @@ def test_rollout_against_slow_versions(task, algo, form):
     policy = moved_policy(task.ref_lm)
     torch.manual_seed(0)
     batch, P, stats, samples = train.rollout(cfg, policy, task.ref_lm, task.prompt_tokens, task.prompts,
-                                             task.reward_fn, task.enc, torch.device("cpu"), model.generate)
+                                             task.reward_fn, cpu_sampler(cfg, task.enc))
     eot, mask = task.enc.eot_token, batch["mask"]
     assert 0 < mask.sum() < mask.numel()                                # some rows ended early
     coef = 0.0 if (algo, form) == ("apa", "paper") else cfg.lam         # AWR too: the KL-penalised reward
@@ -249,7 +255,7 @@ def test_update_calls_the_loss_of_the_readme_table(task, algo, form, monkeypatch
     policy = moved_policy(task.ref_lm)
     torch.manual_seed(0)
     batch, P, _, _ = train.rollout(cfg, policy, task.ref_lm, task.prompt_tokens, task.prompts, task.reward_fn,
-                                   task.enc, torch.device("cpu"), model.generate)
+                                   cpu_sampler(cfg, task.enc))
     calls = []
     def spy(name, fn):
         def wrapped(*args):
@@ -288,7 +294,7 @@ def test_update_calls_the_loss_of_the_readme_table(task, algo, form, monkeypatch
         torch.testing.assert_close(vf[0].detach(), batch["values"], atol=1e-5, rtol=0)
     # the KL guard: the second minibatch sees approx_kl > target_kl after the first step, and takes no step
     batch, P, _, _ = train.rollout(cfg, policy, task.ref_lm, task.prompt_tokens, task.prompts, task.reward_fn,
-                                   task.enc, torch.device("cpu"), model.generate)              # pi_old: the policy as it is now
+                                   cpu_sampler(cfg, task.enc))                                 # pi_old: the policy as it is now
     calls.clear()
     opt, steps = torch.optim.SGD(policy.parameters(), lr=0.1), []
     step = opt.step
@@ -307,7 +313,7 @@ def test_the_kl_guard_ends_the_whole_update(task, monkeypatch):
     policy = moved_policy(task.ref_lm)
     torch.manual_seed(0)
     batch, P, _, _ = train.rollout(cfg, policy, task.ref_lm, task.prompt_tokens, task.prompts, task.reward_fn,
-                                   task.enc, torch.device("cpu"), model.generate)
+                                   cpu_sampler(cfg, task.enc))
     script, real = iter([0.0, 0.0, 0.5] + [0.0] * 3), train.apa_loss
     monkeypatch.setattr(train, "apa_loss", lambda *a: (real(*a)[0], {"approx_kl": next(script)}))
     opt, steps = torch.optim.SGD(policy.parameters(), lr=0.1), []

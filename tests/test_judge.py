@@ -2,6 +2,7 @@
 against the frontier, the best score of the judge that any policy reaches at the same KL to pi_init."""
 import copy
 import dataclasses
+import functools
 import os
 import sys
 
@@ -94,8 +95,9 @@ def test_the_judge_is_logged_and_never_trained_on(task):  # noqa: F811
     out = {}
     for judged in (False, True):
         torch.manual_seed(0)
-        out[judged] = train.rollout(cfg, policy, task.ref_lm, task.prompt_tokens, task.prompts, length, task.enc,
-                                    torch.device("cpu"), model.generate, data.sentiment_reward if judged else None)
+        out[judged] = train.rollout(cfg, policy, task.ref_lm, task.prompt_tokens, task.prompts, length,
+                                    functools.partial(model.sample, cfg, enc=task.enc, device=torch.device("cpu")),
+                                    data.sentiment_reward if judged else None)
     (batch, _, stats, samples), (judged_batch, _, judged_stats, judged_samples) = out[False], out[True]
     assert batch.keys() == judged_batch.keys() and all(torch.equal(batch[k], judged_batch[k]) for k in batch)
     assert samples == judged_samples and "gold" not in stats

@@ -4,6 +4,7 @@ direction, with no cycle; the README keeps the reader's page short, with the los
 import ast
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -169,6 +170,21 @@ def test_the_readme_is_a_short_page_with_the_loss_near_its_top():
     assert any("pg_loss = masked_mean((logprobs - target) ** 2, mask)" in line for line in lines[:80])
     code = open(os.path.join(ROOT, "apa.py")).read()
     assert "pg_loss = masked_mean((logprobs - target) ** 2, mask)" in code  # the README shows the code as it is
+
+
+def test_the_readmes_line_counts_are_the_files():
+    """The README's opening gives the files' lengths ("`apa.py` 78", "`minimal.py` first** (350 lines)") and their
+    sum ("about 1,200 lines in seven files"): each is the file's count of lines now, the sum rounded to hundreds."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    count = {}
+    for name, n in re.findall(r"`(\w+\.py)`\s+(\d+)\b", text) + re.findall(r"`(\w+\.py)` first\*\* \((\d+) lines\)", text):
+        with open(os.path.join(ROOT, name)) as f:
+            count[name] = len(f.read().splitlines())
+        assert count[name] == int(n), f"README: {name} {n}, but it has {count[name]} lines"
+    assert {"apa.py", "ppo.py", "train.py", "minimal.py", "reward_model.py"} <= count.keys()
+    total, files = re.search(r"about ([\d,]+) lines in seven files \(([^)]*)\)", text).groups()
+    seven = re.findall(r"`(\w+\.py)`", files)
+    assert len(seven) == 7 and round(sum(count[f] for f in seven), -2) == int(total.replace(",", ""))
 
 
 def test_the_reward_models_fields_of_pi_init_are_train_pys():

@@ -178,7 +178,7 @@ MUTATIONS = [
      "policy = PolicyWithValue(lm, n_vocab).to(device).eval()", "policy = PolicyWithValue(lm).to(device).eval()",
      [INIT_NEOX]),
     ("pi_init scores the padded vocabulary", "train.py",
-     "lm_forward(ref_lm, input_ids, attention_mask, P, enc.n_vocab)", "lm_forward(ref_lm, input_ids, attention_mask, P)",
+     "lm_forward(ref_lm, input_ids, attention_mask, P, policy.n_vocab)", "lm_forward(ref_lm, input_ids, attention_mask, P)",
      [INIT_NEOX]),
     # data parallel: each process its own stream and its share of every minibatch
     ("processes seeded alike", "train.py",
@@ -264,9 +264,9 @@ MUTATIONS = [
      "(advantages / lam).clamp(max=clip)", ["test_losses.py"]),
     ("bounded APA: c not passed to the loss", "train.py", "cfg.lam, ref, cfg.apa_clip)", "cfg.lam, ref)", [UPDATE]),
     ("GRPO falls through to PPO's loss (no KL term)", "train.py",
-     '    if cfg.algo == "grpo":\n        return grpo_loss(',
+     '    if cfg.algo in CRITIC_FREE:',
      '    if cfg.algo == "grpo":\n        return ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], '
-     'cfg.cliprange)\n        return grpo_loss(', [UPDATE]),
+     'cfg.cliprange)\n    if cfg.algo in CRITIC_FREE:', [UPDATE]),
     ("the critic-free algorithms take GAE's advantages", "train.py",
      "    critic = cfg.algo not in CRITIC_FREE                                 # GRPO and RLOO have no use for values",
      "    critic = True", [ROLLOUT]),
@@ -354,10 +354,11 @@ MUTATIONS = [
     ("--cuda_graph=0 ignored on a GPU", "lab/static_sampler.py", "if cfg.cuda_graph and device.type == \"cuda\"",
      "if device.type == \"cuda\"", ["tests/test_models.py::test_a_run_samples_with_the_cuda_graph_on_a_gpu_only_with_cuda_graph_1"]),
     ("the rollout samples with the eager loop whatever the run chose", "train.py",
-     "sample(cfg, policy.lm, idx, prompt_tokens, enc, device,\n", "sample(cfg, policy.lm, idx, prompt_tokens, enc, device), (\n",
-     [DRAWS]),
-    ("the held-out evaluation samples with the eager loop whatever the run chose", "evaluation.py",
-     "cfg, policy.lm, idx, eval_tokens, enc, device, generate)", "cfg, policy.lm, idx, eval_tokens, enc, device)", [DRAWS]),
+     "                                generate=static_sampler.choose_sampler(cfg, device))",
+     "                                )", [DRAWS]),
+    ("the held-out evaluation samples with the eager loop whatever the run chose", "train.py",
+     "eval_prompts, reward_fn, sampler, it, gold_fn)",
+     "eval_prompts, reward_fn, functools.partial(sample, cfg, enc=enc, device=device), it, gold_fn)", [DRAWS]),
     ("J* handed to train.train is estimated again", "train.py", 'if cfg.jstar_samples and "jstar" not in known:',
      "if cfg.jstar_samples:", [JSTAR]),
     ("the exact responses handed to train.train are computed again", "train.py",
@@ -414,12 +415,8 @@ MUTATIONS = [
     ("GRPO's advantages from R - lambda KL whatever --kl says", "train.py",
      'score = scores - cfg.lam * seq_kl if cfg.kl == "reward" else scores', "score = scores - cfg.lam * seq_kl", [ROLLOUT]),
     ("RLOO's KL in the loss ignored", "train.py",
-     '    if cfg.algo == "rloo":                                               # GRPO\'s clipped loss, RLOO\'s advantages\n'
-     '        return grpo_loss(logprobs, mb["logprobs"], mb["ref_logprobs"], mb["advantages"], mb["mask"], cfg.lam,\n'
      '                         cfg.cliprange, kl_in_loss)',
-     '    if cfg.algo == "rloo":\n'
-     '        return grpo_loss(logprobs, mb["logprobs"], mb["ref_logprobs"], mb["advantages"], mb["mask"], cfg.lam,\n'
-     '                         cfg.cliprange, None)', [UPDATE]),
+     '                         cfg.cliprange, kl_in_loss if cfg.algo == "grpo" else None)', [UPDATE]),
     ("--kl's estimator ignored: always k3", "train.py", "kl_in_loss = KL_ESTIMATORS.get(cfg.kl)",
      'kl_in_loss = KL_ESTIMATORS.get(cfg.kl) and KL_ESTIMATORS["k3"]', [UPDATE]),
     ("RLOO's own place for the KL: k3 in the loss", "train.py", '{"grpo": "k3", "rloo": "reward"}',
