@@ -13,7 +13,7 @@ their docstrings: tests/test_minimal.py checks both.
 Where this departs from the paper (docs/theory.md explains each point): APA's target is anchored on pi_old and the
 reward carries the per-token KL penalty, so the loss's fixed point is exactly pi* = pi_init exp(R/lambda) / Z; the
 policy and the value head share one network; pi_init is a tiny GPT pre-trained here, and the reward counts words.
-train.py adds the other algorithms and forms, a KL guard, evaluation, checkpoints, your own models, GPUs.
+train.py adds the other algorithms and forms, evaluation, checkpoints and resume, your own models, and GPUs.
 """
 import copy
 import os
@@ -47,6 +47,7 @@ class Config:
     cliprange_value: float = 0.2   # the value loss is clipped to this distance from the rollout's values
     vf_coef: float = 0.1           # weight of the value loss
     max_grad_norm: float = 1.0     # gradient clipping
+    target_kl: float = 0.2         # the KL guard: an update stops once a minibatch's approx_kl exceeds it (0: never)
     max_new_tokens: int = 20       # T, the response length limit (the task's reviews take at most 18 tokens)
     jstar_samples: int = 256       # samples per prompt from pi_init to estimate J*
     seed: int = 0                  # seeds sampling and the minibatches' order
@@ -176,8 +177,7 @@ def sample(cfg, lm, idx, prompt_tokens, enc):
 
 @torch.no_grad()
 def estimate_jstar(cfg, lm, prompts, prompt_tokens, enc):
-    """J* = E_x[lambda log E_{y ~ pi_init}[exp(R/lambda)]], the largest J that any policy reaches (at pi*), estimated
-    from jstar_samples samples of pi_init per prompt. The log line's gap J* - J is lambda KL(pi || pi*) >= 0."""
+    """J* = E_x[lambda log E_{y ~ pi_init}[exp(R/lambda)]] from pi_init's samples: J at pi*, the largest J of all."""
     torch.manual_seed(4321)                                              # the same estimate for every run
     rows, scores = torch.arange(len(prompts)).repeat_interleave(cfg.jstar_samples), []
     for chunk in rows.split(512):
@@ -300,23 +300,24 @@ def rollout(cfg, policy, ref_lm, prompts, prompt_tokens, enc):
 # update: epochs of minibatch steps; APA and PPO differ only in the policy loss
 
 def update(cfg, policy, opt, batch, P):
-    stats = []
-    for _ in range(cfg.epochs):
-        for mb_inds in torch.randperm(cfg.batch_size).split(cfg.minibatch_size):
-            mb = {k: v[mb_inds] for k, v in batch.items()}
-            logits, values = policy(mb["input_ids"], mb["attention_mask"], P)  # (b, T, V), (b, T)
-            logprobs = token_logprobs(logits, mb["response"])            # (b, T) log pi_theta
-            pg_loss, pg_stats = (apa_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg.lam)
-                                 if cfg.algo == "apa" else  # or PPO's clipped surrogate, on whitened advantages
-                                 ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg.cliprange))
-            vf_loss, vf_stats = value_loss(values, mb["values"], mb["returns"], mb["mask"], cfg.cliprange_value)
-            loss = pg_loss + cfg.vf_coef * vf_loss                       # ()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-            opt.step()
-            stats.append({"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(), **pg_stats, **vf_stats})
-    return {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}  # means over the steps
+    stats = []                                                           # epochs of shuffled minibatches:
+    for mb_inds in (i for _ in range(cfg.epochs) for i in torch.randperm(cfg.batch_size).split(cfg.minibatch_size)):
+        mb = {k: v[mb_inds] for k, v in batch.items()}
+        logits, values = policy(mb["input_ids"], mb["attention_mask"], P)  # (b, T, V), (b, T)
+        logprobs = token_logprobs(logits, mb["response"])                # (b, T) log pi_theta
+        pg_loss, pg_stats = (apa_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg.lam)
+                             if cfg.algo == "apa" else  # or PPO's clipped surrogate, on whitened advantages
+                             ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg.cliprange))
+        vf_loss, vf_stats = value_loss(values, mb["values"], mb["returns"], mb["mask"], cfg.cliprange_value)
+        if cfg.target_kl and pg_stats["approx_kl"] > cfg.target_kl:      # the KL guard: pi_theta is far enough from
+            break                                                        # pi_old: no more steps on this batch
+        loss = pg_loss + cfg.vf_coef * vf_loss                           # ()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        opt.step()
+        stats.append({"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(), **pg_stats, **vf_stats})
+    return {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}  # means over the steps taken
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,7 +344,6 @@ def main(argv=None):
               f"{1000 * (time.time() - t0):.0f}ms", flush=True)
     for prompt, completion, score in samples[:4]:                        # a few of the last rollout's samples
         print(f"    {prompt!r} -> {completion!r} | reward {score:+.2f}")
-    return policy
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ Where this departs from the paper and the authors' code (docs/theory.md explains
 3. The policy and the value head share one network (a linear head on the last hidden state), as in trlx.
 4. pi_init is a tiny GPT pre-trained here, and the reward counts words (--init, --reward_model, --reward_fn
    and --prompts take real ones).
-5. A KL guard stops an update once a minibatch's approx_kl exceeds target_kl (the default run never does).
+5. A KL guard stops an update once a minibatch's approx_kl exceeds target_kl (rarely in the default run: docs/gpu.md).
 """
 import functools
 import json

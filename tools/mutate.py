@@ -57,6 +57,9 @@ JSTAR = "tests/test_compare.py::test_a_run_handed_what_is_known_uses_it_and_trai
 BAD_STEPS = "tests/test_train.py::test_bad_steps_are_skipped_and_only_enough_of_them_in_a_row_stop_the_run"
 MAKE_POLICY = "tests/test_models.py::test_make_policy_builds_what_the_config_asks"
 REWARD_MODEL_PY = "tests/test_reward_model.py"
+MINIMAL_COPIES = "tests/test_minimal.py::test_the_copied_functions_are_their_originals_text"
+MINIMAL_SAME = "tests/test_minimal.py::test_minimal_prints_the_numbers_of_train_py_for_the_default_config"
+MINIMAL_PRETRAIN = "tests/test_minimal.py::test_minimal_pretrains_the_pi_init_that_train_py_caches"
 DECODERS_TEST = ("tests/test_models.py::test_static_decoders_keep_the_two_last_used_and_a_graph_only_where_layers_keep_"
                  "no_python_state")
 KL_NAME = "tests/test_grpo.py::test_grpo_loss_logs_its_kl_term_under_the_estimators_name"
@@ -614,6 +617,24 @@ MUTATIONS = [
      "samples=(it + 1) * cfg.batch_size // world_size(),", [TORCHRUN]),
     ("data parallel: the logged kl of one process", "train.py", '"kl": global_mean(seq_kl).item()', '"kl": seq_kl.mean().item()',
      ["tests/test_ddp.py::test_two_processes_compute_the_one_process_update_and_global_statistics"]),
+    # minimal.py, the one-file edition: a copy that drifts from its original, and the loop's wiring against train.py's
+    ("minimal.py: its copy of GAE without gae_lambda", "minimal.py",
+     "        running = deltas[:, t] + gamma * gae_lambda * running", "        running = deltas[:, t] + gamma * running",
+     [MINIMAL_COPIES]),
+    ("minimal.py: its copy of APA's loss with lambda squared", "minimal.py",
+     "    step = advantages / lam if not clip else", "    step = advantages / lam ** 2 if not clip else", [MINIMAL_COPIES]),
+    ("minimal.py: PPO's advantages not whitened", "minimal.py", '    if cfg.algo == "ppo":\n        advantages = masked_whiten(',
+     '    if cfg.algo == "PPO":\n        advantages = masked_whiten(', [MINIMAL_SAME + "[ppo]"]),
+    ("minimal.py: the value loss left out of the update", "minimal.py", "loss = pg_loss + cfg.vf_coef * vf_loss",
+     "loss = pg_loss + 0 * vf_loss", [MINIMAL_SAME + "[apa]"]),
+    ("minimal.py: gradients not clipped", "minimal.py", "            nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)\n",
+     "", [MINIMAL_SAME + "[apa]"]),
+    ("minimal.py: the KL penalty at twice lambda", "minimal.py",
+     "rewards = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, cfg.lam)",
+     "rewards = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, 2 * cfg.lam)", [MINIMAL_SAME + "[apa]"]),
+    ("minimal.py: pi_init pre-trained without its fixed seed", "minimal.py",
+     "    torch.manual_seed(1234)                                              # the same pi_init for every run seed\n",
+     "", [MINIMAL_PRETRAIN]),
 ]
 
 
