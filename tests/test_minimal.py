@@ -42,6 +42,20 @@ def test_minimal_prints_the_numbers_of_train_py_for_the_default_config(algo, tmp
     assert len({row["reward"] for row in full}) > 10                    # the runs move: 20 different batches
 
 
+def test_minimal_stops_an_update_where_train_py_s_kl_guard_does(tmp_path, tmp_path_factory, capsys):
+    """A larger step and a tight guard (lr 3e-4, target_kl 0.01), so that the KL guard stops updates early: minimal.py
+    stops them where train.py does and prints the same numbers after them."""
+    sft, flags = tmp_path_factory.getbasetemp() / "sft_default", ["--lr=3e-4", "--target_kl=0.01", "--iters=8",
+                                                                   "--jstar_samples=16"]
+    train.main(flags + [f"--sft_dir={sft}", f"--out_dir={tmp_path}"])
+    out = capsys.readouterr().out
+    minimal.main(flags + [f"--sft_dir={sft}"])
+    (full, _), (one_file, _) = printed(out), printed(capsys.readouterr().out)
+    stopped = [i for i, line in enumerate(l for l in out.splitlines() if l.startswith("iter ")) if "target_kl" in line]
+    assert stopped and stopped[0] < 7                                    # the guard acts, and iterations follow
+    assert [{k: r[k] for k in SHOWN} for r in full] == [{k: r[k] for k in SHOWN} for r in one_file]
+
+
 def test_minimal_has_train_pys_defaults():
     """Every field of minimal.py's config, and the tiny GPT's shape and pre-training, default to train.py's values
     (the learning rate as train.resolve fills it in): "the same config" means the defaults of both."""
