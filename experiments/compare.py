@@ -779,6 +779,7 @@ def rm_sweep(cfg):
 
 PAPER_ALGOS = ["apa", "apa_paper", "apa_authors", "ppo"]
 EVALUATOR_ARGS = ["--seed=1", "--pairs=5000"]           # reward_model.py's overrides for the evaluator
+QUICK_EVALUATOR = ["--seed=1", "--pairs=400", "--epochs=1"]  # and under --quick (the proxy's: QUICK_RM)
 QUICK_PAPER = dict(paper_iters=4, paper_eval_every=2, paper_eval_samples=16)  # --quick's budget
 DIVERGED_KL = 10.0                                      # a run diverged: stopped by non-finite steps, or its KL to
                                                         # pi_init (10-iteration mean) above this many nats
@@ -806,11 +807,12 @@ def paper_prepare(cfg):
     model = {k: v for k, v in QUICK.items() if k in ("n_layer", "n_head", "n_embd", "block_size", "sft_steps",
                                                       "sft_lr")} if cfg.quick else {}
     folders = {}
-    for key, args in (("reward_model", []), ("evaluator", EVALUATOR_ARGS)):
+    pairs = (QUICK_RM, QUICK_EVALUATOR) if cfg.quick else ([], EVALUATOR_ARGS)
+    for key, args in zip(("reward_model", "evaluator"), pairs):
         folders[key] = os.path.join(paper_folder(cfg), "proxy" if key == "reward_model" else "evaluator")
         if not os.path.exists(os.path.join(folders[key], "metrics.json")):
             reward_model.main([f"--out_dir={folders[key]}", f"--sft_dir={cfg.sft_dir}", "--device=cpu"]
-                              + [f"--{k}={v}" for k, v in model.items()] + args + (QUICK_RM if cfg.quick else []))
+                              + [f"--{k}={v}" for k, v in model.items()] + args)
     _, _, _, eval_every, eval_samples = paper_budget(cfg)
     return dict(model, **folders, gold_fn="data:sentiment_reward", jstar_samples=0, exact_every=0,
                 eval_every=eval_every, eval_samples=eval_samples, sft_dir=cfg.sft_dir, target_kl=0.0, device="cpu",
