@@ -375,7 +375,8 @@ def slow_paper_summary(rows, stopped):
     kl_max = max(statistics.mean(r["kl"] for r in rows[i - n:i]) for i in range(n, len(rows) + 1))
     return {"best_gold": max(r["eval_gold"] for r in held_out), "gold": held_out[-1]["eval_gold"],
             "evaluator": held_out[-1]["eval_evaluator"], "reward": held_out[-1]["eval_reward"],
-            "kl": held_out[-1]["eval_kl"], "kl_max": kl_max, "distinct2": statistics.mean(r["distinct2"] for r in rows[-20:]),
+            "kl": held_out[-1]["eval_kl"], "kl_max": kl_max,
+            "distinct2": statistics.mean(r["distinct2"] for r in rows[-20:]),
             "diverged": stopped or kl_max > compare.DIVERGED_KL}
 
 
@@ -430,7 +431,8 @@ def test_the_paper_tables_show_each_runs_own_numbers_with_standard_errors(tmp_pa
     for lr, by_evaluator, by_gold, by_proxy, agree in rankings:
         means = {key: {algo: statistics.mean(s[key] for s in expected[f"| {compare.name(algo)}", lr])
                        for algo in compare.PAPER_ALGOS} for key in ("evaluator", "gold", "reward")}
-        order = {key: " > ".join(compare.name(a) for a in sorted(m, key=m.get, reverse=True)) for key, m in means.items()}
+        order = {key: " > ".join(compare.name(a) for a in sorted(m, key=m.get, reverse=True))
+                 for key, m in means.items()}
         assert [by_evaluator, by_gold, by_proxy] == [order["evaluator"], order["gold"], order["reward"]]
         assert agree == ("yes" if order["evaluator"] == order["gold"] else "no")
     assert [(r[0], r[-1]) for r in rankings] == [("0.0001", "yes"), ("0.0003", "no")]
@@ -444,7 +446,8 @@ def test_the_paper_setting_runs_every_algorithm_against_the_proxy_and_tabulates_
     text = compare.main(["--quick=1", "--settings=paper", f"--out_dir={out}", f"--sft_dir={tmp_path / 'sft'}",
                          "--workers=1"])
     assert open(out / "paper.md").read() == text
-    proxy, evaluator = (json.load(open(out / "paper" / name / "metrics.json"))["config"] for name in ("proxy", "evaluator"))
+    proxy, evaluator = (json.load(open(out / "paper" / name / "metrics.json"))["config"]
+                        for name in ("proxy", "evaluator"))
     assert (proxy["seed"], evaluator["seed"]) == (0, 1) and evaluator["pairs"] > proxy["pairs"]
     table = paper_rows(text.split("How the evaluator")[0].splitlines())
     assert len(table) == len(compare.PAPER_ALGOS) * 2
