@@ -247,11 +247,10 @@ def is_done(path, iters):
 # running: each run is train.train in a worker process, its printout in the run's log.txt
 
 
-NOT_JSTAR = {"algo", "apa_form", "gamma", "gae_lambda", "cliprange", "cliprange_value", "vf_coef", "awr_lam",
-             "awr_max_weight", "seed", "iters", "batch_size", "minibatch_size", "epochs", "lr", "max_grad_norm",
+NOT_JSTAR = {"evaluator", "algo", "apa_form", "gamma", "gae_lambda", "cliprange", "cliprange_value", "vf_coef",
+             "awr_lam", "awr_max_weight", "seed", "iters", "batch_size", "minibatch_size", "epochs", "lr", "max_grad_norm",
              "max_bad_steps", "out_dir", "resume", "sample_every", "ckpt_every", "exact_every", "target_kl",
-             "eval_prompts", "eval_every", "eval_samples", "evaluator", "apa_clip", "group_size", "grpo_std",
-             "kl", "threads"}  # J* ignores
+             "eval_prompts", "eval_every", "eval_samples", "apa_clip", "group_size", "grpo_std", "kl", "threads"}  # J* ignores
 KNOWN = {}                                              # this worker's J* and exact responses, by jstar_key
 SPACES = {}                                             # and the exact responses alone, which lambda does not change
 

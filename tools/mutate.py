@@ -81,6 +81,9 @@ PIPE = "tests/test_reliability.py::test_prompts_from_a_named_pipe_are_read_once"
 SCORE_SHAPES = "tests/test_reliability.py::test_scores_are_one_number_a_completion_as_a_row_or_a_column"
 EVALUATOR = "tests/test_judge.py::test_the_proxy_the_evaluator_and_the_judge_each_score_the_same_completions"
 EVALUATOR_RUN = "tests/test_judge.py::test_a_run_with_an_evaluator_logs_the_proxy_the_evaluator_and_the_judge"
+PAPER_TABLES = "tests/test_compare.py::test_the_paper_tables_show_each_runs_own_numbers_with_standard_errors"
+PAPER_RUN = ("tests/test_compare.py::test_the_paper_setting_runs_every_algorithm_against_the_proxy_and_tabulates_its_"
+             "metrics")
 AUTHORS = ("test_losses.py::test_token_mdp_authors_configuration_is_the_paper_forms_fixed_point_for_s_lambda_or_"
            "collapses")
 
@@ -562,6 +565,22 @@ MUTATIONS = [
      "return model(**batch).logits[:, 0].float().tolist()", [REWARD_MODEL]),
     ("experiments/compare.py's J* key ignores sft_steps", "experiments/compare.py", '"kl", "threads"}  # J* ignores',
      '"kl", "threads", "sft_steps"}  # J* ignores', ["tests/test_compare.py::test_jstar_is_estimated_once_per_pi_init_data_and_lambda"]),
+    ("compare.py's paper setting: the last gold score taken as the best", "experiments/compare.py",
+     '"gold": held_out[-1]["eval_gold"]', '"gold": max(r["eval_gold"] for r in held_out)', [PAPER_TABLES]),
+    ("compare.py's paper setting: the proxy's score shown as the evaluator's", "experiments/compare.py",
+     '"evaluator": held_out[-1]["eval_evaluator"]', '"evaluator": held_out[-1]["eval_reward"]', [PAPER_TABLES]),
+    ("compare.py's paper setting: the standard deviation shown as the standard error", "experiments/compare.py",
+     "v.std(ddof=1) / math.sqrt(len(v))", "v.std(ddof=1)", [PAPER_TABLES]),
+    ("compare.py's paper setting: a run whose KL ran away not counted as diverged", "experiments/compare.py",
+     '"diverged": float(stopped or not kl_max <= DIVERGED_KL)', '"diverged": float(stopped)', [PAPER_TABLES]),
+    ("compare.py's paper setting: the evaluator's order compared with the proxy's", "experiments/compare.py",
+     'agree = "yes" if order["evaluator"] == order["gold"]', 'agree = "yes" if order["evaluator"] == order["reward"]',
+     [PAPER_TABLES]),
+    ("compare.py's paper setting: the evaluator fitted with the proxy's seed", "experiments/compare.py",
+     'QUICK_EVALUATOR = ["--seed=1"', 'QUICK_EVALUATOR = ["--seed=0"', [PAPER_RUN]),
+    ("compare.py's paper setting: the runs handed no evaluator", "experiments/compare.py",
+     "    return dict(model, **folders, gold_fn=", "    return dict(model, reward_model=folders[\"reward_model\"], gold_fn=",
+     [PAPER_RUN]),
     ("experiments/compare.py's samples to a quarter of the gap: the curve's index", "experiments/compare.py",
      "samples[reached[0]] if len(reached)", "reached[0] if len(reached)", [SUMMARY]),
     # the fixes of what misbehaved: each undone
