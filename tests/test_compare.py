@@ -415,7 +415,7 @@ def test_the_paper_tables_show_each_runs_own_numbers_with_standard_errors(tmp_pa
                         gold = 0.3 + 0.1 * math.sin(i / 7 + a) - 0.05 * seed * j
                         row.update(eval_gold=gold, eval_evaluator=gold + 0.1 if j == 0 else  # agrees at the first lr
                                    0.5 - 0.1 * a + 0.01 * i * (a == 3) + 0.02 * seed,
-                                   eval_reward=0.6 + 0.01 * i * (1 + a) + j, eval_kl=0.05 * i * (1 + a) + seed)
+                                   eval_reward=0.6 - 0.01 * i * (1 + a) + j, eval_kl=0.05 * i * (1 + a) + seed)
                     rows.append(row)
                 folder = tmp_path / "paper" / f"{algo}_lr{lr:g}_seed{seed}"
                 write_run(folder, [json.dumps(r) + "\n" for r in rows])
