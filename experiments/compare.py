@@ -929,7 +929,7 @@ def paper_plot(cfg, path):
         for ax in axes[:, j]:
             ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle(f"The paper's regime: {iters} iterations against the proxy, {len(seeds)} seed(s); the held-out scores "
+    fig.suptitle(f"The paper's regime: {iters} iterations against the proxy, {len(seeds)} seed(s)\nthe held-out scores "
                  "against the KL over training (mean over seeds; dot: the last evaluation)")
     fig.tight_layout()
     fig.savefig(path, dpi=70)
