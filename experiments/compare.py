@@ -956,8 +956,9 @@ def paper_sweep(cfg):
         "truth", "",
         f"The proxy: {about(rms['reward_model'])}. The evaluator: {about(rms['evaluator'])}. Responses of "
         f"{shared.get('max_new_tokens', train.Config.max_new_tokens)} tokens; held-out scores from {eval_samples} "
-        f"responses to the held-out prompts every {eval_every} iterations; {spread}. Diverged: stopped by non-finite "
-        f"steps, or a 10-iteration mean KL above {DIVERGED_KL:g} nats.", "",
+        f"responses to the held-out prompts every {eval_every} iterations; {spread}. The scores and the last KL are "
+        "held-out ones, the largest KL and distinct-2 the training batches'. Diverged: stopped by non-finite steps, or "
+        f"a 10-iteration mean KL above {DIVERGED_KL:g} nats.", "",
         paper_table(cfg), "", "How the evaluator, the truth and the proxy rank the algorithms (the last held-out "
         "scores, means over seeds):", "", paper_rankings(cfg), ""])
     return text, paper_plot(cfg, os.path.join(cfg.out_dir, "paper.png"))
