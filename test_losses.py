@@ -385,8 +385,8 @@ def whitened_std(logits, init_logits, R):
 def test_token_mdp_authors_configuration_is_the_paper_forms_fixed_point_for_s_lambda_or_collapses():
     # pi_init anchor, no KL in the reward, advantages whitened over the batch: at every state
     # pi(a|s) ~ pi_init(a|s) exp(Q_R(s, a) / (s lambda)), the paper form's fixed point at the temperature s lambda, with
-    # s the std of the batch's advantages under that policy itself (docs/theory.md, section 3e). Where s = std has no
-    # solution s > 0, the policy collapses onto the best response.
+    # s the std of the batch's advantages under that policy itself (sigma in docs/theory.md, section 3e). Where
+    # s = std has no solution s > 0, the policy collapses onto the best response.
     init_logits, R = token_mdp()
     lam = 2.0
     logits = iterate(lambda *a: apa_authors(*a, lam=lam), init_logits, R, kl_coef=0.0, iters=300)
