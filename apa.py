@@ -37,7 +37,8 @@ def apa_loss(logprobs, old_logprobs, advantages, mask, lam, ref_logprobs=None, c
     mask         (B, T) 1 on response tokens, 0 on padding (or non-negative weights)
     lam          lambda > 0, the KL coefficient; the target policy is pi_anchor exp(Adv/lambda)
     ref_logprobs (B, T) or None. None (default): anchor on pi_old, fixed point exactly pi*. Given: anchor on
-                 log pi_init, the paper's literal loss, to be used with a reward without KL penalty.
+                 log pi_init, the paper's literal loss, to be used with a reward without KL penalty. The authors'
+                 code also whitens the advantages, which moves this form's fixed point (docs/theory.md, 3d and 3e).
     clip         c > 0: bounded APA, Adv/lambda clipped to [-c, c], so that no target is further than c from
                  its anchor (pi_old by default, and then the fixed point stays pi*: docs/theory.md, section 4).
                  0: the paper's unbounded target

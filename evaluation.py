@@ -41,11 +41,12 @@ def stream_devices(device):
 
 
 @torch.no_grad()
-def evaluate(cfg, policy, ref_lm, eval_tokens, eval_prompts, reward_fn, sampler, it, gold_fn=None):
+def evaluate(cfg, policy, ref_lm, eval_tokens, eval_prompts, reward_fn, sampler, it, gold_fn=None, evaluator_fn=None):
     """The policy on the held-out prompts: eval_samples fresh responses (the prompts in turn), their mean reward
-    (eval_reward), KL to pi_init (eval_kl), J (eval_J), and the judge's mean score where there is one (eval_gold).
-    Its own random stream: a run draws the same training numbers with or without it."""
-    rows, scores, kls, golds = [i % len(eval_prompts) for i in range(cfg.eval_samples)], [], [], []
+    (eval_reward), KL to pi_init (eval_kl), J (eval_J), and the mean scores of the judge (eval_gold) and of the
+    evaluator model (eval_evaluator) where there are. Its own random stream: a run draws the same training numbers
+    with or without it."""
+    rows, scores, kls, golds, evals = [i % len(eval_prompts) for i in range(cfg.eval_samples)], [], [], [], []
     device = policy.v_head.weight.device                                 # the policy's
     with torch.random.fork_rng(devices=stream_devices(device)):
         torch.manual_seed(1_000_003 * (cfg.seed + 1) + it)
@@ -56,6 +57,9 @@ def evaluate(cfg, policy, ref_lm, eval_tokens, eval_prompts, reward_fn, sampler,
             if gold_fn:
                 golds.append(call_reward(cfg, gold_fn, [eval_prompts[i] for i in idx], completions,
                                          f"gold function {cfg.gold_fn}"))  # (B,) the judge's
+            if evaluator_fn:
+                evals.append(call_reward(cfg, evaluator_fn, [eval_prompts[i] for i in idx], completions,
+                                         f"evaluator {cfg.evaluator}"))  # (B,) the evaluator model's
             with autocast(cfg, device):
                 ref_logits, _ = lm_forward(ref_lm, torch.cat([prompt_ids, response], 1), torch.cat(
                     [prompt_mask, torch.ones_like(response)], 1), prompt_ids.shape[1], policy.n_vocab)  # (B, T, V)
@@ -64,4 +68,5 @@ def evaluate(cfg, policy, ref_lm, eval_tokens, eval_prompts, reward_fn, sampler,
     scores, kl = torch.cat(scores), torch.cat(kls)                       # (eval_samples,)
     return {"eval_reward": scores.mean().item(), "eval_kl": kl.mean().item(),
             "eval_J": (scores - cfg.lam * kl).mean().item(),
-            **({"eval_gold": torch.cat(golds).mean().item()} if golds else {})}
+            **({"eval_gold": torch.cat(golds).mean().item()} if golds else {}),
+            **({"eval_evaluator": torch.cat(evals).mean().item()} if evals else {})}

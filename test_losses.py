@@ -370,6 +370,40 @@ def test_token_mdp_paper_form_misses_optimum():
     assert tv(claimed, pi_star) > 0.1 and gap > 1e-2                  # not pi* (measured: TV 0.119, gap 0.028)
 
 
+def apa_authors(logp, old, ref, adv, w, lam):
+    """The authors' configuration: the paper's form with the batch's advantages whitened (no KL in the reward)."""
+    return apa_loss(logp, old, masked_whiten(adv, w), w, lam, ref_logprobs=ref)[0]
+
+
+def whitened_std(logits, init_logits, R):
+    """The std that masked_whiten divides by: of the advantages of the score alone over every token of the batch that
+    the policy samples (gamma 1, GAE lambda 0.95, exact values)."""
+    _, _, w, adv = rollout(logits, init_logits, R, kl_coef=0.0)
+    return masked_mean((adv - masked_mean(adv, w)) ** 2, w).add(1e-8).sqrt().item()
+
+
+def test_token_mdp_authors_configuration_is_the_paper_forms_fixed_point_for_s_lambda_or_collapses():
+    # pi_init anchor, no KL in the reward, advantages whitened over the batch: at every state
+    # pi(a|s) ~ pi_init(a|s) exp(Q_R(s, a) / (s lambda)), the paper form's fixed point at the temperature s lambda, with
+    # s the std of the batch's advantages under that policy itself (sigma in docs/theory.md, section 3e). Where
+    # s = std has no solution s > 0, the policy collapses onto the best response.
+    init_logits, R = token_mdp()
+    lam = 2.0
+    logits = iterate(lambda *a: apa_authors(*a, lam=lam), init_logits, R, kl_coef=0.0, iters=300)
+    s = whitened_std(logits, init_logits, R)
+    assert s == pytest.approx(0.447, abs=1e-3)                        # measured: 0.4472, against 0.482 under pi_init
+    assert tv(logits, seq_probs(paper_form_fixed_point(init_logits, R, s * lam))) < 1e-5   # measured: 1e-7
+    wrong = [seq_probs(paper_form_fixed_point(init_logits, R, lam)), token_optimum(init_logits, R, s * lam),
+             token_optimum(init_logits, R, lam)]                        # lambda for s lambda; pi* for the tilt
+    assert min(tv(logits, pi) for pi in wrong) > 0.04                  # measured: 0.148, 0.050, 0.154
+    for lam in (0.5, 1.0):                                             # s = std(s) has no solution s > 0 here
+        assert all(whitened_std(paper_form_fixed_point(init_logits, R, s * lam), init_logits, R) < s
+                   for s in torch.linspace(0.01, 1.0, 100).tolist())
+        logits = iterate(lambda *a: apa_authors(*a, lam=lam), init_logits, R, kl_coef=0.0, iters=100)
+        p = seq_probs(logits)
+        assert p.max() > 0.999 and p.argmax() == R.argmax() and whitened_std(logits, init_logits, R) < 0.01
+
+
 # ----------------------------------------------------------------------------------------------
 # AWR: -E_mu[exp(Adv/lambda') log pi]. One batch's minimiser is mu exp(Adv/lambda')/Z; iterated
 # on-policy with the KL-penalised reward it reaches pi* for any lambda'; without KL it collapses.

@@ -12,9 +12,10 @@ Run: python train.py                          APA on the embedded task, a few mi
 
 Where this departs from the paper and the authors' code (docs/theory.md explains each point):
 1. APA's target is anchored on pi_old and the reward carries the per-token KL penalty, so the loss's fixed
-   point is exactly pi* = pi_init exp(R/lambda) / Z. --apa_form=paper gives the paper's literal loss.
+   point is exactly pi* = pi_init exp(R/lambda) / Z. --apa_form=paper gives the paper's literal loss, and
+   --apa_form=authors the configuration of the authors' code: that loss with its advantages whitened.
 2. One lambda is APA's temperature (the authors' adv_coeff_sq is 1/lambda) and the reward's KL coefficient,
-   so that every algorithm aims at the same pi*. Only PPO whitens its advantages.
+   so that every algorithm aims at the same pi*. Only PPO (and APA with --apa_form=authors) whitens its advantages.
 3. The policy and the value head share one network (a linear head on the last hidden state), as in trlx.
 4. pi_init is a tiny GPT pre-trained here, and the reward counts words (--init, --reward_model, --reward_fn
    and --prompts take real ones).
@@ -52,8 +53,9 @@ from ppo import gae, kl_penalized_rewards, masked_whiten, ppo_policy_loss, value
 class Config:
     # --- algorithm
     algo: Literal["apa", "ppo", "awr", "grpo", "rloo"] = "apa"  # apa.py (APA, AWR), ppo.py (PPO), grpo.py (GRPO, RLOO)
-    apa_form: Literal["exact", "paper"] = "exact"  # exact: pi_old anchor, KL in the reward (fixed point pi*);
-                                   # paper: pi_init anchor, no KL in the reward (the paper's literal loss)
+    apa_form: Literal["exact", "paper", "authors"] = "exact"  # exact: pi_old anchor, KL in the reward (fixed point
+                                   # pi*); paper: pi_init anchor, no KL in the reward (the paper's literal loss);
+                                   # authors: paper, with the advantages whitened per batch (the authors' code)
     apa_clip: float = 0.0          # bounded APA: Adv/lambda clipped to [-c, c] in APA's target (0: unbounded)
     group_size: int | None = None  # k responses per prompt, in a row; default 4 for grpo and rloo (k >= 2), else 1
     grpo_std: bool = True          # GRPO divides its advantages by the group's std (0: Dr. GRPO, it does not)
@@ -86,6 +88,8 @@ class Config:
     eval_prompts: str = ""         # held-out prompts file, never trained on; empty: the task's held-out openings
     reward_fn: str = "data:sentiment_reward"  # 'module:function' (prompts, completions) -> floats
     reward_model: str = ""         # Hugging Face sequence-classification model (path or id); replaces reward_fn
+    evaluator: str = ""            # a second reward model (path or id), fitted to other pairs: the paper's evaluator,
+                                   # never trained on, logged as `evaluator` and `eval_evaluator` beside the judge's
     gold_fn: str = ""              # the judge, never trained on: 'module:function' as reward_fn; empty: the task's
                                    # reward where a --reward_model is trained against on the embedded task, else none
     init: str = ""                 # Hugging Face causal LM (path or id) as pi_init; empty: pre-train a tiny GPT
@@ -131,7 +135,7 @@ def resolve(cfg):
 
 
 @torch.no_grad()
-def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, sampler, gold_fn=None):
+def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, sampler, gold_fn=None, evaluator_fn=None):
     """One batch of the run: sampler(lm, idx, prompt_tokens) is model.sample with the run's sampler, chosen once in
     train(). Returns the batch that the update needs, the prompts' padded length P, statistics and samples."""
     # 1. generate: prompts (this process's share, each k times in a row), responses from pi_old, their text
@@ -139,11 +143,13 @@ def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, sampler, gol
     idx = torch.randint(len(prompts), (cfg.batch_size // world_size() // k,)).repeat_interleave(k).tolist()
     prompt_ids, prompt_mask, response, mask, _, completions = sampler(policy.lm, idx, prompt_tokens)
     device = response.device
-    # 2. score: the reward of each completion (and the judge's score, which training never sees)
+    # 2. score: the reward of each completion (and the judge's and the evaluator's scores, which training never sees)
     batch_prompts = [prompts[i] for i in idx]
     scores = call_reward(cfg, reward_fn, batch_prompts, completions).to(device)  # (B,)
     gold = (call_reward(cfg, gold_fn, batch_prompts, completions, f"gold function {cfg.gold_fn}").to(device)
             if gold_fn else None)                                        # (B,) the judge's scores, or None
+    evaluator = (call_reward(cfg, evaluator_fn, batch_prompts, completions, f"evaluator {cfg.evaluator}").to(device)
+                 if evaluator_fn else None)                              # (B,) the evaluator model's scores, or None
     input_ids = torch.cat([prompt_ids, response], 1)                     # (B, P + T)
     attention_mask = torch.cat([prompt_mask, torch.ones_like(response)], 1)  # (B, P + T)
     P = prompt_ids.shape[1]
@@ -158,14 +164,15 @@ def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, sampler, gol
         ref_logits, _ = lm_forward(ref_lm, input_ids, attention_mask, P, policy.n_vocab)  # (B, T, V)
     ref_logprobs = token_logprobs(ref_logits, response)                  # (B, T) log pi_init
     del ref_logits
-    # 4. rewards and advantages: per-token rewards with the KL penalty, then GAE (the paper's literal APA: no KL in the
-    # reward); GRPO and RLOO: one advantage per response, from its group's sequence rewards
+    # 4. rewards and advantages: per-token rewards with the KL penalty, then GAE (the paper's literal APA and the
+    # authors' configuration: no KL in the reward; PPO and the authors' APA whiten); GRPO and RLOO: one advantage per
+    # response, from its group's sequence rewards
     seq_kl = ((logprobs - ref_logprobs) * mask).sum(1)                   # (B,) sequence KL estimate
     if critic:
-        kl_coef = 0.0 if cfg.algo == "apa" and cfg.apa_form == "paper" else cfg.lam
+        kl_coef = 0.0 if cfg.algo == "apa" and cfg.apa_form != "exact" else cfg.lam
         rewards = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)  # (B, T)
         advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.gae_lambda)  # (B, T)
-        if cfg.algo == "ppo":
+        if cfg.algo == "ppo" or (cfg.algo == "apa" and cfg.apa_form == "authors"):
             advantages = masked_whiten(advantages, mask, mean_fn=global_mean)  # mean and variance over all processes
     else:
         score = scores - cfg.lam * seq_kl if cfg.kl == "reward" else scores  # (B,) R - lambda KL, or R (KL in the loss)
@@ -175,7 +182,8 @@ def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, sampler, gol
              "J": global_mean(scores - cfg.lam * seq_kl).item(),
              "entropy": global_mean(entropies, mask).item(),
              "distinct2": distinct_n(gather_all(completions), 2), "length": global_mean(mask.sum(1)).item(),
-             **({"gold": global_mean(gold).item()} if gold_fn else {})}
+             **({"gold": global_mean(gold).item()} if gold_fn else {}),
+             **({"evaluator": global_mean(evaluator).item()} if evaluator_fn else {})}
     batch = dict(input_ids=input_ids, attention_mask=attention_mask, response=response, mask=mask,
                  logprobs=logprobs, ref_logprobs=ref_logprobs, advantages=advantages,
                  **(dict(values=values, returns=returns) if critic else {}))
@@ -193,7 +201,7 @@ def policy_loss(cfg, logprobs, mb):
     loss. GRPO and RLOO share GRPO's clipped loss; only their advantages differ (rollout). Returns (pg_loss, stats)."""
     kl_in_loss = KL_ESTIMATORS.get(cfg.kl)  # GRPO, RLOO: the KL to pi_init as a loss term; None: in the reward (rollout)
     if cfg.algo == "apa":                                                # the paper's form anchors on pi_init
-        ref = mb["ref_logprobs"] if cfg.apa_form == "paper" else None
+        ref = mb["ref_logprobs"] if cfg.apa_form != "exact" else None
         return apa_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg.lam, ref, cfg.apa_clip)
     if cfg.algo == "ppo":
         return ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg.cliprange)
@@ -258,6 +266,7 @@ def train(cfg, known=None):
         reward_fn = (hf.reward_model_fn(cfg.reward_model, enc, device) if cfg.reward_model  # a model, or a function
                      else load_reward_fn(cfg.reward_fn))
         gold_fn = load_reward_fn(cfg.gold_fn) if cfg.gold_fn else None   # the judge
+        evaluator_fn = hf.reward_model_fn(cfg.evaluator, enc, device) if cfg.evaluator else None  # the paper's judge
         eval_prompts, eval_tokens = load_eval_prompts(cfg, enc)          # held out: never trained on
         ref_lm = runs.load_pi_init(cfg, enc, prompt_tokens, eval_tokens, device)  # --init, or the tiny GPT (cached)
     set_cpu_threads(cfg, device)                                         # the tiny GPT: one thread (docs/models.md)
@@ -283,12 +292,14 @@ def train(cfg, known=None):
     for it in range(start, cfg.iters):
         exact = (exact_eval(policy.lm, space, cfg.lam) if space and master and (it == 0 or (it + 1) % cfg.exact_every == 0)
                  else {})                                                # of pi_old, the policy that samples next
-        held_out = (evaluate(cfg, policy, ref_lm, eval_tokens, eval_prompts, reward_fn, sampler, it, gold_fn)
+        held_out = (evaluate(cfg, policy, ref_lm, eval_tokens, eval_prompts, reward_fn, sampler, it, gold_fn,
+                             evaluator_fn)
                     if eval_prompts and master and (it == 0 or (it + 1) % cfg.eval_every == 0) else {})
         t0 = time.time()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        batch, P, stats, samples = rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, sampler, gold_fn)
+        batch, P, stats, samples = rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, sampler, gold_fn,
+                                           evaluator_fn)
         stats.update(update(cfg, model, opt, batch, P, bad_steps))
         stats.update(iter=it + 1, samples=(it + 1) * cfg.batch_size, ms=1000 * (time.time() - t0),
                      mem_mb=peak_memory_mb(device))

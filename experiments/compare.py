@@ -6,6 +6,7 @@ lambda, reward and sample budget, over seeds and learning rates. Results and the
 Paper: Zhu et al. 2023, arXiv 2306.02231, Sec. 5 (APA against PPO and AWR on HH and StackExchange).
 Run:  python -m experiments.compare            the tables and plots of docs/experiments.md (132 runs: 73 minutes on 2 cores)
       python -m experiments.compare --quick=1  a smoke test of the whole pipeline on a tiny model (about 30 s)
+      python -m experiments.compare --settings=paper   the paper's regime (about an hour on 2 idle cores; not yet run)
       python -m experiments.compare --plot=out/metrics.jsonl   reward, KL and gap against samples for any runs (metrics
                                        files or run folders, comma-separated; a half-written last line is skipped)
 
@@ -18,6 +19,8 @@ What it runs. Every run is train.train with a Config; nothing of training is wri
 4. kl: GRPO, Dr. GRPO and RLOO with each other place for the KL (--kl), as the short setting runs them.
 5. rm (not among the defaults): RL against a reward model learned from preferences, judged by the task's reward, at
    several lambdas: over-optimisation measured exactly (rm.md and rm.png; the section "the rm setting" below).
+6. paper (not among the defaults): the paper's regime, 20-token responses against a learned reward model for a fixed
+   budget, judged by a second reward model and by the task's reward (paper.md and paper.png; "the paper setting" below).
 --settings chooses among them. ALGOS lists the algorithms (ONLY: those that run in some settings only). Each run lives in
 out_dir/<setting>/<algo>_lr<lr>_seed<seed>/. A run whose metrics.jsonl holds the iterations asked for is not run
 again, and an interrupted one resumes from its checkpoint, so the same command continues a stopped sweep. Runs go
@@ -55,9 +58,14 @@ class CompareConfig:
     short_tokens: int = 2              # response length of the short-response setting
     short_iters: int = 150             # iterations of the short and kl settings' runs
     workers: int = 2                   # runs in parallel, one thread each
-    settings: str = "main,grid,short,kl"  # the settings to run and tabulate: main, grid, short, kl, rm (comma-separated)
+    settings: str = "main,grid,short,kl"  # the settings to run and tabulate: main, grid, short, kl, rm, paper
+                                       # (comma-separated)
     rm_lams: str = "0.01,0.03,0.1,0.3"  # the rm setting: the lambdas of the runs against a learned reward model
     rm_iters: int = 150                # the rm setting: iterations of each run
+    paper_lrs: str = "1e-5,3e-5,1e-4,3e-4"  # the paper setting: its learning rates
+    paper_iters: int = 200             # the paper setting: the fixed budget, iterations of each run
+    paper_eval_every: int = 10         # the paper setting: held-out evaluation every N iterations
+    paper_eval_samples: int = 128      # the paper setting: responses to the held-out prompts in each evaluation
     quick: bool = False                # tiny model, 1 seed, a few iterations: a smoke test of everything
     plot: str = ""                     # plot these metrics.jsonl files or run directories and exit
     run: bool = True                   # False: only the tables and plots, from the runs already done
@@ -65,13 +73,15 @@ class CompareConfig:
 
 ALGOS = {"apa": dict(algo="apa"), "apa_paper": dict(algo="apa", apa_form="paper"),
          "apa_bounded": dict(algo="apa", apa_clip=0.5), "apa_guard": dict(algo="apa", target_kl=0.2),
-         "ppo": dict(algo="ppo"), "awr": dict(algo="awr"), "grpo": dict(algo="grpo"),
+         "apa_authors": dict(algo="apa", apa_form="authors"), "ppo": dict(algo="ppo"), "awr": dict(algo="awr"),
+         "grpo": dict(algo="grpo"),
          "drgrpo": dict(algo="grpo", grpo_std=False), "rloo": dict(algo="rloo")}  # train.Config overrides
 NAMES = {"apa": "APA", "apa_paper": "APA (paper form)", "apa_bounded": "APA, bounded (c = 0.5)",
-         "apa_guard": "APA + KL guard (0.2)", "ppo": "PPO", "awr": "AWR", "grpo": "GRPO (k = {k})",
+         "apa_guard": "APA + KL guard (0.2)", "apa_authors": "APA (authors' configuration)", "ppo": "PPO",
+         "awr": "AWR", "grpo": "GRPO (k = {k})",
          "drgrpo": "Dr. GRPO (k = {k})", "rloo": "RLOO (k = {k})"}  # {k}: the run's group size
-ONLY = {"apa_guard": ("grid",), "drgrpo": ("short",)}  # the settings of these (and of the kl ones, below); every
-                                                       # other runs in main, grid and short
+ONLY = {"apa_guard": ("grid",), "drgrpo": ("short",), "apa_authors": ("paper",)}  # the settings of these (and of
+                                                       # the kl ones, below); every other runs in main, grid and short
 KL_PLACES = {"reward": "in the reward", "k1": "k1 in the loss", "k2": "k2 in the loss", "k3": "k3 in the loss",
              "k3_is": "k3 x ratio in the loss"}        # train.py's --kl: where GRPO's and RLOO's KL goes
 KL_DEFAULT = {"grpo": "k3", "drgrpo": "k3", "rloo": "reward"}  # their own (train.resolve's, a test checks): these
@@ -148,14 +158,19 @@ def validate(cfg):
         ("sft_dir", cfg.sft_dir != "", "a folder"),
         ("settings", cfg.settings != "" and set(cfg.settings.split(",")) <= set(SETTINGS_RUN),
          f"a comma-separated choice of {', '.join(SETTINGS_RUN)}"),
+        ("paper_iters", cfg.paper_iters > 0, "> 0"),
+        ("paper_eval_every", 0 < cfg.paper_eval_every <= cfg.paper_iters,
+         f"in [1, paper_iters={cfg.paper_iters}] (the paper setting's scores are held-out ones)"),
+        ("paper_eval_samples", cfg.paper_eval_samples > 0, "> 0"),
     ])
-    for item in cfg.lrs.split(","):
-        try:
-            ok = 0 < float(item) <= 0.1                 # False for nan and inf too
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ValueError(f"lrs must be comma-separated learning rates in (0, 0.1], got {item!r} in {cfg.lrs!r}")
+    for flag, lrs in (("lrs", cfg.lrs), ("paper_lrs", cfg.paper_lrs)):
+        for item in lrs.split(","):
+            try:
+                ok = 0 < float(item) <= 0.1             # False for nan and inf too
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{flag} must be comma-separated learning rates in (0, 0.1], got {item!r} in {lrs!r}")
     short = set(cfg.settings.split(",")) & {"short", "kl"}
     if short and not cfg.short_iters and not cfg.plot:   # they would plan no run, then find none to tabulate
         raise ValueError(f"--settings={cfg.settings} asks for {' and '.join(sorted(short))}, runs of short responses, "
@@ -165,7 +180,7 @@ def validate(cfg):
             raise ValueError(f"{path!r} does not exist (--plot takes metrics files or run directories)")
 
 
-SETTINGS_RUN = ("main", "grid", "short", "kl", "rm")
+SETTINGS_RUN = ("main", "grid", "short", "kl", "rm", "paper")
 
 
 def plan(cfg):
@@ -233,8 +248,8 @@ def is_done(path, iters):
 # running: each run is train.train in a worker process, its printout in the run's log.txt
 
 
-NOT_JSTAR = {"algo", "apa_form", "gamma", "gae_lambda", "cliprange", "cliprange_value", "vf_coef", "awr_lam",
-             "awr_max_weight", "seed", "iters", "batch_size", "minibatch_size", "epochs", "lr", "max_grad_norm",
+NOT_JSTAR = {"evaluator", "algo", "apa_form", "gamma", "gae_lambda", "cliprange", "cliprange_value", "vf_coef",
+             "awr_lam", "awr_max_weight", "seed", "iters", "batch_size", "minibatch_size", "epochs", "lr", "max_grad_norm",
              "max_bad_steps", "out_dir", "resume", "sample_every", "ckpt_every", "exact_every", "target_kl",
              "eval_prompts", "eval_every", "eval_samples", "apa_clip", "group_size", "grpo_std", "kl", "threads"}  # J* ignores
 KNOWN = {}                                              # this worker's J* and exact responses, by jstar_key
@@ -735,8 +750,231 @@ def rm_sweep(cfg):
     return text, path
 
 
+# ---------------------------------------------------------------------------------------------
+# the paper setting: the paper's claim where it could show
+#
+# The regime of the paper's runs (Zhu et al. 2023, Sec. 5): responses of 20 tokens (the task's default), trained against
+# a learned reward model (the proxy) for a fixed budget of iterations, stopped short of convergence, at learning rates
+# from stable to unstable; APA in this project's exact form, in the paper's literal form and in the authors'
+# configuration (--apa_form=authors: the paper form with its advantages whitened), and PPO. Each run is judged on the
+# held-out prompts, by sampling, twice: by the paper's evaluator, a second reward model fitted to other pairs, and by
+# the truth, the task's own reward (gold). The figure is Gao, Schulman and Hilton's (2022, arXiv 2210.10760): the
+# evaluator's and gold's score against the KL to pi_init, over training.
+#
+# Run:  python -m experiments.compare --settings=paper           the two reward models, then the sweep
+#       python -m experiments.compare --settings=paper --quick=1 a smoke test on a tiny model
+#
+# What it runs. Every run is train.train with a Config; nothing of training is written here.
+# 1. The proxy: reward_model.py's default (2,500 pairs of pi_init's responses, labelled by the simulated annotator,
+#    seed 0). The evaluator: reward_model.py with EVALUATOR_ARGS (another seed: other responses and other labels, and
+#    twice the pairs). Each is trained once, into out_dir/paper/proxy and out_dir/paper/evaluator.
+# 2. The algorithms of PAPER_ALGOS at each learning rate of --paper_lrs, seeds 0 .. seeds-1, for --paper_iters
+#    iterations, against the proxy, with the evaluator and the judge evaluated every --paper_eval_every iterations on
+#    --paper_eval_samples responses to the held-out prompts: out_dir/paper/<algo>_lr<lr>_seed<seed>/.
+# 3. The table (paper.md): per algorithm and learning rate, the best held-out gold score along the way and the last,
+#    the last of the evaluator and of the proxy, the last KL, the largest 10-iteration mean KL of training, the runs
+#    that diverged and distinct-2, each a mean +- its standard error over seeds; the order in which the evaluator, gold
+#    and the proxy rank the algorithms at each learning rate; the figure paper.png.
+
+
+PAPER_ALGOS = ["apa", "apa_paper", "apa_authors", "ppo"]
+EVALUATOR_ARGS = ["--seed=1", "--pairs=5000"]           # reward_model.py's overrides for the evaluator
+QUICK_EVALUATOR = ["--seed=1", "--pairs=400", "--epochs=1"]  # and under --quick (the proxy's: QUICK_RM)
+QUICK_PAPER = dict(paper_iters=4, paper_eval_every=2, paper_eval_samples=16)  # --quick's budget
+DIVERGED_KL = 10.0                                      # a run diverged: stopped by non-finite steps, or its KL to
+                                                        # pi_init (10-iteration mean) above this many nats
+
+
+def paper_folder(cfg):
+    return os.path.join(cfg.out_dir, "paper")
+
+
+def paper_run_dir(cfg, algo, lr, seed):
+    return os.path.join(paper_folder(cfg), f"{algo}_lr{lr:g}_seed{seed}")
+
+
+def paper_budget(cfg):
+    """(learning rates, seeds, iterations, evaluate every, samples of each evaluation): --quick's, or the config's."""
+    if cfg.quick:
+        return [cfg.lr, 3 * cfg.lr], range(1), *QUICK_PAPER.values()
+    return ([float(x) for x in cfg.paper_lrs.split(",")], range(cfg.seeds), cfg.paper_iters, cfg.paper_eval_every,
+            cfg.paper_eval_samples)
+
+
+def paper_prepare(cfg):
+    """The proxy and the evaluator, each trained once. Returns the train.Config overrides that every run shares."""
+    import reward_model
+    model = {k: v for k, v in QUICK.items() if k in ("n_layer", "n_head", "n_embd", "block_size", "sft_steps",
+                                                      "sft_lr")} if cfg.quick else {}
+    folders = {}
+    pairs = (QUICK_RM, QUICK_EVALUATOR) if cfg.quick else ([], EVALUATOR_ARGS)
+    for key, args in zip(("reward_model", "evaluator"), pairs):
+        folders[key] = os.path.join(paper_folder(cfg), "proxy" if key == "reward_model" else "evaluator")
+        if not os.path.exists(os.path.join(folders[key], "metrics.json")):
+            reward_model.main([f"--out_dir={folders[key]}", f"--sft_dir={cfg.sft_dir}", "--device=cpu"]
+                              + [f"--{k}={v}" for k, v in model.items()] + args)
+    _, _, _, eval_every, eval_samples = paper_budget(cfg)
+    return dict(model, **folders, gold_fn="data:sentiment_reward", jstar_samples=0, exact_every=0,
+                eval_every=eval_every, eval_samples=eval_samples, sft_dir=cfg.sft_dir, target_kl=0.0, device="cpu",
+                **({k: v for k, v in QUICK.items() if k in ("batch_size", "minibatch_size", "epochs",
+                                                            "max_new_tokens")} if cfg.quick else {}))
+
+
+def paper_run_all(cfg, shared):
+    lrs, seeds, iters, _, _ = paper_budget(cfg)
+    runs = [(algo, lr, seed) for lr in lrs for seed in seeds for algo in PAPER_ALGOS]
+    todo = [k for k in runs if not is_done(paper_run_dir(cfg, *k), iters)]
+    print(f"{len(runs)} runs in the paper's regime, {len(runs) - len(todo)} already done, {len(todo)} to run, "
+          f"{cfg.workers} at a time")
+    run_jobs(cfg, [(dict(shared, **ALGOS[algo], lr=lr, seed=seed), paper_run_dir(cfg, algo, lr, seed), iters,
+                    f"[{i + 1}/{len(todo)}] paper {algo} lr {lr:g} seed {seed}")
+                   for i, (algo, lr, seed) in enumerate(todo)])
+
+
+def paper_summary(rows, stopped=False):
+    """One run's numbers: the best held-out gold score along the way (best_gold); the last held-out evaluation's gold,
+    evaluator, proxy and KL (gold, evaluator, reward, kl); the largest 10-iteration mean of the training KL (kl_max);
+    whether it diverged (stopped, or kl_max above DIVERGED_KL); distinct-2, the mean over the last 20 iterations."""
+    held_out = [r for r in rows if "eval_gold" in r]
+    kl_max = float(moving_mean([r["kl"] for r in rows]).max())
+    return {"best_gold": max(r["eval_gold"] for r in held_out), "gold": held_out[-1]["eval_gold"],
+            "evaluator": held_out[-1]["eval_evaluator"], "reward": held_out[-1]["eval_reward"],
+            "kl": held_out[-1]["eval_kl"], "kl_max": kl_max,
+            "diverged": float(stopped or not kl_max <= DIVERGED_KL),
+            "distinct2": float(np.mean([r["distinct2"] for r in rows[-20:]]))}
+
+
+def mean_se(values, fmt):
+    """mean +- its standard error (std / sqrt(n), over seeds); the mean alone for one value."""
+    v = np.asarray(values, dtype=float)
+    return f"{v.mean():{fmt}} +- {v.std(ddof=1) / math.sqrt(len(v)):{fmt}}" if len(v) > 1 else f"{v.mean():{fmt}}"
+
+
+def paper_results(cfg):
+    """{(algo, lr): [summaries of its finished runs]} and the iterations of each run."""
+    lrs, seeds, iters, _, _ = paper_budget(cfg)
+    return {(algo, lr): [paper_summary(rows, stopped) for rows, stopped in finished_runs(
+        [paper_run_dir(cfg, algo, lr, s) for s in seeds], iters)] for algo in PAPER_ALGOS for lr in lrs}, iters
+
+
+def finished_runs(paths, iters):
+    """[(rows[:iters], stopped)] of the runs in paths that are done (all iterations, or stopped) and evaluated."""
+    out = []
+    for path in paths:
+        rows, stopped = read_rows(path)[:iters], os.path.exists(os.path.join(path, "failed.txt"))
+        if rows and (len(rows) == iters or stopped) and any("eval_gold" in r for r in rows):
+            out.append((rows, stopped))
+    return out
+
+
+PAPER_COLS = [("best_gold", ".3f"), ("gold", ".3f"), ("evaluator", ".3f"), ("reward", ".3f"), ("kl", ".2f"),
+              ("kl_max", ".2f"), ("distinct2", ".3f")]
+
+
+def paper_table(cfg):
+    results, _ = paper_results(cfg)
+    lines = ["| algorithm | lr | best gold along the way | gold, last | evaluator, last | proxy, last | KL, last | "
+             "largest KL (10-iteration mean) | distinct-2 | diverged |", "|---" * 10 + "|"]
+    for (algo, lr), s in results.items():
+        if not s:
+            continue
+        cells = [mean_se([x[c] for x in s], f) for c, f in PAPER_COLS]
+        lines.append(f"| {name(algo)} | {lr:g} | " + " | ".join(cells)
+                     + f" | {int(sum(x['diverged'] for x in s))} of {len(s)} |")
+    return "\n".join(lines)
+
+
+def paper_rankings(cfg):
+    """At each learning rate, the algorithms in the order of their mean last score by the evaluator, by gold and by
+    the proxy, and whether the evaluator's order is gold's."""
+    results, _ = paper_results(cfg)
+    lrs = sorted({lr for _, lr in results})
+    lines = ["| lr | by the evaluator | by gold (the truth) | by the proxy | the evaluator ranks as gold does |",
+             "|---|---|---|---|---|"]
+    for lr in lrs:
+        done = {algo: s for (algo, l), s in results.items() if l == lr and s}
+        if not done:
+            continue
+        order = {key: sorted(done, key=lambda a: -np.mean([x[key] for x in done[a]]))
+                 for key in ("evaluator", "gold", "reward")}
+        cells = [" > ".join(name(a) for a in order[key]) for key in ("evaluator", "gold", "reward")]
+        agree = "yes" if order["evaluator"] == order["gold"] else "no"
+        lines.append(f"| {lr:g} | " + " | ".join(cells) + f" | {agree} |")
+    return "\n".join(lines)
+
+
+def paper_plot(cfg, path):
+    """Gold's (top row) and the evaluator's (bottom row) held-out score against the held-out KL to pi_init, over
+    training, one column per learning rate, one curve per algorithm (the mean over seeds at each evaluation; a dot at
+    the last). Returns the path, or None without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    lrs, seeds, iters, _, _ = paper_budget(cfg)
+    fig, axes = plt.subplots(2, len(lrs), figsize=(4.5 * len(lrs), 8), squeeze=False)
+    for j, lr in enumerate(lrs):
+        for i, algo in enumerate(PAPER_ALGOS):
+            runs = [[r for r in rows if "eval_gold" in r] for rows, _ in
+                    finished_runs([paper_run_dir(cfg, algo, lr, s) for s in seeds], iters)]
+            n = min((len(r) for r in runs), default=0)
+            if not n:
+                continue
+            kl = np.mean([[r["eval_kl"] for r in rows[:n]] for rows in runs], 0)
+            for ax, key in zip(axes[:, j], ("eval_gold", "eval_evaluator")):
+                score = np.mean([[r[key] for r in rows[:n]] for rows in runs], 0)
+                ax.plot(kl, score, color=f"C{i}", marker=".", lw=1, label=name(algo))
+                ax.scatter(kl[-1:], score[-1:], color=f"C{i}", s=40)
+        axes[0, j].set(title=f"lr {lr:g}", ylabel="gold: the task's reward (held out)")
+        axes[1, j].set(xlabel="KL(pi || pi_init) (nats, held out)", ylabel="evaluator: the second reward model")
+        for ax in axes[:, j]:
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"The paper's regime: {iters} iterations against the proxy, {len(seeds)} seed(s)\nthe held-out scores "
+                 "against the KL over training (mean over seeds; dot: the last evaluation)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+    return path
+
+
+def paper_sweep(cfg):
+    """The two reward models, the runs, the tables and the figure. Returns the markdown and the figure's path."""
+    import train
+    shared = paper_prepare(cfg)
+    if cfg.run:
+        paper_run_all(cfg, shared)
+    lrs, seeds, iters, eval_every, eval_samples = paper_budget(cfg)
+    rms = {}
+    for key in ("reward_model", "evaluator"):
+        with open(os.path.join(shared[key], "metrics.json")) as f:
+            rms[key] = json.load(f)
+    about = lambda rm: (f"accuracy {rm['accuracy']:.3f} on {rm['pairs']} held-out pairs"  # noqa: E731
+                        + (f", Spearman {rm['spearman']:.3f} with the task's reward" if "spearman" in rm else ""))
+    spread = (f"+- is the standard error over seeds {seeds[0]}-{seeds[-1]}" if len(seeds) > 1 else f"seed {seeds[0]}")
+    text = "\n".join([
+        f"## The paper's regime: {iters} iterations against a learned reward model, judged by a second one and by the "
+        "truth", "",
+        f"The proxy: {about(rms['reward_model'])}. The evaluator: {about(rms['evaluator'])}. Responses of "
+        f"{shared.get('max_new_tokens', train.Config.max_new_tokens)} tokens; held-out scores from {eval_samples} "
+        f"responses to the held-out prompts every {eval_every} iterations; {spread}. The scores and the last KL are "
+        "held-out ones, the largest KL and distinct-2 the training batches'. Diverged: stopped by non-finite steps, or "
+        f"a 10-iteration mean KL above {DIVERGED_KL:g} nats.", "",
+        paper_table(cfg), "", "How the evaluator, the truth and the proxy rank the algorithms (the last held-out "
+        "scores, means over seeds):", "", paper_rankings(cfg), ""])
+    return text, paper_plot(cfg, os.path.join(cfg.out_dir, "paper.png"))
+
+
 def compare(cfg):
     t0 = time.time()
+    if "paper" in cfg.settings.split(","):            # its own runs, tables and figure (paper_sweep, above)
+        text, path = paper_sweep(cfg)
+        with open(os.path.join(cfg.out_dir, "paper.md"), "w") as f:
+            f.write(text)
+        print(text + f"\nwrote {os.path.join(cfg.out_dir, 'paper.md')}" + (f", {path}" if path else "")
+              + f" in {(time.time() - t0) / 60:.1f} min")
+        if cfg.settings == "paper":
+            return text
+        cfg = dataclasses.replace(cfg, settings=",".join(s for s in cfg.settings.split(",") if s != "paper"))
     if "rm" in cfg.settings.split(","):               # its own runs, table and plot (rm_sweep, above)
         text, path = rm_sweep(cfg)
         with open(os.path.join(cfg.out_dir, "rm.md"), "w") as f:

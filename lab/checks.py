@@ -82,6 +82,7 @@ def validate(cfg):
             raise ValueError(f"{flag}={path} is a pipe, which only one process can read: under torchrun every "
                              "process reads the prompts, so give a regular file")
     sources = [("--init", cfg.init, False), ("--reward_model", cfg.reward_model, False),
+               ("--evaluator", cfg.evaluator, False),
                ("--tokenizer", "" if cfg.tokenizer in ("task", "gpt2") else cfg.tokenizer, True)]
     for flag, path, tokenizer in sources:                               # a local path, or a hub id ("gpt2", "org/name")
         if path and not os.path.exists(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):

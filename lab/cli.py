@@ -127,15 +127,18 @@ def header(cfg, policy, opt, prompts, eval_prompts, device, jstar, space):
     return (f"{cfg.algo} | lambda {cfg.lam} | lr {cfg.lr:g} | " + (f"{size:.2f}M parameters" if not cfg.lora_r else
             f"LoRA r {cfg.lora_r}: {trains:.2f}M of {size:.2f}M parameters train")
             + f" | {len(prompts)} prompts" + (f" ({len(eval_prompts)} held out)" if eval_prompts else "")
-            + (f" | judge {cfg.gold_fn}" if cfg.gold_fn else "") + f" | device {device}"
+            + (f" | judge {cfg.gold_fn}" if cfg.gold_fn else "")
+            + (f" | evaluator {cfg.evaluator}" if cfg.evaluator else "")
+            + f" | device {device}"
             + (f" x {dist.get_world_size()} processes" if dist.is_initialized() else "")
             + (f" | J* {jstar[0]:.4f} +- {jstar[1]:.4f}" if jstar else "")
             + (f" | exact evaluation of {space['rewards'].numel()} responses" if space else ""))
 
 
-LOGGED = [("reward", ".3f"), ("gold", ".3f"), ("kl", ".3f"), ("J", ".3f"), ("gap", ".3f"), ("entropy", ".2f"), ("distinct2", ".2f"),
-          ("approx_kl", ".4f"), ("clipfrac", ".3f"), ("vf_loss", ".4f"), ("gap_exact", ".4f"), ("gold_lost_exact", ".4f"),
-          ("eval_reward", ".3f"), ("eval_gold", ".3f"), ("eval_kl", ".3f"), ("mem_mb", ".0f")]                         # the log line's statistics, in order
+LOGGED = [("reward", ".3f"), ("gold", ".3f"), ("evaluator", ".3f"), ("kl", ".3f"), ("J", ".3f"), ("gap", ".3f"),
+          ("entropy", ".2f"), ("distinct2", ".2f"), ("approx_kl", ".4f"), ("clipfrac", ".3f"), ("vf_loss", ".4f"),
+          ("gap_exact", ".4f"), ("gold_lost_exact", ".4f"), ("eval_reward", ".3f"), ("eval_gold", ".3f"),
+          ("eval_evaluator", ".3f"), ("eval_kl", ".3f"), ("mem_mb", ".0f")]  # the log line's statistics, in order
 
 
 def log_line(cfg, stats, samples=()):

@@ -26,7 +26,8 @@ from model import get_device, pretrain, sample, tiny_gpt_config
 
 RESUME_MAY_CHANGE = {"iters", "lr", "out_dir", "sft_dir", "sample_every", "ckpt_every", "max_bad_steps", "resume",
                      "device", "precision", "sample", "prompt", "num_samples", "exact_every", "eval_prompts",
-                     "eval_every", "eval_samples", "grad_checkpointing", "cuda_graph", "threads", "gold_fn"}  # others mix two runs
+                     "eval_every", "eval_samples", "grad_checkpointing", "cuda_graph", "threads", "gold_fn",
+                     "evaluator"}  # others mix two runs
 
 
 def write_atomically(path, write):

@@ -29,7 +29,7 @@ def test_quick_sweep_writes_table_and_plots(quick):
     for algo in compare.NAMES:                                       # main table, stability map, short responses,
         settings = compare.ONLY.get(algo, ("main", "grid", "short"))  # and the short ones again in "which reach pi*";
         in_kl_table = 5 * (algo in compare.KL_DEFAULT)                # GRPO's, Dr. GRPO's and RLOO's rows of the kl one
-        expected = 0 if settings == ("kl",) else len(settings) + ("short" in settings) + in_kl_table
+        expected = 0 if settings in (("kl",), ("paper",)) else len(settings) + ("short" in settings) + in_kl_table
         assert text.count(f"| {compare.name(algo)} |") == expected, algo
     rows = [line for line in text.split("## Where the KL goes")[1].splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 1 + 15 and all("not run" not in row for row in rows)  # every algorithm x place for the KL
@@ -158,8 +158,13 @@ def error_of(argv):
     ("--workers=0", "workers must be > 0, got 0"),
     ("--sft_dir=", "sft_dir must be a folder, got ''"),
     ("--plot=no/such/metrics.jsonl", "'no/such/metrics.jsonl' does not exist"),
-    ("--settings=main,bogus", "settings must be a comma-separated choice of main, grid, short, kl, rm, got 'main,bogus'"),
-    ("--settings=", "settings must be a comma-separated choice of main, grid, short, kl, rm, got ''"),
+    ("--settings=main,bogus", "settings must be a comma-separated choice of main, grid, short, kl, rm, paper, got "
+                              "'main,bogus'"),
+    ("--settings=", "settings must be a comma-separated choice of main, grid, short, kl, rm, paper, got ''"),
+    ("--paper_lrs=1e-4,0", "paper_lrs must be comma-separated learning rates in (0, 0.1], got '0'"),
+    ("--paper_iters=0", "paper_iters must be > 0, got 0"),
+    ("--paper_eval_every=300", "paper_eval_every must be in [1, paper_iters=200]"),
+    ("--paper_eval_samples=0", "paper_eval_samples must be > 0, got 0"),
     ("--settings=kl --short_iters=0", "--settings=kl asks for kl, runs of short responses, but --short_iters=0 skips"),
     ("--short_iters=0", "--settings=main,grid,short,kl asks for kl and short, runs of short responses, but"),
 ])
@@ -364,4 +369,106 @@ def test_the_rm_setting_trains_a_reward_model_and_measures_over_optimisation_exa
     assert config["gold_fn"] == "data:sentiment_reward" and config["reward_model"].endswith("reward_model")
     pytest.importorskip("matplotlib")
     with open(out / "rm.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def slow_paper_summary(rows, stopped):
+    """compare.paper_summary by Python loops: the best and the last held-out gold score, the last held-out evaluator,
+    proxy and KL, the largest 10-iteration mean of the training KL, whether it diverged, distinct-2 over the last 20."""
+    held_out = [r for r in rows if "eval_gold" in r]
+    n = min(10, len(rows))
+    kl_max = max(statistics.mean(r["kl"] for r in rows[i - n:i]) for i in range(n, len(rows) + 1))
+    return {"best_gold": max(r["eval_gold"] for r in held_out), "gold": held_out[-1]["eval_gold"],
+            "evaluator": held_out[-1]["eval_evaluator"], "reward": held_out[-1]["eval_reward"],
+            "kl": held_out[-1]["eval_kl"], "kl_max": kl_max,
+            "distinct2": statistics.mean(r["distinct2"] for r in rows[-20:]),
+            "diverged": stopped or kl_max > compare.DIVERGED_KL}
+
+
+def paper_cells(summaries):
+    """A row's cells as the table should show them: mean +- standard error over seeds (the mean alone for one)."""
+    cells = []
+    for key, fmt in (("best_gold", ".3f"), ("gold", ".3f"), ("evaluator", ".3f"), ("reward", ".3f"), ("kl", ".2f"),
+                     ("kl_max", ".2f"), ("distinct2", ".3f")):
+        values = [s[key] for s in summaries]
+        se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+        cells.append(f"{statistics.mean(values):{fmt}}" + (f" +- {se:{fmt}}" if se is not None else ""))
+    return cells + [f"{sum(bool(s['diverged']) for s in summaries)} of {len(summaries)}"]
+
+
+def paper_rows(lines):
+    return {tuple(line.split(" | ")[:2]): line.split(" | ")[2:] for line in lines if line.startswith("| ")
+            and "---" not in line and not line.startswith("| algorithm")}
+
+
+def test_the_paper_tables_show_each_runs_own_numbers_with_standard_errors(tmp_path):
+    """The paper setting's table: per algorithm and learning rate, the best held-out gold score along the way, the last
+    held-out gold, evaluator, proxy and KL, the largest 10-iteration mean KL, distinct-2 (means +- standard errors over
+    3 seeds) and the runs that diverged (stopped, or KL above DIVERGED_KL), against Python loops on runs whose numbers
+    all differ; the rankings: the evaluator's order, gold's and the proxy's, and whether the first two agree."""
+    cfg = compare.CompareConfig(out_dir=str(tmp_path), paper_lrs="1e-4,3e-4", paper_iters=30, paper_eval_every=5)
+    expected = {}
+    for a, algo in enumerate(compare.PAPER_ALGOS):
+        for j, lr in enumerate((1e-4, 3e-4)):
+            summaries = []
+            for seed in range(3):
+                rows, stopped = [], (algo, lr, seed) == ("ppo", 3e-4, 2)        # one run stopped, at iteration 20
+                for i in range(1, (20 if stopped else 30) + 1):
+                    row = dict(ROW, iter=i, samples=64 * i, kl=0.2 * i * (1 + a + 20 * j * (algo == "apa_paper"))
+                               / 10 + seed * (i % 3), distinct2=0.9 - 0.01 * i - 0.02 * seed)
+                    if i == 1 or i % 5 == 0:                                 # the held-out evaluations
+                        gold = 0.3 + 0.1 * math.sin(i / 7 + a) - 0.05 * seed * j
+                        row.update(eval_gold=gold, eval_evaluator=gold + 0.1 if j == 0 else  # agrees at the first lr
+                                   0.5 - 0.1 * a + 0.01 * i * (a == 3) + 0.02 * seed,
+                                   eval_reward=0.6 - 0.01 * i * (1 + a) + j, eval_kl=0.05 * i * (1 + a) + seed)
+                    rows.append(row)
+                folder = tmp_path / "paper" / f"{algo}_lr{lr:g}_seed{seed}"
+                write_run(folder, [json.dumps(r) + "\n" for r in rows])
+                if stopped:
+                    (folder / "failed.txt").write_text("3 non-finite updates in a row\n")
+                summaries.append(slow_paper_summary(rows, stopped))
+            expected[f"| {compare.name(algo)}", f"{lr:g}"] = summaries
+    table = paper_rows(compare.paper_table(cfg).splitlines())
+    assert table == {k: paper_cells(s)[:-1] + [paper_cells(s)[-1] + " |"] for k, s in expected.items()}
+    diverged = {k: sum(bool(x["diverged"]) for x in s) for k, s in expected.items() if any(x["diverged"] for x in s)}
+    assert diverged == {("| APA (paper form)", "0.0003"): 3, ("| PPO", "0.0003"): 1}   # KL above 10; stopped
+    rankings = [line.strip("| ").split(" | ") for line in compare.paper_rankings(cfg).splitlines()[2:]]
+    for lr, by_evaluator, by_gold, by_proxy, agree in rankings:
+        means = {key: {algo: statistics.mean(s[key] for s in expected[f"| {compare.name(algo)}", lr])
+                       for algo in compare.PAPER_ALGOS} for key in ("evaluator", "gold", "reward")}
+        order = {key: " > ".join(compare.name(a) for a in sorted(m, key=m.get, reverse=True))
+                 for key, m in means.items()}
+        assert [by_evaluator, by_gold, by_proxy] == [order["evaluator"], order["gold"], order["reward"]]
+        assert agree == ("yes" if order["evaluator"] == order["gold"] else "no")
+    assert [(r[0], r[-1]) for r in rankings] == [("0.0001", "yes"), ("0.0003", "no")]
+
+
+def test_the_paper_setting_runs_every_algorithm_against_the_proxy_and_tabulates_its_metrics(tmp_path):
+    """--settings=paper --quick=1: the proxy and the evaluator (another seed of the annotator) trained once, then each
+    algorithm at each learning rate against the proxy; every run logs the proxy, the evaluator and gold on the held-out
+    prompts, and the table shows each run's own numbers (one seed: no standard error), with the figure."""
+    out = tmp_path / "paper"
+    text = compare.main(["--quick=1", "--settings=paper", f"--out_dir={out}", f"--sft_dir={tmp_path / 'sft'}",
+                         "--workers=1"])
+    assert open(out / "paper.md").read() == text
+    proxy, evaluator = (json.load(open(out / "paper" / name / "metrics.json"))["config"]
+                        for name in ("proxy", "evaluator"))
+    assert (proxy["seed"], evaluator["seed"]) == (0, 1) and evaluator["pairs"] > proxy["pairs"]
+    table = paper_rows(text.split("How the evaluator")[0].splitlines())
+    assert len(table) == len(compare.PAPER_ALGOS) * 2
+    for algo in compare.PAPER_ALGOS:
+        for lr in (1e-3, 3e-3):
+            folder = out / "paper" / f"{algo}_lr{lr:g}_seed0"
+            config = json.load(open(folder / "config.json"))
+            assert all(config[k] == v for k, v in compare.ALGOS[algo].items())
+            assert config["reward_model"].endswith("proxy") and config["evaluator"].endswith("evaluator")
+            assert config["gold_fn"] == "data:sentiment_reward" and config["lr"] == lr
+            rows = [json.loads(line) for line in open(folder / "metrics.jsonl")]
+            assert len(rows) == 4 and all({"reward", "evaluator", "gold"} <= r.keys() for r in rows)
+            assert sum("eval_evaluator" in r for r in rows) == 3                  # iterations 1, 2 and 4
+            cells = paper_cells([slow_paper_summary(rows, False)])
+            assert table[f"| {compare.name(algo)}", f"{lr:g}"] == cells[:-1] + [cells[-1] + " |"]
+    assert len(compare.paper_rankings(compare.CompareConfig(out_dir=str(out), quick=True, lr=1e-3)).splitlines()) == 4
+    pytest.importorskip("matplotlib")
+    with open(out / "paper.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"

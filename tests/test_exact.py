@@ -129,13 +129,13 @@ def test_too_many_responses_means_no_exact_evaluation(task):
 # ----------------------------------------------------------------------------------------------
 # 2. the pieces of a rollout, each against a slow version
 
-FORMS = [("apa", "exact"), ("apa", "paper"), ("ppo", "exact"), ("awr", "exact"), ("grpo", "exact"),
+FORMS = [("apa", "exact"), ("apa", "paper"), ("apa", "authors"), ("ppo", "exact"), ("awr", "exact"), ("grpo", "exact"),
          ("grpo", "dr"), ("rloo", "exact"), ("grpo", "reward"), ("rloo", "k2"), ("rloo", "k3_is")]
 # every algorithm and form (dr: Dr. GRPO; reward, k2, k3_is: where GRPO's or RLOO's KL goes, --kl)
 
 
 def form_config(algo, form, **kw):
-    return train.Config(**{**TINY, **kw}, algo=algo, apa_form="paper" if form == "paper" else "exact",
+    return train.Config(**{**TINY, **kw}, algo=algo, apa_form=form if form in ("paper", "authors") else "exact",
                         grpo_std=form != "dr", kl=form if form in ("reward", "k1", "k2", "k3", "k3_is") else "auto")
 
 
@@ -160,7 +160,7 @@ def test_rollout_against_slow_versions(task, algo, form):
                                              task.reward_fn, cpu_sampler(cfg, task.enc))
     eot, mask = task.enc.eot_token, batch["mask"]
     assert 0 < mask.sum() < mask.numel()                                # some rows ended early
-    coef = 0.0 if (algo, form) == ("apa", "paper") else cfg.lam         # AWR too: the KL-penalised reward
+    coef = 0.0 if form in ("paper", "authors") else cfg.lam             # AWR too: the KL-penalised reward
     kls, raw_adv, entropies = [], [], []
     with torch.no_grad():
         for i in range(cfg.batch_size):
@@ -195,8 +195,8 @@ def test_rollout_against_slow_versions(task, algo, form):
     assert stats["kl"] == pytest.approx(sum(kls) / len(kls), abs=1e-5)
     assert stats["entropy"] == pytest.approx(torch.cat(entropies).mean().item(), abs=1e-4)  # over real tokens
     flat = torch.cat(raw_adv)
-    if algo == "ppo":                                                    # PPO whitens over real tokens; APA, AWR never
-        flat = (flat - flat.mean()) / flat.std(unbiased=False)
+    if algo == "ppo" or form == "authors":                               # PPO and the authors' APA whiten, over real
+        flat = (flat - flat.mean()) / flat.std(unbiased=False)          # tokens; the other APAs and AWR never
     if algo in ("grpo", "rloo"):                                         # one advantage per response, from its group
         k = cfg.group_size
         assert k == 4 and all(len({s[0] for s in samples[g:g + k]}) == 1 for g in range(0, cfg.batch_size, k))

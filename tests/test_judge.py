@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import data  # noqa: E402
 import model  # noqa: E402
 import train  # noqa: E402
-from lab import exact  # noqa: E402
+from lab import exact, hf  # noqa: E402
 from test_exact import task  # noqa: E402,F401  (the module's pi_init fixture)
 from test_train import read_metrics, tiny_args  # noqa: E402
 
@@ -137,3 +137,72 @@ def test_a_run_against_a_reward_model_logs_the_judge_beside_it(tmp_path, capsys)
         assert {"gold", "eval_gold", "gold_exact", "gold_frontier_exact", "gold_lost_exact"} <= row.keys()
         assert row["gold_lost_exact"] >= -1e-6 and row["gold_frontier_exact"] >= row["gold_exact"] - 1e-6
         assert row["reward"] != pytest.approx(row["gold"], abs=1e-6)     # the proxy is not the judge
+
+
+def reward_model_folder(path, seed):
+    """A tiny random sequence classifier with one output, saved as a Hugging Face folder: a reward model whose scores
+    are its own (another seed, other scores)."""
+    enc = data.task_encoding()
+    torch.manual_seed(seed)
+    GPT2ForSequenceClassification(GPT2Config(vocab_size=enc.n_vocab, n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                                             num_labels=1, pad_token_id=enc.eot_token)).save_pretrained(path)
+    return str(path)
+
+
+def test_the_proxy_the_evaluator_and_the_judge_each_score_the_same_completions(task, tmp_path):  # noqa: F811
+    """The rollout and the held-out evaluation score each completion with the proxy (reward), the evaluator model
+    (evaluator, eval_evaluator) and the judge (gold, eval_gold): each logged mean is its own scorer's mean on the same
+    completions, called here directly, and the three differ. The batch that trains is the one without the evaluator."""
+    cfg = train.resolve(dataclasses.replace(task.cfg, eval_samples=8, batch_size=16, minibatch_size=16))
+    proxy, evaluator = (hf.reward_model_fn(reward_model_folder(tmp_path / name, seed), task.enc, torch.device("cpu"))
+                        for name, seed in (("proxy", 0), ("evaluator", 1)))
+    scorers = {"reward": proxy, "evaluator": evaluator, "gold": data.sentiment_reward}
+    policy = model.PolicyWithValue(copy.deepcopy(task.ref_lm)).eval()
+    out = {}
+    for judged in (False, True):
+        torch.manual_seed(0)
+        out[judged] = train.rollout(cfg, policy, task.ref_lm, task.prompt_tokens, task.prompts, proxy,
+                                    functools.partial(model.sample, cfg, enc=task.enc, device=torch.device("cpu")),
+                                    gold_fn=data.sentiment_reward if judged else None,
+                                    evaluator_fn=evaluator if judged else None)
+    (batch, _, stats, _), (judged_batch, _, judged_stats, samples) = out[False], out[True]
+    assert batch.keys() == judged_batch.keys() and all(torch.equal(batch[k], judged_batch[k]) for k in batch)
+    assert "evaluator" not in stats and "gold" not in stats
+    prompts, completions = [s[0] for s in samples], [s[1] for s in samples]
+    direct = {k: sum(fn(prompts, completions)) / len(samples) for k, fn in scorers.items()}
+    assert {k: judged_stats[k] for k in scorers} == pytest.approx(direct, abs=1e-6)
+    assert min(abs(direct[a] - direct[b]) for a, b in (("reward", "evaluator"), ("reward", "gold"),
+                                                        ("evaluator", "gold"))) > 1e-3   # three scores, not one
+    seen = {}
+    def recording(key):                                                  # what each scorer is handed
+        def score(prompts, completions):
+            seen.setdefault(key, []).append((list(prompts), list(completions)))
+            return scorers[key](prompts, completions)
+        return score
+    held_out = train.evaluate(cfg, policy, task.ref_lm, task.prompt_tokens, task.prompts, recording("reward"),
+                              functools.partial(model.sample, cfg, enc=task.enc, device=torch.device("cpu")), 0,
+                              recording("gold"), recording("evaluator"))
+    assert seen["reward"] == seen["evaluator"] == seen["gold"]           # the same completions, to the same prompts
+    texts = [(p, c) for prompts, completions in seen["reward"] for p, c in zip(prompts, completions)]
+    assert len(texts) == cfg.eval_samples
+    for key in scorers:
+        direct = sum(scorers[key]([p for p, _ in texts], [c for _, c in texts])) / len(texts)
+        assert held_out[f"eval_{key}"] == pytest.approx(direct, abs=1e-6), key
+
+
+def test_a_run_with_an_evaluator_logs_the_proxy_the_evaluator_and_the_judge(tmp_path, capsys):
+    """train.py --reward_model=A --evaluator=B on the embedded task (the judge: the task's reward): the header names the
+    evaluator, and the log line, metrics.jsonl and the held-out evaluation carry its score beside the other two."""
+    proxy, evaluator = reward_model_folder(tmp_path / "proxy", 0), reward_model_folder(tmp_path / "evaluator", 1)
+    train.main(tiny_args(str(tmp_path / "sft"), tmp_path / "out", iters=2, max_new_tokens=4, eval_every=1,
+                         eval_samples=8, batch_size=8, minibatch_size=8, sft_steps=20, reward_model=proxy,
+                         evaluator=evaluator))
+    printed = capsys.readouterr().out
+    assert f"judge data:sentiment_reward | evaluator {evaluator}" in printed
+    lines = [line for line in printed.splitlines() if line.startswith("iter ")]
+    assert len(lines) == 2 and all(" | reward " in line and " | gold " in line and " | evaluator " in line
+                                   and " | eval_evaluator " in line for line in lines)
+    for row in read_metrics(tmp_path / "out"):
+        assert {"reward", "gold", "evaluator", "eval_reward", "eval_gold", "eval_evaluator"} <= row.keys()
+        for a, b in (("reward", "evaluator"), ("gold", "evaluator")):
+            assert abs(row[a] - row[b]) > 1e-4 and abs(row[f"eval_{a}"] - row[f"eval_{b}"]) > 1e-4

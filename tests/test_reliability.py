@@ -530,7 +530,8 @@ def test_sample_refuses_a_damaged_config_a_damaged_model_and_a_prompt_too_long(t
 
 MAY_CHANGE = {"iters", "lr", "out_dir", "sft_dir", "sample_every", "ckpt_every", "max_bad_steps", "resume", "device",
               "precision", "sample", "prompt", "num_samples", "exact_every", "eval_prompts", "eval_every",
-              "eval_samples", "grad_checkpointing", "cuda_graph", "threads", "gold_fn"}  # nothing training depends on
+              "eval_samples", "grad_checkpointing", "cuda_graph", "threads", "gold_fn", "evaluator"}  # nothing training
+                                                                                                # depends on
 
 
 def changed(value, f):

@@ -82,6 +82,13 @@ SECOND_SWEEP = "tests/test_compare.py::test_a_second_sweep_in_the_same_out_dir_i
 SAMPLE_N = "tests/test_reliability.py::test_sample_prints_as_many_completions_as_asked_the_task_prompts_in_turn"
 PIPE = "tests/test_reliability.py::test_prompts_from_a_named_pipe_are_read_once"
 SCORE_SHAPES = "tests/test_reliability.py::test_scores_are_one_number_a_completion_as_a_row_or_a_column"
+EVALUATOR = "tests/test_judge.py::test_the_proxy_the_evaluator_and_the_judge_each_score_the_same_completions"
+EVALUATOR_RUN = "tests/test_judge.py::test_a_run_with_an_evaluator_logs_the_proxy_the_evaluator_and_the_judge"
+PAPER_TABLES = "tests/test_compare.py::test_the_paper_tables_show_each_runs_own_numbers_with_standard_errors"
+PAPER_RUN = ("tests/test_compare.py::test_the_paper_setting_runs_every_algorithm_against_the_proxy_and_tabulates_its_"
+             "metrics")
+AUTHORS = ("test_losses.py::test_token_mdp_authors_configuration_is_the_paper_forms_fixed_point_for_s_lambda_or_"
+           "collapses")
 
 # (name, file, original snippet, replacement[, tests]): each a bug someone could plausibly write; without
 # tests of its own, a mutation runs TESTS
@@ -90,13 +97,22 @@ MUTATIONS = [
     ("ref log-probs from the policy", "train.py",
      "ref_logits, _ = lm_forward(ref_lm, input_ids", "ref_logits, _ = lm_forward(policy.lm, input_ids"),
     ("default APA form handed ref_logprobs", "train.py",
-     'ref = mb["ref_logprobs"] if cfg.apa_form == "paper" else None', 'ref = mb["ref_logprobs"]'),
+     'ref = mb["ref_logprobs"] if cfg.apa_form != "exact" else None', 'ref = mb["ref_logprobs"]'),
+    ("the authors' APA form anchored on pi_old", "train.py",
+     'ref = mb["ref_logprobs"] if cfg.apa_form != "exact" else None',
+     'ref = mb["ref_logprobs"] if cfg.apa_form == "paper" else None', [UPDATE]),
     ("APA advantages whitened in rollout", "train.py",
-     'if cfg.algo == "ppo":\n            advantages = masked_whiten', 'if True:\n            advantages = masked_whiten'),
+     'if cfg.algo == "ppo" or (cfg.algo == "apa" and cfg.apa_form == "authors"):\n            advantages = masked_whiten', 'if True:\n            advantages = masked_whiten'),
     ("PPO advantages not whitened", "train.py",
-     'if cfg.algo == "ppo":\n            advantages = masked_whiten', 'if False:\n            advantages = masked_whiten'),
+     'if cfg.algo == "ppo" or (cfg.algo == "apa" and cfg.apa_form == "authors"):\n            advantages = masked_whiten',
+     'if cfg.algo == "apa" and cfg.apa_form == "authors":\n            advantages = masked_whiten'),
+    ("the authors' APA form not whitened", "train.py",
+     'if cfg.algo == "ppo" or (cfg.algo == "apa" and cfg.apa_form == "authors"):\n            advantages = masked_whiten', 'if cfg.algo == "ppo":\n            advantages = masked_whiten', [ROLLOUT]),
     ("paper form keeps the KL term in its reward", "train.py",
-     'kl_coef = 0.0 if cfg.algo == "apa" and cfg.apa_form == "paper" else cfg.lam', "kl_coef = cfg.lam"),
+     'kl_coef = 0.0 if cfg.algo == "apa" and cfg.apa_form != "exact" else cfg.lam', "kl_coef = cfg.lam"),
+    ("the authors' APA form keeps the KL term in its reward", "train.py",
+     'kl_coef = 0.0 if cfg.algo == "apa" and cfg.apa_form != "exact" else cfg.lam',
+     'kl_coef = 0.0 if cfg.algo == "apa" and cfg.apa_form == "paper" else cfg.lam', [ROLLOUT]),
     ("gamma and gae_lambda swapped in the call to gae", "train.py",
      "gae(rewards, values, mask, cfg.gamma, cfg.gae_lambda)", "gae(rewards, values, mask, cfg.gae_lambda, cfg.gamma)"),
     ("value clip around the returns (arguments swapped)", "train.py",
@@ -170,11 +186,12 @@ MUTATIONS = [
     ("AWR's weights use lambda, not awr_lam", "train.py",
      'mb["mask"], cfg.awr_lam,', 'mb["mask"], cfg.lam,', [UPDATE]),
     ("AWR's reward loses its KL penalty", "train.py",
-     'kl_coef = 0.0 if cfg.algo == "apa" and cfg.apa_form == "paper" else cfg.lam',
-     'kl_coef = 0.0 if cfg.algo == "awr" or (cfg.algo == "apa" and cfg.apa_form == "paper") else cfg.lam', [ROLLOUT]),
+     'kl_coef = 0.0 if cfg.algo == "apa" and cfg.apa_form != "exact" else cfg.lam',
+     'kl_coef = 0.0 if cfg.algo == "awr" or (cfg.algo == "apa" and cfg.apa_form != "exact") else cfg.lam', [ROLLOUT]),
     ("AWR's advantages whitened like PPO's", "train.py",
-     'if cfg.algo == "ppo":\n            advantages = masked_whiten', 'if cfg.algo != "apa":\n            advantages = masked_whiten',
-     [ROLLOUT]),
+     'if cfg.algo == "ppo" or (cfg.algo == "apa" and cfg.apa_form == "authors"):\n            advantages = masked_whiten',
+     'if cfg.algo in ("ppo", "awr") or (cfg.algo == "apa" and cfg.apa_form == "authors"):\n'
+     '            advantages = masked_whiten', [ROLLOUT]),
     ("logged entropy with its sign flipped", "model.py",
      "return -(logp.exp() * logp).sum(-1)", "return (logp.exp() * logp).sum(-1)", [ROLLOUT]),
     ("the policy scores the padded vocabulary", "model.py",
@@ -360,8 +377,8 @@ MUTATIONS = [
      "                                generate=static_sampler.choose_sampler(cfg, device))",
      "                                )", [DRAWS]),
     ("the held-out evaluation samples with the eager loop whatever the run chose", "train.py",
-     "eval_prompts, reward_fn, sampler, it, gold_fn)",
-     "eval_prompts, reward_fn, functools.partial(sample, cfg, enc=enc, device=device), it, gold_fn)", [DRAWS]),
+     "eval_prompts, reward_fn, sampler, it, gold_fn,",
+     "eval_prompts, reward_fn, functools.partial(sample, cfg, enc=enc, device=device), it, gold_fn,", [DRAWS]),
     ("J* handed to train.train is estimated again", "train.py", 'if cfg.jstar_samples and "jstar" not in known:',
      "if cfg.jstar_samples:", [JSTAR]),
     ("the exact responses handed to train.train are computed again", "train.py",
@@ -447,6 +464,14 @@ MUTATIONS = [
      "scores = call_reward(cfg, reward_fn, batch_prompts, completions)",
      "scores = call_reward(cfg, reward_fn, prompts[:len(idx)], completions)",
      [ROLLOUT, "tests/test_judge.py::test_the_judge_is_logged_and_never_trained_on"]),
+    ("the rollout logs the proxy's score as the evaluator's", "train.py",
+     '"evaluator": global_mean(evaluator).item()', '"evaluator": global_mean(scores).item()', [EVALUATOR]),
+    ("the held-out evaluation scores with the proxy in place of the evaluator", "evaluation.py",
+     "evals.append(call_reward(cfg, evaluator_fn,", "evals.append(call_reward(cfg, reward_fn,", [EVALUATOR]),
+    ("--evaluator loads the proxy's reward model", "train.py", "hf.reward_model_fn(cfg.evaluator, enc, device)",
+     "hf.reward_model_fn(cfg.reward_model, enc, device)", [EVALUATOR_RUN]),
+    ("the held-out evaluation is handed no evaluator", "train.py",
+     "sampler, it, gold_fn,\n                             evaluator_fn)", "sampler, it, gold_fn)", [EVALUATOR_RUN]),
     ("a finite step does not start the bad-step count again", "lab/checks.py",
      "            self.in_a_row = 0\n            return False", "            return False", [BAD_STEPS]),
     ("data parallel: the loss's scale without the number of processes", "lab/ddp.py", "n * world_size() / N", "n / N",
@@ -472,6 +497,15 @@ MUTATIONS = [
      "((y1, y2) if first[k] else (y2, y1))", "((y2, y1) if first[k] else (y1, y2))", [REWARD_MODEL_PY]),
     # the theory's tests, second pass: PPO as train.py runs it, k1 in the loss, the per-state KL, GRPO's side of pi*;
     # each against the one test that pins it, a wrong formula in the code or in the test's claim
+    ("the authors' APA: its fixed point claimed at lambda, not s lambda", "test_losses.py",
+     "tv(logits, seq_probs(paper_form_fixed_point(init_logits, R, s * lam))) < 1e-5",
+     "tv(logits, seq_probs(paper_form_fixed_point(init_logits, R, lam))) < 1e-5", [AUTHORS]),
+    ("the authors' APA: its fixed point claimed pi* for s lambda", "test_losses.py",
+     "tv(logits, seq_probs(paper_form_fixed_point(init_logits, R, s * lam))) < 1e-5",
+     "tv(logits, token_optimum(init_logits, R, s * lam)) < 1e-5", [AUTHORS]),
+    ("the authors' APA: its advantages' std claimed unweighted by the policy", "test_losses.py",
+     "return masked_mean((adv - masked_mean(adv, w)) ** 2, w).add(1e-8).sqrt().item()",
+     "return adv.std(unbiased=False).add(1e-8).item()", [AUTHORS]),
     ("PPO whitened: its gradient claimed grad J / T, as unwhitened", "test_losses.py",
      "torch.testing.assert_close(-T_ * std * grad_surrogate, grad_J", "torch.testing.assert_close(-T_ * grad_surrogate, grad_J",
      [PPO_WHITENED]),
@@ -531,6 +565,22 @@ MUTATIONS = [
      "return model(**batch).logits[:, 0].float().tolist()", [REWARD_MODEL]),
     ("experiments/compare.py's J* key ignores sft_steps", "experiments/compare.py", '"kl", "threads"}  # J* ignores',
      '"kl", "threads", "sft_steps"}  # J* ignores', ["tests/test_compare.py::test_jstar_is_estimated_once_per_pi_init_data_and_lambda"]),
+    ("compare.py's paper setting: the last gold score taken as the best", "experiments/compare.py",
+     '"gold": held_out[-1]["eval_gold"]', '"gold": max(r["eval_gold"] for r in held_out)', [PAPER_TABLES]),
+    ("compare.py's paper setting: the proxy's score shown as the evaluator's", "experiments/compare.py",
+     '"evaluator": held_out[-1]["eval_evaluator"]', '"evaluator": held_out[-1]["eval_reward"]', [PAPER_TABLES]),
+    ("compare.py's paper setting: the standard deviation shown as the standard error", "experiments/compare.py",
+     "v.std(ddof=1) / math.sqrt(len(v))", "v.std(ddof=1)", [PAPER_TABLES]),
+    ("compare.py's paper setting: a run whose KL ran away not counted as diverged", "experiments/compare.py",
+     '"diverged": float(stopped or not kl_max <= DIVERGED_KL)', '"diverged": float(stopped)', [PAPER_TABLES]),
+    ("compare.py's paper setting: the evaluator's order compared with the proxy's", "experiments/compare.py",
+     'agree = "yes" if order["evaluator"] == order["gold"]', 'agree = "yes" if order["evaluator"] == order["reward"]',
+     [PAPER_TABLES]),
+    ("compare.py's paper setting: the evaluator fitted with the proxy's seed", "experiments/compare.py",
+     'QUICK_EVALUATOR = ["--seed=1"', 'QUICK_EVALUATOR = ["--seed=0"', [PAPER_RUN]),
+    ("compare.py's paper setting: the runs handed no evaluator", "experiments/compare.py",
+     "    return dict(model, **folders, gold_fn=", "    return dict(model, reward_model=folders[\"reward_model\"], gold_fn=",
+     [PAPER_RUN]),
     ("experiments/compare.py's samples to a quarter of the gap: the curve's index", "experiments/compare.py",
      "samples[reached[0]] if len(reached)", "reached[0] if len(reached)", [SUMMARY]),
     # the fixes of what misbehaved: each undone
