@@ -1,19 +1,19 @@
 """
-APA and PPO for RLHF in one file: the whole loop, from top to bottom, on the embedded movie-review task.
+APA and PPO for RLHF in one file, to read from top to bottom: the embedded movie-review task, a tiny GPT, the loop.
 
 Paper: Zhu et al. 2023, "Fine-Tuning Language Models with Advantage-Induced Policy Alignment", arXiv 2306.02231.
 Run: python minimal.py (APA, a few minutes on a CPU); --algo=ppo runs PPO; any field of Config is a --key=value flag.
+The one-file edition of train.py: on a CPU, with the default config, it prints train.py's numbers to the last digit and
+ends with its weights to the bit, and its losses, GAE and KL-penalised reward are the functions of apa.py and ppo.py,
+copied without their docstrings (tests/test_minimal.py checks all three). train.py adds the other algorithms and forms,
+evaluation, checkpoints, your own models, and GPUs. Shapes: B responses, T response tokens, P prompt tokens, V tokens.
 
-The one-file edition of train.py, for a first read beside the paper: an iteration is a rollout (sample, score,
-KL-penalised rewards, GAE) and an update (epochs of minibatch steps on the APA or PPO loss and the value loss). On a
-CPU it prints the numbers that train.py prints with the same config (reward, kl, J, gap, approx_kl, vf_loss), for APA
-and for PPO, and its losses, GAE and KL-penalised reward are copies of the functions in apa.py and ppo.py, without
-their docstrings: tests/test_minimal.py checks both.
-
-Where this departs from the paper (docs/theory.md explains each point): APA's target is anchored on pi_old and the
-reward carries the per-token KL penalty, so the loss's fixed point is exactly pi* = pi_init exp(R/lambda) / Z; the
-policy and the value head share one network; pi_init is a tiny GPT pre-trained here, and the reward counts words.
-train.py adds the other algorithms and forms, evaluation, checkpoints and resume, your own models, and GPUs.
+Where this departs from the paper (docs/theory.md explains each point):
+1. The paper anchors APA's target on pi_init and takes the advantage from the score alone. Here it anchors on pi_old
+   and the reward carries the per-token KL penalty, so the loss's fixed point is exactly pi* = pi_init exp(R/lambda)/Z.
+2. One lambda is both the KL coefficient and APA's temperature. PPO whitens its advantages; APA does not.
+3. The policy and the value head share one network; the value loss is clipped; a response cut at T ends there.
+4. A KL guard stops an update once a minibatch's approx_kl passes target_kl (train.py's; not in the paper).
 """
 import copy
 import os
@@ -49,7 +49,7 @@ class Config:
     max_grad_norm: float = 1.0     # gradient clipping
     target_kl: float = 0.2         # the KL guard: an update stops once a minibatch's approx_kl exceeds it (0: never)
     max_new_tokens: int = 20       # T, the response length limit (the task's reviews take at most 18 tokens)
-    jstar_samples: int = 256       # samples per prompt from pi_init to estimate J*
+    jstar_samples: int = 256       # samples per prompt from pi_init to estimate J* (at least 1)
     seed: int = 0                  # seeds sampling and the minibatches' order
     sft_dir: str = "out/sft"       # cache of the pre-trained pi_init, shared with train.py
 
@@ -59,10 +59,9 @@ def parse_args(argv):
     cfg = Config()
     for arg in argv:
         key, _, value = arg.removeprefix("--").partition("=")
-        if key not in {f.name for f in fields(Config)}:
-            sys.exit(f"unknown flag --{key}; the flags are: " + " ".join(f"--{f.name}" for f in fields(Config)))
+        assert key in {f.name for f in fields(Config)}, f"unknown flag --{key}; Config's fields are the flags"
         setattr(cfg, key, type(getattr(cfg, key))(value))
-    assert cfg.algo in ("apa", "ppo") and cfg.batch_size % cfg.minibatch_size == 0, "bad --algo or batch sizes"
+    assert cfg.algo in ("apa", "ppo") and cfg.batch_size % cfg.minibatch_size == 0 and cfg.jstar_samples > 0, argv
     return cfg
 
 
@@ -108,9 +107,8 @@ def load_pi_init(cfg, enc):
     return GPT2LMHeadModel.from_pretrained(path).eval().requires_grad_(False)
 
 
-def forward(lm, input_ids, attention_mask, P):
-    """The logits (B, T, V) that predict the T response tokens after prompts left-padded to P, and the last hidden
-    states (B, T, H) at the same positions. input_ids, attention_mask (B, P + T)."""
+def lm_forward(lm, input_ids, attention_mask, P):
+    """ids, mask (B, P + T) -> the logits (B, T, V) that predict the T response tokens, the hidden states (B, T, H)."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)          # (B, P + T) left padding skipped
     out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
              output_hidden_states=True, use_cache=False)
@@ -132,7 +130,7 @@ class PolicyWithValue(nn.Module):
         nn.init.zeros_(self.v_head.bias)
 
     def forward(self, input_ids, attention_mask, P):
-        logits, hidden = forward(self.lm, input_ids, attention_mask, P)  # (B, T, V), (B, T, H)
+        logits, hidden = lm_forward(self.lm, input_ids, attention_mask, P)  # (B, T, V), (B, T, H)
         return logits, self.v_head(hidden).squeeze(-1)                  # (B, T, V), (B, T)
 
 
@@ -140,14 +138,19 @@ class PolicyWithValue(nn.Module):
 # sampling: responses at temperature 1, with the log-probs of the tokens drawn
 
 @torch.no_grad()
-def generate(lm, prompt_ids, prompt_mask, T, eot):
-    """Up to T tokens after prompt_ids, prompt_mask (B, P), left-padded, with a KV cache. Returns response (B, T), mask
-    (B, T), 1 up to and including the first end-of-text, and the log-probs of the tokens drawn (B, T), 0 on padding."""
+def sample(cfg, lm, idx, prompt_tokens, enc):
+    """lm's responses at temperature 1 to the prompts numbered idx, drawn with a KV cache until end-of-text or T tokens.
+    Returns the prompts' ids and mask (B, P), padded on the left, the response, its mask (1 up to and including the
+    first end-of-text) and the log-probs of its tokens (B, T), and the decoded completions."""
+    prompts = [prompt_tokens[i] for i in idx]
+    P, eot = max(map(len, prompts)), enc.eot_token
+    prompt_ids = torch.tensor([[eot] * (P - len(p)) + p for p in prompts])  # (B, P)
+    prompt_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])  # (B, P)
     attn, pos = prompt_mask, (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
     out = lm(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-    done = torch.zeros(len(prompt_ids), dtype=torch.bool)                # (B,)
+    done = torch.zeros(len(prompts), dtype=torch.bool)                   # (B,)
     tokens, logprobs = [], []
-    for _ in range(T):
+    for _ in range(cfg.max_new_tokens):
         logp = torch.log_softmax(out.logits[:, -1], -1)                  # (B, V)
         tok = torch.where(done, eot, torch.multinomial(logp.exp(), 1).squeeze(-1))  # (B,) ended rows: padding
         tokens.append(tok)
@@ -161,22 +164,12 @@ def generate(lm, prompt_ids, prompt_mask, T, eot):
     response = torch.stack(tokens, 1)                                    # (B, T)
     is_eot = (response == eot).int()                                     # (B, T)
     mask = (is_eot.cumsum(1) - is_eot == 0).float()                      # (B, T) no end-of-text before t
-    return response, mask, torch.stack(logprobs, 1) * mask
-
-
-def sample(cfg, lm, idx, prompt_tokens, enc):
-    """lm's responses to the prompts numbered idx: prompt ids, mask (B, P), response, mask, log-probs (B, T), text."""
-    prompts = [prompt_tokens[i] for i in idx]
-    P = max(map(len, prompts))                                           # padded on the left to the longest
-    prompt_ids = torch.tensor([[enc.eot_token] * (P - len(p)) + p for p in prompts])  # (B, P)
-    prompt_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])  # (B, P)
-    response, mask, logprobs = generate(lm, prompt_ids, prompt_mask, cfg.max_new_tokens, enc.eot_token)
-    completions = [enc.decode([t for t in r if t != enc.eot_token]) for r in response.tolist()]
-    return prompt_ids, prompt_mask, response, mask, logprobs, completions
+    completions = [enc.decode([t for t in r if t != eot]) for r in response.tolist()]
+    return prompt_ids, prompt_mask, response, mask, torch.stack(logprobs, 1) * mask, completions
 
 
 @torch.no_grad()
-def estimate_jstar(cfg, lm, prompts, prompt_tokens, enc):
+def estimate_jstar(cfg, lm, prompt_tokens, prompts, enc):
     """J* = E_x[lambda log E_{y ~ pi_init}[exp(R/lambda)]] from pi_init's samples: J at pi*, the largest J of all."""
     torch.manual_seed(4321)                                              # the same estimate for every run
     rows, scores = torch.arange(len(prompts)).repeat_interleave(cfg.jstar_samples), []
@@ -202,8 +195,7 @@ def approx_kl(logprobs, old_logprobs, mask):
     return masked_mean(log_ratio.exp() - 1 - log_ratio, mask).item()
 
 
-# copy of ppo.py: kl_penalized_rewards (Ziegler et al. 2019, Eq. 2, per token). With kl_coef = lambda,
-# sum_t r_t estimates R - lambda KL(pi_old || pi_init), the objective J whose maximiser is pi*.
+# copy of ppo.py: kl_penalized_rewards (Ziegler et al. 2019, Eq. 2, per token). sum_t r_t estimates J = R - lambda KL.
 def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
     valid = (mask > 0).to(logprobs.dtype)                        # (B, T)
     rewards = -kl_coef * (logprobs - ref_logprobs) * valid       # (B, T)  KL penalty per token
@@ -211,8 +203,7 @@ def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
     return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))  # (B, T)
 
 
-# copy of ppo.py: gae (GAE paper, Eq. 16). A_t = delta_t + gamma gae_lambda A_{t+1}, returns = A + V, with
-# delta_t = r_t + gamma V(s_{t+1}) - V(s_t) and V = 0 after the last real token.
+# copy of ppo.py: gae (GAE paper, Eq. 16). A_t = delta_t + gamma gae_lambda A_{t+1}; V = 0 after the last token.
 def gae(rewards, values, mask, gamma=1.0, gae_lambda=0.95):
     valid = (mask > 0).to(values.dtype)                          # (B, T)
     values, rewards = values * valid, rewards * valid            # (B, T) padding -> 0
@@ -227,15 +218,15 @@ def gae(rewards, values, mask, gamma=1.0, gae_lambda=0.95):
     return advantages, (advantages + values) * valid
 
 
-# copy of ppo.py: masked_whiten. (x - mean) / std over the masked entries; PPO's advantages, not APA's.
+# copy of ppo.py: masked_whiten. (x - mean) / std over the masked entries (mean_fn: train.py's data parallel).
 def masked_whiten(x, mask, eps=1e-8, mean_fn=masked_mean):
     mean = mean_fn(x, mask)                                      # ()
     var = mean_fn((x - mean) ** 2, mask)                         # ()  population variance
     return torch.where(mask > 0, (x - mean) * torch.rsqrt(var + eps), 0.0)  # (B, T)
 
 
-# copy of apa.py: apa_loss (the paper's Sec. 3). L_APA = E[(log pi_theta - log pi_anchor - Adv/lambda)^2], anchored
-# on pi_old here (ref_logprobs=None), so its fixed point is exactly pi* (docs/theory.md, section 3).
+# copy of apa.py: apa_loss (the paper's Sec. 3). L_APA = E[(log pi_theta - log pi_anchor - Adv/lambda)^2], with the
+# anchor pi_old here (ref_logprobs=None: its fixed point is exactly pi*) and no bound (clip=0: train.py's --apa_clip).
 def apa_loss(logprobs, old_logprobs, advantages, mask, lam, ref_logprobs=None, clip=0.0):
     anchor = old_logprobs if ref_logprobs is None else ref_logprobs  # (B, T) log pi_anchor(a_t|s_t)
     step = advantages / lam if not clip else (advantages / lam).clamp(-clip, clip)  # (B, T) Adv/lambda, bounded
@@ -271,7 +262,8 @@ def value_loss(values, old_values, returns, mask, clip_eps=0.2):
 # rollout: generate, score, and everything the update needs
 
 @torch.no_grad()
-def rollout(cfg, policy, ref_lm, prompts, prompt_tokens, enc):
+def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, enc):
+    """B responses from pi_old with what the update needs: the batch, P, the log line's stats, the samples."""
     # 1. generate: B prompts drawn at random, a response to each from pi_old
     idx = torch.randint(len(prompts), (cfg.batch_size,)).tolist()
     prompt_ids, prompt_mask, response, mask, _, completions = sample(cfg, policy.lm, idx, prompt_tokens, enc)
@@ -280,10 +272,10 @@ def rollout(cfg, policy, ref_lm, prompts, prompt_tokens, enc):
     input_ids = torch.cat([prompt_ids, response], 1)                     # (B, P + T)
     attention_mask = torch.cat([prompt_mask, torch.ones_like(response)], 1)  # (B, P + T)
     P = prompt_ids.shape[1]
-    # 3. log-probs under pi_old and pi_init, and values: a forward pass each, as the update computes pi_theta
+    # 3. log-probs under pi_old and pi_init, and values: the update's forward pass, so that its first ratios are 1
     logits, values = policy(input_ids, attention_mask, P)                # (B, T, V), (B, T)
     logprobs = token_logprobs(logits, response)                          # (B, T) log pi_old
-    ref_logprobs = token_logprobs(forward(ref_lm, input_ids, attention_mask, P)[0], response)  # (B, T) log pi_init
+    ref_logprobs = token_logprobs(lm_forward(ref_lm, input_ids, attention_mask, P)[0], response)  # (B, T) log pi_init
     # 4. rewards and advantages: per-token rewards with the KL penalty, then GAE; PPO whitens its advantages
     rewards = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, cfg.lam)  # (B, T)
     advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.gae_lambda)  # (B, T)
@@ -291,8 +283,8 @@ def rollout(cfg, policy, ref_lm, prompts, prompt_tokens, enc):
         advantages = masked_whiten(advantages, mask)                     # (B, T)
     seq_kl = ((logprobs - ref_logprobs) * mask).sum(1)                   # (B,) sequence KL estimate
     stats = {"reward": scores.mean().item(), "kl": seq_kl.mean().item(), "J": (scores - cfg.lam * seq_kl).mean().item()}
-    batch = dict(input_ids=input_ids, attention_mask=attention_mask, response=response, mask=mask, logprobs=logprobs,
-                 advantages=advantages, values=values, returns=returns)
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, response=response, mask=mask,
+                 old_logprobs=logprobs, advantages=advantages, old_values=values, returns=returns)
     return batch, P, stats, [(prompts[i], c, s) for i, c, s in zip(idx, completions, scores.tolist())]
 
 
@@ -300,24 +292,31 @@ def rollout(cfg, policy, ref_lm, prompts, prompt_tokens, enc):
 # update: epochs of minibatch steps; APA and PPO differ only in the policy loss
 
 def update(cfg, policy, opt, batch, P):
-    stats = []                                                           # epochs of shuffled minibatches:
-    for mb_inds in (i for _ in range(cfg.epochs) for i in torch.randperm(cfg.batch_size).split(cfg.minibatch_size)):
-        mb = {k: v[mb_inds] for k, v in batch.items()}
-        logits, values = policy(mb["input_ids"], mb["attention_mask"], P)  # (b, T, V), (b, T)
-        logprobs = token_logprobs(logits, mb["response"])                # (b, T) log pi_theta
-        pg_loss, pg_stats = (apa_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg.lam)
-                             if cfg.algo == "apa" else  # or PPO's clipped surrogate, on whitened advantages
-                             ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg.cliprange))
-        vf_loss, vf_stats = value_loss(values, mb["values"], mb["returns"], mb["mask"], cfg.cliprange_value)
-        if cfg.target_kl and pg_stats["approx_kl"] > cfg.target_kl:      # the KL guard: pi_theta is far enough from
-            break                                                        # pi_old: no more steps on this batch
-        loss = pg_loss + cfg.vf_coef * vf_loss                           # ()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-        opt.step()
-        stats.append({"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(), **pg_stats, **vf_stats})
-    return {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}  # means over the steps taken
+    """Minibatch steps until the epochs end or the KL guard stops them: the means of their statistics, their number."""
+    stats, stop = [], False
+    for _ in range(cfg.epochs):                                          # each epoch in a new random order
+        for mb_inds in torch.randperm(cfg.batch_size).split(cfg.minibatch_size):
+            mb = {k: v[mb_inds] for k, v in batch.items()}
+            logits, values = policy(mb["input_ids"], mb["attention_mask"], P)  # (b, T, V), (b, T)
+            logprobs = token_logprobs(logits, mb["response"])            # (b, T) log pi_theta
+            if cfg.algo == "apa":
+                pg_loss, pg_stats = apa_loss(logprobs, mb["old_logprobs"], mb["advantages"], mb["mask"], cfg.lam)
+            else:                                                        # PPO's clipped surrogate, whitened advantages
+                pg_loss, pg_stats = ppo_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mb["mask"],
+                                                    cfg.cliprange)
+            vf_loss, vf_stats = value_loss(values, mb["old_values"], mb["returns"], mb["mask"], cfg.cliprange_value)
+            stop = cfg.target_kl and pg_stats["approx_kl"] > cfg.target_kl  # the KL guard: pi_theta is far enough
+            if stop:                                                     # from pi_old: no more steps on this batch
+                break
+            loss = pg_loss + cfg.vf_coef * vf_loss                       # ()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            opt.step()
+            stats.append({"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(), **pg_stats, **vf_stats})
+        if stop:
+            break
+    return {k: float(np.mean([s[k] for s in stats])) for k in (stats[0] if stats else [])} | {"steps": len(stats)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,25 +324,26 @@ def update(cfg, policy, opt, batch, P):
 
 def main(argv=None):
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
-    enc = task_encoding()
-    prompts = task_prompts()                                             # the 40 openings "the <subject> <verb>"
+    enc, prompts = task_encoding(), task_prompts()                       # the 40 openings "the <subject> <verb>"
     prompt_tokens = [enc.encode_ordinary(p) for p in prompts]
-    ref_lm = load_pi_init(cfg, enc)                                      # pi_init, frozen
-    torch.set_num_threads(1)                                             # the tiny GPT's operations are small
-    jstar = estimate_jstar(cfg, ref_lm, prompts, prompt_tokens, enc)
+    ref_lm = load_pi_init(cfg, enc)                                      # pi_init, frozen, pre-trained as train.py's:
+    torch.set_num_threads(1)                                             # with torch's threads; then one (small ops)
+    jstar = estimate_jstar(cfg, ref_lm, prompt_tokens, prompts, enc)
     print(f"{cfg.algo} | lambda {cfg.lam} | lr {cfg.lr:g} | {len(prompts)} prompts | J* {jstar:.4f}", flush=True)
     torch.manual_seed(cfg.seed)
     policy = PolicyWithValue(copy.deepcopy(ref_lm).requires_grad_(True)).eval()  # starts at pi_init; no dropout
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     for it in range(cfg.iters):
         t0 = time.time()
-        batch, P, stats, samples = rollout(cfg, policy, ref_lm, prompts, prompt_tokens, enc)
+        batch, P, stats, samples = rollout(cfg, policy, ref_lm, prompt_tokens, prompts, enc)
         stats.update(update(cfg, policy, opt, batch, P))
+        # kl: a response's KL(pi_old || pi_init), in nats; approx_kl: a token's KL(pi_old || pi_theta) in the update
         print(f"iter {it + 1}/{cfg.iters} | reward {stats['reward']:.3f} | kl {stats['kl']:.3f} | J {stats['J']:.3f} | "
               f"gap {jstar - stats['J']:.3f} | approx_kl {stats['approx_kl']:.4f} | vf_loss {stats['vf_loss']:.4f} | "
-              f"{1000 * (time.time() - t0):.0f}ms", flush=True)
+              f"steps {stats['steps']} | {1000 * (time.time() - t0):.0f}ms", flush=True)
     for prompt, completion, score in samples[:4]:                        # a few of the last rollout's samples
         print(f"    {prompt!r} -> {completion!r} | reward {score:+.2f}")
+    return policy
 
 
 if __name__ == "__main__":

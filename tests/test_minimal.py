@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from transformers import GPT2LMHeadModel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
@@ -22,24 +23,34 @@ SHOWN = ["reward", "kl", "J", "gap", "approx_kl", "vf_loss"]             # the n
 
 def printed(out):
     """The iteration lines of a run's output -> [{name: the printed digits}], and the printed J*."""
-    rows = [dict(re.findall(r"(\w+) (-?\d+\.\d+)(?= \|)", line)) for line in out.splitlines() if line.startswith("iter ")]
-    return rows, re.search(r"J\* (\d\.\d+)", out).group(1)
+    lines = [line for line in out.splitlines() if line.startswith("iter ")]
+    rows = [dict(re.findall(r"(\w+) (-?\d+\.\d+)(?= \|)", line)) for line in lines]
+    return rows, re.search(r"J\* (-?\d+\.\d+)", out).group(1)
 
 
 @pytest.mark.parametrize("algo", ["apa", "ppo"])
 def test_minimal_prints_the_numbers_of_train_py_for_the_default_config(algo, tmp_path, tmp_path_factory, capsys):
     """train.py's default config (only the iterations cut to 20) and minimal.py's, on the same pi_init: every
-    printed digit of reward, kl, J, gap, approx_kl and vf_loss is the same at each of the 20 iterations, and so is J*.
-    The pi_init cache is shared, as in out/sft: train.py's first run writes it and minimal.py reads it."""
+    printed digit of reward, kl, J, gap, approx_kl and vf_loss is the same at each of the 20 iterations, and so is J*;
+    the trained weights, the network's and the value head's, are the same to the bit. The pi_init cache is shared,
+    as in out/sft: train.py's first run writes it and minimal.py reads it."""
     sft = tmp_path_factory.getbasetemp() / "sft_default"               # the default pi_init, built once
     train.main([f"--algo={algo}", "--iters=20", f"--sft_dir={sft}", f"--out_dir={tmp_path / 'train'}"])
     full, full_jstar = printed(capsys.readouterr().out)
-    minimal.main([f"--algo={algo}", "--iters=20", f"--sft_dir={sft}"])
+    policy = minimal.main([f"--algo={algo}", "--iters=20", f"--sft_dir={sft}"])
     one_file, one_file_jstar = printed(capsys.readouterr().out)
     assert len(full) == len(one_file) == 20 and full_jstar == one_file_jstar
     for it, (a, b) in enumerate(zip(full, one_file), 1):
         assert {k: a[k] for k in SHOWN} == {k: b[k] for k in SHOWN}, f"iteration {it}"
     assert len({row["reward"] for row in full}) > 10                    # the runs move: 20 different batches
+    saved = tmp_path / "train" / "policy"                               # train.py's trained policy
+    theirs = {**GPT2LMHeadModel.from_pretrained(saved).state_dict(),
+              **{f"v_head.{k}": v for k, v in torch.load(saved / "value_head.pt").items()}}
+    ours = {**policy.lm.state_dict(), **{f"v_head.{k}": v for k, v in policy.v_head.state_dict().items()}}
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    pi_init = GPT2LMHeadModel.from_pretrained(next(sft.iterdir())).state_dict()
+    name = "transformer.h.0.mlp.c_fc.weight"
+    assert not torch.equal(ours[name], pi_init[name])                    # and they trained
 
 
 def test_minimal_stops_an_update_where_train_py_s_kl_guard_does(tmp_path, tmp_path_factory, capsys):
