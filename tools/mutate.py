@@ -79,6 +79,10 @@ SECOND_SWEEP = "tests/test_compare.py::test_a_second_sweep_in_the_same_out_dir_i
 SAMPLE_N = "tests/test_reliability.py::test_sample_prints_as_many_completions_as_asked_the_task_prompts_in_turn"
 PIPE = "tests/test_reliability.py::test_prompts_from_a_named_pipe_are_read_once"
 SCORE_SHAPES = "tests/test_reliability.py::test_scores_are_one_number_a_completion_as_a_row_or_a_column"
+SAME_REWARDS = ["tests/test_train.py::test_same_rewards_judges_the_first_batch_of_all_processes",
+                "tests/test_train.py::test_a_run_whose_rewards_are_all_equal_says_so_once"]
+SMOLLM2_WEIGHTS = "tests/test_smollm2.py::test_the_folder_holds_the_gguf_files_weights_exactly"
+VADER = "tests/test_smollm2.py::test_vader_reward_reads_real_text"
 
 # (name, file, original snippet, replacement[, tests]): each a bug someone could plausibly write; without
 # tests of its own, a mutation runs TESTS
@@ -617,6 +621,16 @@ MUTATIONS = [
      "samples=(it + 1) * cfg.batch_size // world_size(),", [TORCHRUN]),
     ("data parallel: the logged kl of one process", "train.py", '"kl": global_mean(seq_kl).item()', '"kl": seq_kl.mean().item()',
      ["tests/test_ddp.py::test_two_processes_compute_the_one_process_update_and_global_statistics"]),
+    # a real model (lab/smollm2.py), its reward (lab/sentiment.py), and a run that cannot learn (lab/checks.py)
+    ("equal rewards warned about at every batch", "lab/checks.py", "self.judged = len(scores) > 1",
+     "self.judged = False", SAME_REWARDS),
+    ("equal rewards judged in every batch, the late ones too", "lab/checks.py", "        if self.judged:\n            return\n",
+     "", SAME_REWARDS),
+    ("equal rewards judged by a batch of one response", "lab/checks.py", "self.judged = len(scores) > 1",
+     "self.judged = len(scores) > 0", SAME_REWARDS),
+    ("the GGUF model rebuilt without its weights", "lab/smollm2.py",
+     "        lm.load_state_dict(gguf_lm.state_dict())", "", [SMOLLM2_WEIGHTS]),
+    ("VADER's positive share as the reward", "lab/sentiment.py", '["compound"]', '["pos"]', [VADER]),
 ]
 
 
