@@ -17,6 +17,8 @@ a folder anyway. The folder holds the de-quantised values exactly, in fp32 (540 
 import argparse
 import importlib.util
 import os
+import shutil
+import tempfile
 
 import torch
 
@@ -59,10 +61,16 @@ def convert(gguf_file, out):
         del config.quantization_config                                   # what makes save_pretrained refuse
         lm = type(gguf_lm)(config)                                       # a plain model of the same class
         lm.load_state_dict(gguf_lm.state_dict())                         # the de-quantised weights, as they are
-        tmp = out + ".tmp"                                               # a folder appears complete or not at all
-        lm.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    os.replace(tmp, out)
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".", dir=os.path.dirname(os.path.abspath(out)))
+        lm.save_pretrained(tmp)                                          # a folder of its own for each process:
+        tokenizer.save_pretrained(tmp)                                   # `out` appears complete or not at all
+    try:
+        os.replace(tmp, out)
+    except OSError:                                                      # another process converted it meanwhile
+        shutil.rmtree(tmp)
+        if not os.path.exists(os.path.join(out, "config.json")):
+            raise
     return out
 
 
