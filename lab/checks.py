@@ -81,6 +81,9 @@ def validate(cfg):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError(f"{flag}={path} is a pipe, which only one process can read: under torchrun every "
                              "process reads the prompts, so give a regular file")
+    if cfg.init.endswith(".gguf"):                                      # transformers reads one, but cannot save it
+        raise ValueError(f"--init={cfg.init} is a GGUF file: convert it into a Hugging Face folder once, "
+                         f"python -m lab.smollm2 --gguf={cfg.init} --out=FOLDER, then give --init=FOLDER")
     sources = [("--init", cfg.init, False), ("--reward_model", cfg.reward_model, False),
                ("--tokenizer", "" if cfg.tokenizer in ("task", "gpt2") else cfg.tokenizer, True)]
     for flag, path, tokenizer in sources:                               # a local path, or a hub id ("gpt2", "org/name")

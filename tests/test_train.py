@@ -377,6 +377,16 @@ def test_a_run_whose_rewards_are_all_equal_says_so_once(sft_dir, tmp_path, capsy
     assert "warning" not in capsys.readouterr().out
 
 
+def test_init_with_a_gguf_file_says_how_to_convert_it(tmp_path):
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    with pytest.raises(SystemExit) as e:
+        train.main([f"--init={tmp_path / 'model.gguf'}", f"--out_dir={tmp_path / 'out'}"])
+    assert str(e.value.code) == (f"error: --init={tmp_path / 'model.gguf'} is a GGUF file: convert it into a Hugging "
+                                 f"Face folder once, python -m lab.smollm2 --gguf={tmp_path / 'model.gguf'} "
+                                 "--out=FOLDER, then give --init=FOLDER")
+    assert not (tmp_path / "out").exists()
+
+
 def test_same_rewards_judges_the_first_batch_of_all_processes(capsys):
     """lab/checks.py's SameRewards: the first batch with two responses decides; later batches are never judged, so
     a policy that earns the top reward everywhere is not warned about; a batch of one response decides nothing."""
