@@ -631,6 +631,8 @@ MUTATIONS = [
     ("the GGUF model rebuilt without its weights", "lab/smollm2.py",
      "        lm.load_state_dict(gguf_lm.state_dict())", "", [SMOLLM2_WEIGHTS]),
     ("VADER's positive share as the reward", "lab/sentiment.py", '["compound"]', '["pos"]', [VADER]),
+    ("--init with a GGUF file handed on to transformers", "lab/checks.py", 'if cfg.init.endswith(".gguf"):', "if False:",
+     ["tests/test_train.py::test_init_with_a_gguf_file_says_how_to_convert_it"]),
 ]
 
 
