@@ -46,7 +46,8 @@ step nccl python -m torch.distributed.run --standalone --nproc_per_node=1 train.
   --sft_dir="$out/sft" --iters=3 $([ "$tiny" = 1 ] && echo --sft_steps=5) || status=1
 if real=$(bash tools/smollm2.sh); then                                 # the real model, where it can be had
   sentiment=(--init="$real" --reward_fn=lab.sentiment:vader_reward --prompts=prompts/reviews.txt
-             --eval_prompts=prompts/reviews_eval.txt --jstar_samples=0 --sample_every=2 --lr=1e-5)
+             --eval_prompts=prompts/reviews_eval.txt --eval_every=2 --eval_samples=64 --jstar_samples=0 --sample_every=2
+             --lr=1e-5)
   step smollm2 python train.py "${sentiment[@]}" --out_dir="$out/smollm2_full" "${small[@]}" --max_new_tokens="${tokens[0]}" \
     || status=1
   step smollm2-lora python train.py "${sentiment[@]}" --out_dir="$out/smollm2_lora" "${small[@]}" \
