@@ -289,6 +289,7 @@ def train(cfg, known=None):
         print(cli.header(cfg, policy, opt, prompts, eval_prompts, device, jstar, space))
 
     bad_steps, history = checks.BadSteps(cfg.max_bad_steps), []          # non-finite steps in a row stop the run
+    same_rewards = checks.SameRewards(cfg)                               # a reward that tells nothing: one warning
     for it in range(start, cfg.iters):
         exact = (exact_eval(policy.lm, space, cfg.lam) if space and master and (it == 0 or (it + 1) % cfg.exact_every == 0)
                  else {})                                                # of pi_old, the policy that samples next
@@ -300,6 +301,7 @@ def train(cfg, known=None):
             torch.cuda.reset_peak_memory_stats(device)
         batch, P, stats, samples = rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, sampler, gold_fn,
                                            evaluator_fn)
+        same_rewards.check(samples)
         stats.update(update(cfg, model, opt, batch, P, bad_steps))
         stats.update(iter=it + 1, samples=(it + 1) * cfg.batch_size, ms=1000 * (time.time() - t0),
                      mem_mb=peak_memory_mb(device))

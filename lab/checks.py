@@ -11,7 +11,7 @@ import torch
 
 from grpo import CRITIC_FREE
 from lab.cli import check_rules
-from lab.ddp import rank
+from lab.ddp import gather_all, rank
 from lab.hf import check_source
 from lab.lora import require_peft
 from model import get_device
@@ -81,6 +81,9 @@ def validate(cfg):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError(f"{flag}={path} is a pipe, which only one process can read: under torchrun every "
                              "process reads the prompts, so give a regular file")
+    if cfg.init.endswith(".gguf"):                                      # transformers reads one, but cannot save it
+        raise ValueError(f"--init={cfg.init} is a GGUF file: convert it into a Hugging Face folder once, "
+                         f"python -m lab.smollm2 --gguf={cfg.init} --out=FOLDER, then give --init=FOLDER")
     sources = [("--init", cfg.init, False), ("--reward_model", cfg.reward_model, False),
                ("--evaluator", cfg.evaluator, False),
                ("--tokenizer", "" if cfg.tokenizer in ("task", "gpt2") else cfg.tokenizer, True)]
@@ -134,3 +137,25 @@ class BadSteps:
             raise FloatingPointError(f"{self.in_a_row} non-finite updates in a row; stopping "
                                      "(the last checkpoint is clean)")
         return True
+
+
+class SameRewards:
+    """A run that cannot learn says so. If every response of the first batch gets the same reward, one warning names
+    the reward and the value: a reward that cannot tell pi_init's responses apart (the embedded task's, which knows only
+    its grammar's 16 adjectives, on a real model's text) leaves every algorithm nothing to learn from but the KL.
+    Only the first batch is judged: later, a policy that earns the top reward in every response has learned.
+    docs/models.md says what to do about it."""
+
+    def __init__(self, cfg):
+        self.name = f"reward model {cfg.reward_model}" if cfg.reward_model else f"reward {cfg.reward_fn}"
+        self.judged = False
+
+    def check(self, samples):
+        """samples: this process's rollout samples, (prompt, completion, reward, kl) each; every process calls it."""
+        if self.judged:
+            return
+        scores = gather_all([score for _, _, score, _ in samples])        # every process's responses
+        self.judged = len(scores) > 1                                    # one response tells nothing
+        if self.judged and len(set(scores)) == 1 and rank() == 0:
+            print(f"warning: the {self.name} is {scores[0]:.3f} for all {len(scores)} responses: nothing to learn from "
+                  "(docs/models.md: a reward that cannot tell responses apart)")

@@ -360,6 +360,47 @@ def test_bad_steps_are_skipped_and_only_enough_of_them_in_a_row_stop_the_run(cap
         bad_steps.skip(float("inf"), fine)
 
 
+def zero_reward(prompts, completions):
+    """A reward that tells no response from another, as the embedded task's does on a real model's text."""
+    return [0.0] * len(completions)
+
+
+def test_a_run_whose_rewards_are_all_equal_says_so_once(sft_dir, tmp_path, capsys):
+    """Every response of every batch gets the same reward: one warning, before the first iteration's line, that
+    names the reward, the value and the count. A run whose first batch has two different rewards prints none."""
+    train.main(tiny_args(sft_dir, tmp_path / "zero", iters=3, reward_fn="test_train:zero_reward"))
+    out = capsys.readouterr().out
+    warning = ("warning: the reward test_train:zero_reward is 0.000 for all 16 responses: nothing to learn from "
+               "(docs/models.md: a reward that cannot tell responses apart)")
+    assert out.count("warning:") == 1 and out.index(warning) < out.index("iter 1/3")
+    train.main(tiny_args(sft_dir, tmp_path / "task", iters=3))
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_init_with_a_gguf_file_says_how_to_convert_it(tmp_path):
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    with pytest.raises(SystemExit) as e:
+        train.main([f"--init={tmp_path / 'model.gguf'}", f"--out_dir={tmp_path / 'out'}"])
+    assert str(e.value.code) == (f"error: --init={tmp_path / 'model.gguf'} is a GGUF file: convert it into a Hugging "
+                                 f"Face folder once, python -m lab.smollm2 --gguf={tmp_path / 'model.gguf'} "
+                                 "--out=FOLDER, then give --init=FOLDER")
+    assert not (tmp_path / "out").exists()
+
+
+def test_same_rewards_judges_the_first_batch_of_all_processes(capsys):
+    """lab/checks.py's SameRewards: the first batch with two responses decides; later batches are never judged, so
+    a policy that earns the top reward everywhere is not warned about; a batch of one response decides nothing."""
+    cfg = train.resolve(train.Config(reward_fn="m:f"))
+    for batches, warned in [([[1.0]], 0), ([[1.0], [0.5, 0.5]], 1), ([[0.5, 0.5], [0.5, 0.5]], 1),
+                            ([[0.0, 1.0], [1.0, 1.0]], 0)]:
+        same = checks.SameRewards(cfg)
+        for scores in batches:
+            same.check([("p", "c", score, 0.0) for score in scores])
+        out = capsys.readouterr().out
+        assert out.count("warning: the reward m:f is 0.500 for all 2 responses") == warned, batches
+        assert out.count("warning") == warned
+
+
 # ----------------------------------------------------------------------------------------------
 # Hugging Face models: a policy and a reward model saved to disk, then loaded back
 

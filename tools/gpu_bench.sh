@@ -4,7 +4,9 @@
 #   2. whether the CUDA graph draws the very tokens of the eager loop under one seed (fp32, printed);
 #   3. experiments/bench.py at the 124M shape (batch 64, 128 new tokens, 4 epochs of minibatches of 32), with the profile;
 #   4. experiments/bench.py at the Pythia-1B shape, the same batch, minibatches of 16, with the profile; then minibatches
-#      of 32 and 64, the update alone.
+#      of 32 and 64, the update alone;
+#   5. where the real model can be had (tools/smollm2.sh), SmolLM2-135M's real weights in train.py at batch 64 and 128
+#      new tokens, full fine-tune and LoRA: seconds per iteration and peak memory from its log lines.
 # Run: bash tools/gpu_bench.sh [out_dir]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,4 +46,13 @@ step bench_124m "${bench[@]}" --models=gpt2-small --profile
 step bench_1b "${bench[@]}" --models=pythia-1b --minibatch_size=16 --profile
 step bench_1b_mb32 "${bench[@]}" --models=pythia-1b --minibatch_size=32 --rounds=0 --iters=2
 step bench_1b_mb64 "${bench[@]}" --models=pythia-1b --minibatch_size=64 --rounds=0 --iters=2
+if real=$(bash tools/smollm2.sh); then
+  smol=(python train.py --init="$real" --reward_fn=lab.sentiment:vader_reward --prompts=prompts/reviews.txt
+        --jstar_samples=0 --eval_every=0 --sample_every=0 --iters=5 --batch_size=64 --minibatch_size=32
+        --max_new_tokens=128 --lr=1e-5 --cuda_graph=1)
+  step smollm2_full "${smol[@]}" --out_dir="$out/smollm2_full"
+  step smollm2_lora "${smol[@]}" --out_dir="$out/smollm2_lora" --lora_r=8
+else
+  echo "== smollm2: skipped, no real model here (docs/gpu.md says how to bring it)"
+fi
 exit $status

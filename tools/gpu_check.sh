@@ -3,7 +3,9 @@
 #   1. the default run (the embedded task) on the GPU, bf16;
 #   2. Pythia-160M and 1B shapes (random weights, tools/gpu_models.py), a 124M reward model, HH-style prompts,
 #      at the default lr for --init; 3. the 1B shape at the tiny task's lr 3e-5: the KL guard stops it;
-#   4. experiments/bench.py at the 124M shape; 5. torchrun over NCCL with one process; 6. the test suite.
+#   4. experiments/bench.py at the 124M shape; 5. torchrun over NCCL with one process; 6. the test suite;
+#   7. where the real model can be had (tools/smollm2.sh: its folder, its GGUF file or its package), SmolLM2-135M's
+#   real weights against the sentiment reward, full fine-tune and LoRA.
 # Needs GPT-2's BPE (tiktoken's r50k_base): the network, or TIKTOKEN_CACHE_DIR.
 # Run: bash tools/gpu_check.sh [out_dir]      APA_GPU_CHECK_TINY=1: tiny shapes and no suite, a dry run on a CPU
 set -euo pipefail
@@ -42,6 +44,17 @@ step bench python -m experiments.bench "${bench[@]}" || status=1
 tail -3 "$out/bench.log"
 step nccl python -m torch.distributed.run --standalone --nproc_per_node=1 train.py --out_dir="$out/nccl" \
   --sft_dir="$out/sft" --iters=3 $([ "$tiny" = 1 ] && echo --sft_steps=5) || status=1
+if real=$(bash tools/smollm2.sh); then                                 # the real model, where it can be had
+  sentiment=(--init="$real" --reward_fn=lab.sentiment:vader_reward --prompts=prompts/reviews.txt
+             --eval_prompts=prompts/reviews_eval.txt --eval_every=2 --eval_samples=64 --jstar_samples=0 --sample_every=2
+             --lr=1e-5)
+  step smollm2 python train.py "${sentiment[@]}" --out_dir="$out/smollm2_full" "${small[@]}" --max_new_tokens="${tokens[0]}" \
+    || status=1
+  step smollm2-lora python train.py "${sentiment[@]}" --out_dir="$out/smollm2_lora" "${small[@]}" \
+    --max_new_tokens="${tokens[0]}" --lora_r=8 || status=1
+else
+  echo "== smollm2: skipped, no real model here (docs/gpu.md says how to bring it)"
+fi
 if [ "$tiny" != 1 ]; then
   echo "== suite: python -m pytest -q"
   python -m pytest -q 2>&1 | tee "$out/suite.log" | tail -3 || status=1

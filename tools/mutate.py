@@ -89,6 +89,10 @@ PAPER_RUN = ("tests/test_compare.py::test_the_paper_setting_runs_every_algorithm
              "metrics")
 AUTHORS = ("test_losses.py::test_token_mdp_authors_configuration_is_the_paper_forms_fixed_point_for_s_lambda_or_"
            "collapses")
+SAME_REWARDS = ["tests/test_train.py::test_same_rewards_judges_the_first_batch_of_all_processes",
+                "tests/test_train.py::test_a_run_whose_rewards_are_all_equal_says_so_once"]
+SMOLLM2_WEIGHTS = "tests/test_smollm2.py::test_the_folder_holds_the_gguf_files_weights_exactly"
+VADER = "tests/test_smollm2.py::test_vader_reward_reads_real_text"
 
 # (name, file, original snippet, replacement[, tests]): each a bug someone could plausibly write; without
 # tests of its own, a mutation runs TESTS
@@ -688,6 +692,18 @@ MUTATIONS = [
     ("minimal.py: pi_init pre-trained without its fixed seed", "minimal.py",
      "    torch.manual_seed(1234)                                              # the same pi_init for every run seed\n",
      "", [MINIMAL_PRETRAIN]),
+    # a real model (lab/smollm2.py), its reward (lab/sentiment.py), and a run that cannot learn (lab/checks.py)
+    ("equal rewards warned about at every batch", "lab/checks.py", "self.judged = len(scores) > 1",
+     "self.judged = False", SAME_REWARDS),
+    ("equal rewards judged in every batch, the late ones too", "lab/checks.py", "        if self.judged:\n            return\n",
+     "", SAME_REWARDS),
+    ("equal rewards judged by a batch of one response", "lab/checks.py", "self.judged = len(scores) > 1",
+     "self.judged = len(scores) > 0", SAME_REWARDS),
+    ("the GGUF model rebuilt without its weights", "lab/smollm2.py",
+     "        lm.load_state_dict(gguf_lm.state_dict())", "", [SMOLLM2_WEIGHTS]),
+    ("VADER's positive share as the reward", "lab/sentiment.py", '["compound"]', '["pos"]', [VADER]),
+    ("--init with a GGUF file handed on to transformers", "lab/checks.py", 'if cfg.init.endswith(".gguf"):', "if False:",
+     ["tests/test_train.py::test_init_with_a_gguf_file_says_how_to_convert_it"]),
 ]
 
 
