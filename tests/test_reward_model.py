@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 import data
 import reward_model
@@ -62,6 +62,7 @@ def test_bradley_terry_loss_against_a_python_loop():
     torch.manual_seed(0)
     chosen, rejected = torch.randn(50, dtype=torch.float64) * 3, torch.randn(50, dtype=torch.float64) * 3  # (B,)
     chosen[:2], rejected[:2] = torch.tensor([100.0, -100.0]), torch.tensor([-100.0, 100.0])  # no overflow
+    chosen[2:5] = rejected[2:5]                                                 # ties: not ordered right
     loss, stats = reward_model.bradley_terry_loss(chosen, rejected)
     want_loss, want_accuracy, want_margin = slow_bradley_terry(chosen.tolist(), rejected.tolist())
     assert loss.item() == pytest.approx(want_loss, rel=1e-6) and math.isfinite(loss.item())
@@ -169,6 +170,66 @@ def test_annotator_prefers_y1_with_probability_sigmoid_of_the_gap_over_beta():
         assert abs(first.float().mean().item() - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-9, gap
 
 
+def test_spearman_of_a_value_that_is_not_finite_is_nan():
+    assert math.isnan(reward_model.spearman([0.0, 1.0, float("nan")], [0.0, 1.0, 2.0]))
+    assert math.isnan(reward_model.spearman([0.0, 1.0, 2.0], [0.0, float("inf"), 2.0]))
+
+
+def slow_held_out(r, true, prompts):
+    """held_out_stats's accuracy, accuracy against R and slope within prompts, pair by pair in Python floats."""
+    r, true = r.tolist(), true.tolist()
+    sign = lambda v: (v > 0) - (v < 0)  # noqa: E731
+    untied = [k for k, t in enumerate(true) if t[0] != t[1]]
+    mean = {p: [sum(v[k][j] for k in range(len(v)) if prompts[k] == p for j in (0, 1)) / (2 * prompts.count(p))
+                for v in (r, true)] for p in set(prompts)}
+    rc = [r[k][j] - mean[prompts[k]][0] for k in range(len(r)) for j in (0, 1)]
+    tc = [true[k][j] - mean[prompts[k]][1] for k in range(len(r)) for j in (0, 1)]
+    return {"accuracy": sum(a > b for a, b in r) / len(r),
+            "accuracy_true": sum(sign(r[k][0] - r[k][1]) == sign(true[k][0] - true[k][1]) for k in untied) / len(untied),
+            "slope": sum(a * b for a, b in zip(rc, tc)) / sum(b * b for b in tc)}
+
+
+def test_held_out_stats_against_a_python_loop_and_the_slope_within_prompts_is_one_over_beta():
+    """At the population minimiser r = R / beta + c(x), the slope of r on R within prompts is 1 / beta exactly,
+    whatever c(x); pooled over prompts it is not, since each prompt's c(x) moves its responses together. An untrained
+    model (every r equal) orders no pair, against the labels or against R."""
+    g = torch.Generator().manual_seed(0)
+    n, beta = 90, 0.5
+    prompts = [f"prompt {k % 3}" for k in range(n)]
+    c = torch.tensor([[4.0], [-3.0], [0.5]], dtype=torch.float64)[[k % 3 for k in range(n)]]  # (n, 1) c(x)
+    true = torch.randn(n, 2, generator=g, dtype=torch.float64) + c / 2                       # R's means differ too
+    true[:6, 1] = true[:6, 0]                                                               # ties of R
+    r = true / beta + c
+    stats = reward_model.held_out_stats(r, true, prompts)
+    assert stats["slope"] == pytest.approx(1 / beta, abs=1e-12) and stats["accuracy_true"] == 1 and stats["ties"] == 6
+    pooled = torch.cov(torch.stack([r.flatten(), true.flatten()]))[0, 1] / true.flatten().var()
+    assert abs(pooled - 1 / beta) > 0.5                                       # the pooled slope misses 1 / beta
+    noisy = r + torch.randn(n, 2, generator=g, dtype=torch.float64) * 3
+    noisy[10:14, 1] = noisy[10:14, 0]                                         # ties of r
+    for scores in (noisy, -noisy, torch.zeros(n, 2, dtype=torch.float64)):
+        got, want = reward_model.held_out_stats(scores, true, prompts), slow_held_out(scores, true, prompts)
+        assert {k: got[k] for k in want} == pytest.approx(want, abs=1e-12)
+    untrained = reward_model.held_out_stats(torch.zeros(n, 2), true, prompts)
+    assert untrained["accuracy"] == 0 and untrained["accuracy_true"] == 0
+    assert reward_model.held_out_stats(torch.zeros(n, 2)) == {"pairs": n, "accuracy": 0.0}
+
+
+def test_the_classifier_starts_from_pi_inits_network_and_a_score_head_of_zero():
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2, eos_token_id=5)).eval()
+    rm = reward_model.reward_model_from(lm, 7)
+    assert rm.config.num_labels == 1 and rm.config.pad_token_id == 7
+    theirs = rm.base_model.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in lm.transformer.state_dict().items())
+    assert not rm.score.weight.any()                                          # every reward 0 at the start
+    ids = [[1, 2, 3], [4, 9]]
+    assert reward_model.rewards(rm, ids, 7).tolist() == [0.0, 0.0]
+    with torch.no_grad():
+        rm.score.weight.normal_()
+        want = [rm.score(lm.transformer(torch.tensor([t])).last_hidden_state[0, -1]).item() for t in ids]
+        assert reward_model.rewards(rm, ids, 7).tolist() == pytest.approx(want, abs=1e-5)
+
+
 def test_spearman_against_a_python_loop():
     x = [0.3, -1.2, 0.3, 2.0, 0.3, -1.2, 5.0, 0.0]                             # ties on both sides
     y = [1.0, 0.5, -0.5, 1.0, 0.0, 0.5, 0.5, -1.0]
@@ -185,15 +246,21 @@ def test_spearman_against_a_python_loop():
 # ----------------------------------------------------------------------------------------------
 # the pairs of the embedded task, and the trained model against the true reward
 
-def test_task_pairs_are_seeded_and_carry_their_true_rewards(sft_dir):
-    cfg = reward_model.Config(**TINY, sft_dir=sft_dir)
+def test_task_pairs_are_seeded_and_carry_their_true_rewards(sft_dir, monkeypatch):
+    """The pairs are the same for the same seed, each carries R of its two responses, and the annotator labels them
+    with those rewards R at cfg.beta (not R / beta, which would label at beta squared)."""
+    cfg = reward_model.Config(**TINY, sft_dir=sft_dir, beta=0.5)
     enc = data.task_encoding()
     lm = runs.load_pi_init(cfg, enc, [], [], torch.device("cpu"))
-    drawn = []
+    drawn, labelled, annotate = [], [], reward_model.annotate
+    monkeypatch.setattr(reward_model, "annotate",
+                        lambda r1, r2, beta: labelled.append((r1, r2, beta, annotate(r1, r2, beta))) or labelled[-1][3])
     for _ in range(2):
         torch.manual_seed(3)
         drawn.append(reward_model.task_pairs(cfg, lm, enc, data.task_prompts(), 64, torch.device("cpu")))
     (pairs, true), (again, true_again) = drawn
+    r1, r2, beta, first = labelled[0]
+    assert beta == 0.5 and torch.equal(torch.where(first, r1, r2), true[:, 0]) and torch.equal(torch.where(first, r2, r1), true[:, 1])
     assert pairs == again and torch.equal(true, true_again) and true.shape == (64, 2)
     assert [p for p, _, _ in pairs] != [pairs[0][0]] * 64 and all(p in data.task_prompts() for p, _, _ in pairs)
     for column, k in ((0, 1), (1, 2)):                                          # R(chosen), R(rejected)
@@ -226,6 +293,111 @@ def test_the_folder_loads_as_a_one_label_classifier_and_train_py_reads_the_same_
     assert max(theirs) - min(theirs) > 0.1                                        # a trained model, not a constant
     history = train.main(tiny_args(sft_dir, tmp_path / "rl", reward_model=out, iters=2))
     assert len(history) == 2 and all(math.isfinite(h["reward"]) for h in history)
+
+
+def test_the_two_responses_of_a_pair_answer_its_prompt(monkeypatch):
+    """Each pair is two responses to one prompt: with a sampler that answers each prompt with the prompt itself,
+    each pair's two texts are its prompt."""
+    enc = data.task_encoding()
+    monkeypatch.setattr(reward_model, "generate", lambda lm, ids, mask, *_: (ids, None, None))  # the prompt echoed
+    torch.manual_seed(0)
+    pairs, _ = reward_model.task_pairs(reward_model.Config(), None, enc, data.task_prompts(), 200, torch.device("cpu"))
+    assert len({p for p, _, _ in pairs}) > 20
+    assert all(chosen == rejected == prompt for prompt, chosen, rejected in pairs)
+
+
+@pytest.fixture(scope="module")
+def spied(sft_dir, tmp_path_factory):
+    """A short run on the embedded task (36 pairs to train on, 9 held out, batches of 16: the last one partial,
+    2 epochs: 6 steps), recording the prompts its pairs are drawn on, and the learning rate and gradient norm of each
+    optimizer step."""
+    drawn, steps = [], []
+    task_pairs = reward_model.task_pairs
+
+    class AdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            norm = torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"] if p.grad is not None]).norm()
+            steps.append((self.param_groups[0]["lr"], norm.item()))
+            return super().step(closure)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(reward_model, "task_pairs", lambda cfg, lm, enc, prompts, n, device: drawn.append((prompts, n))
+                   or task_pairs(cfg, lm, enc, prompts, n, device))
+        mp.setattr(torch.optim, "AdamW", AdamW)
+        out = str(tmp_path_factory.mktemp("spied") / "rm")
+        reward_model.main(rm_args(sft_dir, out, pairs=45, held_out=0.2, batch_size=16, epochs=2, lr=1e-2,
+                                  max_grad_norm=1e-3, max_new_tokens=6))
+    return drawn, steps
+
+
+def test_the_held_out_pairs_are_drawn_on_the_held_out_prompts(spied):
+    drawn, _ = spied
+    assert [(n, prompts == data.task_prompts(), prompts == data.task_eval_prompts()) for prompts, n in drawn] == [
+        (36, True, False), (9, False, True)]
+    assert not set(data.task_prompts()) & set(data.task_eval_prompts())
+
+
+def test_the_learning_rate_decays_linearly_to_zero_over_every_step_the_last_partial_batch_included(spied):
+    _, steps = spied
+    assert [lr for lr, _ in steps] == pytest.approx([1e-2 * (1 - s / 6) for s in range(6)], rel=1e-12)
+
+
+def test_gradients_are_clipped_to_max_grad_norm(spied):
+    _, steps = spied
+    norms = [norm for _, norm in steps]
+    assert max(norms) <= 1e-3 * (1 + 1e-4) and min(norms) == pytest.approx(1e-3, rel=1e-4), norms
+
+
+def test_a_text_longer_than_the_context_is_read_as_train_py_reads_it(trained):
+    """The embedded task's responses may be longer than the context: training keeps their last tokens, as
+    lab/hf.reward_model_fn does when it scores them."""
+    _, out = trained
+    enc = data.task_encoding()
+    rm = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    prompts, completions = ["the movie was", "the plot felt"], [" great and superb" * 12 + " but dull", " dull" * 40]
+    tokens = reward_model.tokenize([(p, c, " fine.") for p, c in zip(prompts, completions)], enc, 32)
+    assert all(len(t) == 32 for t, _ in tokens) and len(reward_model.encode(enc, prompts[0] + completions[0])) > 40
+    with torch.no_grad():
+        ours = reward_model.rewards(rm, [t for t, _ in tokens], enc.eot_token)
+    theirs = reward_model_fn(out, enc, torch.device("cpu"))(prompts, completions)
+    assert theirs == pytest.approx(ours.tolist(), abs=1e-5)
+
+
+def tokenizer_with_pad_and_start(path):
+    """test_models.py's BPE with a pad token and a start token of its own, which it puts before every text."""
+    from test_models import bpe
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer.from_str(bpe().to_str())
+    tok.add_special_tokens(["<pad>", "<s>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>", bos_token="<s>")
+    fast.save_pretrained(path)
+    return fast
+
+
+def test_init_with_a_pad_and_a_start_token_of_its_own_trains_on_the_tokens_train_py_scores(tmp_path):
+    """A tokenizer with a pad token other than its end-of-text and a start token it adds: the reward model pads with
+    that pad token and trains on texts with the start token, and a text longer than the context is cut on the left,
+    as lab/hf.reward_model_fn reads them at RL time."""
+    from test_models import make_config
+    from transformers import AutoModelForCausalLM
+    tok = tokenizer_with_pad_and_start(tmp_path / "init")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(make_config("gpt2", len(tok), tok.eos_token_id)).save_pretrained(tmp_path / "init")
+    out = str(tmp_path / "rm")
+    reward_model.main([f"--init={tmp_path / 'init'}", f"--out_dir={out}", "--pairs=40", "--epochs=1", "--lr=1e-2",
+                       "--max_new_tokens=8", "--device=cpu"])
+    rm = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    enc = HFTokenizer(out)
+    assert rm.config.pad_token_id == tok.pad_token_id != tok.eos_token_id
+    prompts, completions = ["the movie was", "the plot felt", "the cast"], [" great.", " dull" * 80, " fine but slow"]
+    tokens = [t for t, _ in reward_model.tokenize([(p, c, "") for p, c in zip(prompts, completions)], enc, 64)]
+    assert all(t[0] == tok.bos_token_id for t in tokens) and len(tokens[1]) == 64
+    with torch.no_grad():
+        ours = reward_model.rewards(rm, tokens, tok.pad_token_id)
+    theirs = reward_model_fn(out, data.task_encoding(), torch.device("cpu"))(prompts, completions)
+    assert theirs == pytest.approx(ours.tolist(), abs=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,7 +472,7 @@ def test_a_preference_file_trains_and_holds_out_a_share_of_its_pairs(sft_dir, tm
 def test_an_out_dir_that_holds_something_else_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     text = one_line_error(reward_model.main, rm_args(str(tmp_path / "sft"), str(tmp_path)))
-    assert "holds files but no reward model" in text and (tmp_path / "notes.txt").exists()
+    assert "holds files that are not a reward model" in text and (tmp_path / "notes.txt").exists()
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama"])
