@@ -257,7 +257,7 @@ def train(cfg, known=None):
         prompts, prompt_tokens = load_train_prompts(cfg, enc)
         reward_fn = (hf.reward_model_fn(cfg.reward_model, enc, device) if cfg.reward_model  # a model, or a function
                      else load_reward_fn(cfg.reward_fn))
-        gold_fn = load_reward_fn(cfg.gold_fn) if cfg.gold_fn else None   # the judge
+        gold_fn = load_reward_fn(cfg.gold_fn, "gold function") if cfg.gold_fn else None  # the judge
         eval_prompts, eval_tokens = load_eval_prompts(cfg, enc)          # held out: never trained on
         ref_lm = runs.load_pi_init(cfg, enc, prompt_tokens, eval_tokens, device)  # --init, or the tiny GPT (cached)
     set_cpu_threads(cfg, device)                                         # the tiny GPT: one thread (docs/models.md)

@@ -493,3 +493,183 @@ def test_init_with_its_own_tokenizer_saves_it_and_train_py_reads_the_same_scores
                                     enc.eot_token)
     theirs = reward_model_fn(out, data.task_encoding(), torch.device("cpu"))(prompts, completions)
     assert theirs == pytest.approx(ours.tolist(), abs=1e-5) and ours[0] != ours[1]
+
+
+def test_a_files_split_holds_out_a_share_of_its_distinct_pairs_and_no_training_pair(tmp_path, capsys):
+    pairs = [("p", f" good {i % 7}", f" bad {i % 7}", i + 1) for i in range(20)]   # 7 distinct pairs, repeated
+    torch.manual_seed(0)
+    train_idx, test_idx = reward_model.split(pairs, 0.3)
+    assert sorted(train_idx + test_idx) == list(range(20))
+    held = {pairs[i][:3] for i in test_idx}
+    assert len(held) == 2 and not held & {pairs[i][:3] for i in train_idx}
+    distinct = [("p", f" good {i}", f" bad {i}", i + 1) for i in range(10)]
+    train_idx, test_idx = reward_model.split(distinct, 0.2)
+    assert len(test_idx) == 2 and sorted(train_idx + test_idx) == list(range(10))
+    same = write_lines(tmp_path / "same.jsonl", [json.dumps({"prompt": "a", "chosen": " b", "rejected": " c"})] * 6)
+    text = one_line_error(reward_model.main, rm_args(str(tmp_path / "sft"), str(tmp_path / "out"), preferences=same))
+    assert f"error: {same} holds 1 distinct pair in 6 lines: too few to hold out a share" == text
+    assert not os.path.exists(tmp_path / "sft") and not os.path.exists(tmp_path / "out")   # before any work
+
+
+# ----------------------------------------------------------------------------------------------
+# nothing lost: out_dir replaced whole, only if it is a reward model, one run at a time
+
+def folder(path, files):
+    os.makedirs(path, exist_ok=True)
+    for name, text in files.items():
+        (path / name).write_text(text)
+    return {p.name: p.read_text() for p in path.iterdir()}
+
+
+def test_a_folder_replaced_and_interrupted_at_any_moment_is_the_old_or_the_new_one_whole(tmp_path, monkeypatch):
+    """lab/runs.replace_folder, stopped (Ctrl-C) while it writes, just before the swap, or after it: the folder is the
+    earlier one or the new one, whole, and nothing else is left beside it. With the fallback of two renames too."""
+    path = tmp_path / "rm"
+    old = folder(path, {"config.json": "old", "metrics.json": "old", "tokenizer.json": "old"})
+    new = {"config.json": "new", "metrics.json": "new"}
+    def write(tmp, stop_after=None):
+        os.makedirs(tmp)
+        for i, (name, text) in enumerate(new.items()):
+            if i == stop_after:
+                raise KeyboardInterrupt
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(text)
+    contents = lambda: {p.name: p.read_text() for p in path.iterdir()}  # noqa: E731
+    for stop in (0, 1):                                                   # while writing
+        with pytest.raises(KeyboardInterrupt):
+            runs.replace_folder(str(path), lambda tmp: write(tmp, stop))
+        assert contents() == old and os.listdir(tmp_path) == ["rm"]
+    for swap in (runs.exchange, lambda a, b: False):                      # renameat2, or two renames
+        monkeypatch.setattr(runs, "exchange", lambda a, b: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):                            # just before the swap
+            runs.replace_folder(str(path), write)
+        assert contents() == old and os.listdir(tmp_path) == ["rm"]
+        monkeypatch.setattr(runs, "exchange", swap)
+        runs.replace_folder(str(path), write)
+        assert contents() == new and os.listdir(tmp_path) == ["rm"]
+        folder(path, old)                                                 # the earlier model again
+    renames = []
+    real_replace = os.replace
+    def replace_then_stop(a, b):                                          # the fallback, stopped between its renames
+        renames.append((a, b))
+        if len(renames) == 2:
+            raise KeyboardInterrupt
+        real_replace(a, b)
+    monkeypatch.setattr(runs, "exchange", lambda a, b: False)
+    monkeypatch.setattr(os, "replace", replace_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        runs.replace_folder(str(path), write)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert contents() == old and os.listdir(tmp_path) == ["rm"]
+
+
+KILLED = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from lab import runs
+def write(tmp):
+    os.makedirs(tmp)
+    open(os.path.join(tmp, "config.json"), "w").write("new")
+    if {when!r} == "writing":
+        os.kill(os.getpid(), signal.SIGKILL)
+exchange = runs.exchange
+def exchange_then_die(a, b):
+    exchange(a, b)
+    os.kill(os.getpid(), signal.SIGKILL)
+if {when!r} == "swapped":
+    runs.exchange = exchange_then_die
+runs.replace_folder({path!r}, write)
+"""
+
+
+@pytest.mark.parametrize("when", ["writing", "swapped"])
+def test_a_save_killed_leaves_one_model_whole_and_the_next_save_removes_what_it_left(tmp_path, when):
+    """SIGKILL runs no clean-up: killed while it writes, the earlier model stays; killed just after the swap, the new
+    one is there. Either way a temporary folder of the dead process is left, and the next save removes it."""
+    path = tmp_path / "rm"
+    folder(path, {"config.json": "old"})
+    proc = subprocess.run([sys.executable, "-c", KILLED.format(root=ROOT, when=when, path=str(path))])
+    assert proc.returncode == -9
+    assert (path / "config.json").read_text() == ("old" if when == "writing" else "new")
+    assert os.listdir(path) == ["config.json"] and len(os.listdir(tmp_path)) == 2       # rm and rm.tmpPID
+    runs.replace_folder(str(path), lambda tmp: folder(__import__("pathlib").Path(tmp), {"config.json": "third"}))
+    assert os.listdir(tmp_path) == ["rm"] and (path / "config.json").read_text() == "third"
+
+
+def test_a_folder_that_is_not_this_scripts_reward_model_is_never_replaced(trained, tmp_path):
+    _, out = trained
+    assert reward_model.is_reward_model(out) and reward_model.is_reward_model(str(tmp_path / "none"))
+    other = {"metrics.json": json.dumps({"loss": 0.5, "config": {"lr": 1}}), "results.csv": "a,b\n", "notes.txt": "mine"}
+    for files in (other, {"metrics.json": other["metrics.json"]}, {"notes.txt": "mine"}):
+        target = tmp_path / f"out{len(files)}"
+        before = folder(target, files)
+        assert not reward_model.is_reward_model(str(target))
+        text = one_line_error(reward_model.main, rm_args(str(tmp_path / "sft"), str(target)))
+        assert "holds files that are not a reward model" in text and str(target) in text
+        assert {p.name: p.read_text() for p in target.iterdir()} == before
+    mixed = tmp_path / "mixed"
+    folder(mixed, {name: open(os.path.join(out, name), "rb").read().decode("latin-1") for name in os.listdir(out)})
+    (mixed / "notes.txt").write_text("mine")                              # a reward model, and a file of yours
+    assert not reward_model.is_reward_model(str(mixed))
+
+
+def test_two_runs_on_one_out_dir_are_stopped_at_a_lock(tmp_path):
+    out = tmp_path / "rm"
+    with runs.exclusive(str(out)):                                        # a run of reward_model.py or train.py in it
+        text = one_line_error(reward_model.main, rm_args(str(tmp_path / "sft"), str(out)))
+    assert text == f"error: another run is using {out}: wait for it to end, or choose another --out_dir"
+    assert not os.path.exists(tmp_path / "sft")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(lr=1e6), "lr must be in [0, 0.1]"),
+    (dict(sft_steps=0), "sft_steps must be > 0"),
+    (dict(seed=-1), "seed must be >= 0"),
+    (dict(threads=10 ** 9), "threads must be in [0, "),
+    (dict(pairs=2, held_out=0.9), "held_out must be small enough that a pair is left to train on: 2 of --pairs=2"),
+    (dict(n_embd=30, n_head=4), "n_embd must be > 0 and divisible by n_head=4"),
+    (dict(preferences="missing.jsonl"), "--preferences=missing.jsonl does not exist"),
+])
+def test_nonsense_is_refused_before_any_work_in_one_line_naming_it(tmp_path, flags, message):
+    text = one_line_error(reward_model.main, rm_args(str(tmp_path / "sft"), str(tmp_path / "out"), **flags))
+    assert text.startswith("error: ") and message in text, text
+    assert not os.path.exists(tmp_path / "sft") and not os.path.exists(tmp_path / "out")
+
+
+def test_an_out_dir_that_is_a_file_or_under_one_is_named_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("x")
+    text = one_line_error(reward_model.main, rm_args(str(tmp_path / "sft"), str(tmp_path / "file")))
+    assert text == f"error: out_dir {tmp_path / 'file'} is a file, not a folder: give a new or empty folder"
+    text = one_line_error(reward_model.main, rm_args(str(tmp_path / "sft"), str(tmp_path / "file" / "rm")))
+    assert text == f"error: out_dir {tmp_path / 'file' / 'rm'} cannot be written: {tmp_path / 'file'} is a file"
+    assert not os.path.exists(tmp_path / "sft")
+
+
+def test_a_resume_after_the_reward_model_changed_is_refused(sft_dir, tmp_path):
+    """The checkpoint keeps what identifies the reward model's folder: a resume against the same model continues, one
+    against a model trained again into the same folder would change the reward mid-run, and is refused."""
+    from transformers import GPT2ForSequenceClassification
+    enc = data.task_encoding()
+    def save_reward_model(seed):
+        torch.manual_seed(seed)
+        GPT2ForSequenceClassification(GPT2Config(vocab_size=enc.n_vocab, n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                                                 num_labels=1, pad_token_id=enc.eot_token)).save_pretrained(tmp_path / "rm")
+    save_reward_model(0)
+    args = dict(reward_model=str(tmp_path / "rm"), gold_fn="data:sentiment_reward", ckpt_every=1)
+    train.main(tiny_args(sft_dir, tmp_path / "run", iters=2, **args))
+    train.main(tiny_args(sft_dir, tmp_path / "run", iters=3, resume=1, **args))         # the same model: it continues
+    save_reward_model(1)
+    text = one_line_error(train.main, tiny_args(sft_dir, tmp_path / "run", iters=4, resume=1, **args))
+    assert text.startswith(f"error: --resume would mix two rewards: the reward model {tmp_path / 'rm'} changed"), text
+
+
+def test_messages_name_the_gold_function_and_both_sizes_of_a_vocabulary_too_small(tmp_path):
+    text = one_line_error(train.main, tiny_args(str(tmp_path / "sft"), tmp_path / "run", gold_fn="no_such_module:f"))
+    assert text == "error: gold function 'no_such_module:f' not found: no module 'no_such_module' (expected 'module:function')"
+    from transformers import GPT2ForSequenceClassification
+    enc = data.task_encoding()
+    GPT2ForSequenceClassification(GPT2Config(vocab_size=100, n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                                             num_labels=1, pad_token_id=0)).save_pretrained(tmp_path / "small")
+    with pytest.raises(ValueError, match=f"reward model {tmp_path / 'small'} has 100 token embeddings, but the "
+                                         f"tokenizer it reads with \\({enc.name}\\) has {enc.n_vocab} tokens"):
+        reward_model_fn(str(tmp_path / "small"), enc, torch.device("cpu"))
