@@ -83,7 +83,7 @@ def replace_folder(path, write):
     the earlier folder is first renamed to path.oldPID: a kill between the two renames leaves both there."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     remove_stale(path)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = path + f".tmp{os.getpid()}"
     try:
         write(tmp)
         if not os.path.isdir(path):

@@ -80,6 +80,21 @@ SAMPLE_N = "tests/test_reliability.py::test_sample_prints_as_many_completions_as
 PIPE = "tests/test_reliability.py::test_prompts_from_a_named_pipe_are_read_once"
 SCORE_SHAPES = "tests/test_reliability.py::test_scores_are_one_number_a_completion_as_a_row_or_a_column"
 
+# the reward model and the judge (third pass)
+RM = "tests/test_reward_model.py::test_"
+HELD_OUT_STATS = RM + "held_out_stats_against_a_python_loop_and_the_slope_within_prompts_is_one_over_beta"
+TASK_PAIRS = RM + "task_pairs_are_seeded_and_carry_their_true_rewards"
+SPLIT = RM + "a_files_split_holds_out_a_share_of_its_distinct_pairs_and_no_training_pair"
+PAD_AND_START = RM + "init_with_a_pad_and_a_start_token_of_its_own_trains_on_the_tokens_train_py_scores"
+CLASSIFIER = RM + "the_classifier_starts_from_pi_inits_network_and_a_score_head_of_zero"
+EVAL_GOLD = "tests/test_judge.py::test_the_held_out_evaluation_reports_the_judges_mean_each_response_against_its_prompt"
+JUDGE_LOGGED = "tests/test_judge.py::test_the_judge_is_logged_and_never_trained_on"
+JUDGE_EXACT = "tests/test_judge.py::test_exact_eval_reports_the_judge_and_the_loss_against_the_frontier"
+FRONTIER_SPLIT = "tests/test_judge.py::test_the_frontier_is_the_best_split_of_the_kl_between_the_prompts"
+FRONTIER_SCALE = "tests/test_judge.py::test_the_frontier_follows_the_judges_scale"
+RM_TABLE = "tests/test_compare.py::test_the_rm_table_shows_each_column_from_its_own_key"
+RM_PROMPTS = "tests/test_compare.py::test_the_rm_settings_held_out_prompts_are_held_out_openings"
+
 # (name, file, original snippet, replacement[, tests]): each a bug someone could plausibly write; without
 # tests of its own, a mutation runs TESTS
 MUTATIONS = [
@@ -191,7 +206,8 @@ MUTATIONS = [
      ["tests/test_exact.py::test_exact_eval_matches_brute_force_enumeration"]),
     ("lam may change on resume", "lab/runs.py",
      'RESUME_MAY_CHANGE = {"iters",', 'RESUME_MAY_CHANGE = {"lam", "iters",', [RESUME_RULES]),
-    ("Ctrl-C mid-write leaves the temporary file", "lab/runs.py", "    except BaseException:\n", "    except Exception:\n",
+    ("Ctrl-C mid-write leaves the temporary file", "lab/runs.py", "        os.replace(tmp, path)\n    except BaseException:\n",
+     "        os.replace(tmp, path)\n    except Exception:\n",
      ["tests/test_reliability.py::test_an_interrupted_atomic_write_leaves_no_temporary_file"]),
     ("one NaN among finite scores passes", "data.py",
      "if not torch.isfinite(scores).all():", "if not torch.isfinite(scores).any():", [REWARD_FAILURES]),
@@ -470,6 +486,87 @@ MUTATIONS = [
      "p = torch.sigmoid(rewards1 - rewards2)", [REWARD_MODEL_PY]),
     ("the task's pairs: chosen and rejected swapped, their true rewards not", "reward_model.py",
      "((y1, y2) if first[k] else (y2, y1))", "((y2, y1) if first[k] else (y1, y2))", [REWARD_MODEL_PY]),
+    # the reward model, third pass: each bug that passed the suite, against the test that now catches it
+    ("Bradley-Terry's accuracy counts a tie as ordered right", "reward_model.py",
+     '"accuracy": (margin > 0)', '"accuracy": (margin >= 0)', [RM + "bradley_terry_loss_against_a_python_loop"]),
+    ("the held-out accuracy counts a tie as ordered right", "reward_model.py",
+     '"accuracy": (r[:, 0] > r[:, 1])', '"accuracy": (r[:, 0] >= r[:, 1])', [HELD_OUT_STATS]),
+    ("the accuracy against R counts a tie of r as agreeing", "reward_model.py",
+     "agree = torch.sign(r[:, 0] - r[:, 1]) == torch.sign(true[:, 0] - true[:, 1])",
+     "agree = (r[:, 0] > r[:, 1]) == (true[:, 0] > true[:, 1])", [HELD_OUT_STATS]),
+    ("the slope regresses R on r", "reward_model.py", "/ (true_c ** 2).sum()).item()", "/ (r_c ** 2).sum()).item()",
+     [HELD_OUT_STATS]),
+    ("the slope's sign flipped", "reward_model.py", 'stats["slope"] = ((r_c * true_c).sum()',
+     'stats["slope"] = (-(r_c * true_c).sum()', [HELD_OUT_STATS]),
+    ("the slope pooled over prompts", "reward_model.py",
+     "group = torch.tensor(np.unique(prompts, return_inverse=True)[1]).repeat_interleave(2)",
+     "group = torch.zeros(2 * len(r), dtype=torch.long)", [HELD_OUT_STATS]),
+    ("spearman of a NaN a number", "reward_model.py",
+     "    if not (np.isfinite(x).all() and np.isfinite(y).all()):\n        return math.nan\n", "",
+     [RM + "spearman_of_a_value_that_is_not_finite_is_nan"]),
+    ("the annotator at beta squared", "reward_model.py", "first = annotate(true[:, 0], true[:, 1], cfg.beta)",
+     "first = annotate(true[:, 0] / cfg.beta, true[:, 1] / cfg.beta, cfg.beta)", [TASK_PAIRS]),
+    ("a pair's two responses answer two prompts", "reward_model.py",
+     "idx = torch.randint(len(prompts), (n,)).repeat_interleave(2).tolist()",
+     "idx = torch.randint(len(prompts), (2 * n,)).tolist()", [RM + "two_responses_of_a_pair_answer_its_prompt"]),
+    ("the held-out pairs drawn on the training prompts", "reward_model.py",
+     "task_pairs(cfg, lm, enc, eval_prompts, n_eval, device)", "task_pairs(cfg, lm, enc, prompts, n_eval, device)",
+     [RM + "held_out_pairs_are_drawn_on_the_held_out_prompts"]),
+    ("a file's held-out split overlaps its training split by one pair", "reward_model.py",
+     "train = {distinct[i] for i in order[n_eval:]}", "train = {distinct[i] for i in order[n_eval - 1:]}", [SPLIT]),
+    ("a file's split on lines, not distinct pairs", "reward_model.py",
+     "keys = [tuple(pair[:3]) for pair in pairs]", "keys = [tuple(pair) for pair in pairs]", [SPLIT]),
+    ("a file of one repeated pair accepted", "reward_model.py", "        if distinct < 2:", "        if distinct < 1:",
+     [SPLIT]),
+    ("the reward model pads with end-of-text though its tokenizer has a pad token", "reward_model.py",
+     "pad_id = enc.tok.pad_token_id if isinstance(enc, HFTokenizer) else enc.eot_token", "pad_id = enc.eot_token",
+     [PAD_AND_START]),
+    ("training texts encoded without the tokenizer's special tokens", "reward_model.py",
+     'return enc.tok(text, truncation=bool(context), max_length=context)["input_ids"]',
+     'return enc.tok(text, truncation=bool(context), max_length=context, add_special_tokens=False)["input_ids"]',
+     [PAD_AND_START]),
+    ("a long text keeps its first tokens in training", "reward_model.py",
+     "return enc.encode_ordinary(text)[-context:] if context", "return enc.encode_ordinary(text)[:context] if context",
+     [RM + "text_longer_than_the_context_is_read_as_train_py_reads_it"]),
+    ("a Hugging Face tokenizer cuts long texts on the right", "reward_model.py",
+     'enc.tok.padding_side, enc.tok.truncation_side = "right", "left"',
+     'enc.tok.padding_side, enc.tok.truncation_side = "right", "right"', [PAD_AND_START]),
+    ("pi_init's weights never reach the classifier", "reward_model.py",
+     "rm.base_model.load_state_dict(lm.base_model.state_dict())", "rm.base_model.load_state_dict(rm.base_model.state_dict())",
+     [CLASSIFIER]),
+    ("the score head starts from the LM head's row", "reward_model.py", "nn.init.zeros_(rm.score.weight)",
+     "rm.score.weight.data.copy_(lm.get_output_embeddings().weight[pad_id][None])", [CLASSIFIER]),
+    ("the reward model's learning rate not decayed", "reward_model.py", 'g["lr"] = cfg.lr * (1 - step / steps)',
+     'g["lr"] = cfg.lr', [RM + "learning_rate_decays"]),
+    ("the reward model's gradients not clipped", "reward_model.py",
+     "nn.utils.clip_grad_norm_(rm.parameters(), cfg.max_grad_norm)", "nn.utils.clip_grad_norm_(rm.parameters(), math.inf)",
+     [RM + "gradients_are_clipped"]),
+    ("the reward model's steps counted by floor division", "reward_model.py",
+     "steps = cfg.epochs * -(-len(train_tokens) // cfg.batch_size)", "steps = cfg.epochs * (len(train_tokens) // cfg.batch_size)",
+     [RM + "learning_rate_decays"]),
+    ("the held-out eval_gold is the proxy's mean", "evaluation.py", '{"eval_gold": torch.cat(golds).mean().item()}',
+     '{"eval_gold": scores.mean().item()}', [EVAL_GOLD]),
+    ("the held-out judge scores against the first prompt", "evaluation.py",
+     "golds.append(call_reward(cfg, gold_fn, [eval_prompts[i] for i in idx], completions,",
+     "golds.append(call_reward(cfg, gold_fn, [eval_prompts[idx[0]]] * len(idx), completions,", [EVAL_GOLD]),
+    ("the rollout's judge scores against the first prompt", "train.py",
+     "gold = (call_reward(cfg, gold_fn, batch_prompts, completions,",
+     "gold = (call_reward(cfg, gold_fn, [batch_prompts[0]] * len(completions), completions,", [JUDGE_LOGGED]),
+    ("the exact judge scores against the first prompt", "lab/exact.py",
+     "golds.append(call_reward(cfg, gold_fn, [prompt] * len(completions), completions,",
+     "golds.append(call_reward(cfg, gold_fn, [prompts[0]] * len(completions), completions,", [JUDGE_EXACT]),
+    ("the frontier matched prompt by prompt", "lab/exact.py", "    return tilt(math.exp(hi))[0], math.exp(hi)",
+     "    return (sum(frontier(ref_logp[i:i + 1], G[i:i + 1], kl)[0] for i in range(len(G))) / len(G) if len(G) > 1 "
+     "else tilt(math.exp(hi))[0]), math.exp(hi)", [FRONTIER_SPLIT]),
+    ("the frontier's bracket fixed at [1e-4, 1e8]", "lab/exact.py",
+     "    lo = hi = scale\n    while tilt(math.exp(lo))[1] < kl and lo > scale - 600:               # KL rises to kl_best as lambda' falls\n        lo -= 2\n",
+     "    lo, hi = math.log(1e-4), math.log(1e8)\n", [FRONTIER_SCALE]),
+    ("the frontier past the best responses' KL: a tilt at 1e-4", "lab/exact.py",
+     "        return best.mean().item(), 0.0", "        return tilt(1e-4)[0], 1e-4", [FRONTIER_SCALE]),
+    ("the rm table's judge column shows the proxy", "experiments/compare.py", "{cell('gold_exact', '.3f')}",
+     "{cell('reward_exact', '.3f')}", [RM_TABLE]),
+    ("the rm setting's held-out prompts are training openings", "experiments/compare.py",
+     "data.task_eval_prompts()[::5][:n]", "data.task_prompts()[1::5][:n]", [RM_PROMPTS]),
     # the theory's tests, second pass: PPO as train.py runs it, k1 in the loss, the per-state KL, GRPO's side of pi*;
     # each against the one test that pins it, a wrong formula in the code or in the test's claim
     ("PPO whitened: its gradient claimed grad J / T, as unwhitened", "test_losses.py",
