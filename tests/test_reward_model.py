@@ -673,3 +673,23 @@ def test_messages_name_the_gold_function_and_both_sizes_of_a_vocabulary_too_smal
     with pytest.raises(ValueError, match=f"reward model {tmp_path / 'small'} has 100 token embeddings, but the "
                                          f"tokenizer it reads with \\({enc.name}\\) has {enc.n_vocab} tokens"):
         reward_model_fn(str(tmp_path / "small"), enc, torch.device("cpu"))
+
+
+def test_a_read_only_out_dir_is_named_before_any_work(tmp_path, monkeypatch):
+    """(As root every folder is writable, so the system's answer is replaced by a read-only one here.)"""
+    parent = str(tmp_path / "ro")
+    os.makedirs(parent)
+    monkeypatch.setattr(os, "access", lambda path, mode: os.path.abspath(path) != parent)
+    text = one_line_error(reward_model.main, rm_args(str(tmp_path / "sft"), os.path.join(parent, "rm")))
+    assert text == f"error: out_dir {os.path.join(parent, 'rm')} cannot be written: {parent} is read-only"
+    assert not os.path.exists(tmp_path / "sft") and os.listdir(parent) == []
+
+
+def test_a_file_that_repeats_pairs_says_so_before_any_work(tmp_path, monkeypatch, capsys):
+    lines = [json.dumps({"prompt": "a", "chosen": f" b{i % 3}", "rejected": " c"}) for i in range(7)]
+    path = write_lines(tmp_path / "prefs.jsonl", lines)
+    monkeypatch.setattr(reward_model, "load_pi_init", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        reward_model.train(reward_model.Config(**TINY, preferences=path, out_dir=str(tmp_path / "out")))
+    assert capsys.readouterr().out == (f"warning: {path}: 4 of 7 lines repeat an earlier pair; each pair is held out "
+                                       "or trained on with all its copies\n")
