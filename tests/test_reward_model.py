@@ -394,6 +394,8 @@ def test_init_with_a_pad_and_a_start_token_of_its_own_trains_on_the_tokens_train
     prompts, completions = ["the movie was", "the plot felt", "the cast"], [" great.", " dull" * 80, " fine but slow"]
     tokens = [t for t, _ in reward_model.tokenize([(p, c, "") for p, c in zip(prompts, completions)], enc, 64)]
     assert all(t[0] == tok.bos_token_id for t in tokens) and len(tokens[1]) == 64
+    assert tokens[1][-20:] == tok(prompts[1] + completions[1])["input_ids"][-20:]       # its last tokens kept
+    assert tokens[1][-20:] == tok(prompts[1] + completions[1])["input_ids"][-20:]       # its last tokens kept
     with torch.no_grad():
         ours = reward_model.rewards(rm, tokens, tok.pad_token_id)
     theirs = reward_model_fn(out, data.task_encoding(), torch.device("cpu"))(prompts, completions)
