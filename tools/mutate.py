@@ -659,7 +659,7 @@ MUTATIONS = [
     ("bench: the ratio to generate inverted", "experiments/bench.py",
      "statistics.median(a / b for a, b in zip(rates[fn], rates[theirs]))",
      "statistics.median(b / a for a, b in zip(rates[fn], rates[theirs]))", ["tests/test_bench.py"]),
-    ("bench: the first, untimed iteration counted", "experiments/bench.py",
+    ("bench: the first untimed iteration counted", "experiments/bench.py",
      "return [statistics.median(col) for col in zip(*rows[1:])]", "return [statistics.median(col) for col in zip(*rows)]",
      ["tests/test_bench.py"]),
     ("bench: TFLOP/s of the generation time", "experiments/bench.py", "tflops = flops / upd / 1e12",
@@ -823,13 +823,19 @@ MUTATIONS = [
 
 
 def check(mutations):
-    """Every original snippet occurs exactly once in its file; otherwise stop, loudly."""
+    """Every original snippet occurs exactly once in its file, and every test a mutation names exists (pytest would
+    answer a missing one with exit status 4, which would read as caught); otherwise stop, loudly."""
     bad = []
-    for name, path, old, *_ in mutations:
+    for name, path, old, _, *tests in mutations:
         with open(os.path.join(ROOT, path)) as f:
             n = f.read().count(old)
         if n != 1:
             bad.append(f"  {name!r}: {path} holds the snippet {n} times (must be exactly once): {old!r}")
+        for test in (tests[0] if tests else []):
+            file, _, function = test.partition("::")
+            with open(os.path.join(ROOT, file)) as f:
+                if function and not re.search(rf"^def {re.escape(function.split('[')[0])}\(", f.read(), re.M):
+                    bad.append(f"  {name!r}: no test {test}")
     if bad:
         sys.exit("mutation snippets out of date:\n" + "\n".join(bad))
 
