@@ -401,7 +401,7 @@ def test_the_rm_settings_held_out_prompts_are_held_out_openings(tmp_path):
     (["--run=0"], "holds no reward model and no run: run without --run=0 first"),
 ])
 def test_the_rm_settings_nonsense_is_one_line_before_any_work(tmp_path, flags, message):
-    text = one_line_error(compare.main, ["--settings=rm", f"--out_dir={tmp_path / 'out'}",
-                                         f"--sft_dir={tmp_path / 'sft'}", *flags])
+    text = one_line_error(compare.main, ["--settings=rm", "--quick=1", "--workers=1", f"--out_dir={tmp_path / 'out'}",
+                                         f"--sft_dir={tmp_path / 'sft'}", *flags])   # quick: a mutant ends soon
     assert text.startswith("error: ") and message in text, text
     assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "sft")
