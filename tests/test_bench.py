@@ -46,4 +46,7 @@ def test_cuda_without_a_gpu_is_one_line():
 def test_a_small_measurement_prints_the_table(capsys):
     lines = bench.main(SMALL + ["--device=cpu"])
     assert lines[2].startswith("| tiny | 0.44M | ") and lines[2].count("|") == 14
+    static, eager, theirs, static_ratio, eager_ratio = (float(c.strip(" x").replace(",", "")) for c in lines[2].split("|")[3:8])
+    assert static / theirs == pytest.approx(static_ratio, rel=0.02, abs=0.006)   # one round: the ratio of the rates
+    assert eager / theirs == pytest.approx(eager_ratio, rel=0.02, abs=0.006)
     assert capsys.readouterr().out.endswith("\n".join(lines) + "\n")

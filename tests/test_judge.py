@@ -216,6 +216,7 @@ def test_a_run_against_a_reward_model_logs_the_judge_beside_it(tmp_path, capsys)
     printed = capsys.readouterr().out
     rows = read_metrics(tmp_path / "out")
     assert "judge data:sentiment_reward" in printed and " | gold " in printed and " | eval_gold " in printed
+    assert " | gold_lost_exact " in printed
     for row in rows:
         assert {"gold", "eval_gold", "gold_exact", "gold_frontier_exact", "gold_lost_exact"} <= row.keys()
         assert row["gold_lost_exact"] >= -1e-6 and row["gold_frontier_exact"] >= row["gold_exact"] - 1e-6
