@@ -134,22 +134,23 @@ def load_prompts(path):
     return prompts
 
 
-def load_reward_fn(spec):
-    """'module:function', a Python function (prompts, completions) -> one float per completion."""
+def load_reward_fn(spec, what="reward function"):
+    """'module:function', a Python function (prompts, completions) -> one float per completion. what names it in
+    the message of a failure (the judge: "gold function")."""
     module, _, name = spec.partition(":")
     try:
         fn = getattr(importlib.import_module(module), name)
     except ModuleNotFoundError as e:
         if e.name != module.split(".")[0] and e.name != module:          # the module was found; its own import failed
-            raise ValueError(f"importing {module} for reward function {spec!r} failed: {e}") from e
-        raise ValueError(f"reward function {spec!r} not found: no module {module!r} (expected 'module:function')") from None
+            raise ValueError(f"importing {module} for {what} {spec!r} failed: {e}") from e
+        raise ValueError(f"{what} {spec!r} not found: no module {module!r} (expected 'module:function')") from None
     except (AttributeError, ValueError):
-        raise ValueError(f"reward function {spec!r} not found (expected 'module:function')") from None
+        raise ValueError(f"{what} {spec!r} not found (expected 'module:function')") from None
     except (Exception, SystemExit) as e:                                 # the module's own code failed at import
-        raise ValueError(f"importing {module} for reward function {spec!r} raised {type(e).__name__}: "
+        raise ValueError(f"importing {module} for {what} {spec!r} raised {type(e).__name__}: "
                          f"{' '.join(str(e).split())[:200]}") from e
     if not callable(fn):
-        raise ValueError(f"reward function {spec!r} is a {type(fn).__name__}, not a function")
+        raise ValueError(f"{what} {spec!r} is a {type(fn).__name__}, not a function")
     return fn
 
 

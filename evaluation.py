@@ -3,8 +3,8 @@ How good a policy is, by sampling: J*, the best KL-regularised objective any pol
 pi_init's samples (the `gap` of the log line), and the held-out evaluation (eval_reward, eval_kl, eval_J) on
 prompts that RL never trains on. lab/exact.py computes J, J* and the gap exactly instead, where the responses are
 few enough to list. Neither changes a training number: each draws from a random stream of its own. Both sample
-with the run's sampler, sampler(lm, idx, prompt_tokens): model.sample with the sampler that train.py chose once
-(model.generate, or the GPU's static decoder).
+with the run's sampler, sampler(lm, idx, prompt_tokens), which train.make_sampler builds once: model.sample with
+the run's generate function (model.generate, or the GPU's static decoder).
 """
 import math
 import time

@@ -29,8 +29,9 @@ Where this departs from the papers:
 """
 import copy
 import json
+import math
 import os
-import shutil
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -43,9 +44,9 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
 from data import sentiment_reward, task_eval_prompts, task_prompts
-from lab import cli
+from lab import cli, runs
 from lab.hf import HFTokenizer, load_config, load_tokenizer, quiet
-from lab.runs import load_pi_init, write_atomically
+from lab.runs import load_pi_init
 from model import generate, get_device, left_pad, right_pad, set_cpu_threads, status, tiny_gpt_config
 
 # ---------------------------------------------------------------------------------------------
@@ -85,16 +86,61 @@ class Config:
 
 
 def check(cfg):
-    """Refuse a config that means nothing, and an out_dir that holds something other than a reward model."""
+    """Refuse, before any work, a config that means nothing, and an out_dir that is no folder, cannot be written, or
+    holds something other than a reward model of this script (each run replaces its out_dir whole)."""
+    most_threads = 4 * (os.cpu_count() or 1)                            # as train.py: more never helps
+    n_eval = max(1, round(cfg.held_out * cfg.pairs))                     # the embedded task's held-out pairs
     cli.check_rules(cfg, [("pairs", cfg.pairs >= 2, "at least 2"), ("beta", cfg.beta > 0, "> 0"),
-                          ("held_out", 0 < cfg.held_out < 1, "in (0, 1)"), ("epochs", cfg.epochs >= 1, ">= 1"),
-                          ("batch_size", cfg.batch_size >= 1, ">= 1"), ("lr", cfg.lr >= 0, ">= 0"),
+                          ("held_out", 0 < cfg.held_out < 1, "in (0, 1)"),
+                          ("held_out", cfg.preferences or n_eval < cfg.pairs,
+                           f"small enough that a pair is left to train on: {n_eval} of --pairs={cfg.pairs} held out"),
+                          ("epochs", cfg.epochs >= 1, ">= 1"), ("batch_size", cfg.batch_size >= 1, ">= 1"),
+                          ("lr", 0 <= cfg.lr <= 0.1, "in [0, 0.1], as train.py's (1e-5 to 1e-3 are usual)"),
                           ("max_grad_norm", cfg.max_grad_norm > 0, "> 0"),
-                          ("max_new_tokens", cfg.max_new_tokens >= 1, ">= 1")])
-    if os.path.isdir(cfg.out_dir) and os.listdir(cfg.out_dir) and not os.path.exists(
-            os.path.join(cfg.out_dir, "metrics.json")):
-        raise ValueError(f"out_dir {cfg.out_dir} holds files but no reward model (metrics.json): each run replaces "
-                         "its out_dir whole, so give a new or empty folder")
+                          ("max_new_tokens", cfg.max_new_tokens >= 1, ">= 1"), ("seed", cfg.seed >= 0, ">= 0"),
+                          ("threads", 0 <= cfg.threads <= most_threads,
+                           f"in [0, {most_threads}], at most 4 a core of this machine"),
+                          ("n_layer", cfg.n_layer > 0, "> 0"), ("n_head", cfg.n_head > 0, "> 0"),
+                          ("n_embd", cfg.n_embd > 0 and cfg.n_embd % max(cfg.n_head, 1) == 0,
+                           f"> 0 and divisible by n_head={cfg.n_head}"), ("block_size", cfg.block_size > 0, "> 0"),
+                          ("sft_steps", cfg.sft_steps > 0, "> 0 (pre-training steps)"),
+                          ("sft_lr", 0 < cfg.sft_lr <= 0.1, "in (0, 0.1]"),
+                          ("out_dir", cfg.out_dir != "", "a folder"), ("sft_dir", cfg.sft_dir != "", "a folder")])
+    if cfg.preferences and not os.path.isfile(cfg.preferences):
+        raise ValueError(f"--preferences={cfg.preferences} " + ("is a folder, not a file" if os.path.isdir(
+            cfg.preferences) else "does not exist"))
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise ValueError(f"out_dir {cfg.out_dir} is a file, not a folder: give a new or empty folder")
+    parent = os.path.dirname(os.path.abspath(cfg.out_dir))
+    while not os.path.exists(parent):                                    # the folder the run will write in
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"out_dir {cfg.out_dir} cannot be written: {parent} is " +
+                         ("a file" if not os.path.isdir(parent) else "read-only"))
+    if not is_reward_model(cfg.out_dir):
+        raise ValueError(f"out_dir {cfg.out_dir} holds files that are not a reward model of reward_model.py "
+                         "(metrics.json with its config, the model and its tokenizer): each run replaces its "
+                         "out_dir whole, so give a new or empty folder")
+
+
+SAVED = {"config.json", "model.safetensors", "model.safetensors.index.json", "metrics.json", "tokenizer.json",
+         "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model",
+         "added_tokens.json", "chat_template.jinja", "generation_config.json"}   # what save() may write
+
+
+def is_reward_model(path):
+    """Whether the folder path is missing, empty, or a reward model that save() wrote: its metrics.json holds this
+    script's config, and it holds no file that save() does not write. Only such a folder is ever replaced."""
+    if not os.path.isdir(path) or not os.listdir(path):
+        return True
+    if any(name not in SAVED and not re.fullmatch(r"model-\d+-of-\d+\.safetensors", name) for name in os.listdir(path)):
+        return False
+    try:
+        with open(os.path.join(path, "metrics.json")) as f:
+            config = json.load(f)["config"]
+        return {"preferences", "pairs", "beta", "held_out"} <= config.keys()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,7 +158,8 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards):
 
     chosen_rewards   (B,) r(x, y_w) of the preferred responses, with grad
     rejected_rewards (B,) r(x, y_l) of the other responses, with grad
-    stats: accuracy, the share of pairs that r orders as the labels do, and margin, the mean of r(y_w) - r(y_l).
+    stats: accuracy, the share of pairs that r orders as the labels do (a tie is not ordered), and margin, the mean
+    of r(y_w) - r(y_l).
     """
     margin = chosen_rewards - rejected_rewards                   # (B,) r(x, y_w) - r(x, y_l)
     loss = -F.logsigmoid(margin).mean()                          # ()   L(r), Eq. 1
@@ -186,11 +233,26 @@ def read_preferences(path):
     return pairs
 
 
-def encode(enc, text):
+def split(pairs, held_out):
+    """The indices (train, test) of a file's pairs: a share held_out of its distinct pairs, drawn with torch's RNG, is
+    held out with every line that repeats one of them, so that no held-out pair is also a training pair."""
+    keys = [tuple(pair[:3]) for pair in pairs]                   # (prompt, chosen, rejected)
+    distinct = list(dict.fromkeys(keys))
+    order = torch.randperm(len(distinct)).tolist()
+    n_eval = max(1, round(held_out * len(distinct)))
+    test = {distinct[i] for i in order[:n_eval]}
+    train = {distinct[i] for i in order[n_eval:]}
+    return [i for i, k in enumerate(keys) if k in train], [i for i, k in enumerate(keys) if k in test]
+
+
+def encode(enc, text, context=None):
     """The tokens of prompt + completion as train.py's reward model reads them (lab/hf.reward_model_fn): the
-    model's own tokenizer called on the whole text (special tokens, such as a start token, included), else the
-    policy's tokenizer; no end-of-text."""
-    return enc.tok(text)["input_ids"] if isinstance(enc, HFTokenizer) else enc.encode_ordinary(text)
+    model's own tokenizer called on the whole text (special tokens, such as a start token, included; a text longer
+    than the context cut on the left, as train() sets it up), else the policy's tokenizer, the last `context`
+    tokens; no end-of-text."""
+    if isinstance(enc, HFTokenizer):
+        return enc.tok(text, truncation=bool(context), max_length=context)["input_ids"]
+    return enc.encode_ordinary(text)[-context:] if context else enc.encode_ordinary(text)
 
 
 def tokenize(pairs, enc, context, path=""):
@@ -199,11 +261,12 @@ def tokenize(pairs, enc, context, path=""):
     to longer text) keep their last `context` tokens, as lab/hf.reward_model_fn keeps them."""
     tokens = []
     for prompt, chosen, rejected, *line in pairs:
-        chosen_ids, rejected_ids = encode(enc, prompt + chosen), encode(enc, prompt + rejected)
-        n = max(len(chosen_ids), len(rejected_ids))
-        if path and context and n > context:
-            raise ValueError(f"{path}:{line[0]}: the pair has {n} tokens, more than the model's context of {context}")
-        tokens.append((chosen_ids[-context:], rejected_ids[-context:]) if context else (chosen_ids, rejected_ids))
+        if path and context:
+            n = max(len(encode(enc, prompt + chosen)), len(encode(enc, prompt + rejected)))
+            if n > context:
+                raise ValueError(f"{path}:{line[0]}: the pair has {n} tokens, more than the model's context of "
+                                 f"{context}")
+        tokens.append((encode(enc, prompt + chosen, context), encode(enc, prompt + rejected, context)))
     return tokens
 
 
@@ -239,33 +302,54 @@ def rewards(rm, token_lists, pad_id):
 
 def spearman(x, y):
     """Spearman's rank correlation of two sequences: the Pearson correlation of their ranks, tied values sharing
-    their mean rank."""
+    their mean rank; NaN where a value is not finite (it has no rank)."""
     def ranks(v):
-        v = np.asarray(v, dtype=np.float64)
         order = np.empty(len(v))
         order[np.argsort(v, kind="stable")] = np.arange(len(v))                   # 0 .. n-1
         _, group = np.unique(v, return_inverse=True)
         return (np.bincount(group, order) / np.bincount(group))[group]            # the mean rank of each tie
-    return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return math.nan
+    with np.errstate(invalid="ignore"):                                          # a constant: NaN, no warning
+        return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
+
+
+def within_prompts(v, group):
+    """v (m,) minus the mean of v over its prompt (group (m,) the prompt's index): what is left once c(x) is out."""
+    means = torch.zeros(int(group.max()) + 1, dtype=v.dtype).index_add_(0, group, v) / torch.bincount(group)
+    return v - means[group]                                                       # (m,)
+
+
+def held_out_stats(r, true=None, prompts=None):
+    """Held-out accuracy of the scores r (n, 2), r(chosen) and r(rejected): the share of pairs that r orders as the
+    labels do (a tie is not ordered). With the true rewards (n, 2) of the embedded task and each pair's prompt:
+    the share that r orders as R does (pairs of equal R left out; a tie of r agrees with neither order), the labels'
+    own agreement with R (the annotator's noise), Spearman's rank correlation of r with R over the responses, and the
+    least-squares slope of r on R within prompts (r and R centred on each prompt's mean, so that c(x) is out): the
+    population minimiser R / beta + c(x) has the slope 1 / beta exactly (docs/theory.md, section 10)."""
+    r = r.double()
+    stats = {"pairs": len(r), "accuracy": (r[:, 0] > r[:, 1]).double().mean().item()}
+    if true is None or not (true[:, 0] != true[:, 1]).any():                     # R orders no pair
+        return stats
+    true = true.double()
+    untied = true[:, 0] != true[:, 1]                                             # (n,)
+    agree = torch.sign(r[:, 0] - r[:, 1]) == torch.sign(true[:, 0] - true[:, 1])  # (n,)
+    group = torch.tensor(np.unique(prompts, return_inverse=True)[1]).repeat_interleave(2)  # (2n,) each response's
+    r_c, true_c = within_prompts(r.flatten(), group), within_prompts(true.flatten(), group)  # (2n,), (2n,)
+    stats.update(accuracy_true=agree[untied].double().mean().item(), ties=int((~untied).sum()),
+                 labels_true=(true[untied, 0] > true[untied, 1]).double().mean().item(),
+                 spearman=spearman(r.flatten().tolist(), true.flatten().tolist()))
+    if (true_c ** 2).sum() > 0:                                                   # R varies within some prompt
+        stats["slope"] = ((r_c * true_c).sum() / (true_c ** 2).sum()).item()
+    return stats
 
 
 @torch.no_grad()
-def evaluate(rm, tokens, true, pad_id, batch=256):
-    """Held-out accuracy: the share of pairs that r orders as the labels do, and with the true rewards (n, 2) of
-    the embedded task: the share that r orders as R does (pairs of equal R excluded), the labels' own agreement
-    with R (the annotator's noise), Spearman's rank correlation of r with R over the held-out responses, and the
-    least-squares slope of r on R (the population minimiser's is 1 / beta)."""
-    r = torch.cat([rewards(rm, [t for pair in tokens[i:i + batch] for t in pair], pad_id).view(-1, 2).cpu()
-                   for i in range(0, len(tokens), batch)])                        # (n, 2) r(chosen), r(rejected)
-    stats = {"pairs": len(tokens), "accuracy": (r[:, 0] > r[:, 1]).float().mean().item()}
-    if true is not None and (true[:, 0] != true[:, 1]).any():                    # R orders some pairs
-        untied = true[:, 0] != true[:, 1]                                        # (n,)
-        agree = (r[:, 0] > r[:, 1]) == (true[:, 0] > true[:, 1])                  # (n,)
-        stats.update(accuracy_true=agree[untied].float().mean().item(), ties=int((~untied).sum()),
-                     labels_true=(true[untied, 0] > true[untied, 1]).float().mean().item(),
-                     spearman=spearman(r.flatten().tolist(), true.flatten().tolist()),
-                     slope=(torch.cov(torch.stack([r.flatten(), true.flatten()]))[0, 1] / true.flatten().var()).item())
-    return stats
+def evaluate(rm, tokens, pad_id, batch=256):
+    """The scores (n, 2) r(chosen), r(rejected) of the held-out pairs' tokens, in batches."""
+    return torch.cat([rewards(rm, [t for pair in tokens[i:i + batch] for t in pair], pad_id).view(-1, 2).cpu()
+                      for i in range(0, len(tokens), batch)])                     # (n, 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,13 +361,23 @@ def train(cfg):
     device, t0 = get_device(cfg), time.time()
     file_pairs = read_preferences(cfg.preferences) if cfg.preferences else None   # a broken file: before any work
     enc = load_tokenizer(cfg)                                    # the task's, GPT-2's, or --init's own
-    if isinstance(enc, HFTokenizer):                             # pad on the right, as here, at RL time too
-        enc.tok.pad_token, enc.tok.padding_side = enc.tok.pad_token or enc.tok.eos_token, "right"
-    pad_id = enc.tok.pad_token_id if isinstance(enc, HFTokenizer) else enc.eot_token
     prompts, eval_prompts = task_prompts(), task_eval_prompts()
-    if file_pairs:                                               # too long for the model: before any work too
-        context = (load_config(cfg.init) if cfg.init else tiny_gpt_config(cfg, enc.n_vocab)).max_position_embeddings
+    config = load_config(cfg.init) if cfg.init else tiny_gpt_config(cfg, enc.n_vocab)
+    context = getattr(config, "max_position_embeddings", None)
+    if isinstance(enc, HFTokenizer):                             # pad on the right and cut long texts on the left,
+        enc.tok.pad_token = enc.tok.pad_token or enc.tok.eos_token  # here and, saved with the model, at RL time
+        enc.tok.padding_side, enc.tok.truncation_side = "right", "left"
+        enc.tok.model_max_length = context or enc.tok.model_max_length
+    pad_id = enc.tok.pad_token_id if isinstance(enc, HFTokenizer) else enc.eot_token
+    if file_pairs:                                               # too long, or too few: before any work too
         file_tokens = tokenize(file_pairs, enc, context, cfg.preferences)
+        distinct = len(set(pair[:3] for pair in file_pairs))
+        if distinct < 2:
+            raise ValueError(f"{cfg.preferences} holds {distinct} distinct pair in {len(file_pairs)} lines: too few "
+                             "to hold out a share")
+        if distinct < len(file_pairs):
+            print(f"warning: {cfg.preferences}: {len(file_pairs) - distinct} of {len(file_pairs)} lines repeat an "
+                  "earlier pair; each pair is held out or trained on with all its copies")
     lm = load_pi_init(cfg, enc, [] if file_pairs else [enc.encode_ordinary(p) for p in prompts],
                       [] if file_pairs else [enc.encode_ordinary(p) for p in eval_prompts], device)
     set_cpu_threads(cfg, device)
@@ -291,24 +385,21 @@ def train(cfg):
 
     # 1. the pairs: the task's, labelled by the annotator (held out: on the held-out prompts), or the file's
     if file_pairs:
-        order = torch.randperm(len(file_pairs)).tolist()
-        n_eval = max(1, round(cfg.held_out * len(file_pairs)))
-        test = [file_tokens[i] for i in order[:n_eval]]
-        train_tokens, test_true = [file_tokens[i] for i in order[n_eval:]], None
-        if not train_tokens:
-            raise ValueError(f"{cfg.preferences} holds {len(file_pairs)} pair(s): too few to hold out a share")
+        train_idx, test_idx = split(file_pairs, cfg.held_out)
+        train_tokens, test = [file_tokens[i] for i in train_idx], [file_tokens[i] for i in test_idx]
+        test_true, test_prompts = None, None
     else:
         n_eval = max(1, round(cfg.held_out * cfg.pairs))
         train_pairs, _ = task_pairs(cfg, lm, enc, prompts, cfg.pairs - n_eval, device)
         test_pairs, test_true = task_pairs(cfg, lm, enc, eval_prompts, n_eval, device)
-        context = getattr(lm.config, "max_position_embeddings", None)
         train_tokens, test = tokenize(train_pairs, enc, context), tokenize(test_pairs, enc, context)
+        test_prompts = [p for p, _, _ in test_pairs]
 
     # 2. the model: pi_init's network, one output
     rm = reward_model_from(lm, pad_id)
     del lm
     opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, weight_decay=0.0)
-    steps = cfg.epochs * -(-len(train_tokens) // cfg.batch_size)
+    steps = cfg.epochs * -(-len(train_tokens) // cfg.batch_size)              # the last batch may be partial
     print(f"reward model | {len(train_tokens)} pairs ({len(test)} held out) | "
           f"{sum(p.numel() for p in rm.parameters()) / 1e6:.2f}M parameters | {steps} steps | device {device}")
 
@@ -329,21 +420,23 @@ def train(cfg):
                        f"{time.time() - t1:.0f}s", done=step == steps)
 
     # 4. held-out accuracy, printed and saved with the model
-    metrics = evaluate(rm, test, test_true, pad_id) | {"seconds": time.time() - t0, "config": asdict(cfg)}
+    metrics = held_out_stats(evaluate(rm, test, pad_id), test_true, test_prompts)
+    metrics |= {"seconds": time.time() - t0, "config": asdict(cfg)}
     print(f"held out: {metrics['pairs']} pairs | accuracy {metrics['accuracy']:.3f} against the labels"
           + (f" | accuracy {metrics['accuracy_true']:.3f} against the true reward's order ({metrics['ties']} pairs "
-             f"of equal R left out; the labels': {metrics['labels_true']:.3f}) | spearman {metrics['spearman']:.3f} "
-             f"and slope {metrics['slope']:.2f} with R (1/beta = {1 / cfg.beta:.2f})"
-             if "accuracy_true" in metrics else "") + f" | {metrics['seconds']:.0f}s")
+             f"of equal R left out; the labels': {metrics['labels_true']:.3f}) | spearman {metrics['spearman']:.3f}"
+             if "accuracy_true" in metrics else "")
+          + (f" | slope {metrics['slope']:.2f} with R within prompts (the population minimiser's: 1/beta = "
+             f"{1 / cfg.beta:.2f})" if "slope" in metrics else "") + f" | {metrics['seconds']:.0f}s")
     save(cfg, rm, enc, metrics)
     print(f"saved {cfg.out_dir}: python train.py --reward_model={cfg.out_dir}")
     return metrics
 
 
 def save(cfg, rm, enc, metrics):
-    """out_dir, replaced whole (so that no file of an earlier model stays, such as its tokenizer): the Hugging Face
-    folder (config with num_labels 1 and pad_token_id, weights, the tokenizer where it is a Hugging Face one) and
-    metrics.json."""
+    """out_dir, replaced whole and in one step (lab/runs.replace_folder: a kill leaves the earlier model or this one,
+    never a mix, so that no file of an earlier model stays, such as its tokenizer): the Hugging Face folder (config
+    with num_labels 1 and pad_token_id, weights, the tokenizer where it is a Hugging Face one) and metrics.json."""
     def write(tmp):
         with quiet():
             rm.save_pretrained(tmp)
@@ -351,10 +444,10 @@ def save(cfg, rm, enc, metrics):
                 enc.tok.save_pretrained(tmp)
         with open(os.path.join(tmp, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=1)
-    if os.path.isdir(cfg.out_dir):                               # check() made sure it holds a reward model
-        shutil.rmtree(cfg.out_dir)
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.out_dir)), exist_ok=True)
-    write_atomically(cfg.out_dir, write)
+    if not is_reward_model(cfg.out_dir):                         # check() looked before training: look again
+        raise ValueError(f"out_dir {cfg.out_dir} holds files that are not a reward model of reward_model.py: "
+                         "nothing was written")
+    runs.replace_folder(cfg.out_dir, write)
 
 
 def main(argv=None):
@@ -362,7 +455,8 @@ def main(argv=None):
     with cli.one_line_errors():
         cfg = cli.parse_args(Config, sys.argv[1:] if argv is None else argv, __doc__)
         check(cfg)
-        return train(cfg)
+        with runs.exclusive(cfg.out_dir):                        # one run at a time in out_dir, as train.py's
+            return train(cfg)
 
 
 if __name__ == "__main__":

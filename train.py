@@ -134,10 +134,18 @@ def resolve(cfg):
 # rollout: generate, score, and everything the update needs
 
 
+def make_sampler(cfg, enc, device):
+    """The run's sampler, chosen once: sampler(lm, idx, prompt_tokens) is model.sample with the run's config, tokenizer
+    and device bound, and its generate function: model.generate's eager loop, or on a GPU with --cuda_graph=1
+    lab/static_sampler.py's CUDA graph."""
+    generate = static_sampler.choose_sampler(cfg, device)
+    return functools.partial(sample, cfg, enc=enc, device=device, generate=generate)
+
+
 @torch.no_grad()
 def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, sampler, gold_fn=None, evaluator_fn=None):
-    """One batch of the run: sampler(lm, idx, prompt_tokens) is model.sample with the run's sampler, chosen once in
-    train(). Returns the batch that the update needs, the prompts' padded length P, statistics and samples."""
+    """One batch of the run, drawn with sampler (make_sampler). Returns the batch that the update needs, the prompts'
+    padded length P, statistics and samples."""
     # 1. generate: prompts (this process's share, each k times in a row), responses from pi_old, their text
     k = cfg.group_size
     idx = torch.randint(len(prompts), (cfg.batch_size // world_size() // k,)).repeat_interleave(k).tolist()
@@ -210,6 +218,7 @@ def policy_loss(cfg, logprobs, mb):
     if cfg.algo in CRITIC_FREE:                                          # grpo, rloo
         return grpo_loss(logprobs, mb["logprobs"], mb["ref_logprobs"], mb["advantages"], mb["mask"], cfg.lam,
                          cfg.cliprange, kl_in_loss)
+    raise ValueError(f"algo {cfg.algo!r} has no policy loss")
 
 
 def update(cfg, policy, opt, batch, P, bad_steps=None):
@@ -265,13 +274,12 @@ def train(cfg, known=None):
         prompts, prompt_tokens = load_train_prompts(cfg, enc)
         reward_fn = (hf.reward_model_fn(cfg.reward_model, enc, device) if cfg.reward_model  # a model, or a function
                      else load_reward_fn(cfg.reward_fn))
-        gold_fn = load_reward_fn(cfg.gold_fn) if cfg.gold_fn else None   # the judge
+        gold_fn = load_reward_fn(cfg.gold_fn, "gold function") if cfg.gold_fn else None  # the judge
         evaluator_fn = hf.reward_model_fn(cfg.evaluator, enc, device) if cfg.evaluator else None  # the paper's judge
         eval_prompts, eval_tokens = load_eval_prompts(cfg, enc)          # held out: never trained on
         ref_lm = runs.load_pi_init(cfg, enc, prompt_tokens, eval_tokens, device)  # --init, or the tiny GPT (cached)
     set_cpu_threads(cfg, device)                                         # the tiny GPT: one thread (docs/models.md)
-    sampler = functools.partial(sample, cfg, enc=enc, device=device,     # the run's sampler, chosen once: the eager
-                                generate=static_sampler.choose_sampler(cfg, device))  # loop, or a CUDA graph
+    sampler = make_sampler(cfg, enc, device)                             # the eager loop, or a CUDA graph: chosen once
     known = {} if known is None else known
     if cfg.jstar_samples and "jstar" not in known:
         known["jstar"] = estimate_jstar(cfg, ref_lm, prompt_tokens, prompts, reward_fn, sampler)

@@ -84,6 +84,9 @@ def validate(args):
         ("iters", args.iters > 0, "> 0 (timed iterations)"),
         ("epochs", args.epochs > 0, "> 0"),
         ("seed", args.seed >= 0, ">= 0"),
+        ("rounds", args.rounds >= 1 or not args.reward_model, ">= 1 with --reward_model (its ratio is a median over "
+                                                              "the rounds)"),
+        ("sft_dir", args.sft_dir != "", "a folder (the cache of the pre-trained tiny GPT)"),
     ])
     for name in ["tiny", "gpt2-small"] if args.models == "both" else [args.models]:
         if args.prompt_len + args.max_new_tokens > CONTEXT[name]:       # the scoring forward sees both
@@ -295,7 +298,7 @@ def time_reward_model(args):
                 sync(device)
                 t0 = time.perf_counter()
                 batch, P, _, _ = train.rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn,
-                                               functools.partial(model.sample, cfg, enc=enc, device=device))
+                                               train.make_sampler(cfg, enc, device))
                 train.update(cfg, policy, opt, batch, P)
                 sync(device)
                 times[name].append(time.perf_counter() - t0)

@@ -628,6 +628,23 @@ def rm_lams(cfg):
     return [float(x) for x in cfg.rm_lams.split(",")]
 
 
+def rm_validate(cfg):
+    """Refuse, before any work, the rm setting's flags that mean nothing (its runs bypass validate's rules on lr and
+    iterations: train.py's checks come only after the reward model is trained), and --run=0 with nothing to tabulate."""
+    for item in cfg.rm_lams.split(","):
+        try:
+            ok = 0 < float(item) < math.inf
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"rm_lams must be comma-separated KL coefficients > 0, got {item!r} in {cfg.rm_lams!r}")
+    if cfg.rm_iters <= 0:
+        raise ValueError(f"rm_iters must be > 0, got {cfg.rm_iters}")
+    if not cfg.run and not os.path.exists(os.path.join(rm_folder(cfg), "reward_model", "metrics.json")):
+        raise ValueError(f"--run=0 tabulates the runs done, but {rm_folder(cfg)} holds no reward model and no run: "
+                         "run without --run=0 first")
+
+
 def rm_prepare(cfg):
     """The prompts files (every fifth training and held-out opening) and the reward model, trained once. Returns the
     train.Config overrides that every run shares."""
@@ -1079,6 +1096,8 @@ def main(argv=None):
             cfg.out_dir = "out/compare_quick"
         if cfg.quick and cfg.lr == CompareConfig.lr:
             cfg.lr = 1e-3                               # the tiny model moves in a few iterations
+        if "rm" in cfg.settings.split(","):
+            rm_validate(cfg)
         os.makedirs(cfg.out_dir, exist_ok=True)
         with runs.exclusive(cfg.out_dir) if cfg.run else contextlib.nullcontext():  # one sweep at a time in it
             return compare(cfg)

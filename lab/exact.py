@@ -113,20 +113,31 @@ def exact_eval(lm, space, lam):
     return out
 
 
-def frontier(ref_logp, G, kl, iters=40):
-    """The best mean score of the judge G (X, n) that any policy reaches with a mean KL to pi_init of kl, over the X
-    prompts: the policies pi_init exp(G/lambda') / Z, one lambda' for all prompts, are the judge's own pi*, and each
-    maximises E[G] among the policies with its KL (docs/theory.md, "The judge's frontier"). lambda' is found by
-    bisection on log lambda' (to 1e-10), since their KL falls as lambda' grows. Returns (the frontier's E[G], lambda')."""
+def frontier(ref_logp, G, kl):
+    """The best mean score of the judge G (X, n) that any policy reaches with a mean KL to pi_init of at most kl, over
+    the X prompts: the policies pi_init exp(G/lambda') / Z, one lambda' for all prompts, are the judge's own pi*, and
+    each maximises E[G] among the policies with its KL or less (docs/theory.md, "The judge's frontier"). lambda' is
+    found by bisection on log lambda' (to 1e-10), since their KL falls as lambda' grows; the bracket starts at the
+    judge's own scale (G / lambda' depends on lambda' / scale only) and widens until it holds kl. Past the KL of
+    the best responses alone (lambda' -> 0) the frontier is their score. Returns (the frontier's E[G], lambda')."""
     ref_logp = ref_logp - ref_logp.logsumexp(1, keepdim=True)            # (X, n) pi_init, summing to 1 to the last bit
     def tilt(lam):                                                       # -> (E[G], KL) of pi_init exp(G/lam) / Z
         logp = torch.log_softmax(ref_logp + G / lam, 1)                  # (X, n)
         p = logp.exp()
         return (p * G).sum(1).mean().item(), (p * (logp - ref_logp)).sum(1).mean().item()
-    lo, hi = math.log(1e-4), math.log(1e8)                               # lambda' between 1e-4 and 1e8
-    if tilt(math.exp(lo))[1] <= kl:                                      # as far as any tilt goes: the best G
-        return tilt(math.exp(lo))[0], math.exp(lo)
-    for _ in range(iters):
+    best = G.max(1, keepdim=True).values                                 # (X, 1)
+    kl_best = -ref_logp.masked_fill(G < best, -math.inf).logsumexp(1).mean().item()  # pi_init on the best alone
+    if kl >= kl_best:                                                    # as far as any tilt goes: the best G
+        return best.mean().item(), 0.0
+    if kl <= 0:                                                          # pi_init itself
+        return (ref_logp.exp() * G).sum(1).mean().item(), math.inf
+    scale = math.log((best - G.min(1, keepdim=True).values).max().item())  # > 0: else kl_best would be 0
+    lo = hi = scale
+    while tilt(math.exp(lo))[1] < kl and lo > scale - 600:               # KL rises to kl_best as lambda' falls
+        lo -= 2
+    while tilt(math.exp(hi))[1] > kl and hi < scale + 600:               # and falls to 0 as it grows
+        hi += 2
+    while hi - lo > 1e-10:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if tilt(math.exp(mid))[1] > kl else (lo, mid)
     return tilt(math.exp(hi))[0], math.exp(hi)

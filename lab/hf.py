@@ -180,6 +180,10 @@ def reward_model_fn(path, enc, device):
     elif model.config.pad_token_id is None:                             # the policy's tokens, padded by this id
         model.config.pad_token_id = enc.eot_token
     pad_id = model.config.pad_token_id
+    n_tokens, rows = len(tokenizer) if tokenizer is not None else enc.n_vocab, getattr(model.config, "vocab_size", None)
+    if rows is not None and rows < n_tokens:                              # a token id past the embedding: IndexError
+        raise ValueError(f"reward model {path} has {rows} token embeddings, but the tokenizer it reads with "
+                         f"({'its own' if tokenizer is not None else enc.name}) has {n_tokens} tokens")
 
     @torch.no_grad()
     def score(prompts, completions, chunk=512):                          # chunks: the exact evaluator scores 91,507

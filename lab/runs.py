@@ -6,10 +6,13 @@ temporary name and then renamed, so a crash, Ctrl-C or a full disk never leaves 
 what this guarantees and the tests that hold it.
 """
 import contextlib
+import ctypes
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
+import re
 import shutil
 
 import torch
@@ -43,6 +46,76 @@ def write_atomically(path, write):
         elif os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def exchange(a, b):
+    """Swap the folders a and b in one step (Linux's renameat2 with RENAME_EXCHANGE): at every instant each name
+    holds one of the two folders, whole. False where the system cannot (another OS, an old kernel or file system)."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_cwd, rename_exchange = -100, 2
+    return renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0
+
+
+def remove_stale(path):
+    """Remove the temporaries that replace_folder(path) left when its process was killed (SIGKILL runs no clean-up):
+    path.tmpPID and path.oldPID of a process that no longer runs."""
+    folder, name = os.path.split(os.path.abspath(path))
+    for entry in os.listdir(folder):
+        m = re.fullmatch(re.escape(name) + r"\.(?:tmp|old)(\d+)", entry)
+        if not m or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)                                  # raises if no such process
+        except ProcessLookupError:
+            if entry.startswith(f"{name}.old") and not os.path.exists(path):
+                os.replace(os.path.join(folder, entry), path)            # killed between its two renames: put back
+            else:
+                shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
+        except OSError:                                                  # it runs, as another user
+            pass
+
+
+def replace_folder(path, write):
+    """write(tmp) to a temporary folder, then put it at path in one step, whatever folder path held: a kill at any
+    moment leaves at path the earlier folder or the new one, whole. The earlier folder is then removed, and so are
+    the temporaries of a killed earlier call (remove_stale). Where the system cannot swap two folders in one step,
+    the earlier folder is first renamed to path.oldPID: a kill between the two renames leaves both there."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    remove_stale(path)
+    tmp = path + f".tmp{os.getpid()}"
+    try:
+        write(tmp)
+        if not os.path.isdir(path):
+            os.replace(tmp, path)
+        elif exchange(tmp, path):                                        # tmp now holds the earlier folder
+            shutil.rmtree(tmp)
+        else:
+            old = f"{path}.old{os.getpid()}"
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def fingerprint(path):
+    """What identifies a model folder's contents, cheaply: a hash of each file's name, size and modification time
+    (training a model again into the folder changes them). None for a path that is no folder (a hub id)."""
+    if not path or not os.path.isdir(path):
+        return None
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(path)):
+        for name in sorted(files):
+            st = os.stat(os.path.join(root, name))
+            h.update(f"{os.path.relpath(os.path.join(root, name), path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +213,8 @@ def save_checkpoint(cfg, policy, opt, iteration, metrics_line):
     skip = frozen(policy)
     state = {"policy": {k: v for k, v in policy.state_dict().items() if k not in skip}, "opt": opt.state_dict(),
              "iter": iteration, **rng,
-             "config": dataclasses.asdict(cfg), "metrics_line": metrics_line}
+             "config": dataclasses.asdict(cfg), "metrics_line": metrics_line,
+             "reward_model_fingerprint": fingerprint(getattr(cfg, "reward_model", ""))}
     if dist.is_initialized():
         state["ranks_rng"] = gather_all([rng])                           # every process's, in rank order
     if rank() != 0:
@@ -178,6 +252,10 @@ def read_checkpoint(path, metrics_path, cfg, resolve=lambda cfg: cfg):
     if changed:
         raise ValueError(f"--resume would mix two runs: {', '.join(changed)} (a resumed run may change only "
                          f"{', '.join(sorted(RESUME_MAY_CHANGE))})")
+    now = fingerprint(getattr(cfg, "reward_model", ""))
+    if state.get("reward_model_fingerprint", now) != now:               # the same path, another model in it
+        raise ValueError(f"--resume would mix two rewards: the reward model {cfg.reward_model} changed since {path} "
+                         "was written (trained again?); a run without --resume starts afresh and keeps it in previous/")
     if iteration > cfg.iters:
         raise ValueError(f"{path} is at iteration {iteration}, past --iters={cfg.iters}")
     try:

@@ -31,6 +31,12 @@ def test_a_bad_flag_is_one_line(flag, message):
     assert message in error_of(SMALL + [flag])          # the small run's flags, then the bad one (the last wins)
 
 
+def test_reward_model_without_rounds_is_refused_before_pre_training(tmp_path):
+    text = error_of(["--reward_model=1", "--rounds=0", f"--sft_dir={tmp_path / 'sft'}"])
+    assert text == "error: rounds must be >= 1 with --reward_model (its ratio is a median over the rounds), got 0"
+    assert not (tmp_path / "sft").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_a_gpu_is_one_line():
     assert error_of(SMALL + ["--device=cuda"]) == ("error: --device=cuda, but torch finds no CUDA GPU on this machine "
@@ -40,4 +46,7 @@ def test_cuda_without_a_gpu_is_one_line():
 def test_a_small_measurement_prints_the_table(capsys):
     lines = bench.main(SMALL + ["--device=cpu"])
     assert lines[2].startswith("| tiny | 0.44M | ") and lines[2].count("|") == 14
+    static, eager, theirs, static_ratio, eager_ratio = (float(c.strip(" x").replace(",", "")) for c in lines[2].split("|")[3:8])
+    assert static / theirs == pytest.approx(static_ratio, rel=0.02, abs=0.006)   # one round: the ratio of the rates
+    assert eager / theirs == pytest.approx(eager_ratio, rel=0.02, abs=0.006)
     assert capsys.readouterr().out.endswith("\n".join(lines) + "\n")

@@ -472,3 +472,43 @@ def test_the_paper_setting_runs_every_algorithm_against_the_proxy_and_tabulates_
     pytest.importorskip("matplotlib")
     with open(out / "paper.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_rm_table_shows_each_column_from_its_own_key(tmp_path):
+    """The rm table's proxy, judge, KL, distinct-2 and judge-lost cells, each from its own key of the last exact row."""
+    cfg = compare.CompareConfig(out_dir=str(tmp_path), seeds=1, rm_lams="0.1")
+    run = compare.rm_run_dir(cfg, "apa", 0.1, 0)
+    os.makedirs(run)
+    rows = [dict(iter=i, distinct2=0.5 + 0.01 * i, **({"reward_exact": 0.1 * i, "gold_exact": 0.2 * i, "kl_exact": 0.3 * i,
+                                                        "gold_lost_exact": 0.04 * i} if i % 2 else {})) for i in range(1, 6)]
+    with open(os.path.join(run, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    lines = compare.rm_table(cfg, 5).splitlines()
+    assert lines[2:] == [f"| APA | 0.1 | 0.500 | 1.000 | 1.50 | {statistics.mean(r['distinct2'] for r in rows):.3f} | 0.200 |"]
+
+
+def test_the_rm_settings_held_out_prompts_are_held_out_openings(tmp_path):
+    """The rm setting's runs train on the task's training openings and are evaluated on its held-out ones."""
+    import data
+    cfg = compare.CompareConfig(out_dir=str(tmp_path))
+    os.makedirs(os.path.join(compare.rm_folder(cfg), "reward_model"))
+    with open(os.path.join(compare.rm_folder(cfg), "reward_model", "metrics.json"), "w") as f:
+        f.write("{}")                                                      # a reward model already there: none trained
+    shared = compare.rm_prepare(cfg)
+    train_prompts, eval_prompts = (open(shared[k]).read().splitlines() for k in ("prompts", "eval_prompts"))
+    assert len(train_prompts) == len(eval_prompts) == 8
+    assert set(train_prompts) <= set(data.task_prompts()) and set(eval_prompts) <= set(data.task_eval_prompts())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rm_lams=-0.1"], "rm_lams must be comma-separated KL coefficients > 0, got '-0.1' in '-0.1'"),
+    (["--rm_lams=0.1,0"], "rm_lams must be comma-separated KL coefficients > 0, got '0' in '0.1,0'"),
+    (["--rm_lams=abc"], "rm_lams must be comma-separated KL coefficients > 0, got 'abc' in 'abc'"),
+    (["--rm_iters=0"], "rm_iters must be > 0, got 0"),
+    (["--run=0"], "holds no reward model and no run: run without --run=0 first"),
+])
+def test_the_rm_settings_nonsense_is_one_line_before_any_work(tmp_path, flags, message):
+    text = one_line_error(compare.main, ["--settings=rm", "--quick=1", "--workers=1", f"--out_dir={tmp_path / 'out'}",
+                                         f"--sft_dir={tmp_path / 'sft'}", *flags])   # quick: a mutant ends soon
+    assert text.startswith("error: ") and message in text, text
+    assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "sft")

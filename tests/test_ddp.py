@@ -6,7 +6,6 @@ global, and `torchrun --nproc_per_node=2 train.py` trains, checkpoints and resum
 Run: pytest -q tests/test_ddp.py
 """
 import datetime
-import functools
 import json
 import os
 import signal
@@ -112,7 +111,7 @@ def worker(rank, tmp, target_kl):
     torch.manual_seed(rank)
     batch, _, stats, samples = train.rollout(cfg, policy, ref_lm, [enc.encode_ordinary(p) for p in prompts],
                                              prompts, length_reward,
-                                             functools.partial(model.sample, cfg, enc=enc, device=torch.device("cpu")))
+                                             train.make_sampler(cfg, enc, torch.device("cpu")))
     result["rollout"] = dict(advantages=batch["advantages"], mask=batch["mask"], stats=stats, samples=samples)
     # the KL guard on the global approx_kl: target_kl lies between this rank's and the other's, so a guard that
     # looked at its own would stop one process and not the other, whose next step would wait for it
@@ -219,3 +218,16 @@ def test_torchrun_trains_checkpoints_and_resumes_after_a_kill(tmp_path):
     assert proc.returncode == 0, err
     assert "resumed from" in out and "at iteration 2" in out
     assert read_metrics(killed) == read_metrics(straight)           # every process resumed its own stream
+
+
+@pytest.mark.parametrize("sizes, message", [
+    (dict(batch_size=15, minibatch_size=5), "batch_size 15 and minibatch_size 5 must be divisible by the number of processes, 2"),
+    (dict(batch_size=16, minibatch_size=7), "batch_size 16 and minibatch_size 7 must be divisible by the number of processes, 2"),
+    (dict(batch_size=16, minibatch_size=8, algo="grpo", group_size=16), "batch_size / processes = 8 is not divisible by group_size 16"),
+])
+def test_a_batch_the_processes_cannot_share_is_refused_before_joining(monkeypatch, sizes, message):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=message):
+        ddp.setup(train.Config(**sizes), torch.device("cpu"))
+    assert not dist.is_initialized()

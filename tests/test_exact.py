@@ -10,7 +10,6 @@ Run: python -m pytest -q tests/test_exact.py. tools/mutate.py shows which one-li
 """
 import copy
 import dataclasses
-import functools
 import itertools
 import math
 import os
@@ -51,8 +50,8 @@ def task(tmp_path_factory):
 
 
 def cpu_sampler(cfg, enc):
-    """The run's sampler on a CPU, as train.train builds it: model.sample with the eager loop."""
-    return functools.partial(model.sample, cfg, enc=enc, device=torch.device("cpu"))
+    """The run's sampler on a CPU, as train.train builds it."""
+    return train.make_sampler(cfg, enc, torch.device("cpu"))
 
 
 def moved_policy(ref_lm, seed=0, scale=0.05):

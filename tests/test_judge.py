@@ -2,16 +2,19 @@
 against the frontier, the best score of the judge that any policy reaches at the same KL to pi_init."""
 import copy
 import dataclasses
-import functools
 import os
 import sys
 
+import math
+
+import numpy as np
 import pytest
 import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import data  # noqa: E402
+import evaluation  # noqa: E402
 import model  # noqa: E402
 import train  # noqa: E402
 from lab import exact, hf  # noqa: E402
@@ -56,6 +59,55 @@ def test_no_policy_beats_the_frontier_and_the_judges_tilts_lie_on_it():
     assert beaten > 1500                                                 # the bound is no tautology: most fall short
 
 
+def per_prompt_frontier(ref_logp, G, k):
+    """max E[G] over the policies of one prompt with KL k, by bisection of that prompt's own tilt, in numpy."""
+    def tilt(lam):
+        logp = ref_logp + G / lam
+        logp = logp - np.logaddexp.reduce(logp)
+        p = np.exp(logp)
+        return (p * G).sum(), (p * (logp - ref_logp)).sum()
+    lo, hi = -30.0, 30.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if tilt(math.exp(mid))[1] > k else (lo, mid)
+    return tilt(math.exp(hi))[0]
+
+
+def test_the_frontier_is_the_best_split_of_the_kl_between_the_prompts():
+    """A slow version: with two prompts and a mean KL k, try every split of the KL, k1 to the first prompt and
+    2k - k1 to the second, each prompt at its own best (its own tilt); the best split is the frontier. Matching each
+    prompt at the KL k alone is not."""
+    ref_logp, G, _ = judged_problem(2, X=2)
+    ref, g = ref_logp.numpy(), G.numpy()
+    for k in (0.05, 0.2, 0.5):
+        split = lambda a: (per_prompt_frontier(ref[0], g[0], a) + per_prompt_frontier(ref[1], g[1], 2 * k - a)) / 2  # noqa: E731
+        grid = np.linspace(0, 2 * k, 41)
+        i = max(range(len(grid)), key=lambda i: split(grid[i]))
+        lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+        for _ in range(60):                                              # each prompt's best is concave in its KL
+            a, b = lo + (hi - lo) / 3, hi - (hi - lo) / 3
+            lo, hi = (a, hi) if split(a) < split(b) else (lo, b)
+        found, _ = exact.frontier(ref_logp, G, k)
+        assert found == pytest.approx(split(lo), abs=1e-8), k
+        alone = (per_prompt_frontier(ref[0], g[0], k) + per_prompt_frontier(ref[1], g[1], k)) / 2
+        assert found > alone + 1e-3                                      # one KL for each prompt falls short
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1e-3, 1.0, 1e3])
+def test_the_frontier_follows_the_judges_scale(scale):
+    """The frontier of the judge scale G is scale times G's: the tilt's lambda' scales with it. Policies whose KL lies
+    within the tilts' range (each prompt its own temperature) never pass it."""
+    ref_logp, G, g = judged_problem(3)
+    for k in (0.01, 0.1, 0.5, 50.0):
+        best, lam = exact.frontier(ref_logp, G * scale, k)
+        want, want_lam = exact.frontier(ref_logp, G, k)
+        assert best == pytest.approx(scale * want, rel=1e-8) and lam == pytest.approx(scale * want_lam, rel=1e-6)
+    for _ in range(200):
+        lams = torch.exp(2 * torch.rand(ref_logp.shape[0], 1, generator=g, dtype=torch.float64) - 1)
+        gold, kl = gold_and_kl(torch.log_softmax(ref_logp + G / lams, 1), ref_logp, G * scale)
+        assert gold <= exact.frontier(ref_logp, G * scale, kl)[0] + 1e-9 * scale
+
+
 def test_the_frontier_at_its_ends():
     """At KL 0 the frontier is pi_init's E[G]; past the KL of the best responses alone it is the best E[G]."""
     ref_logp, G, _ = judged_problem(1)
@@ -64,12 +116,19 @@ def test_the_frontier_at_its_ends():
 
 
 def test_exact_eval_reports_the_judge_and_the_loss_against_the_frontier(task):  # noqa: F811
-    """exact_eval with a judge: gold_exact is E_pi[G] by enumeration, and gold_lost_exact is the frontier at the
-    policy's own KL minus it. With the proxy as its own judge, the proxy's pi* loses nothing; pi_init neither."""
+    """exact_eval with a judge: gold_exact is E_pi[G] by enumeration, each response judged against its own prompt,
+    and gold_lost_exact is the frontier at the policy's own KL minus it. pi_init loses nothing; with the proxy as its
+    own judge, neither does the proxy's pi* at any lambda."""
     cfg = dataclasses.replace(task.cfg, max_new_tokens=2, gold_fn="data:sentiment_reward")
     length = lambda prompts, completions: [len(c) / 20 for c in completions]  # noqa: E731  a proxy, not the judge
-    space = exact.response_space(cfg, task.ref_lm, task.prompt_tokens, task.prompts, length, task.enc,
-                                 data.sentiment_reward)
+    judge = lambda prompts, completions: [s + 0.5 * task.prompts.index(p) for p, s in  # noqa: E731
+                                          zip(prompts, data.sentiment_reward(prompts, completions))]
+    space = exact.response_space(cfg, task.ref_lm, task.prompt_tokens, task.prompts, length, task.enc, judge)
+    assert torch.equal(space["gold"][1] - space["gold"][0], torch.full_like(space["gold"][0], 0.5))  # its own prompt
+    for lam in (0.01, 0.1, 1.0):                                         # the proxy's pi*, judged by the proxy
+        R, ref_logp = space["rewards"], torch.log_softmax(space["ref_logprobs"], 1)  # summing to 1 to the last bit
+        gold, kl = gold_and_kl(torch.log_softmax(ref_logp + R / lam, 1), ref_logp, R)
+        assert exact.frontier(ref_logp, R, kl)[0] - gold == pytest.approx(0, abs=1e-9)
     stats = exact.exact_eval(task.ref_lm, space, cfg.lam)                # pi_init: KL 0, on the frontier's start
     ref_p = space["ref_logprobs"].exp()
     assert stats["gold_exact"] == pytest.approx((ref_p * space["gold"]).sum(1).mean().item(), abs=1e-12)
@@ -91,21 +150,46 @@ def test_the_judge_is_logged_and_never_trained_on(task):  # noqa: F811
     mean); the batch that trains is the one a rollout without a judge makes, to the last bit."""
     cfg = train.resolve(dataclasses.replace(task.cfg, gold_fn="data:sentiment_reward"))
     length = lambda prompts, completions: [len(c) / 20 + (p == task.prompts[0]) for p, c in zip(prompts, completions)]  # noqa: E731
+    judge = lambda prompts, completions: [s + 3 * (p == task.prompts[1]) for p, s in  # noqa: E731
+                                          zip(prompts, data.sentiment_reward(prompts, completions))]
     policy = model.PolicyWithValue(copy.deepcopy(task.ref_lm)).eval()
     out = {}
     for judged in (False, True):
         torch.manual_seed(0)
         out[judged] = train.rollout(cfg, policy, task.ref_lm, task.prompt_tokens, task.prompts, length,
-                                    functools.partial(model.sample, cfg, enc=task.enc, device=torch.device("cpu")),
-                                    data.sentiment_reward if judged else None)
+                                    train.make_sampler(cfg, task.enc, torch.device("cpu")),
+                                    judge if judged else None)
     (batch, _, stats, samples), (judged_batch, _, judged_stats, judged_samples) = out[False], out[True]
     assert batch.keys() == judged_batch.keys() and all(torch.equal(batch[k], judged_batch[k]) for k in batch)
     assert samples == judged_samples and "gold" not in stats
-    gold = data.sentiment_reward([s[0] for s in samples], [s[1] for s in samples])
+    gold = judge([s[0] for s in samples], [s[1] for s in samples])                # each against its own prompt
     assert judged_stats["gold"] == pytest.approx(sum(gold) / len(gold), abs=1e-6)
     assert judged_stats["reward"] == pytest.approx(sum(s[2] for s in samples) / len(samples), abs=1e-6)
     assert all(score == pytest.approx(length([prompt], [completion])[0], abs=1e-6) for prompt, completion, score, _ in samples)
     assert {s[0] for s in samples} == set(task.prompts)                  # both prompts, each scored as itself
+
+
+def test_the_held_out_evaluation_reports_the_judges_mean_each_response_against_its_prompt(task):  # noqa: F811
+    """eval_gold is the mean of the judge's scores of the held-out responses, each against its own prompt; eval_reward
+    the mean of the reward's, which differ."""
+    cfg = train.resolve(dataclasses.replace(task.cfg, gold_fn="m:judge", eval_samples=12, batch_size=8))
+    seen = {"reward": [], "gold": []}
+    def scorer(key, fn):
+        def score(prompts, completions):
+            scores = fn(prompts, completions)
+            seen[key] += list(zip(prompts, scores))
+            return scores
+        return score
+    proxy = scorer("reward", lambda prompts, completions: [len(c) / 20 for c in completions])
+    judge = scorer("gold", lambda prompts, completions: [s + 3 * (p == task.prompts[1]) for p, s in
+                                                         zip(prompts, data.sentiment_reward(prompts, completions))])
+    policy = model.PolicyWithValue(copy.deepcopy(task.ref_lm)).eval()
+    stats = evaluation.evaluate(cfg, policy, task.ref_lm, task.prompt_tokens, task.prompts, proxy,
+                                train.make_sampler(cfg, task.enc, torch.device("cpu")), 1, judge)
+    assert [p for p, _ in seen["gold"]] == [task.prompts[i % 2] for i in range(12)] == [p for p, _ in seen["reward"]]
+    assert stats["eval_gold"] == pytest.approx(sum(s for _, s in seen["gold"]) / 12, abs=1e-6)
+    assert stats["eval_reward"] == pytest.approx(sum(s for _, s in seen["reward"]) / 12, abs=1e-6)
+    assert stats["eval_gold"] != pytest.approx(stats["eval_reward"], abs=1e-3)
 
 
 def test_the_judge_defaults_to_the_tasks_reward_where_a_reward_model_stands_in_for_it():
@@ -133,6 +217,7 @@ def test_a_run_against_a_reward_model_logs_the_judge_beside_it(tmp_path, capsys)
     printed = capsys.readouterr().out
     rows = read_metrics(tmp_path / "out")
     assert "judge data:sentiment_reward" in printed and " | gold " in printed and " | eval_gold " in printed
+    assert " | gold_lost_exact " in printed
     for row in rows:
         assert {"gold", "eval_gold", "gold_exact", "gold_frontier_exact", "gold_lost_exact"} <= row.keys()
         assert row["gold_lost_exact"] >= -1e-6 and row["gold_frontier_exact"] >= row["gold_exact"] - 1e-6
@@ -162,7 +247,7 @@ def test_the_proxy_the_evaluator_and_the_judge_each_score_the_same_completions(t
     for judged in (False, True):
         torch.manual_seed(0)
         out[judged] = train.rollout(cfg, policy, task.ref_lm, task.prompt_tokens, task.prompts, proxy,
-                                    functools.partial(model.sample, cfg, enc=task.enc, device=torch.device("cpu")),
+                                    train.make_sampler(cfg, task.enc, torch.device("cpu")),
                                     gold_fn=data.sentiment_reward if judged else None,
                                     evaluator_fn=evaluator if judged else None)
     (batch, _, stats, _), (judged_batch, _, judged_stats, samples) = out[False], out[True]
@@ -180,7 +265,7 @@ def test_the_proxy_the_evaluator_and_the_judge_each_score_the_same_completions(t
             return scorers[key](prompts, completions)
         return score
     held_out = train.evaluate(cfg, policy, task.ref_lm, task.prompt_tokens, task.prompts, recording("reward"),
-                              functools.partial(model.sample, cfg, enc=task.enc, device=torch.device("cpu")), 0,
+                              train.make_sampler(cfg, task.enc, torch.device("cpu")), 0,
                               recording("gold"), recording("evaluator"))
     assert seen["reward"] == seen["evaluator"] == seen["gold"]           # the same completions, to the same prompts
     texts = [(p, c) for prompts, completions in seen["reward"] for p, c in zip(prompts, completions)]

@@ -94,6 +94,22 @@ SAME_REWARDS = ["tests/test_train.py::test_same_rewards_judges_the_first_batch_o
 SMOLLM2_WEIGHTS = "tests/test_smollm2.py::test_the_folder_holds_the_gguf_files_weights_exactly"
 VADER = "tests/test_smollm2.py::test_vader_reward_reads_real_text"
 
+# the reward model and the judge (third pass)
+RM = "tests/test_reward_model.py::test_"
+HELD_OUT_STATS = RM + "held_out_stats_against_a_python_loop_and_the_slope_within_prompts_is_one_over_beta"
+TASK_PAIRS = RM + "task_pairs_are_seeded_and_carry_their_true_rewards"
+SPLIT = RM + "a_files_split_holds_out_a_share_of_its_distinct_pairs_and_no_training_pair"
+PAD_AND_START = RM + "init_with_a_pad_and_a_start_token_of_its_own_trains_on_the_tokens_train_py_scores"
+CLASSIFIER = RM + "the_classifier_starts_from_pi_inits_network_and_a_score_head_of_zero"
+EVAL_GOLD = "tests/test_judge.py::test_the_held_out_evaluation_reports_the_judges_mean_each_response_against_its_prompt"
+JUDGE_LOGGED = "tests/test_judge.py::test_the_judge_is_logged_and_never_trained_on"
+JUDGE_EXACT = "tests/test_judge.py::test_exact_eval_reports_the_judge_and_the_loss_against_the_frontier"
+FRONTIER_SPLIT = "tests/test_judge.py::test_the_frontier_is_the_best_split_of_the_kl_between_the_prompts"
+FRONTIER_SCALE = "tests/test_judge.py::test_the_frontier_follows_the_judges_scale"
+RM_TABLE = "tests/test_compare.py::test_the_rm_table_shows_each_column_from_its_own_key"
+RM_PROMPTS = "tests/test_compare.py::test_the_rm_settings_held_out_prompts_are_held_out_openings"
+RM_NONSENSE = "tests/test_compare.py::test_the_rm_settings_nonsense_is_one_line_before_any_work"
+
 # (name, file, original snippet, replacement[, tests]): each a bug someone could plausibly write; without
 # tests of its own, a mutation runs TESTS
 MUTATIONS = [
@@ -215,7 +231,8 @@ MUTATIONS = [
      ["tests/test_exact.py::test_exact_eval_matches_brute_force_enumeration"]),
     ("lam may change on resume", "lab/runs.py",
      'RESUME_MAY_CHANGE = {"iters",', 'RESUME_MAY_CHANGE = {"lam", "iters",', [RESUME_RULES]),
-    ("Ctrl-C mid-write leaves the temporary file", "lab/runs.py", "    except BaseException:\n", "    except Exception:\n",
+    ("Ctrl-C mid-write leaves the temporary file", "lab/runs.py", "        os.replace(tmp, path)\n    except BaseException:\n",
+     "        os.replace(tmp, path)\n    except Exception:\n",
      ["tests/test_reliability.py::test_an_interrupted_atomic_write_leaves_no_temporary_file"]),
     ("one NaN among finite scores passes", "data.py",
      "if not torch.isfinite(scores).all():", "if not torch.isfinite(scores).any():", [REWARD_FAILURES]),
@@ -378,8 +395,8 @@ MUTATIONS = [
     ("--cuda_graph=0 ignored on a GPU", "lab/static_sampler.py", "if cfg.cuda_graph and device.type == \"cuda\"",
      "if device.type == \"cuda\"", ["tests/test_models.py::test_a_run_samples_with_the_cuda_graph_on_a_gpu_only_with_cuda_graph_1"]),
     ("the rollout samples with the eager loop whatever the run chose", "train.py",
-     "                                generate=static_sampler.choose_sampler(cfg, device))",
-     "                                )", [DRAWS]),
+     "    return functools.partial(sample, cfg, enc=enc, device=device, generate=generate)",
+     "    return functools.partial(sample, cfg, enc=enc, device=device)", [DRAWS]),
     ("the held-out evaluation samples with the eager loop whatever the run chose", "train.py",
      "eval_prompts, reward_fn, sampler, it, gold_fn,",
      "eval_prompts, reward_fn, functools.partial(sample, cfg, enc=enc, device=device), it, gold_fn,", [DRAWS]),
@@ -499,6 +516,192 @@ MUTATIONS = [
      "p = torch.sigmoid(rewards1 - rewards2)", [REWARD_MODEL_PY]),
     ("the task's pairs: chosen and rejected swapped, their true rewards not", "reward_model.py",
      "((y1, y2) if first[k] else (y2, y1))", "((y2, y1) if first[k] else (y1, y2))", [REWARD_MODEL_PY]),
+    # the reward model, third pass: each bug that passed the suite, against the test that now catches it
+    ("Bradley-Terry's accuracy counts a tie as ordered right", "reward_model.py",
+     '"accuracy": (margin > 0)', '"accuracy": (margin >= 0)', [RM + "bradley_terry_loss_against_a_python_loop"]),
+    ("the held-out accuracy counts a tie as ordered right", "reward_model.py",
+     '"accuracy": (r[:, 0] > r[:, 1])', '"accuracy": (r[:, 0] >= r[:, 1])', [HELD_OUT_STATS]),
+    ("the accuracy against R counts a tie of r as agreeing", "reward_model.py",
+     "agree = torch.sign(r[:, 0] - r[:, 1]) == torch.sign(true[:, 0] - true[:, 1])",
+     "agree = (r[:, 0] > r[:, 1]) == (true[:, 0] > true[:, 1])", [HELD_OUT_STATS]),
+    ("the slope regresses R on r", "reward_model.py", "/ (true_c ** 2).sum()).item()", "/ (r_c ** 2).sum()).item()",
+     [HELD_OUT_STATS]),
+    ("the slope's sign flipped", "reward_model.py", 'stats["slope"] = ((r_c * true_c).sum()',
+     'stats["slope"] = (-(r_c * true_c).sum()', [HELD_OUT_STATS]),
+    ("the slope pooled over prompts", "reward_model.py",
+     "group = torch.tensor(np.unique(prompts, return_inverse=True)[1]).repeat_interleave(2)",
+     "group = torch.zeros(2 * len(r), dtype=torch.long)", [HELD_OUT_STATS]),
+    ("spearman of a NaN a number", "reward_model.py",
+     "    if not (np.isfinite(x).all() and np.isfinite(y).all()):\n        return math.nan\n", "",
+     [RM + "spearman_of_a_value_that_is_not_finite_is_nan"]),
+    ("the annotator at beta squared", "reward_model.py", "first = annotate(true[:, 0], true[:, 1], cfg.beta)",
+     "first = annotate(true[:, 0] / cfg.beta, true[:, 1] / cfg.beta, cfg.beta)", [TASK_PAIRS]),
+    ("a pair's two responses answer two prompts", "reward_model.py",
+     "idx = torch.randint(len(prompts), (n,)).repeat_interleave(2).tolist()",
+     "idx = torch.randint(len(prompts), (2 * n,)).tolist()", [RM + "the_two_responses_of_a_pair_answer_its_prompt"]),
+    ("the held-out pairs drawn on the training prompts", "reward_model.py",
+     "task_pairs(cfg, lm, enc, eval_prompts, n_eval, device)", "task_pairs(cfg, lm, enc, prompts, n_eval, device)",
+     [RM + "the_held_out_pairs_are_drawn_on_the_held_out_prompts"]),
+    ("a file's held-out split overlaps its training split by one pair", "reward_model.py",
+     "train = {distinct[i] for i in order[n_eval:]}", "train = {distinct[i] for i in order[n_eval - 1:]}", [SPLIT]),
+    ("a file's split on lines, not distinct pairs", "reward_model.py",
+     "keys = [tuple(pair[:3]) for pair in pairs]", "keys = [tuple(pair) for pair in pairs]", [SPLIT]),
+    ("a file of one repeated pair accepted", "reward_model.py", "        if distinct < 2:", "        if distinct < 1:",
+     [SPLIT]),
+    ("the reward model pads with end-of-text though its tokenizer has a pad token", "reward_model.py",
+     "pad_id = enc.tok.pad_token_id if isinstance(enc, HFTokenizer) else enc.eot_token", "pad_id = enc.eot_token",
+     [PAD_AND_START]),
+    ("training texts encoded without the tokenizer's special tokens", "reward_model.py",
+     'return enc.tok(text, truncation=bool(context), max_length=context)["input_ids"]',
+     'return enc.tok(text, truncation=bool(context), max_length=context, add_special_tokens=False)["input_ids"]',
+     [PAD_AND_START]),
+    ("a long text keeps its first tokens in training", "reward_model.py",
+     "return enc.encode_ordinary(text)[-context:] if context", "return enc.encode_ordinary(text)[:context] if context",
+     [RM + "a_text_longer_than_the_context_is_read_as_train_py_reads_it"]),
+    ("a Hugging Face tokenizer cuts long texts on the right", "reward_model.py",
+     'enc.tok.padding_side, enc.tok.truncation_side = "right", "left"',
+     'enc.tok.padding_side, enc.tok.truncation_side = "right", "right"', [PAD_AND_START]),
+    ("pi_init's weights never reach the classifier", "reward_model.py",
+     "rm.base_model.load_state_dict(lm.base_model.state_dict())", "rm.base_model.load_state_dict(rm.base_model.state_dict())",
+     [CLASSIFIER]),
+    ("the score head starts from the LM head's row", "reward_model.py", "nn.init.zeros_(rm.score.weight)",
+     "rm.score.weight.data.copy_(lm.get_output_embeddings().weight[pad_id][None])", [CLASSIFIER]),
+    ("the reward model's learning rate not decayed", "reward_model.py", 'g["lr"] = cfg.lr * (1 - step / steps)',
+     'g["lr"] = cfg.lr', [RM + "the_learning_rate_decays_linearly_to_zero_over_every_step_the_last_partial_batch_included"]),
+    ("the reward model's gradients not clipped", "reward_model.py",
+     "nn.utils.clip_grad_norm_(rm.parameters(), cfg.max_grad_norm)", "nn.utils.clip_grad_norm_(rm.parameters(), math.inf)",
+     [RM + "gradients_are_clipped_to_max_grad_norm"]),
+    ("the reward model's steps counted by floor division", "reward_model.py",
+     "steps = cfg.epochs * -(-len(train_tokens) // cfg.batch_size)", "steps = cfg.epochs * (len(train_tokens) // cfg.batch_size)",
+     [RM + "the_learning_rate_decays_linearly_to_zero_over_every_step_the_last_partial_batch_included"]),
+    ("the held-out eval_gold is the proxy's mean", "evaluation.py", '{"eval_gold": torch.cat(golds).mean().item()}',
+     '{"eval_gold": scores.mean().item()}', [EVAL_GOLD]),
+    ("the held-out judge scores against the first prompt", "evaluation.py",
+     "golds.append(call_reward(cfg, gold_fn, [eval_prompts[i] for i in idx], completions,",
+     "golds.append(call_reward(cfg, gold_fn, [eval_prompts[idx[0]]] * len(idx), completions,", [EVAL_GOLD]),
+    ("the rollout's judge scores against the first prompt", "train.py",
+     "gold = (call_reward(cfg, gold_fn, batch_prompts, completions,",
+     "gold = (call_reward(cfg, gold_fn, [batch_prompts[0]] * len(completions), completions,", [JUDGE_LOGGED]),
+    ("the exact judge scores against the first prompt", "lab/exact.py",
+     "golds.append(call_reward(cfg, gold_fn, [prompt] * len(completions), completions,",
+     "golds.append(call_reward(cfg, gold_fn, [prompts[0]] * len(completions), completions,", [JUDGE_EXACT]),
+    ("the frontier matched prompt by prompt", "lab/exact.py", "    return tilt(math.exp(hi))[0], math.exp(hi)",
+     "    return (sum(frontier(ref_logp[i:i + 1], G[i:i + 1], kl)[0] for i in range(len(G))) / len(G) if len(G) > 1 "
+     "else tilt(math.exp(hi))[0]), math.exp(hi)", [FRONTIER_SPLIT]),
+    ("the frontier's bracket fixed at [1e-4, 1e8]", "lab/exact.py",
+     "    lo = hi = scale\n    while tilt(math.exp(lo))[1] < kl and lo > scale - 600:               # KL rises to kl_best as lambda' falls\n        lo -= 2\n",
+     "    lo, hi = math.log(1e-4), math.log(1e8)\n", [FRONTIER_SCALE]),
+    ("the frontier past the best responses' KL: a tilt at 1e-4", "lab/exact.py",
+     "        return best.mean().item(), 0.0", "        return tilt(1e-4)[0], 1e-4", [FRONTIER_SCALE]),
+    ("the rm table's judge column shows the proxy", "experiments/compare.py", "{cell('gold_exact', '.3f')}",
+     "{cell('reward_exact', '.3f')}", [RM_TABLE]),
+    ("the rm setting's held-out prompts are training openings", "experiments/compare.py",
+     "data.task_eval_prompts()[::5][:n]", "data.task_prompts()[1::5][:n]", [RM_PROMPTS]),
+    # the reward model's guards, third pass: nothing lost, nonsense refused, messages that name the right thing
+    ("the earlier reward model removed before the new one is written", "lab/runs.py",
+     "    remove_stale(path)\n    tmp = path +", "    shutil.rmtree(path, ignore_errors=True)\n    tmp = path +",
+     [RM + "a_folder_replaced_and_interrupted_at_any_moment_is_the_old_or_the_new_one_whole"]),
+    ("a killed save's temporary folder never removed", "lab/runs.py", "    remove_stale(path)\n    tmp = path +",
+     "    tmp = path +", [RM + "a_save_killed_leaves_one_model_whole_and_the_next_save_removes_what_it_left"]),
+    ("the fallback's second rename not undone", "lab/runs.py",
+     "            except BaseException:\n                os.replace(old, path)\n",
+     "            except BaseException:\n                pass\n", [RM + "a_folder_replaced_and_interrupted_at_any_moment_is_the_old_or_the_new_one_whole"]),
+    ("any metrics.json taken for a reward model", "reward_model.py",
+     'return {"preferences", "pairs", "beta", "held_out"} <= config.keys()', "return True",
+     [RM + "a_folder_that_is_not_this_scripts_reward_model_is_never_replaced"]),
+    ("a reward model's folder with a file of yours taken as one", "reward_model.py",
+     "    if any(name not in SAVED and", "    if False and any(name not in SAVED and",
+     [RM + "a_folder_that_is_not_this_scripts_reward_model_is_never_replaced"]),
+    ("two reward_model.py runs on one out_dir", "reward_model.py", "with runs.exclusive(cfg.out_dir):",
+     "with runs.exclusive(cfg.sft_dir):", [RM + "two_runs_on_one_out_dir_are_stopped_at_a_lock"]),
+    ("reward_model.py's lr unbounded", "reward_model.py", '("lr", 0 <= cfg.lr <= 0.1,', '("lr", 0 <= cfg.lr,',
+     [RM + "nonsense_is_refused_before_any_work_in_one_line_naming_it"]),
+    ("reward_model.py holding out every pair", "reward_model.py", "cfg.preferences or n_eval < cfg.pairs,",
+     "cfg.preferences or n_eval <= cfg.pairs,", [RM + "nonsense_is_refused_before_any_work_in_one_line_naming_it"]),
+    ("reward_model.py's threads unbounded", "reward_model.py", '("threads", 0 <= cfg.threads <= most_threads,',
+     '("threads", 0 <= cfg.threads,', [RM + "nonsense_is_refused_before_any_work_in_one_line_naming_it"]),
+    ("an out_dir that is a file found after training", "reward_model.py",
+     "if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):", "if False:",
+     [RM + "an_out_dir_that_is_a_file_or_under_one_is_named_before_any_work"]),
+    ("a read-only out_dir found after training", "reward_model.py",
+     "if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):", "if not os.path.isdir(parent):",
+     [RM + "a_read_only_out_dir_is_named_before_any_work"]),
+    ("a resume against a reward model trained again", "lab/runs.py",
+     'if state.get("reward_model_fingerprint", now) != now:', "if False:", [RM + "a_resume_after_the_reward_model_changed_is_refused"]),
+    ("the reward model's fingerprint: the sizes alone", "lab/runs.py", "|{st.st_size}|{st.st_mtime_ns}",
+     "|{st.st_size}", [RM + "a_resume_after_the_reward_model_changed_is_refused"]),
+    ("the judge's failure to load called a reward function", "train.py",
+     'load_reward_fn(cfg.gold_fn, "gold function")', "load_reward_fn(cfg.gold_fn)", [RM + "messages_name_the_gold_function_and_both_sizes_of_a_vocabulary_too_small"]),
+    ("a reward model's vocabulary too small: an IndexError", "lab/hf.py", "if rows is not None and rows < n_tokens:",
+     "if rows is not None and rows < 0:", [RM + "messages_name_the_gold_function_and_both_sizes_of_a_vocabulary_too_small"]),
+    ("the rm setting's lambdas may be 0 or negative", "experiments/compare.py", "ok = 0 < float(item) < math.inf",
+     "ok = float(item) < math.inf", [RM_NONSENSE]),
+    ("the rm setting's --run=0 with nothing done trains a reward model", "experiments/compare.py",
+     'if not cfg.run and not os.path.exists(os.path.join(rm_folder(cfg), "reward_model", "metrics.json")):',
+     "if False:", [RM_NONSENSE]),
+    ("bench --reward_model with no rounds", "experiments/bench.py", "args.rounds >= 1 or not args.reward_model",
+     "args.rounds >= 0 or not args.reward_model", ["tests/test_bench.py"]),
+    # every function of reward_model.py, lab/exact.py, lab/cli.py, lab/ddp.py and experiments/bench.py, broken once
+    ("a preference with the same chosen and rejected text accepted", "reward_model.py", "        if chosen == rejected:",
+     "        if False:", [RM + "a_broken_preference_file_is_one_line_that_names_the_line"]),
+    ("the implicit prompt left on the responses", "reward_model.py",
+     "            chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]", "            pass",
+     [RM + "both_layouts_read_and_score_the_same_texts"]),
+    ("a file's pair too long for the context kept", "reward_model.py", "            if n > context:",
+     "            if n > 2 * context:", [RM + "a_broken_preference_file_is_one_line_that_names_the_line"]),
+    ("spearman without the mean rank of ties", "reward_model.py",
+     "return (np.bincount(group, order) / np.bincount(group))[group]", "return order",
+     [RM + "spearman_against_a_python_loop"]),
+    ("the held-out pairs scored in slices of one too few", "reward_model.py", "tokens[i:i + batch] for t in pair",
+     "tokens[i:i + batch - 1] for t in pair", [RM + "the_trained_model_orders_held_out_pairs_as_the_true_reward"]),
+    ("the exact evaluator counts responses without the last step's end-of-text", "lab/exact.py",
+     "(V - 1) ** (T - 1) * V", "(V - 1) ** T", ["tests/test_exact.py::test_exact_eval_matches_brute_force_enumeration"]),
+    ("exact KL(pi || pi*) with J* subtracted", "lab/exact.py", "+ jstar / lam  ", "- jstar / lam  ",
+     ["tests/test_exact.py::test_exact_eval_matches_brute_force_enumeration"]),
+    ("the exact judge score from the proxy", "lab/exact.py", 'stats["gold_exact"] = (p * space["gold"]).sum(1)',
+     'stats["gold_exact"] = (p * space["rewards"]).sum(1)', [JUDGE_EXACT]),
+    ("the judge's loss against the frontier with its sign flipped", "lab/exact.py",
+     'out["gold_lost_exact"] = out["gold_frontier_exact"] - out["gold_exact"]',
+     'out["gold_lost_exact"] = out["gold_exact"] - out["gold_frontier_exact"]', [JUDGE_EXACT]),
+    ("a float flag of nan or inf taken", "lab/cli.py", "if isinstance(value, float) and not math.isfinite(value):",
+     "if False:", ["tests/test_cli.py", "tests/test_reliability.py::test_nonsense_is_refused_before_pre_training"]),
+    ("a flag's close spelling not suggested", "lab/cli.py", "n=1)\n        raise ArgumentError", "n=0)\n        raise ArgumentError",
+     ["tests/test_cli.py"]),
+    ("an unexpected exception printed without its type", "lab/cli.py",
+     'text = str(e) if expected else f"{type(e).__name__}: {e} (APA_DEBUG=1 shows the traceback)"',
+     'text = str(e)', ["tests/test_cli.py", "tests/test_compare.py::test_apa_debug_shows_the_traceback_and_anything_unexpected_is_one_line_too"]),
+    ("Ctrl-C exits with status 1", "lab/cli.py", "raise SystemExit(130) from None", "raise SystemExit(1) from None",
+     ["tests/test_compare.py::test_ctrl_c_exits_130_and_says_the_same_command_continues"]),
+    ("the log line without the judge's lost score", "lab/cli.py", '("gold_lost_exact", ".4f"),', "",
+     ["tests/test_judge.py::test_a_run_against_a_reward_model_logs_the_judge_beside_it"]),
+    ("the header without the judge", "lab/cli.py", '(f" | judge {cfg.gold_fn}" if cfg.gold_fn else "")', '""',
+     ["tests/test_judge.py::test_a_run_against_a_reward_model_logs_the_judge_beside_it"]),
+    ("data parallel: the global mean of the local masked sum over all entries", "lab/ddp.py",
+     "sums = torch.stack([(x * mask).sum(), mask.sum()])", "sums = torch.stack([(x * mask).sum(), torch.ones_like(x).sum()])",
+     ["tests/test_ddp.py::test_two_processes_compute_the_one_process_update_and_global_statistics"]),
+    ("data parallel: a batch not divisible by the processes taken", "lab/ddp.py",
+     "if cfg.batch_size % world or cfg.minibatch_size % world:", "if False:",
+     ["tests/test_ddp.py::test_a_batch_the_processes_cannot_share_is_refused_before_joining"]),
+    ("data parallel: gather_all keeps this process's list", "lab/ddp.py", "return [x for one in lists for x in one]",
+     "return items", ["tests/test_ddp.py"]),
+    ("bench: tokens per second of one row", "experiments/bench.py", "return args.batch_size * steps / (time.perf_counter() - t0)",
+     "return steps / (time.perf_counter() - t0)", ["tests/test_bench.py"]),
+    ("bench: the ratio to generate inverted", "experiments/bench.py",
+     "statistics.median(a / b for a, b in zip(rates[fn], rates[theirs]))",
+     "statistics.median(b / a for a, b in zip(rates[fn], rates[theirs]))", ["tests/test_bench.py"]),
+    ("bench: the first untimed iteration counted", "experiments/bench.py",
+     "return [statistics.median(col) for col in zip(*rows[1:])]", "return [statistics.median(col) for col in zip(*rows)]",
+     ["tests/test_bench.py"]),
+    ("bench: TFLOP/s of the generation time", "experiments/bench.py", "tflops = flops / upd / 1e12",
+     "tflops = flops / gen / 1e12", ["tests/test_bench.py"]),
+    ("bench: the matmul peak without its factor 2", "experiments/bench.py", "return 2 * n ** 3 * reps /",
+     "return n ** 3 * reps /", ["tests/test_bench.py"]),
+    ("bench: the reward model's ratio inverted", "experiments/bench.py",
+     'ratios = [m / r for m, r in zip(times["reward model"][1:], times["rule"][1:])]',
+     'ratios = [r / m for m, r in zip(times["reward model"][1:], times["rule"][1:])]', ["tests/test_bench.py"]),
+    ("bench: prompts of one token too many", "experiments/bench.py",
+     "lengths = torch.randint(args.prompt_len // 2, args.prompt_len + 1, (args.batch_size,)).tolist()",
+     "lengths = torch.randint(args.prompt_len // 2, args.prompt_len + 2, (args.batch_size,)).tolist()", ["tests/test_bench.py"]),
     # the theory's tests, second pass: PPO as train.py runs it, k1 in the loss, the per-state KL, GRPO's side of pi*;
     # each against the one test that pins it, a wrong formula in the code or in the test's claim
     ("the authors' APA: its fixed point claimed at lambda, not s lambda", "test_losses.py",
@@ -708,13 +911,19 @@ MUTATIONS = [
 
 
 def check(mutations):
-    """Every original snippet occurs exactly once in its file; otherwise stop, loudly."""
+    """Every original snippet occurs exactly once in its file, and every test a mutation names exists (pytest would
+    answer a missing one with exit status 4, which would read as caught); otherwise stop, loudly."""
     bad = []
-    for name, path, old, *_ in mutations:
+    for name, path, old, _, *tests in mutations:
         with open(os.path.join(ROOT, path)) as f:
             n = f.read().count(old)
         if n != 1:
             bad.append(f"  {name!r}: {path} holds the snippet {n} times (must be exactly once): {old!r}")
+        for test in (tests[0] if tests else []):
+            file, _, function = test.partition("::")
+            with open(os.path.join(ROOT, file)) as f:
+                if function and not re.search(rf"^def {re.escape(function.split('[')[0])}\(", f.read(), re.M):
+                    bad.append(f"  {name!r}: no test {test}")
     if bad:
         sys.exit("mutation snippets out of date:\n" + "\n".join(bad))
 
