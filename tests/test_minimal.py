@@ -3,6 +3,7 @@ originals' text, and it stands alone in at most 350 lines."""
 import ast
 import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -28,17 +29,27 @@ def printed(out):
     return rows, re.search(r"J\* (-?\d+\.\d+)", out).group(1)
 
 
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory):
+    """The default pi_init, pre-trained once into a cache as train.py builds it (out/sft's folder)."""
+    folder = tmp_path_factory.mktemp("sft_default")
+    runs.cached_pretrain(train.resolve(train.Config(sft_dir=str(folder))), data.task_encoding(), torch.device("cpu"))
+    return folder
+
+
 @pytest.mark.parametrize("algo", ["apa", "ppo"])
-def test_minimal_prints_the_numbers_of_train_py_for_the_default_config(algo, tmp_path, tmp_path_factory, capsys):
+def test_minimal_prints_the_numbers_of_train_py_for_the_default_config(algo, sft, tmp_path, capsys):
     """train.py's default config (only the iterations cut to 20) and minimal.py's, on the same pi_init: every
     printed digit of reward, kl, J, gap, approx_kl and vf_loss is the same at each of the 20 iterations, and so is J*;
-    the trained weights, the network's and the value head's, are the same to the bit. The pi_init cache is shared,
-    as in out/sft: train.py's first run writes it and minimal.py reads it."""
-    sft = tmp_path_factory.getbasetemp() / "sft_default"               # the default pi_init, built once
-    train.main([f"--algo={algo}", "--iters=20", f"--sft_dir={sft}", f"--out_dir={tmp_path / 'train'}"])
-    full, full_jstar = printed(capsys.readouterr().out)
+    the trained weights, the network's and the value head's, are the same to the bit. Both read pi_init from one
+    cache, as from out/sft; train.py runs as a command beside minimal.py, on the other core."""
+    proc = subprocess.Popen([sys.executable, "train.py", f"--algo={algo}", "--iters=20", f"--sft_dir={sft}",
+                             f"--out_dir={tmp_path / 'train'}"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     policy = minimal.main([f"--algo={algo}", "--iters=20", f"--sft_dir={sft}"])
     one_file, one_file_jstar = printed(capsys.readouterr().out)
+    out, _ = proc.communicate()
+    assert proc.returncode == 0, out
+    full, full_jstar = printed(out)
     assert len(full) == len(one_file) == 20 and full_jstar == one_file_jstar
     for it, (a, b) in enumerate(zip(full, one_file), 1):
         assert {k: a[k] for k in SHOWN} == {k: b[k] for k in SHOWN}, f"iteration {it}"
@@ -53,11 +64,10 @@ def test_minimal_prints_the_numbers_of_train_py_for_the_default_config(algo, tmp
     assert not torch.equal(ours[name], pi_init[name])                    # and they trained
 
 
-def test_minimal_stops_an_update_where_train_py_s_kl_guard_does(tmp_path, tmp_path_factory, capsys):
+def test_minimal_stops_an_update_where_train_py_s_kl_guard_does(sft, tmp_path, capsys):
     """A larger step and a tight guard (lr 3e-4, target_kl 0.01), so that the KL guard stops updates early: minimal.py
     stops them where train.py does and prints the same numbers after them."""
-    sft, flags = tmp_path_factory.getbasetemp() / "sft_default", ["--lr=3e-4", "--target_kl=0.01", "--iters=8",
-                                                                   "--jstar_samples=16"]
+    flags = ["--lr=3e-4", "--target_kl=0.01", "--iters=8", "--jstar_samples=16"]
     train.main(flags + [f"--sft_dir={sft}", f"--out_dir={tmp_path}"])
     out = capsys.readouterr().out
     minimal.main(flags + [f"--sft_dir={sft}"])
