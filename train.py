@@ -169,7 +169,7 @@ def rollout(cfg, policy, ref_lm, prompt_tokens, prompts, reward_fn, sampler, gol
     entropies = entropy(logits)                                          # (B, T)
     del logits
     with autocast(cfg, device):
-        ref_logits, _ = lm_forward(ref_lm, input_ids, attention_mask, P, policy.n_vocab)  # (B, T, V)
+        ref_logits, _ = lm_forward(ref_lm, input_ids, attention_mask, P, policy.n_vocab)  # (B, T, V): the tokenizer's V
     ref_logprobs = token_logprobs(ref_logits, response)                  # (B, T) log pi_init
     del ref_logits
     # 4. rewards and advantages: per-token rewards with the KL penalty, then GAE (the paper's literal APA and the

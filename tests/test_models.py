@@ -534,12 +534,14 @@ def test_frozen_pi_init_is_stored_in_bf16_only_where_that_rounds_nothing():
 @pytest.mark.parametrize("algo", ["apa", "grpo"])
 def test_make_policy_builds_what_the_config_asks(algo):
     """lab/lora.py: make_policy: a trainable copy of pi_init (pi_init itself frozen and untouched), a value head at 0 that
-    trains only where the algorithm has a critic, and activation checkpointing on the layers only when asked."""
+    trains only where the algorithm has a critic, activation checkpointing on the layers only when asked, and the
+    tokenizer's vocabulary, which the rollout and the held-out evaluation cut every logit to (pi_init's too)."""
     cpu, lm = torch.device("cpu"), model.tiny_gpt(train.Config(), 64)
     before = copy.deepcopy(lm.state_dict())
     for asked in (False, True):
         policy, ref_lm = lora.make_policy(train.Config(algo=algo, grad_checkpointing=asked), lm, 64, cpu)
         assert ref_lm is lm and not any(p.requires_grad for p in ref_lm.parameters()) and not ref_lm.training
+        assert policy.n_vocab == 64
         assert all(p.requires_grad for p in policy.lm.parameters()) and policy.lm is not lm
         assert all(torch.equal(v, before[k]) for k, v in policy.lm.state_dict().items())  # a copy of pi_init
         head = list(policy.v_head.parameters())

@@ -216,7 +216,7 @@ MUTATIONS = [
      "return -(logp.exp() * logp).sum(-1)", "return (logp.exp() * logp).sum(-1)", [ROLLOUT]),
     ("the policy scores the padded vocabulary", "model.py",
      "policy = PolicyWithValue(lm, n_vocab).to(device).eval()", "policy = PolicyWithValue(lm).to(device).eval()",
-     [INIT_NEOX]),
+     [INIT_NEOX, MAKE_POLICY]),
     ("pi_init scores the padded vocabulary", "train.py",
      "lm_forward(ref_lm, input_ids, attention_mask, P, policy.n_vocab)", "lm_forward(ref_lm, input_ids, attention_mask, P)",
      [INIT_NEOX]),
