@@ -163,7 +163,7 @@ def error_of(argv):
     ("--settings=", "settings must be a comma-separated choice of main, grid, short, kl, rm, paper, got ''"),
     ("--paper_lrs=1e-4,0", "paper_lrs must be comma-separated learning rates in (0, 0.1], got '0'"),
     ("--paper_iters=0", "paper_iters must be > 0, got 0"),
-    ("--paper_eval_every=300", "paper_eval_every must be in [1, paper_iters=200]"),
+    ("--paper_eval_every=300", "paper_eval_every must be in [1, paper_iters=150]"),
     ("--paper_eval_samples=0", "paper_eval_samples must be > 0, got 0"),
     ("--settings=kl --short_iters=0", "--settings=kl asks for kl, runs of short responses, but --short_iters=0 skips"),
     ("--short_iters=0", "--settings=main,grid,short,kl asks for kl and short, runs of short responses, but"),
