@@ -98,6 +98,19 @@ def test_plot_without_matplotlib_says_how_to_get_it(quick, capsys, monkeypatch):
     assert not os.path.exists(run / "metrics.png")
 
 
+def test_the_plan_runs_each_main_run_as_long_as_its_longest_table_needs():
+    """The main table's runs at lr are also the stability map's column at lr: they run the longer of the two
+    lengths; the map's other runs run grid_iters."""
+    cfg = compare.CompareConfig(out_dir="unused", settings="main,grid", seeds=2, lr=1e-3, lrs="1e-3,3e-3", iters=10,
+                                grid_iters=5)
+    runs = compare.plan(cfg)[0]
+    expected = {("main", a, 1e-3, s): 10 for s in range(2) for a in compare.algos("main")}
+    for lr in (1e-3, 3e-3):                                           # the map's own runs (the guard row's)
+        for key in [("main", a, lr, s) for s in range(2) for a in compare.algos("grid")]:
+            expected.setdefault(key, 5)
+    assert runs == expected
+
+
 def test_jstar_is_estimated_once_per_pi_init_data_and_lambda():
     import train
     base = train.Config()

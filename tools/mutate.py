@@ -759,6 +759,11 @@ MUTATIONS = [
      [PAPER_TABLES]),
     ("compare.py tables: the paper table's diverged count of the last run", "experiments/compare.py",
      "{int(sum(x['diverged'] for x in s))} of {len(s)}", "{int(s[-1]['diverged'])} of {len(s)}", [PAPER_TABLES]),
+    ("compare.py tables: the plan shortens the main runs to the map's length", "experiments/compare.py",
+     "runs[key] = max(runs.get(key, 0), grid_iters)", "runs[key] = grid_iters",
+     ["tests/test_compare.py::test_the_plan_runs_each_main_run_as_long_as_its_longest_table_needs"]),
+    ("compare.py tables: name with the default group size", "experiments/compare.py", "return NAMES[algo].format(k=k)",
+     "return NAMES[algo].format(k=4)", ["tests/test_compare.py::test_plot_labels_a_run_with_its_own_group_size"]),
     # the theory's tests, second pass: PPO as train.py runs it, k1 in the loss, the per-state KL, GRPO's side of pi*;
     # each against the one test that pins it, a wrong formula in the code or in the test's claim
     ("the authors' APA: its fixed point claimed at lambda, not s lambda", "test_losses.py",
