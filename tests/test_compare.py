@@ -98,6 +98,19 @@ def test_plot_without_matplotlib_says_how_to_get_it(quick, capsys, monkeypatch):
     assert not os.path.exists(run / "metrics.png")
 
 
+def test_the_plan_runs_each_main_run_as_long_as_its_longest_table_needs():
+    """The main table's runs at lr are also the stability map's column at lr: they run the longer of the two
+    lengths; the map's other runs run grid_iters."""
+    cfg = compare.CompareConfig(out_dir="unused", settings="main,grid", seeds=2, lr=1e-3, lrs="1e-3,3e-3", iters=10,
+                                grid_iters=5)
+    runs = compare.plan(cfg)[0]
+    expected = {("main", a, 1e-3, s): 10 for s in range(2) for a in compare.algos("main")}
+    for lr in (1e-3, 3e-3):                                           # the map's own runs (the guard row's)
+        for key in [("main", a, lr, s) for s in range(2) for a in compare.algos("grid")]:
+            expected.setdefault(key, 5)
+    assert runs == expected
+
+
 def test_jstar_is_estimated_once_per_pi_init_data_and_lambda():
     import train
     base = train.Config()
@@ -316,14 +329,25 @@ def test_the_summary_that_the_tables_are_built_from(tmp_path):
         rows = synthetic_run(60, 0, exact)
         slow, fast = slow_summary(rows, "gap_exact" if exact else "gap"), compare.summary(rows)
         assert fast == pytest.approx(slow, rel=1e-12) and fast["samples_to_quarter_gap"] > 16 * 10
-    runs = [synthetic_run(60, seed) for seed in range(2)]
+        kl = [r["kl"] for r in rows]
+        slow_means = [statistics.mean(kl[i - 10:i]) for i in range(10, 61)]        # the 10-iteration means
+        assert compare.moving_mean(kl) == pytest.approx(slow_means, rel=1e-12)
+    # seeds 0 and 1 done, seed 2 still running (30 of 60 iterations), seed 3 stopped at iteration 40
+    runs = [synthetic_run(60, seed) for seed in range(2)] + [synthetic_run(30, 2), synthetic_run(40, 3)]
     for seed, rows in enumerate(runs):
         write_run(tmp_path / "main" / f"apa_lr0.001_seed{seed}", [json.dumps(r) + "\n" for r in rows])
-    slow = [slow_summary(rows, "gap") for rows in runs]
-    cells = [f"{statistics.mean(x[k] for x in slow):{f}} +- {statistics.stdev(x[k] for x in slow):{f}}"
-             for k, f in (("reward", ".3f"), ("kl", ".2f"), ("gap", ".3f"), ("distinct2", ".3f"), ("kl_max", ".2f"),
-                          ("samples_to_quarter_gap", ".0f"))]
+    (tmp_path / "main" / "apa_lr0.001_seed3" / "failed.txt").write_text("3 non-finite updates in a row\n")
+
+    def cells_of(runs):
+        slow = [slow_summary(rows, "gap") for rows in runs]
+        return slow, [f"{statistics.mean(x[k] for x in slow):{f}} +- {statistics.stdev(x[k] for x in slow):{f}}"
+                      for k, f in (("reward", ".3f"), ("kl", ".2f"), ("gap", ".3f"), ("distinct2", ".3f"),
+                                   ("kl_max", ".2f"), ("samples_to_quarter_gap", ".0f"))]
     cfg = compare.CompareConfig(out_dir=str(tmp_path), lr=1e-3)
+    table = compare.table(cfg, "main", 1e-3, 60, range(4)).splitlines()  # the done runs and the stopped one
+    assert next(line for line in table if line.startswith("| APA ")) == \
+        "| APA (3 of 4 seeds) (1 stopped) | " + " | ".join(cells_of([runs[0], runs[1], runs[3]])[1]) + " |"
+    slow, cells = cells_of(runs[:2])
     table = compare.table(cfg, "main", 1e-3, 60, range(2)).splitlines()
     assert next(line for line in table if line.startswith("| APA |")) == "| APA | " + " | ".join(cells) + " |"
     grid = compare.grid_table(cfg, [1e-3], 60, range(2)).splitlines()
@@ -441,6 +465,20 @@ def test_the_paper_tables_show_each_runs_own_numbers_with_standard_errors(tmp_pa
         assert [by_evaluator, by_gold, by_proxy] == [order["evaluator"], order["gold"], order["reward"]]
         assert agree == ("yes" if order["evaluator"] == order["gold"] else "no")
     assert [(r[0], r[-1]) for r in rankings] == [("0.0001", "yes"), ("0.0003", "no")]
+
+
+def test_the_paper_tables_read_the_runs_that_are_done_and_evaluated(tmp_path):
+    """finished_runs keeps a run with all its iterations, or stopped, that has a held-out evaluation: not a run
+    still running, nor one that never evaluated."""
+    evaluated = [json.dumps(dict(ROW, iter=i, **({"eval_gold": 0.5} if i == 1 else {}))) + "\n" for i in range(1, 11)]
+    never = [json.dumps(dict(ROW, iter=i)) + "\n" for i in range(1, 11)]
+    write_run(tmp_path / "done", evaluated)
+    write_run(tmp_path / "running", evaluated[:5])
+    write_run(tmp_path / "stopped", evaluated[:5])
+    (tmp_path / "stopped" / "failed.txt").write_text("3 non-finite updates in a row\n")
+    write_run(tmp_path / "never", never)
+    runs = compare.finished_runs([str(tmp_path / d) for d in ("done", "running", "stopped", "never")], 10)
+    assert [(len(rows), stopped) for rows, stopped in runs] == [(10, False), (5, True)]
 
 
 def test_the_paper_setting_runs_every_algorithm_against_the_proxy_and_tabulates_its_metrics(tmp_path):

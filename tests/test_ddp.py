@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -218,6 +219,33 @@ def test_torchrun_trains_checkpoints_and_resumes_after_a_kill(tmp_path):
     assert proc.returncode == 0, err
     assert "resumed from" in out and "at iteration 2" in out
     assert read_metrics(killed) == read_metrics(straight)           # every process resumed its own stream
+
+
+def barrier_worker(rank, tmp):
+    """Rank 0 is slow in rank_zero_first's block and before finish; each rank writes a line as it passes."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=20))
+
+    def say(text):
+        with open(os.path.join(tmp, "order"), "a") as f:
+            f.write(f"{rank} {text}\n")
+    with ddp.rank_zero_first():
+        say("in")
+        if rank == 0:
+            time.sleep(1)
+        say("out")
+    if rank == 0:
+        time.sleep(1)
+        say("wrote")
+    ddp.finish()
+    say("finished")
+
+
+def test_rank_zero_runs_its_block_first_and_finish_waits_for_rank_zero(tmp_path):
+    mp.spawn(barrier_worker, args=(str(tmp_path),), nprocs=2)
+    lines = (tmp_path / "order").read_text().splitlines()
+    assert lines[:4] == ["0 in", "0 out", "1 in", "1 out"]                # the others enter after rank 0 has left
+    assert lines.index("0 wrote") < lines.index("1 finished")             # no process ends before rank 0 has written
 
 
 @pytest.mark.parametrize("sizes, message", [

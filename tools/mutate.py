@@ -109,6 +109,8 @@ FRONTIER_SCALE = "tests/test_judge.py::test_the_frontier_follows_the_judges_scal
 RM_TABLE = "tests/test_compare.py::test_the_rm_table_shows_each_column_from_its_own_key"
 RM_PROMPTS = "tests/test_compare.py::test_the_rm_settings_held_out_prompts_are_held_out_openings"
 RM_NONSENSE = "tests/test_compare.py::test_the_rm_settings_nonsense_is_one_line_before_any_work"
+PAPER_DONE = "tests/test_compare.py::test_the_paper_tables_read_the_runs_that_are_done_and_evaluated"
+BARRIERS = "tests/test_ddp.py::test_rank_zero_runs_its_block_first_and_finish_waits_for_rank_zero"
 
 # (name, file, original snippet, replacement[, tests]): each a bug someone could plausibly write; without
 # tests of its own, a mutation runs TESTS
@@ -702,6 +704,66 @@ MUTATIONS = [
     ("bench: prompts of one token too many", "experiments/bench.py",
      "lengths = torch.randint(args.prompt_len // 2, args.prompt_len + 1, (args.batch_size,)).tolist()",
      "lengths = torch.randint(args.prompt_len // 2, args.prompt_len + 2, (args.batch_size,)).tolist()", ["tests/test_bench.py"]),
+    # the functions left: bench.py's, lab/exact.py's enumeration, lab/ddp.py's barriers, compare.py's tables.
+    # The first four survive, harmless: each changes only the speed that bench.py prints (its reward, the model's
+    # vocabulary by one token) or, on a GPU only, a printed figure (sync, the profile's order); speed is never asserted
+    ("bench: length_reward counts characters", "experiments/bench.py", "return [len(c.split()) / 32 for c in completions]",
+     "return [len(c) / 32 for c in completions]", ["tests/test_bench.py"]),
+    ("bench: make_model's tiny GPT one token short", "experiments/bench.py",
+     "return model.tiny_gpt(train.Config(), data.task_encoding().n_vocab)",
+     "return model.tiny_gpt(train.Config(), data.task_encoding().n_vocab - 1)", ["tests/test_bench.py"]),
+    ("bench: sync never waits for the GPU", "experiments/bench.py", '    if device.type == "cuda":\n        torch.cuda.synchronize()',
+     "    if False:\n        torch.cuda.synchronize()", ["tests/test_bench.py"]),
+    ("bench: the profile sorted by host time on a GPU", "experiments/bench.py",
+     'key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"', 'key = "self_cpu_time_total"',
+     ["tests/test_bench.py"]),
+    ("bench: main without validate", "experiments/bench.py", "        validate(args)\n", "", ["tests/test_bench.py"]),
+    ("bench: the ids tokenizer's end-of-text past the vocabulary", "experiments/bench.py",
+     'self.name, self.n_vocab, self.eot_token = "ids", n_vocab, n_vocab - 1',
+     'self.name, self.n_vocab, self.eot_token = "ids", n_vocab, n_vocab', ["tests/test_bench.py"]),
+    ("exact: prefix_levels extends the prefixes in another order", "lab/exact.py",
+     "others.repeat(len(prefixes))[:, None]", "others.repeat_interleave(len(prefixes))[:, None]",
+     ["tests/test_exact.py::test_exact_eval_matches_brute_force_enumeration"]),
+    ("exact: response_logprobs without the placeholder", "lab/exact.py",
+     "rows = [p + q + [eot] for p in prompt_tokens", "rows = [p + q for p in prompt_tokens",
+     ["tests/test_exact.py::test_exact_eval_matches_brute_force_enumeration"]),
+    ("data parallel: rank_zero_first lets every rank in at once", "lab/ddp.py",
+     "    if dist.is_initialized() and rank() != 0:\n        dist.barrier()\n    yield",
+     "    yield", [BARRIERS]),
+    ("data parallel: finish ends before rank 0 has written", "lab/ddp.py",
+     "        dist.barrier()\n        dist.destroy_process_group()", "        dist.destroy_process_group()", [BARRIERS]),
+    ("compare.py tables: read_rows skips the first row", "experiments/compare.py",
+     "for i, line in enumerate(lines, 1):\n        if not line.strip():",
+     "for i, line in enumerate(lines[1:], 1):\n        if not line.strip():", [SUMMARY, TABLES]),
+    ("compare.py tables: the gap key is the sampled gap", "experiments/compare.py",
+     'return "gap_exact" if any("gap_exact" in r for r in rows) else "gap"',
+     'return "gap_exact" if all("gap_exact" in r for r in rows) else "gap"', [SUMMARY, TABLES]),
+    ("compare.py tables: moving_mean padded with zeros", "experiments/compare.py",
+     'np.convolve(x, np.ones(n) / n, "valid")', 'np.convolve(x, np.ones(n) / n, "same")', [SUMMARY, TABLES]),
+    ("compare.py tables: finished keeps a run still running", "experiments/compare.py",
+     "        if rows and (len(rows) == iters or stopped):\n            out.append((rows, stopped))\n    return out\n\n\ndef count_note",
+     "        if rows:\n            out.append((rows, stopped))\n    return out\n\n\ndef count_note", [SUMMARY, TABLES]),
+    ("compare.py tables: count_note counts the stopped runs as seeds", "experiments/compare.py",
+     'f" ({len(done)} of {n} seeds)" if len(done) < n', 'f" ({len(done) - stopped} of {n} seeds)" if len(done) < n',
+     [SUMMARY, TABLES]),
+    ("compare.py tables: the short table's KL column shows the largest KL", "experiments/compare.py",
+     'cols = [("reward", ".3f"), ("kl", ".2f"), ("gap", ".3f")', 'cols = [("reward", ".3f"), ("kl_max", ".2f"), ("gap", ".3f")',
+     [SUMMARY, TABLES]),
+    ("compare.py tables: rm_final from the first exact evaluation", "experiments/compare.py",
+     "return dict(exact[-1], distinct2=", "return dict(exact[0], distinct2=", [RM_TABLE]),
+    ("compare.py tables: finished_runs keeps a run never evaluated", "experiments/compare.py",
+     'and any("eval_gold" in r for r in rows):', ":", [PAPER_DONE]),
+    ("compare.py tables: paper_results reads every run with the first seed", "experiments/compare.py",
+     "finished_runs(\n        [paper_run_dir(cfg, algo, lr, s) for s in seeds]",
+     "finished_runs(\n        [paper_run_dir(cfg, algo, lr, seeds[0]) for s in seeds]",
+     [PAPER_TABLES]),
+    ("compare.py tables: the paper table's diverged count of the last run", "experiments/compare.py",
+     "{int(sum(x['diverged'] for x in s))} of {len(s)}", "{int(s[-1]['diverged'])} of {len(s)}", [PAPER_TABLES]),
+    ("compare.py tables: the plan shortens the main runs to the map's length", "experiments/compare.py",
+     "runs[key] = max(runs.get(key, 0), grid_iters)", "runs[key] = grid_iters",
+     ["tests/test_compare.py::test_the_plan_runs_each_main_run_as_long_as_its_longest_table_needs"]),
+    ("compare.py tables: name with the default group size", "experiments/compare.py", "return NAMES[algo].format(k=k)",
+     "return NAMES[algo].format(k=4)", ["tests/test_compare.py::test_plot_labels_a_run_with_its_own_group_size"]),
     # the theory's tests, second pass: PPO as train.py runs it, k1 in the loss, the per-state KL, GRPO's side of pi*;
     # each against the one test that pins it, a wrong formula in the code or in the test's claim
     ("the authors' APA: its fixed point claimed at lambda, not s lambda", "test_losses.py",
