@@ -89,9 +89,9 @@ def test_plot_of_a_run_directory(quick, capsys):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_plot_without_matplotlib_says_how_to_get_it(quick, capsys, monkeypatch):
-    out, _ = quick
-    run = out / "main" / "ppo_lr0.001_seed0"
+def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    write_run(run, rows(12))
     monkeypatch.setitem(sys.modules, "matplotlib", None)            # import matplotlib raises ImportError
     assert compare.main([f"--plot={run}"]) is None
     assert capsys.readouterr().out == "matplotlib is not installed: no plot (pip install matplotlib)\n"
@@ -262,9 +262,13 @@ def test_plot_skips_a_half_written_last_line_with_a_note(tmp_path, capsys):
 
 
 def test_a_run_stopped_mid_write_is_not_done_and_resumes(tmp_path):
+    """A run with all its rows is done, one stopped mid-write is not; a diverged run (failed.txt) is done, so that the
+    same command does not run it again."""
     run = tmp_path / "run"
     write_run(run, rows(6) + ['{"iter": 7, "rew'])
     assert compare.is_done(str(run), 6) and not compare.is_done(str(run), 7)
+    (run / "failed.txt").write_text("3 non-finite updates in a row\n")
+    assert compare.is_done(str(run), 7)
 
 
 @pytest.mark.parametrize("lines, message", [
@@ -550,3 +554,305 @@ def test_the_rm_settings_nonsense_is_one_line_before_any_work(tmp_path, flags, m
                                          f"--sft_dir={tmp_path / 'sft'}", *flags])   # quick: a mutant ends soon
     assert text.startswith("error: ") and message in text, text
     assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "sft")
+
+
+# ---------------------------------------------------------------------------------------------
+# the sweep's plumbing: which runs, in which folders, how each is run, and what the plots draw
+
+
+def test_each_setting_runs_its_own_algorithms():
+    """As docs/experiments.md says: main, the stability map and the short responses run every algorithm but these
+    three; the KL guard runs in the map only, Dr. GRPO in the short setting only, and the kl setting runs GRPO, Dr.
+    GRPO and RLOO with each place for the KL that is not their own."""
+    main = ["apa", "apa_paper", "apa_bounded", "ppo", "awr", "grpo", "rloo"]
+    assert compare.algos("main") == main
+    assert compare.algos("grid") == ["apa", "apa_paper", "apa_bounded", "apa_guard", "ppo", "awr", "grpo", "rloo"]
+    assert compare.algos("short") == ["apa", "apa_paper", "apa_bounded", "ppo", "awr", "grpo", "drgrpo", "rloo"]
+    assert compare.algos("kl") == ["grpo_reward", "grpo_k1", "grpo_k2", "grpo_k3_is", "drgrpo_reward", "drgrpo_k1",
+                                   "drgrpo_k2", "drgrpo_k3_is", "rloo_k1", "rloo_k2", "rloo_k3", "rloo_k3_is"]
+
+
+def test_each_run_has_a_folder_of_its_own_where_the_docs_say():
+    """The folders that docs/experiments.md and the settings' comments name, and one folder for each run of the
+    default sweep, of the rm setting and of the paper setting: no two runs share a folder (they would resume each
+    other)."""
+    cfg = compare.CompareConfig(out_dir="out/compare")
+    assert compare.run_dir(cfg, "main", "apa", 3e-5, 0) == os.path.join("out/compare", "main", "apa_lr3e-05_seed0")
+    assert compare.rm_run_dir(cfg, "awr", 0.03, 1) == os.path.join("out/compare", "rm", "awr_lam0.03_seed1")
+    assert compare.paper_run_dir(cfg, "ppo", 1e-4, 2) == os.path.join("out/compare", "paper", "ppo_lr0.0001_seed2")
+    lrs, seeds, _, _, _ = compare.paper_budget(cfg)
+    folders = ([compare.run_dir(cfg, *key) for key in compare.plan(cfg)[0]]
+               + [compare.rm_run_dir(cfg, *key) for key in compare.rm_plan(cfg)]
+               + [compare.paper_run_dir(cfg, a, lr, s) for a in compare.PAPER_ALGOS for lr in lrs for s in seeds])
+    # the map's 8 algorithms x 3 lrs (main's 7 among them), short's 8, kl's 12; rm's 6 x 4 lambdas; paper's 4 x 3 lrs
+    assert len(folders) == (3 * 8 + 8 + 12) * 3 + 6 * 4 * 3 + 4 * 3 * 3 and len(set(folders)) == len(folders)
+
+
+def test_the_rm_and_paper_settings_run_each_algorithm_at_each_lambda_or_lr_and_seed(tmp_path, monkeypatch):
+    """The jobs that the rm and paper settings hand to run_jobs: each algorithm of the setting at each lambda (rm) or
+    learning rate (paper) and seed, with the settings all runs share, for its own number of iterations, in its own
+    folder; a run already done is not run again. --quick: one seed, 3 iterations (rm), and the quick budget (paper)."""
+    jobs = []
+    monkeypatch.setattr(compare, "run_jobs", lambda cfg, js: jobs.extend(js))
+    cfg = compare.CompareConfig(out_dir=str(tmp_path), seeds=2, lr=2e-3, iters=300, rm_lams="0.03,0.3", rm_iters=5,
+                                paper_lrs="1e-4,3e-4", paper_iters=6, paper_eval_every=3, paper_eval_samples=32)
+    shared = dict(reward_model="rm", gold_fn="data:sentiment_reward", max_new_tokens=2)
+    assert compare.rm_plan(cfg) == {(a, lam, s): 5 for lam in (0.03, 0.3) for s in range(2) for a in compare.RM_ALGOS}
+    assert compare.rm_plan(dataclasses.replace(cfg, quick=True)) == {(a, lam, 0): 3 for lam in (0.03, 0.3)
+                                                                      for a in compare.RM_ALGOS}
+    write_run(compare.rm_run_dir(cfg, "ppo", 0.3, 1), rows(5))                  # done
+    compare.rm_run_all(cfg, shared, compare.rm_plan(cfg))
+    assert [job[:3] for job in jobs] == [(dict(shared, **compare.ALGOS[a], lam=lam, seed=s, lr=2e-3),
+                                          compare.rm_run_dir(cfg, a, lam, s), 5)
+                                         for lam in (0.03, 0.3) for s in range(2) for a in compare.RM_ALGOS
+                                         if (a, lam, s) != ("ppo", 0.3, 1)]
+    assert compare.paper_budget(cfg) == ([1e-4, 3e-4], range(2), 6, 3, 32)
+    assert compare.paper_budget(dataclasses.replace(cfg, quick=True)) == ([2e-3, 6e-3], range(1), 4, 2, 16)
+    jobs.clear()
+    write_run(compare.paper_run_dir(cfg, "apa_authors", 1e-4, 0), rows(6))      # done
+    compare.paper_run_all(cfg, shared)
+    assert [job[:3] for job in jobs] == [(dict(shared, **compare.ALGOS[a], lr=lr, seed=s),
+                                          compare.paper_run_dir(cfg, a, lr, s), 6)
+                                         for lr in (1e-4, 3e-4) for s in range(2) for a in compare.PAPER_ALGOS
+                                         if (a, lr, s) != ("apa_authors", 1e-4, 0)]
+
+
+def test_a_run_trains_its_job_in_its_folder_resumes_its_checkpoint_and_a_diverged_run_is_done(tmp_path, monkeypatch,
+                                                                                               capfd):
+    """run_one trains train.Config with the job's overrides, its iterations and its folder, resumed where a checkpoint
+    is; its printout goes to its log.txt; a run that diverges (FloatingPointError) writes failed.txt and is done."""
+    import train
+    seen = []
+
+    def fake_train(cfg, known):
+        seen.append(cfg)
+        print(f"training seed {cfg.seed}")
+        if cfg.seed == 2:
+            raise FloatingPointError("3 non-finite updates in a row")
+        return [dict(reward=0.5, kl=0.25)]
+    monkeypatch.setattr(train, "train", fake_train)
+    monkeypatch.setattr(compare, "KNOWN", {})
+    folders = [str(tmp_path / name) for name in ("fresh", "resumed", "diverged")]
+    os.makedirs(folders[1])
+    open(os.path.join(folders[1], "ckpt.pt"), "w").close()                     # a checkpoint: the run resumes
+    for seed, folder in enumerate(folders):
+        compare.run_one((dict(algo="ppo", lr=1e-3, seed=seed), folder, 7, f"run {seed}"))
+    assert [(c.algo, c.lr, c.seed, c.iters, c.out_dir, c.resume, c.sample_every) for c in seen] == \
+        [("ppo", 1e-3, seed, 7, folder, seed == 1, 0) for seed, folder in enumerate(folders)]
+    assert [open(os.path.join(f, "log.txt")).read() for f in folders] == [f"training seed {s}\n" for s in range(3)]
+    assert open(os.path.join(folders[2], "failed.txt")).read() == "3 non-finite updates in a row\n"
+    assert compare.is_done(folders[2], 7) and not compare.is_done(folders[0], 7)
+    out = capfd.readouterr().out                                                # the console's lines
+    assert "run 0: done in" in out and "reward 0.500, kl 0.250 at the end" in out
+    assert "run 2: stopped: 3 non-finite updates in a row" in out
+
+
+def test_run_jobs_pre_trains_the_jobs_pi_init_once_then_runs_each_job(monkeypatch):
+    """pi_init is pre-trained (or read from its cache) once, with the first job's settings, before any run; with
+    nothing to run, nothing is pre-trained."""
+    import train
+    from lab import runs
+    calls = []
+    monkeypatch.setattr(runs, "cached_pretrain", lambda cfg, enc, device: calls.append(("pi_init", cfg)))
+    monkeypatch.setattr(compare, "run_one", lambda job: calls.append(("run", job)))
+    monkeypatch.setattr(compare, "init_worker", lambda pool=False: None)       # it would set this process's threads
+    cfg = compare.CompareConfig(out_dir="unused", workers=1)
+    compare.run_jobs(cfg, [])
+    assert calls == []
+    jobs = [(dict(compare.QUICK, lr=1e-3, seed=s), f"run{s}", 3, f"tag {s}") for s in range(2)]
+    compare.run_jobs(cfg, jobs)
+    assert calls == [("pi_init", dataclasses.replace(train.Config(), **jobs[0][0]))] + [("run", job) for job in jobs]
+
+
+def test_a_worker_of_the_pool_leaves_ctrl_c_to_the_sweep_and_runs_one_thread():
+    """In a pool, Ctrl-C is the main process's to handle (it ends the pool, with no traceback from each worker); a run
+    in the main process keeps Ctrl-C. Each runs one thread, as the runs share the cores."""
+    import signal
+    import torch
+    before, threads = signal.getsignal(signal.SIGINT), torch.get_num_threads()
+    try:
+        compare.init_worker()
+        assert signal.getsignal(signal.SIGINT) is before and torch.get_num_threads() == 1
+        compare.init_worker(pool=True)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+        torch.set_num_threads(threads)
+
+
+def test_a_run_loads_the_same_from_its_folder_and_from_its_metrics_file(tmp_path):
+    """--plot takes a run's folder or its metrics.jsonl: the same rows and the same settings, read from the
+    config.json beside it, with the iterations it ran (not those it was asked for)."""
+    config = json.dumps(dict(algo="ppo", lr=1e-3, max_new_tokens=2, lam=0.3, seed=4, iters=300))
+    path = write_run(tmp_path / "run", rows(5), config)
+    settings, got = compare.load_run(path)
+    assert (settings, got) == compare.load_run(str(tmp_path / "run"))
+    assert settings == {"algorithm": "PPO", "lr": 1e-3, "iters": 5, "max_new_tokens": 2, "lam": 0.3, "seed": 4}
+    assert got == [json.loads(line) for line in rows(5)]
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures that compare.py draws, kept open for the test to read: its plots close each after saving it."""
+    pytest.importorskip("matplotlib")
+    plt, kept = compare.pyplot(), []
+
+    class Keep:
+        def __getattr__(self, name):
+            return getattr(plt, name)
+
+        def close(self, fig):
+            kept.append(fig)
+    monkeypatch.setattr(compare, "pyplot", Keep)
+    yield kept
+    for fig in kept:
+        plt.close(fig)
+
+
+def run_rows(n, seed, **keys):
+    """n rows of a run whose reward, KL and gap change with the iteration and the seed; keys: more columns, each a
+    function of (i, seed)."""
+    return [dict(ROW, iter=i, samples=16 * i, reward=0.01 * i * (1 + seed), kl=0.1 * i + seed, gap=(1 + seed) / i,
+                 **{k: f(i, seed) for k, f in keys.items()}) for i in range(1, n + 1)]
+
+
+def test_the_curves_draw_each_setting_once_the_mean_over_its_seeds_with_a_min_to_max_band(tmp_path, figures):
+    """plot_curves: runs that differ only in their seed are one line, the mean of their 10-iteration moving means,
+    with a band from the smallest to the largest; the legend names what differs (here the algorithm)."""
+    runs, written = [], {}
+    for algo, seed in (("apa", 0), ("apa", 1), ("ppo", 3)):
+        written[algo, seed] = run_rows(30, seed)
+        config = json.dumps(dict(algo=algo, lr=1e-3, max_new_tokens=8, lam=0.1, seed=seed, target_kl=0.0))
+        runs.append(compare.load_run(write_run(tmp_path / f"{algo}{seed}", [json.dumps(r) + "\n" for r in
+                                                                            written[algo, seed]], config)))
+    compare.plot_curves(runs, str(tmp_path / "curves.png"))
+    (fig,) = figures
+    ax = fig.axes[0]                                                  # the reward
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert sorted(lines) == ["APA (2 seeds)", "PPO"]
+    means = {seed: [statistics.mean(r["reward"] for r in written["apa", seed][i - 10:i]) for i in range(10, 31)]
+             for seed in (0, 1)}
+    assert list(lines["APA (2 seeds)"].get_xdata()) == [16 * i for i in range(10, 31)]
+    assert lines["APA (2 seeds)"].get_ydata() == pytest.approx([(a + b) / 2 for a, b in zip(means[0], means[1])])
+    (band,) = ax.collections                                          # one band: APA's two seeds
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert min(ys) == pytest.approx(min(means[0])) and max(ys) == pytest.approx(max(means[1]))
+
+
+def test_the_stability_map_shows_the_mean_final_gap_over_seeds_with_min_to_max_bars(tmp_path, figures):
+    """plot_stability: at each learning rate, the mean over seeds of each run's final gap (the summary's), with a bar
+    from the smallest to the largest."""
+    cfg = compare.CompareConfig(out_dir=str(tmp_path))
+    gaps = {}
+    for lr in (1e-3, 3e-3):
+        for seed in range(3):
+            written = run_rows(30, seed + 1000 * lr)
+            write_run(tmp_path / "main" / f"apa_lr{lr:g}_seed{seed}", [json.dumps(r) + "\n" for r in written])
+            gaps.setdefault(lr, []).append(statistics.mean(r["gap"] for r in written[-20:]))
+    compare.plot_stability(cfg, [3e-3, 1e-3], 30, range(3), str(tmp_path / "map.png"))
+    (fig,) = figures
+    (bars,) = fig.axes[0].containers                                   # APA's: the only algorithm run
+    line, _, (segments,) = bars.lines
+    assert bars.get_label() == "APA"
+    assert line.get_ydata() == pytest.approx([statistics.mean(gaps[lr]) for lr in (1e-3, 3e-3)])
+    assert [sorted(seg[:, 1]) for seg in segments.get_segments()] == \
+        [pytest.approx([min(gaps[lr]), max(gaps[lr])]) for lr in (1e-3, 3e-3)]
+
+
+def test_the_rm_setting_from_runs_done_draws_each_path_and_the_frontier_in_the_order_of_the_kl(tmp_path, figures,
+                                                                                             monkeypatch):
+    """--settings=rm --run=0: the text names the reward model's own figures, no run is started, and the figure draws
+    each run's exact evaluations (judge and proxy against the KL) and the frontier through every (KL, frontier) point
+    the runs logged, in the order of the KL."""
+    monkeypatch.setattr(compare, "run_jobs", lambda cfg, jobs: pytest.fail("--run=0 ran something"))
+    cfg = compare.CompareConfig(out_dir=str(tmp_path), seeds=1, rm_lams="0.1,0.3", rm_iters=6, run=False)
+    os.makedirs(os.path.join(compare.rm_folder(cfg), "reward_model"))
+    with open(os.path.join(compare.rm_folder(cfg), "reward_model", "metrics.json"), "w") as f:
+        json.dump(dict(pairs=500, accuracy=0.7, accuracy_true=0.8, spearman=0.9), f)
+    paths = {}
+    for j, (algo, lam) in enumerate((("apa", 0.1), ("ppo", 0.1), ("apa", 0.3))):
+        exact = lambda i, s, k: ({"kl_exact": 0.1 * i + 0.03 * j, "gold_exact": 0.5 - 0.01 * i * j,  # noqa: E731
+                                  "reward_exact": 0.2 * i, "gold_frontier_exact": 0.6 + 0.02 * i + 0.001 * j,
+                                  "gold_lost_exact": 0.1}[k] if i % 2 else None)
+        written = [dict({k: v for k, v in r.items() if v is not None}, distinct2=0.5)
+                   for r in run_rows(6, 0, **{k: (lambda i, s, k=k: exact(i, s, k)) for k in
+                                              ("kl_exact", "gold_exact", "reward_exact", "gold_frontier_exact",
+                                               "gold_lost_exact")})]
+        write_run(compare.rm_run_dir(cfg, algo, lam, 0), [json.dumps(r) + "\n" for r in written])
+        paths[algo, lam] = [r for r in written if "gold_exact" in r]
+    text, png = compare.rm_sweep(cfg)
+    assert ("The reward model: 500 held-out pairs, accuracy 0.700 against the annotator's labels and 0.800 against "
+            "the true reward's order, Spearman 0.900.") in text
+    assert compare.rm_table(cfg, 6) in text and png == os.path.join(str(tmp_path), "rm.png")
+    (fig,) = figures
+    judge, proxy = fig.axes
+    frontier = [line for line in judge.get_lines() if line.get_label().startswith("frontier")][0]
+    points = sorted((r["kl_exact"], r["gold_frontier_exact"]) for rows_ in paths.values() for r in rows_)
+    assert list(zip(frontier.get_xdata(), frontier.get_ydata())) == points
+    for ax, key in ((judge, "gold_exact"), (proxy, "reward_exact")):
+        drawn = [list(zip(line.get_xdata(), line.get_ydata())) for line in ax.get_lines() if line is not frontier]
+        assert drawn == [[(r["kl_exact"], r[key]) for r in paths[run]] for run in   # in RM_ALGOS' order
+                         (("apa", 0.1), ("apa", 0.3), ("ppo", 0.1))]
+
+
+def test_the_paper_setting_from_runs_done_names_each_reward_model_and_draws_the_held_out_scores(tmp_path, figures,
+                                                                                              monkeypatch):
+    """--settings=paper --run=0: the text names the proxy's and the evaluator's own accuracy, no run is started, and
+    the figure draws, per learning rate and algorithm, the mean over seeds of the held-out gold score (top) and the
+    evaluator's (bottom) against the mean held-out KL."""
+    monkeypatch.setattr(compare, "run_jobs", lambda cfg, jobs: pytest.fail("--run=0 ran something"))
+    cfg = compare.CompareConfig(out_dir=str(tmp_path), seeds=2, paper_lrs="1e-4", paper_iters=6, paper_eval_every=2,
+                                run=False)
+    for folder, accuracy, pairs in (("proxy", 0.7, 500), ("evaluator", 0.8, 1000)):
+        os.makedirs(os.path.join(compare.paper_folder(cfg), folder))
+        with open(os.path.join(compare.paper_folder(cfg), folder, "metrics.json"), "w") as f:
+            json.dump(dict(pairs=pairs, accuracy=accuracy), f)
+    written = {}
+    for a, algo in enumerate(("apa", "ppo")):
+        for seed in range(2):
+            held_out = dict(eval_gold=lambda i, s: 0.1 * i + s + a, eval_evaluator=lambda i, s: 0.2 * i - s - a,
+                            eval_reward=lambda i, s: 0.3, eval_kl=lambda i, s: 0.05 * i * (1 + s + a))
+            written[algo, seed] = [dict(r, **({k: f(r["iter"], seed) for k, f in held_out.items()}
+                                              if r["iter"] % 2 == 0 else {})) for r in run_rows(6, seed)]
+            write_run(compare.paper_run_dir(cfg, algo, 1e-4, seed), [json.dumps(r) + "\n" for r in written[algo, seed]])
+    text, png = compare.paper_sweep(cfg)
+    assert "The proxy: accuracy 0.700 on 500 held-out pairs. The evaluator: accuracy 0.800 on 1000 held-out pairs." \
+        in text
+    assert compare.paper_table(cfg) in text and png == os.path.join(str(tmp_path), "paper.png")
+    (fig,) = figures
+    for ax, key in zip(fig.axes, ("eval_gold", "eval_evaluator")):
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert sorted(lines) == ["APA", "PPO"]
+        for algo in ("apa", "ppo"):
+            evals = [[r for r in written[algo, s] if key in r] for s in range(2)]
+            assert list(lines[compare.name(algo)].get_xdata()) == pytest.approx(
+                [statistics.mean(e[i]["eval_kl"] for e in evals) for i in range(3)])
+            assert list(lines[compare.name(algo)].get_ydata()) == pytest.approx(
+                [statistics.mean(e[i][key] for e in evals) for i in range(3)])
+
+
+def test_the_sweep_tabulates_and_draws_each_setting_at_its_own_length(tmp_path, figures):
+    """compare --run=0 on runs done: the main table summarises each main run over its iters iterations, the stability
+    map over grid_iters of the same runs (the runs run the longer of the two), and the curves of the main runs and
+    the map are drawn."""
+    cfg = compare.CompareConfig(out_dir=str(tmp_path), settings="main,grid", seeds=2, lr=1e-3, lrs="1e-3", iters=40,
+                                grid_iters=30, run=False)
+    written = {}
+    for (setting, algo, lr, seed), iters in compare.plan(cfg)[0].items():
+        written[algo, seed] = synthetic_run(iters, seed + 0.13 * len(written))
+        config = json.dumps(dict(dict(lr=lr, max_new_tokens=8, lam=0.1, seed=seed, target_kl=0.0), **compare.ALGOS[algo]))
+        write_run(compare.run_dir(cfg, setting, algo, lr, seed), [json.dumps(r) + "\n" for r in written[algo, seed]],
+                  config)
+
+    def cell(runs, key, fmt):
+        values = [slow_summary(r, "gap")[key] for r in runs]
+        return f"{statistics.mean(values):{fmt}} +- {statistics.stdev(values):{fmt}}"
+    text = compare.compare(cfg)
+    main, grid = text.split("## Stability map")
+    apa = [written["apa", s] for s in range(2)]
+    assert f"| APA | {cell(apa, 'reward', '.3f')} | {cell(apa, 'kl', '.2f')} | {cell(apa, 'gap', '.3f')} |" in main
+    assert f"| APA | {cell([r[:30] for r in apa], 'gap', '.3f')} (KL max " in grid
+    assert len(figures) == 2 and os.path.exists(tmp_path / "compare.png") and os.path.exists(tmp_path / "stability.png")
+    curves = {line.get_label(): line for line in figures[0].axes[0].get_lines()}
+    assert sorted(curves) == sorted(f"{compare.name(a)} (2 seeds)" for a in compare.algos("main"))
+    assert len(curves["APA (2 seeds)"].get_xdata()) == 40 - 9
