@@ -1,10 +1,15 @@
 """
 Tests of experiments/bench.py: its flags are checked and every failure is one line `error: ...`; one very small
-measurement of the tiny model (a few seconds). Run: pytest -q tests/test_bench.py
+measurement of the tiny model (a few seconds); its ids tokenizer; the three samplers it times draw the same tokens
+from the same prompts; and the RL iteration samples with the sampler chosen. Run: pytest -q tests/test_bench.py
 """
+import time
+
 import pytest
 import torch
 
+import model
+import train
 from experiments import bench
 from test_cli import one_line_error
 
@@ -50,3 +55,71 @@ def test_a_small_measurement_prints_the_table(capsys):
     assert static / theirs == pytest.approx(static_ratio, rel=0.02, abs=0.006)   # one round: the ratio of the rates
     assert eager / theirs == pytest.approx(eager_ratio, rel=0.02, abs=0.006)
     assert capsys.readouterr().out.endswith("\n".join(lines) + "\n")
+
+
+def test_the_ids_tokenizer_reads_back_what_it_writes():
+    """The benchmark's texts are token ids separated by spaces: encoding a decoded list gives the ids back, and the
+    benchmark's reward counts a completion's tokens."""
+    enc = bench.IdsTokenizer(303)
+    ids = [0, 17, 302, 5, 5]
+    assert enc.decode(ids) == "0 17 302 5 5" and enc.encode_ordinary(enc.decode(ids)) == ids
+    assert enc.encode_ordinary(enc.decode([])) == []
+    assert bench.length_reward(["1 2"], [enc.decode(ids)]) == [5 / 32]
+
+
+def test_the_three_samplers_draw_the_same_tokens_from_the_same_prompts(monkeypatch):
+    """time_samplers compares like with like: the static sampler, the eager loop and transformers' generate get the
+    same prompts, and each samples at temperature 1 from the whole vocabulary and stops at end-of-text. Then under one
+    seed the three draw the same tokens: the static sampler draws the eager loop's random numbers in the same order,
+    and both draw as torch.multinomial draws, as transformers' generate does. Here each sampler is seeded before every
+    call and records what it drew; a bias toward end-of-text makes the rows end at different steps."""
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    lm = bench.make_model("tiny", device).eval()
+    enc = bench.IdsTokenizer(lm.config.vocab_size)
+    with torch.no_grad():                                 # the final layer norm's bias adds 3 to end-of-text's logit
+        eot = lm.transformer.wte.weight[enc.eot_token]
+        lm.transformer.ln_f.bias.copy_(3 * eot / eot.norm() ** 2)
+    drawn = {}
+
+    def seeded(name, sampler, response):
+        def draw(*args, **kwargs):
+            torch.manual_seed(1)
+            out = sampler(*args, **kwargs)
+            drawn.setdefault(name, []).append(response(out, kwargs))
+            return out
+        return draw
+    monkeypatch.setattr(bench, "generate_static", seeded("static", bench.generate_static, lambda out, kw: out[0]))
+    monkeypatch.setattr(bench.model, "generate", seeded("eager", bench.model.generate, lambda out, kw: out[0]))
+    monkeypatch.setattr(lm, "generate", seeded("theirs", lm.generate,
+                                               lambda out, kw: out.sequences[:, kw["input_ids"].shape[1]:]))
+    args = bench.Bench(batch_size=6, prompt_len=6, max_new_tokens=10, rounds=2)
+    bench.time_samplers(args, train.resolve(train.Config(device="cpu")), lm, enc, device)
+    response = drawn["eager"][0]                                          # (6, T)
+    ended = (response == enc.eot_token).any(1)
+    assert response.shape == (6, 10) and 0 < ended.sum() < 6              # some rows end early, some never
+    for name in ("static", "eager", "theirs"):
+        assert len(drawn[name]) == 3                                      # the warm-up, then one call a round
+        for r in drawn[name]:
+            assert torch.equal(r, response), name
+
+
+def test_the_rl_iteration_samples_with_the_chosen_sampler_and_times_it_as_generation(monkeypatch):
+    """time_iterations samples with the sampler that train.py chooses (choose_sampler), and the seconds spent in it
+    are the generation's. The sampler here sleeps 0.5 s before it samples: generation takes at least that, while the
+    scoring forwards and the update of the tiny model, each timed apart, take some time too."""
+    calls = []
+
+    def slow(*args, **kwargs):
+        calls.append(1)
+        time.sleep(0.5)
+        return model.generate(*args, **kwargs)
+    monkeypatch.setattr(bench, "choose_sampler", lambda cfg, device: slow)
+    device = torch.device("cpu")
+    lm = bench.make_model("tiny", device).eval()
+    args = bench.Bench(batch_size=2, prompt_len=4, max_new_tokens=2, iters=2)
+    cfg = train.resolve(train.Config(batch_size=2, minibatch_size=1, epochs=1, max_new_tokens=2, device="cpu",
+                                     target_kl=0.0))
+    gen, score, update, flops = bench.time_iterations(args, cfg, lm, bench.IdsTokenizer(lm.config.vocab_size), device)
+    assert len(calls) == args.iters + 1                                   # one untimed iteration, then iters
+    assert 0.5 <= gen < 1.5 and 0 < score < gen and 0 < update and flops > 0

@@ -87,6 +87,14 @@ def test_a_bad_flag_is_one_line_on_stderr_with_exit_status_1():
     assert out.stderr == "error: argument --iters: invalid int value: 'x'\n"
 
 
+def test_one_line_joins_every_line_break_and_space_and_cuts_at_the_limit():
+    """Another library's message (here with Windows line ends, a tab, an empty line and an indented line) becomes one
+    line whose words are separated by single spaces, then cut to the limit."""
+    message = OSError("cannot read\r\n  config.json:\tline 3\n\n    expected '}'")
+    assert cli.one_line(message) == "cannot read config.json: line 3 expected '}'"
+    assert cli.one_line(message, 25) == "cannot read config.json: "
+
+
 def test_any_dataclass_gets_the_same_parser():
     @dataclass
     class Small:

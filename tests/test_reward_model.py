@@ -598,6 +598,24 @@ def test_a_save_killed_leaves_one_model_whole_and_the_next_save_removes_what_it_
     assert os.listdir(tmp_path) == ["rm"] and (path / "config.json").read_text() == "third"
 
 
+def test_a_save_leaves_no_file_of_the_earlier_model(tmp_path):
+    """save() into one out_dir: first a model with a Hugging Face tokenizer of its own, then one with the task's
+    tokenizer (tiktoken's, of which no file is saved). The folder then holds the second model's files alone: a
+    tokenizer left by the first would be the one that train.py reads the second model's scores with."""
+    from test_models import save_checkpoint
+    lm, tok = save_checkpoint("gpt2", tmp_path / "init")
+    cfg = reward_model.Config(out_dir=str(tmp_path / "rm"))
+    metrics = {"loss": 0.5, "config": vars(cfg)}
+    reward_model.save(cfg, reward_model.reward_model_from(lm, tok.eos_token_id), HFTokenizer(str(tmp_path / "init")),
+                      metrics)
+    assert "tokenizer_config.json" in os.listdir(cfg.out_dir)
+    enc = data.task_encoding()
+    task_lm = GPT2LMHeadModel(GPT2Config(vocab_size=enc.n_vocab, n_positions=32, n_embd=16, n_layer=1, n_head=2))
+    reward_model.save(cfg, reward_model.reward_model_from(task_lm, enc.eot_token), enc, metrics)
+    assert sorted(os.listdir(cfg.out_dir)) == ["config.json", "metrics.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["init", "rm"]                  # and no temporary folder beside it
+
+
 def test_a_folder_that_is_not_this_scripts_reward_model_is_never_replaced(trained, tmp_path):
     _, out = trained
     assert reward_model.is_reward_model(out) and reward_model.is_reward_model(str(tmp_path / "none"))
