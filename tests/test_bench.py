@@ -1,7 +1,9 @@
 """
 Tests of experiments/bench.py: its flags are checked and every failure is one line `error: ...`; one very small
 measurement of the tiny model (a few seconds); its ids tokenizer; the three samplers it times draw the same tokens
-from the same prompts; and the RL iteration samples with the sampler chosen. Run: pytest -q tests/test_bench.py
+from the same prompts; the RL iteration samples with the sampler chosen; and, on a clock whose readings are known,
+each printed figure is its definition (tokens per second of the batch, medians after the untimed first iteration, the
+matrix-product peak, the update's TFLOP/s, the reward model's ratio). Run: pytest -q tests/test_bench.py
 """
 import time
 
@@ -123,3 +125,85 @@ def test_the_rl_iteration_samples_with_the_chosen_sampler_and_times_it_as_genera
     gen, score, update, flops = bench.time_iterations(args, cfg, lm, bench.IdsTokenizer(lm.config.vocab_size), device)
     assert len(calls) == args.iters + 1                                   # one untimed iteration, then iters
     assert 0.5 <= gen and 0 < score < gen and 0 < update and flops > 0    # no upper bound: the load varies
+
+
+class Clock:
+    """A clock for bench.py whose readings are known: the k-th reading is k squared seconds, so that each interval it
+    times (between readings k and k + 1: 2k + 1 seconds) has a length of its own."""
+    def __init__(self):
+        self.k = 0
+
+    def perf_counter(self):
+        self.k += 1
+        return float(self.k ** 2)
+
+    def time(self):
+        return 0.0
+
+
+def test_the_samplers_rates_are_tokens_of_the_batch_per_second_and_the_prompts_as_long_as_asked(monkeypatch):
+    """time_samplers on a clock of known readings: each measurement reads it twice, so the i-th (0: the first warm-up)
+    lasts 4i + 3 s; a rate is batch x response tokens / those seconds, and the ratios are those of the rates. The
+    prompts are prompt_len // 2 to prompt_len tokens long. End-of-text is made unlikely (its logit lowered by 100),
+    so that every response has max_new_tokens tokens."""
+    monkeypatch.setattr(bench, "time", Clock())
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    lm = bench.make_model("tiny", device).eval()
+    enc = bench.IdsTokenizer(lm.config.vocab_size)
+    with torch.no_grad():
+        eot = lm.transformer.wte.weight[enc.eot_token]
+        lm.transformer.ln_f.bias.copy_(-100 * eot / eot.norm() ** 2)
+    lengths = []
+    left_pad = model.left_pad
+    monkeypatch.setattr(bench.model, "left_pad", lambda prompts, *a: lengths.extend(map(len, prompts)) or
+                        left_pad(prompts, *a))
+    args = bench.Bench(batch_size=16, prompt_len=6, max_new_tokens=5, rounds=1)
+    static, eager, theirs, static_ratio, eager_ratio = bench.time_samplers(
+        args, train.resolve(train.Config(device="cpu")), lm, enc, device)
+    tokens = 16 * 5                                                     # the round after 3 warm-ups: i = 3, 4, 5
+    assert [static, eager, theirs] == pytest.approx([tokens / 15, tokens / 19, tokens / 23])
+    assert [static_ratio, eager_ratio] == pytest.approx([23 / 15, 23 / 19])
+    assert len(lengths) == 16 and min(lengths) >= 3 and max(lengths) == 6
+
+
+def test_the_iterations_times_are_the_medians_after_the_untimed_first_and_their_tflops_the_updates(monkeypatch):
+    """time_iterations on a clock of known readings: each iteration reads it 5 times (its start, the sampler's start
+    and end, the update's start and end), so its generation, scoring (the rest of the rollout) and update seconds
+    are known; the figures are the medians over the iterations after the untimed first. The matrix-product peak is
+    2 n^3 FLOPs a product, 10 products; measure's TFLOP/s and share of the peak are the update's FLOPs over its
+    seconds."""
+    clock = Clock()
+    monkeypatch.setattr(bench, "time", clock)
+    device = torch.device("cpu")
+    lm = bench.make_model("tiny", device).eval()
+    args = bench.Bench(batch_size=2, prompt_len=4, max_new_tokens=2, iters=3)
+    cfg = train.resolve(train.Config(batch_size=2, minibatch_size=1, epochs=1, max_new_tokens=2, device="cpu",
+                                     target_kl=0.0))
+    gen, score, update, flops = bench.time_iterations(args, cfg, lm, bench.IdsTokenizer(lm.config.vocab_size), device)
+    c = [(5 * it + j) ** 2 for it in range(4) for j in range(1, 6)]     # the readings, by iteration
+    rows = [(c[5 * it + 2] - c[5 * it + 1], c[5 * it + 3] - c[5 * it] - (c[5 * it + 2] - c[5 * it + 1]),
+             c[5 * it + 4] - c[5 * it + 3]) for it in range(4)]
+    assert [gen, score, update] == [rows[2][0], rows[2][1], rows[2][2]] and flops > 0  # medians of iterations 1-3
+    clock.k = 0
+    assert bench.matmul_peak(cfg, device) == pytest.approx(2 * 1024 ** 3 * 10 / (2 ** 2 - 1) / 1e12)
+    monkeypatch.setattr(bench, "time_samplers", lambda *a: (100.0, 50.0, 25.0, 4.0, 2.0))
+    monkeypatch.setattr(bench, "time_iterations", lambda *a: (1.0, 2.0, 4.0, 8e12))
+    monkeypatch.setattr(bench, "matmul_peak", lambda *a: 10.0)
+    line = bench.measure(bench.Bench(models="tiny", device="cpu", rounds=1))[2]
+    assert line.startswith("| tiny | 0.44M | 100 | 50 | 25 | 4.00x | 2.00x | 1.000 | 2.000 | 4.000 | 2 | 20% | ")
+
+
+def test_the_reward_models_ratio_is_its_seconds_over_the_rules_after_the_untimed_round(monkeypatch, tmp_path):
+    """time_reward_model on a clock of known readings, with a one-layer pi_init: the j-th timed iteration lasts
+    4j + 3 s, and the rounds alternate which reward goes first (reward model, rule; rule, reward model; ...). The
+    ratio is the median over the rounds after the first of the reward model's seconds over the rule's."""
+    from lab import runs
+    monkeypatch.setattr(bench, "time", Clock())
+    enc = bench.data.task_encoding()
+    tiny = model.tiny_gpt(train.Config(n_layer=1, n_head=2, n_embd=32), enc.n_vocab)
+    monkeypatch.setattr(runs, "load_pi_init", lambda *a: tiny)
+    ratio = bench.time_reward_model(bench.Bench(reward_model=True, rounds=2, device="cpu", sft_dir=str(tmp_path)))
+    # seconds: round 0 (untimed) reward model 3, rule 7; round 1 rule 11, reward model 15; round 2 reward model 19,
+    # rule 23
+    assert ratio == pytest.approx((15 / 11 + 19 / 23) / 2)
