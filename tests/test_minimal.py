@@ -1,6 +1,7 @@
 """minimal.py, the one-file edition of train.py: it prints train.py's numbers, its copies of the losses are their
 originals' text, and it stands alone in at most 350 lines."""
 import ast
+import copy
 import os
 import re
 import subprocess
@@ -13,8 +14,9 @@ from transformers import GPT2LMHeadModel
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import minimal  # noqa: E402
+import model  # noqa: E402
 import train  # noqa: E402
-from lab import runs  # noqa: E402
+from lab import cli, runs  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COPIED = {"masked_mean", "approx_kl", "kl_penalized_rewards", "gae", "masked_whiten", "apa_loss", "ppo_policy_loss",
@@ -99,6 +101,76 @@ def test_minimal_pretrains_the_pi_init_that_train_py_caches(tmp_path, monkeypatc
     a, b = ours.state_dict(), theirs.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not ours.training and not any(p.requires_grad for p in ours.parameters())  # frozen
+
+
+def test_minimal_reads_its_flags_as_train_py_does():
+    """The same flags give minimal.py's config and train.py's the same values, each of its field's type."""
+    flags = ["--algo=ppo", "--lam=0.05", "--lr=3e-4", "--iters=8", "--batch_size=32", "--minibatch_size=16",
+             "--target_kl=0", "--jstar_samples=16", "--sft_dir=elsewhere"]
+    ours, full = minimal.parse_args(flags), train.resolve(cli.parse_args(train.Config, flags))
+    for name, value in vars(ours).items():
+        assert value == getattr(full, name) and type(value) is type(getattr(full, name)), name
+
+
+def tiny_random_gpt(enc):
+    """The tiny GPT of train.py's default config with random weights, its last layer norm's bias moved along the row of
+    end-of-text so that every step draws end-of-text with a probability near 10%: some responses end early, others run
+    to the limit, and after an end-of-text other tokens stay likely."""
+    torch.manual_seed(0)
+    lm = model.tiny_gpt(train.resolve(train.Config()), enc.n_vocab).eval()
+    with torch.no_grad():
+        row = lm.transformer.wte.weight[enc.eot_token]                    # (H,) the LM head's row of end-of-text
+        lm.transformer.ln_f.bias += 3 * row / row.norm() ** 2            # its logit 3 higher at every position
+    return lm
+
+
+def test_minimal_samples_what_train_py_samples_and_its_logprobs_are_a_full_forward_pass():
+    """minimal.sample and train.py's sampler (model.sample, model.generate), from one seed: the same prompts, response,
+    mask, log-probs and completions, for 64 prompts in random order. And the log-probs are those of one forward pass
+    over prompt and response (minimal.lm_forward, then minimal.token_logprobs)."""
+    enc, prompts = data.task_encoding(), data.task_prompts()
+    prompt_tokens = [enc.encode_ordinary(p) for p in prompts]
+    lm = tiny_random_gpt(enc)
+    idx = torch.randint(len(prompts), (64,)).tolist()
+    torch.manual_seed(1)
+    ours = minimal.sample(minimal.Config(), lm, idx, prompt_tokens, enc)
+    torch.manual_seed(1)
+    theirs = model.sample(train.Config(device="cpu"), lm, idx, prompt_tokens, enc, torch.device("cpu"))
+    for a, b in zip(ours[:5], theirs[:5]):
+        assert torch.equal(a, b)
+    assert ours[5] == theirs[5]
+    prompt_ids, prompt_mask, response, mask, logprobs, _ = ours
+    assert 0 < (mask.sum(1) < mask.shape[1]).sum() < len(idx)             # some responses end early, some do not
+    with torch.no_grad():
+        logits, _ = minimal.lm_forward(lm, torch.cat([prompt_ids, response], 1),
+                                       torch.cat([prompt_mask, torch.ones_like(response)], 1), prompt_ids.shape[1])
+    torch.testing.assert_close(logprobs, minimal.token_logprobs(logits, response) * mask, atol=1e-5, rtol=1e-5)
+
+
+def test_minimal_policy_computes_train_pys_logits_values_and_gradients():
+    """minimal.py's PolicyWithValue and train.py's (model.add_value_head) on one network and one value head: the same
+    logits and values of left-padded sequences, and the same gradient of every weight, the network's too, for a loss
+    of both. The head's weights are random here: at 0, as both start, no gradient of the values reaches the network."""
+    enc = data.task_encoding()
+    lm = tiny_random_gpt(enc)
+    ours = minimal.PolicyWithValue(copy.deepcopy(lm))
+    theirs = model.add_value_head(copy.deepcopy(lm), enc.n_vocab, torch.device("cpu"))
+    torch.nn.init.normal_(theirs.v_head.weight)
+    ours.v_head.load_state_dict(theirs.v_head.state_dict())
+    ids = torch.randint(enc.n_vocab, (4, 12))                            # (B, P + T), P = 5
+    mask = torch.ones_like(ids)
+    mask[1, :2] = mask[3, :4] = 0                                        # left padding
+    outputs, grads = [], []
+    for policy in (ours, theirs):
+        logits, values = policy(ids, mask, 5)                            # (B, T, V), (B, T)
+        (minimal.token_logprobs(logits, ids[:, 5:]).sum() + values.pow(2).sum()).backward()
+        outputs.append((logits, values))
+        grads.append({name: p.grad for name, p in policy.named_parameters()})
+    for a, b in zip(*outputs):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def functions(path):

@@ -9,8 +9,10 @@ Run: python -m pytest -q tests/test_models.py
 import copy
 import functools
 import json
+import os
 import shutil
 import sys
+import time
 
 import pytest
 import torch
@@ -396,6 +398,57 @@ def test_tokenizer_model_mismatch_is_refused_with_one_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# the device and the precision a run asks for, the memory it logs, its progress lines
+
+def test_the_device_and_the_precision_a_run_asks_for(monkeypatch):
+    """--device=auto is the GPU where torch sees one, else the CPU; --device=cpu is the CPU even beside a GPU, and
+    --device=cuda without one is refused. --precision=auto is bf16 on a GPU only; bf16 and fp32 are what they say.
+    torch.cuda.is_available is set to each answer in turn: no tensor is made on the device."""
+    for gpu in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+        for asked, expected in (("auto", "cuda" if gpu else "cpu"), ("cpu", "cpu"), ("cuda", "cuda")):
+            if asked == "cuda" and not gpu:
+                with pytest.raises(ValueError, match="torch finds no CUDA GPU"):
+                    model.get_device(train.Config(device=asked))
+                continue
+            device = model.get_device(train.Config(device=asked))
+            assert device.type == expected, (asked, gpu)
+            for precision, bf16 in (("auto", expected == "cuda"), ("bf16", True), ("fp32", False)):
+                assert model.bf16(train.Config(precision=precision), device) == bf16, (precision, expected)
+
+
+def test_the_peak_memory_of_a_cpu_run_is_the_processs_peak_resident_set():
+    """On a CPU, the logged mem_mb is the process's peak resident set in MiB: what Linux shows as VmHWM (in kB) in
+    /proc/self/status, read just before and just after."""
+    def vm_hwm_mb():
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) / 1024
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("no /proc/self/status: not Linux")
+    before = vm_hwm_mb()
+    mb = model.peak_memory_mb(torch.device("cpu"))
+    after = vm_hwm_mb()
+    assert before - 1 <= mb <= after + 1, (before, mb, after)
+
+
+def test_progress_in_a_log_prints_every_ten_seconds_and_always_the_last_line(capsys, monkeypatch):
+    """In a log (not a terminal) status() prints a line at most every 10 seconds, and the last one (done=True) always;
+    a process of rank other than 0 prints nothing."""
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(model, "LAST_STATUS", [time.time()])          # a line was printed just now
+    for step in (1, 2, 3):
+        model.status(f"step {step}/3", done=step == 3)
+    assert capsys.readouterr().out == "step 3/3\n"
+    model.LAST_STATUS[0] = time.time() - 11                           # the last line 11 seconds ago
+    for step in (1, 2):
+        model.status(f"step {step}/3")
+    assert capsys.readouterr().out == "step 1/3\n"
+    monkeypatch.setenv("RANK", "1")
+    model.status("step 3/3", done=True)
+    assert capsys.readouterr().out == ""
+
+
+# ----------------------------------------------------------------------------------------------
 # bf16 autocast on a CPU
 
 def test_bf16_keeps_logprobs_values_and_losses_in_fp32(tmp_path):
@@ -548,6 +601,23 @@ def test_make_policy_builds_what_the_config_asks(algo):
         assert all(torch.count_nonzero(p) == 0 and p.requires_grad == (algo == "apa") for p in head)
         flags = {getattr(m, "gradient_checkpointing", False) for m in policy.lm.modules()}
         assert (True in flags) == asked and not any(getattr(m, "gradient_checkpointing", False) for m in lm.modules())
+
+
+def test_the_optimizer_is_adam_at_lr_over_every_weight_that_trains():
+    """model.make_optimizer on APA's policy: Adam at the run's lr over the network and the value head. Adam's first
+    step moves each weight by -lr g / (|g| + eps), g its gradient (after bias correction its moments are g and g^2)."""
+    lr, eps = 1e-3, 1e-8
+    policy, _ = lora.make_policy(train.Config(algo="apa"), model.tiny_gpt(train.Config(), 64), 64, torch.device("cpu"))
+    opt = model.make_optimizer(policy, lr, torch.device("cpu"))
+    ids = torch.randint(64, (2, 10), generator=torch.Generator().manual_seed(0))  # (B, P + T), P = 4
+    logits, values = policy(ids, torch.ones_like(ids), 4)                # (B, T, V), (B, T)
+    (model.token_logprobs(logits, ids[:, 4:]).sum() + values.sum()).backward()
+    before = {name: p.detach().clone() for name, p in policy.named_parameters()}
+    opt.step()
+    assert policy.v_head.weight.grad.count_nonzero() > 0                 # the value head has a step to take
+    for name, p in policy.named_parameters():
+        step = -lr * p.grad / (p.grad.abs() + eps)
+        torch.testing.assert_close(p.detach() - before[name], step, atol=1e-7, rtol=1e-3, msg=name)
 
 
 def test_static_sampler_under_lora_draws_what_the_eager_loop_draws(tmp_path):
