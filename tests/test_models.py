@@ -510,6 +510,7 @@ def test_lora_pi_init_is_the_untouched_model_and_training_starts_at_it(arch, tmp
     cfg = train.Config(lora_r=4)
     policy = model.PolicyWithValue(lora.with_lora(copy.deepcopy(lm), cfg), len(tok)).eval()
     ref = lora.AdaptersOff(policy.lm)
+    assert [p.data_ptr() for p in ref.parameters()] == [p.data_ptr() for p in policy.lm.parameters()]  # one copy
     with torch.no_grad():
         for name, p in policy.lm.named_parameters():                 # adapters that moved
             if "lora_B" in name:
@@ -754,6 +755,24 @@ def scores_alone(rm, tok, prompts, completions):
 
 PROMPTS = ["the plot", "the music was very", "the"]
 COMPLETIONS = [" was dull.", " charming and the cast was superb.", " end"]
+
+
+def test_a_hugging_face_tokenizer_reads_and_writes_text_as_tiktoken_does(tmp_path):
+    """HFTokenizer answers as tiktoken's Encoding: encode_ordinary adds no special token (this tokenizer starts each
+    text it encodes with '<s>'); decode writes a special token as its text, as tiktoken writes '<|endoftext|>'; and
+    decode_batch decodes each row as decode does, special tokens and each space kept."""
+    fast = PreTrainedTokenizerFast(tokenizer_object=bpe())
+    fast.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>"})
+    fast.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", fast.bos_token_id)])
+    fast.save_pretrained(tmp_path)
+    enc, text = hf.HFTokenizer(str(tmp_path)), "the plot , the cast 's music was dull ."
+    assert fast.encode(text)[0] == fast.bos_token_id                  # what encode_ordinary must not do
+    ids = enc.encode_ordinary(text)
+    assert fast.bos_token_id not in ids and enc.decode(ids) == text
+    assert enc.decode(ids + [enc.eot_token]) == text + "</s>"
+    batch = [ids, enc.encode_ordinary(" charming."), ids[:3] + [enc.eot_token]]
+    assert enc.decode_batch(batch) == [enc.decode(x) for x in batch] and enc.decode_batch(batch)[0] == text
 
 
 def test_a_tokenizer_with_added_tokens_and_an_end_of_text_of_its_own(tmp_path):

