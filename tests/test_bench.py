@@ -207,3 +207,11 @@ def test_the_reward_models_ratio_is_its_seconds_over_the_rules_after_the_untimed
     # seconds: round 0 (untimed) reward model 3, rule 7; round 1 rule 11, reward model 15; round 2 reward model 19,
     # rule 23
     assert ratio == pytest.approx((15 / 11 + 19 / 23) / 2)
+
+
+def test_the_tiny_model_measured_is_train_pys():
+    """The benchmark's tiny model is the network of train.py's default config over the task's vocabulary: the figures
+    it prints are those of the model that `python train.py` trains."""
+    import data
+    lm = bench.make_model("tiny", torch.device("cpu"))
+    assert lm.config.to_dict() == model.tiny_gpt_config(train.Config(), data.task_encoding().n_vocab).to_dict()
