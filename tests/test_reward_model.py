@@ -609,7 +609,7 @@ def test_a_save_killed_leaves_one_model_whole_and_the_next_save_removes_what_it_
 def test_a_save_killed_between_its_two_renames_has_the_earlier_model_put_back(tmp_path):
     """Without a swap in one step, a save renames the earlier model to rm.oldPID, then the new one to rm; SIGKILL
     between the two leaves no rm at all. The next save's clean-up puts the earlier model back at rm (it is whole, and
-    it is what rm held), before anything else, and removes the dead process's temporaries."""
+    it is what rm held) and removes the dead process's temporaries."""
     path = tmp_path / "rm"
     folder(path, {"config.json": "old"})
     proc = subprocess.run([sys.executable, "-c", KILLED.format(root=ROOT, when="between renames", path=str(path))])
