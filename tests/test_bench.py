@@ -106,6 +106,17 @@ def test_the_three_samplers_draw_the_same_tokens_from_the_same_prompts(monkeypat
             assert torch.equal(r, response), name
 
 
+def tiny_iterations(iters):
+    """(model, config, what bench.time_iterations returns) for the tiny model, iters iterations of 2 responses of at
+    most 2 tokens after prompts of at most 4, one epoch of minibatches of 1."""
+    device = torch.device("cpu")
+    lm = bench.make_model("tiny", device).eval()
+    cfg = train.resolve(train.Config(batch_size=2, minibatch_size=1, epochs=1, max_new_tokens=2, device="cpu",
+                                     target_kl=0.0))
+    args = bench.Bench(batch_size=2, prompt_len=4, max_new_tokens=2, iters=iters)
+    return lm, cfg, bench.time_iterations(args, cfg, lm, bench.IdsTokenizer(lm.config.vocab_size), device)
+
+
 def test_the_rl_iteration_samples_with_the_chosen_sampler_and_times_it_as_generation(monkeypatch):
     """time_iterations samples with the sampler that train.py chooses (choose_sampler), and the seconds spent in it
     are the generation's. The sampler here sleeps 0.5 s before it samples: generation takes at least that, while the
@@ -117,13 +128,8 @@ def test_the_rl_iteration_samples_with_the_chosen_sampler_and_times_it_as_genera
         time.sleep(0.5)
         return model.generate(*args, **kwargs)
     monkeypatch.setattr(bench, "choose_sampler", lambda cfg, device: slow)
-    device = torch.device("cpu")
-    lm = bench.make_model("tiny", device).eval()
-    args = bench.Bench(batch_size=2, prompt_len=4, max_new_tokens=2, iters=2)
-    cfg = train.resolve(train.Config(batch_size=2, minibatch_size=1, epochs=1, max_new_tokens=2, device="cpu",
-                                     target_kl=0.0))
-    gen, score, update, flops = bench.time_iterations(args, cfg, lm, bench.IdsTokenizer(lm.config.vocab_size), device)
-    assert len(calls) == args.iters + 1                                   # one untimed iteration, then iters
+    _, _, (gen, score, update, flops) = tiny_iterations(2)
+    assert len(calls) == 2 + 1                                            # one untimed iteration, then 2
     assert 0.5 <= gen and 0 < score < gen and 0 < update and flops > 0    # no upper bound: the load varies
 
 
@@ -180,18 +186,13 @@ def test_the_iterations_times_are_the_medians_after_the_untimed_first_and_their_
     seconds."""
     clock = Clock()
     monkeypatch.setattr(bench, "time", clock)
-    device = torch.device("cpu")
-    lm = bench.make_model("tiny", device).eval()
-    args = bench.Bench(batch_size=2, prompt_len=4, max_new_tokens=2, iters=3)
-    cfg = train.resolve(train.Config(batch_size=2, minibatch_size=1, epochs=1, max_new_tokens=2, device="cpu",
-                                     target_kl=0.0))
-    gen, score, update, flops = bench.time_iterations(args, cfg, lm, bench.IdsTokenizer(lm.config.vocab_size), device)
+    lm, cfg, (gen, score, update, flops) = tiny_iterations(3)
     c = [(5 * it + j) ** 3 for it in range(4) for j in range(1, 6)]     # the readings, by iteration
     rows = [(c[5 * it + 2] - c[5 * it + 1], c[5 * it + 3] - c[5 * it] - (c[5 * it + 2] - c[5 * it + 1]),
              c[5 * it + 4] - c[5 * it + 3]) for it in range(4)]
     assert [gen, score, update] == list(rows[2]) and flops > 0          # each grows: the median is iteration 2's
     clock.k = 0
-    assert bench.matmul_peak(cfg, device) == pytest.approx(2 * 1024 ** 3 * 10 / seconds(0) / 1e12)
+    assert bench.matmul_peak(cfg, torch.device("cpu")) == pytest.approx(2 * 1024 ** 3 * 10 / seconds(0) / 1e12)
     monkeypatch.setattr(bench, "time_samplers", lambda *a: (100.0, 50.0, 25.0, 4.0, 2.0))
     monkeypatch.setattr(bench, "time_iterations", lambda *a: (1.0, 2.0, 4.0, 8e12))
     monkeypatch.setattr(bench, "matmul_peak", lambda *a: 10.0)

@@ -709,19 +709,12 @@ def figures(monkeypatch):
         plt.close(fig)
 
 
-def run_rows(n, seed, **keys):
-    """n rows of a run whose reward, KL and gap change with the iteration and the seed; keys: more columns, each a
-    function of (i, seed)."""
-    return [dict(ROW, iter=i, samples=16 * i, reward=0.01 * i * (1 + seed), kl=0.1 * i + seed, gap=(1 + seed) / i,
-                 **{k: f(i, seed) for k, f in keys.items()}) for i in range(1, n + 1)]
-
-
 def test_the_curves_draw_each_setting_once_the_mean_over_its_seeds_with_a_min_to_max_band(tmp_path, figures):
     """plot_curves: runs that differ only in their seed are one line, the mean of their 10-iteration moving means,
     with a band from the smallest to the largest; the legend names what differs (here the algorithm)."""
     runs, written = [], {}
     for algo, seed in (("apa", 0), ("apa", 1), ("ppo", 3)):
-        written[algo, seed] = run_rows(30, seed)
+        written[algo, seed] = synthetic_run(30, seed)
         config = json.dumps(dict(algo=algo, lr=1e-3, max_new_tokens=8, lam=0.1, seed=seed, target_kl=0.0))
         runs.append(compare.load_run(write_run(tmp_path / f"{algo}{seed}", [json.dumps(r) + "\n" for r in
                                                                             written[algo, seed]], config)))
@@ -746,7 +739,7 @@ def test_the_stability_map_shows_the_mean_final_gap_over_seeds_with_min_to_max_b
     gaps = {}
     for lr in (1e-3, 3e-3):
         for seed in range(3):
-            written = run_rows(30, seed + 1000 * lr)
+            written = synthetic_run(30, seed + 1000 * lr)
             write_run(tmp_path / "main" / f"apa_lr{lr:g}_seed{seed}", [json.dumps(r) + "\n" for r in written])
             gaps.setdefault(lr, []).append(statistics.mean(r["gap"] for r in written[-20:]))
     compare.plot_stability(cfg, [3e-3, 1e-3], 30, range(3), str(tmp_path / "map.png"))
@@ -771,13 +764,9 @@ def test_the_rm_setting_from_runs_done_draws_each_path_and_the_frontier_in_the_o
         json.dump(dict(pairs=500, accuracy=0.7, accuracy_true=0.8, spearman=0.9), f)
     paths = {}
     for j, (algo, lam) in enumerate((("apa", 0.1), ("ppo", 0.1), ("apa", 0.3))):
-        exact = lambda i, s, k: ({"kl_exact": 0.1 * i + 0.03 * j, "gold_exact": 0.5 - 0.01 * i * j,  # noqa: E731
-                                  "reward_exact": 0.2 * i, "gold_frontier_exact": 0.6 + 0.02 * i + 0.001 * j,
-                                  "gold_lost_exact": 0.1}[k] if i % 2 else None)
-        written = [dict({k: v for k, v in r.items() if v is not None}, distinct2=0.5)
-                   for r in run_rows(6, 0, **{k: (lambda i, s, k=k: exact(i, s, k)) for k in
-                                              ("kl_exact", "gold_exact", "reward_exact", "gold_frontier_exact",
-                                               "gold_lost_exact")})]
+        written = [dict(r, **({"kl_exact": 0.1 * i + 0.03 * j, "gold_exact": 0.5 - 0.01 * i * j, "reward_exact": 0.2 * i,
+                               "gold_frontier_exact": 0.6 + 0.02 * i + 0.001 * j, "gold_lost_exact": 0.1}
+                              if i % 2 else {})) for i, r in enumerate(synthetic_run(6, 0), 1)]  # exact at odd i
         write_run(compare.rm_run_dir(cfg, algo, lam, 0), [json.dumps(r) + "\n" for r in written])
         paths[algo, lam] = [r for r in written if "gold_exact" in r]
     text, png = compare.rm_sweep(cfg)
@@ -813,7 +802,7 @@ def test_the_paper_setting_from_runs_done_names_each_reward_model_and_draws_the_
             held_out = dict(eval_gold=lambda i, s: 0.1 * i + s + a, eval_evaluator=lambda i, s: 0.2 * i - s - a,
                             eval_reward=lambda i, s: 0.3, eval_kl=lambda i, s: 0.05 * i * (1 + s + a))
             written[algo, seed] = [dict(r, **({k: f(r["iter"], seed) for k, f in held_out.items()}
-                                              if r["iter"] % 2 == 0 else {})) for r in run_rows(6, seed)]
+                                              if r["iter"] % 2 == 0 else {})) for r in synthetic_run(6, seed)]
             write_run(compare.paper_run_dir(cfg, algo, 1e-4, seed), [json.dumps(r) + "\n" for r in written[algo, seed]])
     text, png = compare.paper_sweep(cfg)
     assert "The proxy: accuracy 0.700 on 500 held-out pairs. The evaluator: accuracy 0.800 on 1000 held-out pairs." \
